@@ -1,0 +1,84 @@
+"""``meddiff ingest`` and ``meddiff datasets list|show``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import app
+from .. import storage
+from ..ingest import IngestConfig, ingest as run_ingest
+from ..progress import rich_progress
+from ..shards import open_dataset
+
+datasets = typer.Typer(no_args_is_help=True, help="Inspect ingested dataset versions.")
+app.add_typer(datasets, name="datasets")
+console = Console()
+
+
+def counts_table(card: dict) -> Table:
+    t = Table(title=f"{card['name']} {card['version']}  ({card['image_size']} px, {card['channels']} ch)")
+    t.add_column("class")
+    splits = list(card["counts"])
+    for s in splits:
+        t.add_column(s, justify="right")
+    for c in card["class_names"]:
+        t.add_row(c, *(str(card["counts"][s][c]) for s in splits))
+    t.add_row("[bold]total", *(f"[bold]{card['totals'][s]}" for s in splits))
+    return t
+
+
+@app.command()
+def ingest(
+    source: str = typer.Argument(..., help="medmnist:<flag> | kaggle:<owner>/<slug> | zip:<path> | folder:<path>"),
+    size: Optional[int] = typer.Option(None, help="Output size in px (MedMNIST: 28|64|128|224; default 28 / 64)."),
+    name: Optional[str] = typer.Option(None, help="Dataset name (default: from the source)."),
+    classes: Optional[str] = typer.Option(None, help="zip/folder: 'glob[=name],...' class folders to keep/rename."),
+    split_seed: int = typer.Option(0, help="Seed of the stratified split (zip/folder)."),
+    val_frac: float = typer.Option(0.1, help="Validation fraction per class (zip/folder)."),
+    test_frac: float = typer.Option(0.2, help="Test fraction per class (zip/folder)."),
+    shard_size: int = typer.Option(10_000, help="Max samples per shard."),
+    medmnist_root: Optional[str] = typer.Option(None, envvar="MEDMNIST_ROOT",
+                                                help="Folder with already-downloaded MedMNIST .npz files."),
+    storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
+) -> None:
+    """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
+    cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root)
+    with rich_progress(f"ingest {source}") as progress:
+        result = run_ingest(cfg, storage_root, progress)
+    console.print(counts_table(result.card))
+    if result.existed:
+        console.print("[yellow]version already exists; nothing to do")
+    if result.card["num_skipped"]:
+        console.print(f"[yellow]{result.card['num_skipped']} inputs skipped (listed in dataset.json)")
+    print(result.uri)
+
+
+@datasets.command("list")
+def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR)) -> None:
+    """List complete dataset versions under the storage root."""
+    root = storage.join(storage.storage_root(storage_root), "datasets")
+    t = Table("name", "version", "size", "classes", "train/val/test", "uri")
+    for name in storage.listdir(root):
+        for version in storage.listdir(storage.join(root, name)):
+            uri = storage.join(root, name, version)
+            if not storage.exists(storage.join(uri, "dataset.json")):
+                continue
+            c = open_dataset(uri).card
+            t.add_row(name, version, f"{c['image_size']}px×{c['channels']}", str(c["num_classes"]),
+                      "/".join(str(c["totals"][s]) for s in ("train", "val", "test")), uri)
+    console.print(t)
+
+
+@datasets.command()
+def show(uri: str) -> None:
+    """Show a dataset version's card and per-class counts."""
+    card = open_dataset(uri).card
+    console.print(counts_table(card))
+    for k in ("source", "license", "created_at", "inputs"):
+        console.print(f"[bold]{k}[/]: {card.get(k)}")
+    if card["skipped"]:
+        console.print(f"[yellow]skipped {card['num_skipped']}:[/] {card['skipped'][:10]}")

@@ -1,0 +1,21 @@
+"""Exceptions that carry a message meant for the user (printed without a traceback by the CLI)."""
+
+
+class MeddiffError(Exception):
+    """A problem with the user's input or environment; the message says what to do."""
+
+
+class SourceError(MeddiffError):
+    """A dataset source cannot be read (unknown flag, missing file, checksum mismatch, ...)."""
+
+
+class UnsafeArchiveError(SourceError):
+    """An archive entry would land outside the folder it is extracted/read into (zip-slip)."""
+
+
+class ArtifactError(MeddiffError):
+    """An artifact URI is missing, incomplete or corrupt."""
+
+
+class StorageError(MeddiffError):
+    """The storage root cannot be reached or written."""

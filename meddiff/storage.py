@@ -1,0 +1,183 @@
+"""Where artifacts live: a local folder (default ``./storage``) or an ``s3://bucket/prefix``.
+
+The root comes from ``MEDDIFF_STORAGE`` (or an explicit argument). Remote roots go through
+fsspec/s3fs; endpoint and keys come from the standard AWS variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``), which is how MinIO is reached.
+
+An artifact's URI is simply its location. Every artifact is a folder whose record file
+(``dataset.json``, ``model.json``, ``cohort.json`` ...) is written last: an artifact is complete
+exactly when its record exists. Local folders are additionally built in a hidden staging folder
+and renamed into place, so a half-written artifact is never visible under its final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+
+from .errors import StorageError
+
+ENV_VAR = "MEDDIFF_STORAGE"
+DEFAULT_ROOT = "storage"  # relative to the current directory, like the repository's storage/
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def storage_root(root: str | None = None) -> str:
+    """Resolve the storage root: explicit argument, else $MEDDIFF_STORAGE, else ./storage."""
+    root = root or os.environ.get(ENV_VAR) or DEFAULT_ROOT
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    if not is_remote(root):
+        root = str(Path(root).expanduser().resolve())
+    return root.rstrip("/")
+
+
+def _fs_options(uri: str) -> dict[str, Any]:
+    if uri.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        opts: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"},
+                                                  "connect_timeout": 5, "read_timeout": 60}}
+        if endpoint:
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        return opts
+    return {}
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a local path or remote URL."""
+    if not is_remote(uri):
+        return fsspec.filesystem("file"), str(Path(uri).expanduser().resolve())
+    fs, path = fsspec.core.url_to_fs(uri, **_fs_options(uri))
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.exists(path)
+    except Exception as e:  # noqa: BLE001 - endpoint errors become one clear message
+        raise StorageError(f"cannot reach storage at {uri}: {e}") from e
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Atomic write: temp file + rename locally; a single PUT (atomic by S3 semantics) remotely."""
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) directly under a folder URI; [] when it does not exist."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(Path(p.rstrip("/")).name for p in fs.ls(path, detail=False))
+
+
+def local_staging(root: str, kind: str) -> Path:
+    """A fresh private folder to build an artifact in before publishing it.
+
+    Local roots stage inside ``<root>/.staging`` (same filesystem, so publishing is a rename);
+    remote roots stage in the system temp folder.
+    """
+    base = Path(root) / ".staging" if not is_remote(root) else Path(tempfile.gettempdir()) / "meddiff-staging"
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
+
+
+def publish_dir(staging: Path, dest_uri: str, last: Iterable[str] = ()) -> None:
+    """Move a finished staging folder to ``dest_uri``; files named in ``last`` land last.
+
+    Local: one atomic rename (an existing destination is replaced only if it is incomplete,
+    i.e. lacks its record file; callers check completeness first). Remote: upload every file,
+    then the ``last`` files (the record), so readers never see a complete-looking partial upload.
+    """
+    last = set(last)
+    if not is_remote(dest_uri):
+        dest = Path(dest_uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(dest, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(staging, dest)
+        return
+    fs, path = filesystem(dest_uri)
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    for group in ([p for p in files if p.name not in last], [p for p in files if p.name in last]):
+        for p in group:
+            rel = p.relative_to(staging).as_posix()
+            with_retries(lambda: fs.put_file(str(p), f"{path}/{rel}"), what=f"upload to {dest_uri}/{rel}")
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def fetch_local(uri: str, cache: Path | None = None) -> Path:
+    """A local path for ``uri``: itself when local, else a cached download."""
+    if not is_remote(uri):
+        return Path(uri)
+    cache = cache or Path(tempfile.gettempdir()) / "meddiff-cache"
+    fs, path = filesystem(uri)
+    dest = cache / path
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+        with_retries(lambda: fs.get_file(path, str(tmp)), what=f"download {uri}")
+        os.replace(tmp, dest)
+    return dest
+
+
+def with_retries(fn, what: str, attempts: int = 3, backoff_s: float = 1.0):
+    """Call ``fn`` with exponential backoff; the final error names ``what``."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            if i == attempts - 1:
+                raise StorageError(f"{what} failed after {attempts} attempts: {e}") from e
+            time.sleep(backoff_s * 2**i)
