@@ -1,0 +1,63 @@
+"""Shared fixtures: the real datasets in ../shared/datasets (via $MEDDIFF_TEST_DATASETS),
+session-scoped ingested dataset versions, and one Prefect test harness for the session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.pop("MEDDIFF_STORAGE", None)  # tests always pass their storage root explicitly
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    d = os.environ.get("MEDDIFF_TEST_DATASETS")
+    if not d or not Path(d).is_dir():
+        pytest.skip("real datasets not found: set MEDDIFF_TEST_DATASETS to the shared/datasets folder")
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def medmnist_dir(datasets_dir: Path) -> Path:
+    return datasets_dir / "medmnist"
+
+
+@pytest.fixture(scope="session")
+def leukemia_zip(datasets_dir: Path) -> Path:
+    return datasets_dir / "kaggle" / "leukemia-sample.zip"
+
+
+@pytest.fixture(scope="session")
+def session_storage(tmp_path_factory) -> str:
+    """One storage root shared by the session's expensive artifacts (datasets, tiny models)."""
+    return str(tmp_path_factory.mktemp("storage"))
+
+
+def _ingest(flag: str, medmnist_dir: Path, root: str) -> str:
+    from meddiff.ingest import IngestConfig, ingest
+
+    return ingest(IngestConfig(f"medmnist:{flag}", medmnist_root=str(medmnist_dir)), root).uri
+
+
+@pytest.fixture(scope="session")
+def bloodmnist_uri(medmnist_dir: Path, session_storage: str) -> str:
+    """BloodMNIST 28 px (3-channel, 8 classes) ingested once per session."""
+    return _ingest("bloodmnist", medmnist_dir, session_storage)
+
+
+@pytest.fixture(scope="session")
+def breastmnist_uri(medmnist_dir: Path, session_storage: str) -> str:
+    """BreastMNIST 28 px (1-channel, 2 classes) ingested once per session."""
+    return _ingest("breastmnist", medmnist_dir, session_storage)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One ephemeral Prefect API (SQLite) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
