@@ -39,7 +39,7 @@ def encode_png(img: Image.Image | np.ndarray) -> bytes:
 def decode_png(data: bytes) -> np.ndarray:
     """PNG bytes to uint8 C×H×W (C = 1 or 3)."""
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im)
+        arr = np.array(im)  # writable copy
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 

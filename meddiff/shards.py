@@ -9,13 +9,11 @@ Readers work on local paths and ``s3://`` URLs alike (streams are opened through
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
-import tarfile
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -79,22 +77,52 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def iter_tar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
+    """(name, content) of each regular file in an uncompressed tar held in memory.
+
+    A direct walk over the 512-byte ustar headers: several times faster than ``tarfile`` for
+    shards of many small PNGs. pax/GNU long-name headers are handled; other types skipped.
+    """
+    pos, n, long_name = 0, len(data), None
+    while pos + 512 <= n:
+        header = data[pos:pos + 512]
+        if header.count(0) == 512:  # end-of-archive block
+            return
+        size = int(header[124:136].rstrip(b"\0 ").strip() or b"0", 8)
+        kind = header[156:157]
+        body = data[pos + 512:pos + 512 + size]
+        pos += 512 + (size + 511) // 512 * 512
+        if kind == b"L":  # GNU long name for the next member
+            long_name = body.rstrip(b"\0").decode()
+            continue
+        if kind == b"x":  # pax header: path=...
+            for line in body.decode().splitlines():
+                if " path=" in line:
+                    long_name = line.split(" path=", 1)[1]
+            continue
+        if kind not in (b"0", b"\0"):
+            long_name = None
+            continue
+        name = long_name or header[:100].rstrip(b"\0").decode()
+        prefix = header[345:500].rstrip(b"\0").decode() if header[257:262] == b"ustar" else ""
+        long_name = None
+        yield (f"{prefix}/{name}" if prefix and not name.startswith(prefix) else name), body
+
+
 def iter_shard(uri: str) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as raw dicts {"__key__", "png", "cls", "json"} (bytes values)."""
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-        current: dict[str, Any] = {}
-        for member in tf:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if current and current["__key__"] != key:
-                yield current
-                current = {}
-            current["__key__"] = key
-            current[ext] = tf.extractfile(member).read()
-        if current:
+    """Samples of one shard as raw dicts {"__key__", "png", "cls", "json", "__url__"} (bytes values)."""
+    data = storage.read_bytes(uri)
+    current: dict[str, Any] = {}
+    for name, body in iter_tar_members(data):
+        key, _, ext = name.rpartition("/")[2].partition(".")
+        if current and current["__key__"] != key:
             yield current
+            current = {}
+        if not current:
+            current = {"__key__": key, "__url__": uri}
+        current[ext] = body
+    if current:
+        yield current
 
 
 def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, int, dict[str, Any]]:
@@ -183,20 +211,23 @@ def load_shards(shard_uris: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
-def _open_streams(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for sample in src:
-        fs, path = storage.filesystem(sample["url"])
-        stream = fs.open(path, "rb")
-        try:
-            yield {**sample, "stream": stream}
-        finally:
-            stream.close()
+def _expand_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for shard in src:
+        yield from iter_shard(shard["url"])
+
+
+@lru_cache(maxsize=1)
+def _torch_png_decoder():
+    """(torch, torchvision.io.decode_png), imported once: torch stays out of ingest's start-up."""
+    import torch
+    from torchvision.io import decode_png
+
+    return torch, decode_png
 
 
 def _to_tensor_label(sample: dict[str, Any]):
-    import torch
-
-    img = torch.from_numpy(decode_png(sample["png"]))  # C×H×W uint8
+    torch, decode = _torch_png_decoder()
+    img = decode(torch.frombuffer(bytearray(sample["png"]), dtype=torch.uint8))  # C×H×W uint8
     return img.float().div_(255.0), int(sample["cls"])
 
 
@@ -219,7 +250,7 @@ def image_pipeline(
         stages.append(wds.split_by_node)
     if split_by_worker:
         stages.append(wds.split_by_worker)
-    stages += [_open_streams, wds.tariterators.tar_file_expander, wds.tariterators.group_by_keys]
+    stages.append(_expand_shards)
     if shuffle_buffer:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 1000), rng=random.Random(seed)))
     stages.append(wds.map(_to_tensor_label))

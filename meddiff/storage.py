@@ -127,8 +127,12 @@ def local_staging(root: str, kind: str) -> Path:
     remote roots stage in the system temp folder.
     """
     base = Path(root) / ".staging" if not is_remote(root) else Path(tempfile.gettempdir()) / "meddiff-staging"
-    base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
+    except OSError as e:
+        raise StorageError(f"cannot write under storage root {root}: {e}; choose a writable "
+                           f"folder with --storage or {ENV_VAR}") from e
 
 
 def publish_dir(staging: Path, dest_uri: str, last: Iterable[str] = ()) -> None:
@@ -181,3 +185,24 @@ def with_retries(fn, what: str, attempts: int = 3, backoff_s: float = 1.0):
             if i == attempts - 1:
                 raise StorageError(f"{what} failed after {attempts} attempts: {e}") from e
             time.sleep(backoff_s * 2**i)
+
+
+def check_reachable(root: str | None = None, attempts: int = 3, backoff_s: float = 1.0) -> str:
+    """Fail fast (after ``attempts`` tries with backoff) when the storage root cannot be reached.
+
+    Remote roots: lists the bucket through the configured endpoint; local roots: creates the folder.
+    Returns the resolved root; the error names the root and the endpoint URL.
+    """
+    root = storage_root(root)
+    if not is_remote(root):
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create storage folder {root}: {e}") from e
+        return root
+    fs, path = filesystem(root)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+    bucket = path.split("/", 1)[0]
+    with_retries(lambda: fs.ls(bucket, refresh=True), attempts=attempts, backoff_s=backoff_s,
+                 what=f"reaching storage {root} at {endpoint} (check MEDDIFF_STORAGE, AWS_ENDPOINT_URL and the keys)")
+    return root

@@ -1,0 +1,3 @@
+from meddiff.cli import main
+
+main()

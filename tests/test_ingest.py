@@ -1,0 +1,242 @@
+"""Ingest on the real MedMNIST / Kaggle-layout files: counts, determinism, bad input, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meddiff.errors import SourceError, StorageError, UnsafeArchiveError
+from meddiff.ingest import IngestConfig, ingest
+from meddiff.shards import iter_shard, open_dataset
+
+
+def npz_counts(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {s: np.bincount(z[f"{s}_labels"].reshape(-1), minlength=8) for s in ("train", "val", "test")}
+
+
+def test_bloodmnist_exact_counts(bloodmnist_uri, medmnist_dir):
+    ds = open_dataset(bloodmnist_uri)
+    card = ds.card
+    assert card["totals"] == {"train": 11959, "val": 1712, "test": 3421}
+    expected = npz_counts(medmnist_dir / "bloodmnist.npz")
+    for split in ("train", "val", "test"):
+        assert [card["counts"][split][c] for c in ds.class_names] == expected[split].tolist()
+    assert card["channels"] == 3 and card["image_size"] == 28 and card["license"] == "CC BY 4.0"
+    assert card["inputs"]["source_checksums"] == {"bloodmnist.npz": "md5:7053d0359d879ad8a5505303e11de1dc"}
+    idx = ds.index()
+    assert len(idx) == 17092 and not idx.key.str.contains(r"\.").any() and idx.key.is_unique
+    assert set(idx.columns) >= {"key", "split", "label", "label_name", "shard", "source_id", "height",
+                                "width", "channels", "sha256"}
+    # the shards hold exactly the index's images, bit for bit, and the same pixels as the npz
+    with np.load(medmnist_dir / "bloodmnist.npz") as z:
+        first_val = z["val_images"][0]
+    images, labels = ds.load_split("val")
+    assert images.shape == (1712, 3, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images[0].transpose(1, 2, 0), first_val)
+    row = idx[idx.key == "val-000000"].iloc[0]
+    sample = next(iter_shard(ds.shard_uris("val")[0]))
+    assert hashlib.sha256(sample["png"]).hexdigest() == row.sha256
+    assert labels[0] == row.label
+
+
+def test_breastmnist_stays_single_channel(breastmnist_uri):
+    ds = open_dataset(breastmnist_uri)
+    assert ds.card["totals"] == {"train": 546, "val": 78, "test": 156}
+    assert ds.card["counts"]["train"] == {"malignant": 147, "normal, benign": 399}
+    images, _ = ds.load_split("test")
+    assert images.shape == (156, 1, 28, 28)
+    img, label = next(iter(ds.pipeline("train")))
+    assert tuple(img.shape) == (1, 28, 28) and 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+
+
+def test_leukemia_zip(leukemia_zip, tmp_path):
+    r = ingest(IngestConfig(f"zip:{leukemia_zip}", size=32), str(tmp_path))
+    card = r.card
+    assert card["class_names"] == ["Benign", "Early", "Pre", "Pro"]
+    assert card["totals"] == {"train": 280, "val": 40, "test": 80}
+    assert all(card["counts"]["test"][c] == 20 for c in card["class_names"])
+    assert card["num_skipped"] == 0 and card["channels"] == 3
+    images, _ = open_dataset(r.uri).load_split("val")
+    assert images.shape == (40, 3, 32, 32)
+
+
+def test_classes_select_and_rename(leukemia_zip, tmp_path):
+    r = ingest(IngestConfig(f"zip:{leukemia_zip}", size=16, classes="Original/Benign=benign,Original/Pro=pro"),
+               str(tmp_path))
+    assert r.card["class_names"] == ["benign", "pro"]
+    assert sum(r.card["totals"].values()) == 200
+
+
+def test_deterministic_and_idempotent(medmnist_dir, tmp_path):
+    cfg = IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir), shard_size=200)
+    a, b = ingest(cfg, str(tmp_path / "a")), ingest(cfg, str(tmp_path / "b"))
+    assert Path(a.uri).name == Path(b.uri).name  # same content hash version
+    files = sorted(p.name for p in Path(a.uri).iterdir() if p.suffix in (".tar", ".parquet"))
+    assert len([f for f in files if f.startswith("train-")]) == 3  # 546 samples / 200 per shard
+    for f in files:
+        assert (Path(a.uri) / f).read_bytes() == (Path(b.uri) / f).read_bytes(), f
+    again = ingest(cfg, str(tmp_path / "a"))
+    assert again.existed and again.uri == a.uri
+
+
+def _folder_with_problems(root: Path) -> Path:
+    src = root / "src"
+    rng = np.random.default_rng(0)
+    for cls in ("alpha", "beta"):
+        (src / cls).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(src / cls / f"{i}.png")
+    good = (src / "alpha" / "0.png").read_bytes()
+    (src / "alpha" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (src / "beta" / "garbage.jpg").write_bytes(b"not an image at all")
+    (src / "beta" / "notes.txt").write_text("clinical notes")
+    return src
+
+
+def test_bad_images_are_skipped_and_listed(tmp_path):
+    src = _folder_with_problems(tmp_path)
+    r = ingest(IngestConfig(f"folder:{src}", size=16), str(tmp_path / "st"))
+    skipped = {s["source_id"]: s["reason"] for s in r.card["skipped"]}
+    assert set(skipped) == {"alpha/truncated.png", "beta/garbage.jpg", "beta/notes.txt"}
+    assert "not an image file" in skipped["beta/notes.txt"]
+    assert "unreadable" in skipped["alpha/truncated.png"]
+    assert sum(r.card["totals"].values()) == 12
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    src = _folder_with_problems(tmp_path)
+    (src / "gamma").mkdir()
+    with pytest.raises(SourceError, match="gamma"):
+        ingest(IngestConfig(f"folder:{src}", size=16), str(tmp_path / "st"))
+
+
+def test_zip_slip_is_refused(tmp_path):
+    evil = tmp_path / "evil.zip"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("cls/ok.png", buf.getvalue())
+        z.writestr("../../escaped.png", buf.getvalue())
+    with pytest.raises(UnsafeArchiveError, match="escapes"):
+        ingest(IngestConfig(f"zip:{evil}", size=8), str(tmp_path / "st"))
+    assert not list(tmp_path.parent.glob("escaped.png")) and not (tmp_path / "st" / "datasets").exists()
+
+
+@pytest.mark.parametrize("source,size,match", [
+    ("medmnist:nosuchmnist", None, "unknown MedMNIST flag"),
+    ("medmnist:bloodmnist", 100, "size must be one of"),
+    ("medmnist:organmnist3d", None, "3D"),
+    ("tiff:/x", None, "unknown source"),
+])
+def test_bad_source_names(source, size, match, medmnist_dir, tmp_path):
+    with pytest.raises(SourceError, match=match):
+        ingest(IngestConfig(source, size=size, medmnist_root=str(medmnist_dir)), str(tmp_path))
+
+
+def test_md5_mismatch_and_missing_file(medmnist_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = bytearray((medmnist_dir / "breastmnist.npz").read_bytes())
+    data[1000] ^= 0xFF
+    (bad / "breastmnist.npz").write_bytes(bytes(data))
+    with pytest.raises(SourceError, match="md5 mismatch"):
+        ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(bad)), str(tmp_path / "st"))
+    with pytest.raises(SourceError, match="bloodmnist.npz not found in --medmnist-root"):
+        ingest(IngestConfig("medmnist:bloodmnist", medmnist_root=str(bad)), str(tmp_path / "st"))
+
+
+def test_unwritable_storage_root(medmnist_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="cannot write"):
+        ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), str(blocker / "storage"))
+
+
+def test_kaggle_without_credentials_says_how(tmp_path, monkeypatch):
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nokaggle"))
+    with pytest.raises(SourceError, match="KAGGLE_USERNAME and KAGGLE_KEY"):
+        ingest(IngestConfig("kaggle:mehradaria/leukemia"), str(tmp_path / "st"))
+
+
+def test_sigkill_mid_ingest_leaves_nothing_complete_then_resumes(medmnist_dir, tmp_path):
+    root = tmp_path / "st"
+    cmd = [sys.executable, "-m", "meddiff", "ingest", "medmnist:bloodmnist", "--shard-size", "2000",
+           "--medmnist-root", str(medmnist_dir), "--storage", str(root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((root / ".staging").glob("*/train-000001.tar")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((root / ".staging").glob("*/train-000001.tar")), "ingest never reached its second shard"
+    assert not list((root / "datasets").glob("*/*/dataset.json"))  # nothing looks complete
+    r = ingest(IngestConfig("medmnist:bloodmnist", shard_size=2000, medmnist_root=str(medmnist_dir)), str(root))
+    assert not r.existed and r.card["totals"]["train"] == 11959
+    assert len(open_dataset(r.uri).shard_uris("train")) == 6
+
+
+def test_cli_ingest_and_list(medmnist_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["ingest", "medmnist:breastmnist", "--medmnist-root", str(medmnist_dir),
+                              "--storage", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    uri = res.output.strip().splitlines()[-1]
+    assert open_dataset(uri).card["name"] == "breastmnist"
+    res = runner.invoke(app, ["datasets", "list", "--storage", str(tmp_path)])
+    assert res.exit_code == 0 and "breastmnist" in res.output
+    res = runner.invoke(app, ["ingest", "medmnist:breastmnist", "--medmnist-root", str(medmnist_dir),
+                              "--storage", str(tmp_path)])
+    assert "already exists" in res.output
+
+
+def test_s3_round_trip(medmnist_dir, breastmnist_uri, tmp_path, monkeypatch):
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        import boto3
+
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="meddiff")
+        r = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), "s3://meddiff/prod")
+        assert r.uri.startswith("s3://meddiff/prod/datasets/breastmnist/")
+        remote, local = open_dataset(r.uri), open_dataset(breastmnist_uri)
+        assert remote.card["counts"] == local.card["counts"] and remote.version == local.version
+        xr, yr = remote.load_split("train")
+        xl, yl = local.load_split("train")
+        assert np.array_equal(xr, xl) and np.array_equal(yr, yl)
+        assert len(list(remote.pipeline("val"))) == 78
+        assert ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)),
+                      "s3://meddiff/prod").existed
+    finally:
+        server.stop()
+
+
+def test_ingest_flow_on_ephemeral_server(prefect_harness, medmnist_dir, tmp_path):
+    from flows.ingest_dataset import ingest_dataset
+
+    uri = ingest_dataset(source="medmnist:breastmnist", medmnist_root=str(medmnist_dir), storage_root=str(tmp_path))
+    assert open_dataset(uri).card["totals"]["train"] == 546
