@@ -1,0 +1,54 @@
+"""``meddiff pipeline``: the whole job (ingest → train → generate → evaluate) as the Prefect flow ``pipeline``.
+
+Without PREFECT_API_URL the flow runs on Prefect's embedded defaults (an ephemeral local server on
+SQLite); storage is ./storage unless MEDDIFF_STORAGE says otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from . import app
+from .. import storage
+
+
+@app.command()
+def pipeline(
+    dataset: str = typer.Option("medmnist:bloodmnist", help="Dataset source (as for `meddiff ingest`)."),
+    preset: str = typer.Option("tiny", help="Model/training preset."),
+    per_class: Optional[int] = typer.Option(None, help="Images to generate per class (default 50)."),
+    total: Optional[int] = typer.Option(None, help="Total images to generate, split by class ratios."),
+    mode: str = typer.Option("conditional", help="conditional | per-class"),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: the preset's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Training batch size (default: the preset's)."),
+    sample_steps: int = typer.Option(50, help="Denoising steps per generated image."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
+    size: Optional[int] = typer.Option(None, help="Image size in px (default: the source's)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    allow_cpu_fallback: bool = typer.Option(False, help="With --device cuda and no GPU, run on the CPU."),
+    seed: int = typer.Option(0, help="Seed of training and generation."),
+    evaluate: bool = typer.Option(True, help="Evaluate the cohort (quality report)."),
+    medmnist_root: Optional[str] = typer.Option(None, envvar="MEDMNIST_ROOT",
+                                                help="Folder with already-downloaded MedMNIST .npz files."),
+    storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
+) -> None:
+    """Run the whole pipeline; stages whose output exists are skipped. Prints where the report is."""
+    from flows.pipeline import pipeline as pipeline_flow
+    from ..pipeline import PipelineConfig
+
+    if per_class is None and total is None:
+        per_class = 50
+    # validate up front (a clear one-line error instead of a failed flow run)
+    PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, per_class, total,  # type: ignore[arg-type]
+                   sample_steps=sample_steps, guidance=guidance, device=device,  # type: ignore[arg-type]
+                   allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate).check()
+    out = pipeline_flow(dataset=dataset, size=size, medmnist_root=medmnist_root, mode=mode, preset=preset,
+                        steps=steps, batch_size=batch_size, per_class=per_class, total=total,
+                        sample_steps=sample_steps, guidance=guidance, device=device,
+                        allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
+                        storage_root=storage_root)
+    for s in out["stages"]:
+        typer.echo(f"{s['stage']:>9}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
+    typer.echo(f"report: {out['report_uri']}" if out["report_uri"] else f"cohort: {out['cohort_uri']}")

@@ -1,0 +1,180 @@
+"""The whole job in one call: ingest → train → generate → evaluate.
+
+Every stage is content-addressed (its output location is a hash of its inputs), so running the
+pipeline again with the same configuration finds each output and does no work: each stage's
+result says ``existed``. The Prefect flow ``pipeline`` (flows/pipeline.py) runs the same stages,
+each as a Prefect task with retries, by passing its own ``call``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, get_args
+
+from . import storage
+from .errors import MeddiffError
+from .progress import Progress
+
+Mode = Literal["conditional", "per-class"]
+Device = Literal["auto", "cpu", "cuda"]
+STAGES = ("ingest", "train", "generate", "evaluate")
+
+# (stage name, function, *args) -> the function's result; the flow wraps each stage in a task
+StageCall = Callable[..., Any]
+# stage name -> a progress(done, total) callback for that stage (or None)
+ProgressFactory = Callable[[str], Progress | None]
+
+
+class PipelineError(MeddiffError):
+    """The pipeline's configuration is invalid."""
+
+
+class DeviceUnavailableError(MeddiffError):
+    """A GPU was asked for on a machine (or worker) that has none."""
+
+
+def resolve_device(device: str, allow_cpu_fallback: bool = False) -> str:
+    """``auto`` → cuda when available else cpu; ``cuda`` without a GPU fails unless fallback is allowed."""
+    if device not in get_args(Device):
+        raise PipelineError(f"device must be one of {', '.join(get_args(Device))}, got {device!r}")
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if device == "auto":
+        return "cuda" if has_gpu else "cpu"
+    if device == "cuda" and not has_gpu:
+        if allow_cpu_fallback:
+            return "cpu"
+        raise DeviceUnavailableError(
+            "device='cuda' was requested but no CUDA GPU is visible on this machine/worker "
+            f"(host {os.uname().nodename}); run it on the 'gpu' work pool's GPU worker, use device='auto' "
+            "or 'cpu', or pass allow_cpu_fallback=True to run on the CPU")
+    return device
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    dataset: str = "medmnist:bloodmnist"  # ingest source: medmnist:<flag> | kaggle:... | zip:... | folder:...
+    size: int | None = None  # image side in px; None = the source's default (28 for MedMNIST)
+    medmnist_root: str | None = None  # folder with already-downloaded MedMNIST .npz files (no download)
+    mode: Mode = "conditional"  # one class-conditional model, or one model per class
+    preset: str = "tiny"  # model/training size preset (tiny fits a 2-core CPU in minutes)
+    steps: int | None = None  # training steps; None = the preset's default
+    batch_size: int | None = None  # training batch size; None = the preset's default
+    per_class: int | None = 50  # images generated per class (exclusive with total)
+    total: int | None = None  # total images generated, split by the dataset's class ratios
+    sampler: str = "ddim"  # diffusion sampler used for generation
+    sample_steps: int = 50  # denoising steps per generated image
+    guidance: float | None = None  # classifier-free guidance scale; None = the model's default
+    device: Device = "auto"  # auto = GPU when present else CPU; cuda without a GPU fails
+    allow_cpu_fallback: bool = False  # with device=cuda and no GPU: run on the CPU instead of failing
+    seed: int = 0  # seed of training and of generation
+    evaluate: bool = True  # run the evaluation stage (quality report) after generation
+
+    def check(self) -> "PipelineConfig":
+        if self.mode not in get_args(Mode):
+            raise PipelineError(f"mode must be one of {', '.join(get_args(Mode))}, got {self.mode!r}")
+        if self.device not in get_args(Device):
+            raise PipelineError(f"device must be one of {', '.join(get_args(Device))}, got {self.device!r}")
+        if (self.per_class is None) == (self.total is None):
+            raise PipelineError("give exactly one of --per-class and --total")
+        for name in ("per_class", "total", "steps", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PipelineError(f"{name.replace('_', '-')} must be positive, got {value}")
+        if self.sample_steps < 1:
+            raise PipelineError(f"sample-steps must be positive, got {self.sample_steps}")
+        return self
+
+    def ingest_config(self):
+        from .ingest import IngestConfig
+
+        return IngestConfig(self.dataset, size=self.size, medmnist_root=self.medmnist_root)
+
+    def train_config(self, dataset_uri: str, device: str):
+        from .train import TrainConfig
+
+        return TrainConfig(dataset_uri, mode=self.mode, preset=self.preset, steps=self.steps,
+                           batch_size=self.batch_size, device=device, seed=self.seed)
+
+    def cohort_spec(self, model_uri: str, device: str):
+        from .generate import CohortSpec
+
+        return CohortSpec(model_uri, per_class=self.per_class, total=self.total, sampler=self.sampler,
+                          steps=self.sample_steps, guidance=self.guidance, seed=self.seed, device=device)
+
+    def eval_config(self, device: str):
+        from .evaluate import EvalConfig
+
+        try:
+            return EvalConfig(device=device)
+        except TypeError:  # an EvalConfig without a device field
+            return EvalConfig()
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: str  # ingest | train | generate | evaluate
+    uri: str  # the stage's output: dataset, model, cohort, or report location
+    existed: bool | None  # True: found complete and skipped; None: the stage does not say
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    dataset_uri: str
+    model_uri: str
+    cohort_uri: str
+    report_uri: str | None  # None when evaluation was switched off
+    stages: list[StageOutcome] = field(default_factory=list)
+
+    @property
+    def all_skipped(self) -> bool:
+        return all(s.existed for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return {"dataset_uri": self.dataset_uri, "model_uri": self.model_uri, "cohort_uri": self.cohort_uri,
+                "report_uri": self.report_uri,
+                "stages": [{"stage": s.stage, "uri": s.uri, "existed": s.existed} for s in self.stages]}
+
+
+def _direct(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: ProgressFactory | None = None,
+                 call: StageCall | None = None, log: Callable[[str], None] | None = None) -> PipelineResult:
+    """Run ingest → train → generate → evaluate under the storage root; stages with outputs are skipped.
+
+    ``progress(stage)`` gives each stage its progress callback; ``call(stage, fn, *args)`` runs a
+    stage (default: directly; the Prefect flow runs each as a task); ``log`` receives one line per stage.
+    """
+    from .evaluate import evaluate_cohort
+    from .generate import generate
+    from .ingest import ingest
+    from .train import train
+
+    cfg = cfg.check()
+    root = storage.check_reachable(root)
+    device = resolve_device(cfg.device, cfg.allow_cpu_fallback)
+    call = call or _direct
+    progress = progress or (lambda stage: None)
+    log = log or (lambda line: None)
+    stages: list[StageOutcome] = []
+
+    def record(stage: str, uri: str, existed: bool | None) -> None:
+        stages.append(StageOutcome(stage, uri, existed))
+        log(f"{stage}: {'skipped, output exists' if existed else 'done'} → {uri}")
+
+    ds = call("ingest", ingest, cfg.ingest_config().check(), root, progress("ingest"))
+    record("ingest", ds.uri, ds.existed)
+    model = call("train", train, cfg.train_config(ds.uri, device), root, progress("train"))
+    record("train", model.uri, model.existed)
+    cohort = call("generate", generate, cfg.cohort_spec(model.uri, device), root, progress("generate"))
+    record("generate", cohort.uri, cohort.existed)
+    report_uri = None
+    if cfg.evaluate:
+        report = call("evaluate", evaluate_cohort, cohort.uri, cfg.eval_config(device), progress("evaluate"))
+        report_uri = report.report_uri
+        record("evaluate", report_uri, getattr(report, "existed", None))
+    return PipelineResult(ds.uri, model.uri, cohort.uri, report_uri, stages)

@@ -1,0 +1,201 @@
+"""Deployments through a real Prefect server and real process workers on loopback.
+
+One `prefect server start` (SQLite in a tmp PREFECT_HOME) per module, `meddiff deploy` applied
+from prefect.yaml, then real `prefect worker start --type process` subprocesses running
+deployments with `prefect deployment run ... --watch`. Every process is started with its own
+environment (nothing in this pytest process's os.environ changes) and stopped in teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PREFECT = [sys.executable, "-m", "prefect", "--no-prompt"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prefect_env(api_url: str | None, home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_HEARTBEAT_SECONDS="5",
+               PREFECT_LOGGING_LEVEL="INFO", COLUMNS="200", **extra)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGINT/SIGTERM the process group we started, then SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def process(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = REPO):
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc
+        finally:
+            stop(proc)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"prefect server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server (SQLite) on a free loopback port; yields (api_url, home)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = prefect_env(None, home)
+    log = home / "server.log"
+    with process(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log) as proc:
+        wait_healthy(api_url, proc, log)
+        yield api_url, home
+
+
+def deployment_names() -> list[str]:
+    """'flow/deployment' for every prefect.yaml entry whose flow file exists in this checkout."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    names = []
+    for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]:
+        path = d["entrypoint"].split(":")[0]
+        if (REPO / path).is_file():
+            names.append(f"{load_flow_from_entrypoint(str(REPO / d['entrypoint'])).name}/{d['name']}")
+    return names
+
+
+@pytest.fixture(scope="module")
+def deployed(server):
+    """`meddiff deploy` against the server: work pools and prefect.yaml's deployments."""
+    api_url, home = server
+    names = deployment_names()
+    cmd = [str(BIN / "meddiff"), "deploy"] + [a for n in names for a in ("--name", n)]
+    proc = run(cmd, prefect_env(api_url, home))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for n in names:
+        assert f"deployment {n}" in proc.stdout
+    return api_url, home, names
+
+
+@contextmanager
+def worker(api_url: str, home: Path, pool: str, **extra: str):
+    env = prefect_env(api_url, home, MEDDIFF_REPO=str(REPO), **extra)
+    log = home / f"worker-{pool}-{time.monotonic_ns()}.log"
+    with process(PREFECT + ["worker", "start", "--pool", pool, "--type", "process"], env, log, cwd=home) as proc:
+        yield proc, log
+
+
+def inspect(api_url: str, home: Path, *args: str) -> str:
+    proc = run(PREFECT + [*args], prefect_env(api_url, home))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_work_pools_and_schedule_applied(deployed):
+    api_url, home, names = deployed
+    for pool, limit in (("cpu", None), ("gpu", 1)):
+        info = json.loads(inspect(api_url, home, "work-pool", "inspect", pool, "--output", "json"))
+        assert info["type"] == "process" and info.get("concurrency_limit") == limit, info
+    assert "pipeline/nightly" in names
+    nightly = json.loads(inspect(api_url, home, "deployment", "inspect", "pipeline/nightly", "--output", "json"))
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]
+    assert nightly["work_pool_name"] == "gpu" and nightly["enforce_parameter_schema"] is True
+    assert "set_working_directory" in json.dumps(nightly["pull_steps"])
+
+
+def test_unknown_and_mistyped_parameters_rejected(deployed):
+    api_url, home, _ = deployed
+    env = prefect_env(api_url, home)
+    before = run(PREFECT + ["flow-run", "ls"], env).stdout.count("ingest-dataset")
+    bogus = run(PREFECT + ["deployment", "run", "ingest-dataset/default", "--param", "bogus=1"], env)
+    assert bogus.returncode != 0
+    assert "bogus" in bogus.stdout + bogus.stderr
+    typed = run(PREFECT + ["deployment", "run", "ingest-dataset/default", "--param", 'split_seed="abc"'], env)
+    assert typed.returncode != 0
+    assert "split_seed" in typed.stdout + typed.stderr and "integer" in typed.stdout + typed.stderr
+    after = run(PREFECT + ["flow-run", "ls"], env).stdout.count("ingest-dataset")
+    assert after == before  # nothing was scheduled
+
+
+def test_ingest_deployment_runs_on_cpu_worker(deployed, medmnist_dir, tmp_path):
+    api_url, home, _ = deployed
+    storage = tmp_path / "storage"
+    with worker(api_url, home, "cpu") as (_, log):
+        proc = run(PREFECT + ["deployment", "run", "ingest-dataset/default", "--watch",
+                              "--param", f"medmnist_root={json.dumps(str(medmnist_dir))}",
+                              "--param", f"storage_root={json.dumps(str(storage))}"],
+                   prefect_env(api_url, home))
+        assert proc.returncode == 0, proc.stdout + proc.stderr + log.read_text()[-3000:]
+    cards = list(storage.glob("datasets/bloodmnist/*/dataset.json"))
+    assert len(cards) == 1
+    card = json.loads(cards[0].read_text())
+    assert card["num_classes"] == 8 and card["totals"]["train"] > 10_000
+
+
+def test_generate_cohort_default_runs_on_gpu_worker(deployed, request, tmp_path):
+    api_url, home, names = deployed
+    if "generate-cohort/default" not in names:
+        pytest.skip("flows/generate_cohort.py not in this checkout yet")
+    model_uri = request.getfixturevalue("tiny_conditional_model_uri")
+    storage = tmp_path / "storage"
+    params = {"model_uri": model_uri, "per_class": 2, "steps": 4, "batch_size": 16, "evaluate": False,
+              "storage_root": str(storage)}
+    with worker(api_url, home, "gpu") as (_, log):
+        proc = run(PREFECT + ["deployment", "run", "generate-cohort/default", "--watch",
+                              "--params", json.dumps(params)], prefect_env(api_url, home))
+        assert proc.returncode == 0, proc.stdout + proc.stderr + log.read_text()[-3000:]
+    records = list(storage.glob("cohorts/**/cohort.json"))
+    assert len(records) == 1, sorted(p.relative_to(storage) for p in storage.rglob("*"))[:50]
+    cohort = records[0].parent
+    assert list(cohort.glob("*manifest*")), sorted(p.name for p in cohort.iterdir())
