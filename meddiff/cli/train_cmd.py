@@ -1,0 +1,55 @@
+"""``meddiff train``: train a conditional or per-class diffusion model; prints the model URI."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional
+
+import typer
+
+from . import app
+from .. import storage
+from ..distributed import env_rank
+from ..progress import rich_progress
+from ..train import TrainConfig, train as run_train
+
+
+@app.command()
+def train(
+    dataset_uri: str = typer.Argument(..., help="A dataset version URI (printed by 'meddiff ingest')."),
+    mode: str = typer.Option("conditional", help="conditional | per-class"),
+    preset: str = typer.Option("tiny", help="tiny | small | base"),
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps (per class for per-class); default: preset."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size; default: preset."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:<i>"),
+    objective: str = typer.Option("ddpm", help="ddpm | rflow"),
+    schedule: str = typer.Option("linear", help="DDPM beta schedule: linear | cosine | sigmoid"),
+    prediction: str = typer.Option("epsilon", help="DDPM target: epsilon | v"),
+    min_snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting (DDPM), e.g. 5."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate; default: preset."),
+    label_dropout: float = typer.Option(0.1, help="Conditional: label dropout for classifier-free guidance."),
+    hflip: bool = typer.Option(False, help="Random horizontal flips (only if the domain allows)."),
+    vflip: bool = typer.Option(False, help="Random vertical flips (only if the domain allows)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints; default: preset."),
+    sample_every: Optional[int] = typer.Option(None, help="Steps between preview grids; default: preset."),
+    log_every: Optional[int] = typer.Option(None, help="Steps between metrics rows; default: preset."),
+    keep: int = typer.Option(2, help="Checkpoints kept per run."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
+    run_name: Optional[str] = typer.Option(None, help="Fixed run id instead of the content hash."),
+    cpu_threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: torch's)."),
+    storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
+) -> None:
+    """Train a diffusion model on a dataset version; prints the model URI (last line)."""
+    cfg = TrainConfig(dataset_uri, mode, preset, steps, batch_size, device, seed, resume, objective, schedule,
+                      prediction, min_snr_gamma, lr=lr, label_dropout=label_dropout, hflip=hflip, vflip=vflip,
+                      checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every,
+                      keep=keep, compile=compile, run_name=run_name, cpu_threads=cpu_threads).check()
+    main = env_rank() == 0
+    with (rich_progress(f"train {mode} {preset}") if main else nullcontext(None)) as progress:
+        result = run_train(cfg, storage_root, progress)
+    if main:
+        if result.existed:
+            typer.secho("model already trained; nothing to do", fg="yellow", err=True)
+        print(result.uri)
