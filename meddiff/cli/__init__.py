@@ -14,6 +14,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Medical image datasets → diffusion models → synthetic cohorts → quality reports.")
 
 from . import datasets_cmd  # noqa: E402,F401  (registers ingest, datasets)
+from . import cohorts_cmd  # noqa: E402,F401  (registers generate, cohorts)
 from . import train_cmd  # noqa: E402,F401  (registers train)
 from . import pipeline_cmd, deploy_cmd  # noqa: E402,F401  (registers pipeline, deploy)
 

@@ -1,0 +1,100 @@
+"""``meddiff generate`` and ``meddiff cohorts list|show|verify|regenerate``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import app
+from .. import storage
+from ..cohorts import open_cohort, verify as verify_cohort
+from ..generate import CohortSpec, generate as run_generate, regenerate as run_regenerate
+from ..progress import rich_progress
+
+cohorts = typer.Typer(no_args_is_help=True, help="Inspect and verify synthetic cohorts.")
+app.add_typer(cohorts, name="cohorts")
+console = Console()
+
+
+def counts_table(title: str, counts: dict[str, int]) -> Table:
+    t = Table("class", "images", title=title)
+    for name, n in counts.items():
+        t.add_row(name, str(n))
+    t.add_row("[bold]total", f"[bold]{sum(counts.values())}")
+    return t
+
+
+@app.command()
+def generate(
+    model_uri: str = typer.Argument(..., help="A trained model's URI (printed by meddiff train)."),
+    per_class: Optional[int] = typer.Option(None, help="N images of every class."),
+    total: Optional[int] = typer.Option(None, help="N images split evenly, or by --ratios."),
+    ratios: Optional[str] = typer.Option(None, help="Prevalence ratios of --total: 'name=p,...' (or class ids)."),
+    sampler: str = typer.Option("ddim", help="ddim | ddpm (DDPM models), rflow (rectified-flow models)."),
+    steps: int = typer.Option(50, help="Reverse-diffusion steps."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (conditional models; default 2.0)."),
+    seed: int = typer.Option(0, help="Base seed; every image's own seed derives from it."),
+    batch_size: int = typer.Option(64, help="Images per forward pass (does not change any image)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    shard_size: int = typer.Option(1000, help="Images per shard (= per resumable chunk)."),
+    name: Optional[str] = typer.Option(None, help="Cohort id (default: derived from the model and spec)."),
+    storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
+) -> None:
+    """Generate a class-balanced synthetic cohort; prints per-class counts and the cohort URI."""
+    spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size, device,
+                      shard_size, name)  # type: ignore[arg-type]
+    with rich_progress("generate") as progress:
+        result = run_generate(spec, storage_root, progress)
+    console.print(counts_table(f"cohort {Path(result.uri).name}", result.counts))
+    if result.existed:
+        console.print("[yellow]cohort already complete; nothing to do")
+    print(result.uri)
+
+
+@cohorts.command("list")
+def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR)) -> None:
+    """List cohorts under the storage root (complete and in progress)."""
+    root = storage.join(storage.storage_root(storage_root), "cohorts")
+    t = Table("cohort", "status", "images", "sampler", "model", "uri")
+    for cid in storage.listdir(root):
+        uri = storage.join(root, cid)
+        if not storage.exists(storage.join(uri, "cohort.json")):
+            t.add_row(cid, "[yellow]incomplete", "", "", "", uri)
+            continue
+        c = open_cohort(uri).card
+        t.add_row(cid, "complete", str(c["total"]), f"{c['sampler']}×{c['steps']}", Path(c["model_uri"]).name, uri)
+    console.print(t)
+
+
+@cohorts.command()
+def show(uri: str) -> None:
+    """Show a cohort's spec and per-class counts."""
+    card = open_cohort(uri).card
+    console.print(counts_table(f"cohort {card['cohort_id']}", card["counts"]))
+    for k in ("model_uri", "dataset_uri", "sampler", "steps", "guidance_scale", "seed", "created_at", "seconds"):
+        console.print(f"[bold]{k}[/]: {card.get(k)}")
+
+
+@cohorts.command()
+def verify(uri: str) -> None:
+    """Check that shards and manifest match exactly (keys, counts, image hashes)."""
+    result = verify_cohort(uri)
+    console.print(counts_table("images per class", result.counts))
+    if result.ok:
+        console.print("[green]ok: shards and manifest match")
+        return
+    for p in result.problems:
+        console.print(f"[red]{p}")
+    raise typer.Exit(1)
+
+
+@cohorts.command()
+def regenerate(uri: str, sample_id: int, out: Path = typer.Option(..., help="PNG file to write."),
+               device: str = typer.Option("auto")) -> None:
+    """Regenerate one sample alone from its own seed (identical to the stored image)."""
+    out.write_bytes(run_regenerate(uri, sample_id, device))
+    print(out)
