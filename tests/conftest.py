@@ -83,3 +83,25 @@ def tiny_per_class_model_uri(bloodmnist_uri: str, session_storage: str) -> str:
     cfg = TrainConfig(bloodmnist_uri, mode="per-class", preset="tiny", steps=20, batch_size=16, device="cpu",
                       log_every=5, checkpoint_every=10)
     return train(cfg, session_storage).uri
+
+
+# --- tiny models shared by the train / generate / evaluate / deploy tests ---------------------------
+
+@pytest.fixture(scope="session")
+def tiny_conditional_model_uri(bloodmnist_uri: str, session_storage: str) -> str:
+    """A tiny class-conditional DDPM model on real BloodMNIST (few steps: fast, not good)."""
+    from meddiff.train import TrainConfig, train
+
+    cfg = TrainConfig(bloodmnist_uri, mode="conditional", preset="tiny", steps=20, batch_size=16, device="cpu",
+                      preview_steps=2)
+    return train(cfg, session_storage).uri
+
+
+@pytest.fixture(scope="session")
+def tiny_per_class_model_uri(breastmnist_uri: str, session_storage: str) -> str:
+    """Tiny unconditional DDPM models, one per BreastMNIST class (1-channel)."""
+    from meddiff.train import TrainConfig, train
+
+    cfg = TrainConfig(breastmnist_uri, mode="per-class", preset="tiny", steps=10, batch_size=16, device="cpu",
+                      preview_steps=2)
+    return train(cfg, session_storage).uri

@@ -1,0 +1,166 @@
+"""Cohort generation from tiny models trained in the session on real BloodMNIST/BreastMNIST."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from meddiff.cohorts import open_cohort, verify, write_quality
+from meddiff.errors import ArtifactError, MeddiffError
+from meddiff.generate import CohortSpec, generate, regenerate
+from meddiff.shards import iter_shard
+
+STEPS = 4  # reverse steps: enough to exercise every code path, cheap on CPU
+
+
+def spec(model_uri: str, **kw) -> CohortSpec:
+    return CohortSpec(model_uri, **{"steps": STEPS, "batch_size": 16, "device": "cpu", **kw})
+
+
+def test_per_class_quota_exact_and_verified(tiny_conditional_model_uri, tmp_path):
+    r = generate(spec(tiny_conditional_model_uri, per_class=3, shard_size=10), str(tmp_path))
+    card = r.card
+    assert len(card["class_names"]) == 8 and r.counts == {c: 3 for c in card["class_names"]}
+    assert card["shards"] == ["synthetic-000000.tar", "synthetic-000001.tar", "synthetic-000002.tar"]
+    v = verify(r.uri)
+    assert v.ok, v.problems
+    df = open_cohort(r.uri).manifest()
+    assert df["class_id"].value_counts().to_dict() == {i: 3 for i in range(8)}
+    assert df["seed"].is_unique and df["guidance_scale"].eq(2.0).all()
+    assert df["flagged"].isna().all()  # quality columns wait for evaluate
+    for f in ("grids/class-0.png", "grids/class-7.png", "reverse_diffusion.png", "reverse_diffusion.gif"):
+        assert (Path(r.uri) / f).stat().st_size > 0
+    again = generate(spec(tiny_conditional_model_uri, per_class=3, shard_size=10), str(tmp_path))
+    assert again.existed and again.uri == r.uri
+
+
+def test_total_balanced_and_ratios(tiny_conditional_model_uri, tiny_per_class_model_uri, tmp_path):
+    r = generate(spec(tiny_conditional_model_uri, total=10), str(tmp_path))
+    assert list(r.counts.values()) == [2, 2, 1, 1, 1, 1, 1, 1]
+    r = generate(spec(tiny_per_class_model_uri, total=8, ratios="malignant=1,normal, benign=3", sampler="ddpm"),
+                 str(tmp_path))
+    assert r.counts == {"malignant": 2, "normal, benign": 6}
+    df = open_cohort(r.uri).manifest()
+    assert df.groupby("class_name")["checkpoint_sha256"].nunique().eq(1).all()  # one checkpoint per class model
+    assert df["checkpoint_sha256"].nunique() == 2 and df["guidance_scale"].isna().all()
+    assert verify(r.uri).ok
+
+
+def test_single_sample_regenerates_identically_whatever_the_batch(tiny_conditional_model_uri, tmp_path):
+    a = generate(spec(tiny_conditional_model_uri, per_class=2, batch_size=3, sampler="ddpm", name="a"), str(tmp_path))
+    b = generate(spec(tiny_conditional_model_uri, per_class=2, batch_size=16, sampler="ddpm", name="b"), str(tmp_path))
+    ma, mb = open_cohort(a.uri).manifest(), open_cohort(b.uri).manifest()
+    assert ma["image_sha256"].tolist() == mb["image_sha256"].tolist()
+    assert ma["image_sha256"].nunique() == len(ma)  # different seeds → different images
+    row = ma.iloc[5]
+    stored = next(s["png"] for s in iter_shard(f"{a.uri}/{row['shard']}") if s["__key__"] == row["key"])
+    assert regenerate(a.uri, int(row["sample_id"]), device="cpu") == stored
+
+
+def test_sigkill_then_resume_gives_exact_verified_cohort(tiny_conditional_model_uri, tmp_path):
+    root = tmp_path / "st"
+    args = ["--total", "48", "--steps", "40", "--shard-size", "8", "--batch-size", "8", "--device", "cpu",
+            "--name", "killed", "--storage", str(root)]
+    proc = subprocess.Popen([sys.executable, "-m", "meddiff", "generate", tiny_conditional_model_uri, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    parts = root / "cohorts" / "killed" / "parts"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = len(list(parts.glob("*.parquet")))
+    assert 2 <= committed < 6, f"kill landed at {committed} of 6 shards: {proc.stderr.read().decode()[-500:]}"
+    assert not (root / "cohorts" / "killed" / "cohort.json").exists()
+    with pytest.raises(ArtifactError, match="incomplete"):
+        open_cohort(str(root / "cohorts" / "killed"))
+    r = generate(CohortSpec(tiny_conditional_model_uri, total=48, steps=40, shard_size=8, batch_size=8,
+                            device="cpu", name="killed"), str(root))
+    assert r.card["resumed_samples"] == committed * 8
+    assert sum(r.counts.values()) == 48 and verify(r.uri).ok
+    df = open_cohort(r.uri).manifest()
+    assert df["sample_id"].tolist() == list(range(48)) and df["key"].is_unique
+
+
+def test_consumer_dataset_labels_filters_and_mixing(tiny_conditional_model_uri, bloodmnist_uri, tmp_path):
+    from meddiff.data import ShardDataset
+
+    r = generate(spec(tiny_conditional_model_uri, per_class=4), str(tmp_path))
+    df = open_cohort(r.uri).manifest()
+    items = list(ShardDataset(r.uri))
+    assert sorted(label for _, label in items) == sorted(df["class_id"].tolist())
+    assert tuple(items[0][0].shape) == (3, 28, 28)
+    assert {label for _, label in ShardDataset(r.uri, classes=["basophil", 7])} == {0, 7}
+    flagged = pd.DataFrame({"flagged": [True, True]}, index=pd.Index([0, 1], name="sample_id"))
+    write_quality(r.uri, flagged)
+    assert len(list(ShardDataset(r.uri, exclude_flagged=True))) == 30
+    assert len(list(ShardDataset(r.uri, exclude_flagged=False))) == 32
+    mixed = list(ShardDataset(r.uri, exclude_flagged=False, mix_with=bloodmnist_uri, mix_ratio=0.5))
+    assert len(mixed) == 64
+    assert sum(1 for x, _ in mixed if any(np.array_equal(x.numpy(), y.numpy()) for y, _ in items)) == 32
+
+
+def test_bad_input(tiny_conditional_model_uri, tiny_per_class_model_uri, tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(MeddiffError, match="unknown class 'nosuch'"):
+        generate(spec(tiny_conditional_model_uri, total=10, ratios="nosuch=1"), root)
+    for kw in ({"per_class": 0}, {"total": -5}, {"per_class": 2, "total": 4}, {}):
+        with pytest.raises(MeddiffError):
+            generate(spec(tiny_conditional_model_uri, **kw), root)
+    with pytest.raises(MeddiffError, match="guidance applies to conditional"):
+        generate(spec(tiny_per_class_model_uri, per_class=1, guidance=3.0), root)
+    with pytest.raises(MeddiffError, match="rflow"):
+        generate(spec(tiny_conditional_model_uri, per_class=1, sampler="rflow"), root)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        generate(spec(str(tmp_path / "models" / "nope"), per_class=1), root)
+    incomplete = tmp_path / "models" / "half"
+    incomplete.mkdir(parents=True)
+    with pytest.raises(ArtifactError, match="incomplete"):
+        generate(spec(str(incomplete), per_class=1), root)
+    generate(spec(tiny_conditional_model_uri, per_class=1, name="mine"), root)
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cohorts" / "mine").rglob("*") if p.is_file())
+    with pytest.raises(MeddiffError, match="different spec"):
+        generate(spec(tiny_conditional_model_uri, per_class=2, name="mine"), root)
+    after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cohorts" / "mine").rglob("*") if p.is_file())
+    assert before == after  # nothing overwritten
+
+
+def test_cli_generate_and_verify_detects_tampering(tiny_conditional_model_uri, tmp_path):
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["generate", tiny_conditional_model_uri, "--per-class", "2", "--steps", str(STEPS),
+                              "--device", "cpu", "--storage", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    uri = res.output.strip().splitlines()[-1]
+    assert "basophil" in res.output and open_cohort(uri).card["total"] == 16
+    assert runner.invoke(app, ["cohorts", "verify", uri]).exit_code == 0
+    assert "complete" in runner.invoke(app, ["cohorts", "list", "--storage", str(tmp_path)]).output
+    shard = Path(uri) / "synthetic-000000.tar"
+    data = bytearray(shard.read_bytes())
+    idx = data.find(b"\x89PNG") + 200  # flip a byte inside the first image's compressed data
+    data[idx] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    res = runner.invoke(app, ["cohorts", "verify", uri])
+    assert res.exit_code == 1 and "sha256 differs" in res.output
+
+
+def test_generate_flow(prefect_harness, tiny_per_class_model_uri, tmp_path):
+    from flows.generate_cohort import generate_cohort
+
+    uri = generate_cohort(model_uri=tiny_per_class_model_uri, per_class=2, steps=STEPS, device="cpu",
+                          evaluate=False, storage_root=str(tmp_path))
+    assert verify(uri).ok and open_cohort(uri).card["counts"] == {"malignant": 2, "normal, benign": 2}
+    with pytest.raises(MeddiffError, match="no GPU"):
+        generate_cohort(model_uri=tiny_per_class_model_uri, per_class=1, device="cuda", evaluate=False,
+                        storage_root=str(tmp_path))
