@@ -63,28 +63,6 @@ def prefect_harness():
         yield
 
 
-# --- tiny trained models (train engineer): shared by the generate / evaluate / pipeline tests ---
-
-@pytest.fixture(scope="session")
-def tiny_conditional_model_uri(bloodmnist_uri: str, session_storage: str) -> str:
-    """A `tiny` class-conditional DDPM (epsilon) on BloodMNIST 28 px: 40 steps, batch 32, CPU."""
-    from meddiff.train import TrainConfig, train
-
-    cfg = TrainConfig(bloodmnist_uri, mode="conditional", preset="tiny", steps=40, batch_size=32, device="cpu",
-                      log_every=5, checkpoint_every=20)
-    return train(cfg, session_storage).uri
-
-
-@pytest.fixture(scope="session")
-def tiny_per_class_model_uri(bloodmnist_uri: str, session_storage: str) -> str:
-    """`tiny` per-class DDPMs (one per BloodMNIST class): 20 steps each, batch 16, CPU."""
-    from meddiff.train import TrainConfig, train
-
-    cfg = TrainConfig(bloodmnist_uri, mode="per-class", preset="tiny", steps=20, batch_size=16, device="cpu",
-                      log_every=5, checkpoint_every=10)
-    return train(cfg, session_storage).uri
-
-
 # --- tiny models shared by the train / generate / evaluate / deploy tests ---------------------------
 
 @pytest.fixture(scope="session")
