@@ -71,6 +71,9 @@ class PipelineConfig:
     allow_cpu_fallback: bool = False  # with device=cuda and no GPU: run on the CPU instead of failing
     seed: int = 0  # seed of training and of generation
     evaluate: bool = True  # run the evaluation stage (quality report) after generation
+    eval_features: tuple[str, ...] = ("inception", "domain")  # feature extractors of the set metrics
+    eval_max_images: int | None = 500  # images per set (synthetic/train/val) evaluated; None = all
+    domain_epochs: int | None = None  # epochs of the evaluation's domain classifier; None = its default
 
     def check(self) -> "PipelineConfig":
         if self.mode not in get_args(Mode):
@@ -83,6 +86,10 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise PipelineError(f"{name.replace('_', '-')} must be positive, got {value}")
+        if self.eval_max_images is not None and self.eval_max_images < 2:
+            raise PipelineError(f"eval-max-images must be at least 2, got {self.eval_max_images}")
+        if self.domain_epochs is not None and self.domain_epochs < 1:
+            raise PipelineError(f"domain-epochs must be positive, got {self.domain_epochs}")
         if self.sample_steps < 1:
             raise PipelineError(f"sample-steps must be positive, got {self.sample_steps}")
         return self
@@ -106,11 +113,11 @@ class PipelineConfig:
 
     def eval_config(self, device: str):
         from .evaluate import EvalConfig
+        from .metrics.features import DomainTrainConfig
 
-        try:
-            return EvalConfig(device=device)
-        except TypeError:  # an EvalConfig without a device field
-            return EvalConfig()
+        domain = DomainTrainConfig() if self.domain_epochs is None else DomainTrainConfig(epochs=self.domain_epochs)
+        return EvalConfig(features=tuple(self.eval_features), max_images=self.eval_max_images, domain=domain,
+                          device=device, seed=self.seed)
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,13 @@ def check_reachable(root: str | None = None, attempts: int = 3, backoff_s: float
         except OSError as e:
             raise StorageError(f"cannot create storage folder {root}: {e}") from e
         return root
-    fs, path = filesystem(root)
+    # a probe without the client's own retries: the attempts and backoff are with_retries'
+    opts = _fs_options(root)
+    if "config_kwargs" in opts:
+        opts["config_kwargs"] = {**opts["config_kwargs"], "retries": {"max_attempts": 1}, "connect_timeout": 3}
+    fs, path = fsspec.core.url_to_fs(root, skip_instance_cache=True, **opts)
+    if hasattr(fs, "retries"):
+        fs.retries = 1
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
     bucket = path.split("/", 1)[0]
     with_retries(lambda: fs.ls(bucket, refresh=True), attempts=attempts, backoff_s=backoff_s,

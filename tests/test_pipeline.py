@@ -1,0 +1,183 @@
+"""The whole pipeline (ingest → train → generate → evaluate) on the real MedMNIST files.
+
+- `meddiff pipeline` as a real command (its own ephemeral Prefect server, in a tmp PREFECT_HOME)
+  on BloodMNIST with CI-sized knobs; a second run skips every stage.
+- The `pipeline` flow on the session's Prefect harness with MEDDIFF_STORAGE=s3://... against
+  moto's S3 server on loopback.
+- Bad input: an unreachable storage endpoint, a GPU asked for without one, invalid configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meddiff.errors import MeddiffError
+from meddiff.pipeline import DeviceUnavailableError, PipelineConfig, resolve_device
+
+pytestmark = pytest.mark.timeout(900)
+
+REPO = Path(__file__).resolve().parent.parent
+# CI-sized: a few training steps, a few images per class, a light evaluation
+SMALL = {"steps": 10, "per_class": 3, "sample_steps": 4, "eval_features": ["domain"], "eval_max_images": 60,
+         "domain_epochs": 1}
+
+
+def cli_args(**knobs) -> list[str]:
+    out = []
+    for k, v in knobs.items():
+        out += [f"--{k.replace('_', '-')}", ",".join(v) if isinstance(v, list) else str(v)]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage_lines(stdout: str) -> dict[str, str]:
+    stages = {}
+    for line in stdout.splitlines():
+        name, _, rest = line.strip().partition(": ")
+        if name in ("ingest", "train", "generate", "evaluate"):
+            stages[name] = rest
+    return stages
+
+
+@pytest.mark.slow
+def test_pipeline_command_end_to_end_then_skips_every_stage(medmnist_dir, tmp_path):
+    storage = tmp_path / "storage"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDDIFF_", "AWS_"))}
+    env.update(MEDMNIST_ROOT=str(medmnist_dir), MEDDIFF_STORAGE=str(storage), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    cmd = [str(Path(sys.executable).parent / "meddiff"), "pipeline", "--dataset", "medmnist:bloodmnist",
+           "--preset", "tiny", *cli_args(**SMALL)]
+
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
+    assert first.returncode == 0, first.stdout + first.stderr[-5000:]
+    stages = stage_lines(first.stdout)
+    assert list(stages) == ["ingest", "train", "generate", "evaluate"], first.stdout
+    assert not any(s.startswith("skipped") for s in stages.values()), first.stdout
+    report = Path(first.stdout.strip().splitlines()[-1].removeprefix("report: "))
+    assert report.is_file() and report.is_relative_to(storage)
+    cohort = report.parent
+    assert json.loads((cohort / "cohort.json").read_text())["counts"] == {c: 3 for c in json.loads(
+        next(storage.glob("datasets/bloodmnist/*/dataset.json")).read_text())["class_names"]}
+    assert json.loads(report.read_text())  # a complete report
+    model_card = json.loads(next(storage.glob("models/*/model.json")).read_text())
+    assert model_card  # the trained model's record
+    # the stage logs went through Prefect's run logger
+    assert "Flow run" in first.stderr + first.stdout and "train:" in first.stderr + first.stdout
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr[-5000:]
+    again = stage_lines(second.stdout)
+    assert list(again) == list(stages)
+    for name, line in again.items():
+        assert line.startswith("skipped (exists)"), second.stdout
+        assert line.split()[-1] == stages[name].split()[-1]  # same outputs
+    assert second.stdout.strip().splitlines()[-1] == f"report: {report}"
+
+
+@pytest.fixture()
+def moto_s3(monkeypatch):
+    """An S3 server on loopback with bucket `meddiff`; AWS variables set for this test only."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="meddiff")
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_pipeline_flow_on_s3_storage(prefect_harness, moto_s3, medmnist_dir):
+    import s3fs
+
+    from flows.pipeline import pipeline
+
+    root = "s3://meddiff/ci"
+    params = dict(dataset="medmnist:breastmnist", medmnist_root=str(medmnist_dir), preset="tiny", **SMALL)
+    out = pipeline(**params, storage_root=root)
+    assert [s["stage"] for s in out["stages"]] == ["ingest", "train", "generate", "evaluate"]
+    assert not any(s["existed"] for s in out["stages"])
+    for key in ("dataset_uri", "model_uri", "cohort_uri", "report_uri"):
+        assert out[key].startswith(root + "/"), out
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3})
+    for uri, record in ((out["dataset_uri"], "dataset.json"), (out["model_uri"], "model.json"),
+                        (out["cohort_uri"], "cohort.json")):
+        assert fs.exists(f"{uri}/{record}"), uri
+    assert json.loads(fs.cat(out["report_uri"]))
+
+    again = pipeline(**params, storage_root=root)
+    assert all(s["existed"] for s in again["stages"]), again
+    assert again["report_uri"] == out["report_uri"]
+
+
+def test_unreachable_storage_fails_fast_with_the_url(prefect_harness, monkeypatch):
+    from flows.pipeline import pipeline
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    state = pipeline(dataset="medmnist:breastmnist", storage_root="s3://meddiff/unreachable", return_state=True)
+    assert state.is_failed()
+    assert endpoint in state.message and "after 3 attempts" in state.message, state.message
+    with pytest.raises(MeddiffError, match="s3://meddiff/unreachable"):
+        state.result()
+
+
+def test_gpu_requested_without_gpu(prefect_harness, tmp_path):
+    import torch
+
+    from flows.pipeline import pipeline
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    state = pipeline(dataset="medmnist:breastmnist", device="cuda", storage_root=str(tmp_path), return_state=True)
+    assert state.is_failed() and "no CUDA GPU" in state.message and "allow_cpu_fallback" in state.message
+    with pytest.raises(DeviceUnavailableError):
+        resolve_device("cuda")
+    assert resolve_device("cuda", allow_cpu_fallback=True) == "cpu"
+    assert resolve_device("auto") == "cpu"
+    assert not list(tmp_path.rglob("*.json"))  # failed before any work
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(mode="joint"), "mode must be one of"),
+    (dict(device="tpu"), "device must be one of"),
+    (dict(per_class=5, total=40), "exactly one of"),
+    (dict(per_class=None), "exactly one of"),
+    (dict(steps=0), "steps must be positive"),
+    (dict(eval_max_images=1), "eval-max-images"),
+])
+def test_pipeline_config_rejects_bad_input(bad, match):
+    with pytest.raises(MeddiffError, match=match):
+        PipelineConfig(**bad).check()
+
+
+def test_pipeline_command_rejects_bad_input_before_running(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDDIFF_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([str(Path(sys.executable).parent / "meddiff"), "pipeline", "--mode", "joint",
+                           "--storage", str(tmp_path / "storage")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "mode must be one of" in proc.stderr
+    assert not (tmp_path / "storage").exists()
