@@ -67,7 +67,7 @@ def pipeline(
     allow_cpu_fallback: bool = False,
     seed: int = 0,
     evaluate: bool = True,
-    eval_features: list[str] = ["inception", "domain"],  # noqa: B006 (Prefect copies parameters)
+    eval_features: list[str] | None = None,
     eval_max_images: int | None = 500,
     domain_epochs: int | None = None,
     storage_root: str | None = None,
@@ -76,7 +76,7 @@ def pipeline(
     logger = get_run_logger()
     cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, per_class, total,
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
-                         tuple(eval_features), eval_max_images, domain_epochs)
+                         tuple(eval_features) if eval_features else None, eval_max_images, domain_epochs)
 
     def progress(stage: str):
         return combine(prefect_progress(f"{stage} ({dataset})"), log_progress(logger, stage))

@@ -71,7 +71,9 @@ class PipelineConfig:
     allow_cpu_fallback: bool = False  # with device=cuda and no GPU: run on the CPU instead of failing
     seed: int = 0  # seed of training and of generation
     evaluate: bool = True  # run the evaluation stage (quality report) after generation
-    eval_features: tuple[str, ...] = ("inception", "domain")  # feature extractors of the set metrics
+    # feature extractors of the evaluation's set metrics; None = inception + domain when the
+    # InceptionV3 weights are installed (extra `inception`), else domain only
+    eval_features: tuple[str, ...] | None = None
     eval_max_images: int | None = 500  # images per set (synthetic/train/val) evaluated; None = all
     domain_epochs: int | None = None  # epochs of the evaluation's domain classifier; None = its default
 
@@ -116,8 +118,19 @@ class PipelineConfig:
         from .metrics.features import DomainTrainConfig
 
         domain = DomainTrainConfig() if self.domain_epochs is None else DomainTrainConfig(epochs=self.domain_epochs)
-        return EvalConfig(features=tuple(self.eval_features), max_images=self.eval_max_images, domain=domain,
+        return EvalConfig(features=self.resolved_eval_features(), max_images=self.eval_max_images, domain=domain,
                           device=device, seed=self.seed)
+
+    def resolved_eval_features(self) -> tuple[str, ...]:
+        if self.eval_features is not None:
+            return tuple(self.eval_features)
+        from .metrics.features import find_inception_weights
+
+        try:
+            find_inception_weights()
+        except MeddiffError:
+            return ("domain",)
+        return ("inception", "domain")
 
 
 @dataclass(frozen=True)
@@ -181,6 +194,7 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
     record("generate", cohort.uri, cohort.existed)
     report_uri = None
     if cfg.evaluate:
+        log(f"evaluate: features {', '.join(cfg.resolved_eval_features())}")
         report = call("evaluate", evaluate_cohort, cohort.uri, cfg.eval_config(device), progress("evaluate"))
         report_uri = report.report_uri
         record("evaluate", report_uri, getattr(report, "existed", None))

@@ -30,7 +30,9 @@ def pipeline(
     allow_cpu_fallback: bool = typer.Option(False, help="With --device cuda and no GPU, run on the CPU."),
     seed: int = typer.Option(0, help="Seed of training and generation."),
     evaluate: bool = typer.Option(True, help="Evaluate the cohort (quality report)."),
-    eval_features: str = typer.Option("inception,domain", help="Feature extractors of the evaluation's set metrics."),
+    eval_features: Optional[str] = typer.Option(
+        None, help="Feature extractors of the evaluation, e.g. inception,domain (default: both when the "
+                   "Inception weights are installed, else domain)."),
     eval_max_images: Optional[int] = typer.Option(500, help="Images per set the evaluation uses."),
     domain_epochs: Optional[int] = typer.Option(None, help="Epochs of the evaluation's domain classifier."),
     medmnist_root: Optional[str] = typer.Option(None, envvar="MEDMNIST_ROOT",
@@ -43,7 +45,7 @@ def pipeline(
 
     if per_class is None and total is None:
         per_class = 50
-    features = tuple(f.strip() for f in eval_features.split(",") if f.strip())
+    features = tuple(f.strip() for f in eval_features.split(",") if f.strip()) if eval_features else None
     # validate up front (a clear one-line error instead of a failed flow run)
     PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, per_class, total,  # type: ignore[arg-type]
                    sample_steps=sample_steps, guidance=guidance, device=device,  # type: ignore[arg-type]
@@ -53,7 +55,7 @@ def pipeline(
                         steps=steps, batch_size=batch_size, per_class=per_class, total=total,
                         sample_steps=sample_steps, guidance=guidance, device=device,
                         allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
-                        eval_features=list(features), eval_max_images=eval_max_images,
+                        eval_features=list(features) if features else None, eval_max_images=eval_max_images,
                         domain_epochs=domain_epochs, storage_root=storage_root)
     for s in out["stages"]:
         typer.echo(f"{s['stage']:>9}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
