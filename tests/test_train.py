@@ -1,0 +1,259 @@
+"""Training on the real BloodMNIST / BreastMNIST versions: tiny preset, CPU, few steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from meddiff.checkpoint import list_checkpoints, load_checkpoint, load_model
+from meddiff.diffusion import build_scheduler, ddpm_target, min_snr_weight, scheduler_config
+from meddiff.networks import build_network
+from meddiff.train import TrainConfig, plan_run, train
+from meddiff.train_presets import NetworkConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_run_records(run: Path, class_ids: list[int], steps: int) -> dict:
+    """The records every finished run folder holds, consistent with each other."""
+    card = json.loads((run / "model.json").read_text())
+    assert (run / "config.json").exists() and (run / "loss_curve.png").stat().st_size > 1000
+    rows = metrics(run)
+    assert rows[-1]["step"] == steps and all(r["images_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
+    assert sorted(p.name for p in (run / f"samples/step-{steps:07d}").glob("*.png")) == \
+        sorted(f"class-{c}.png" for c in class_ids)
+    ckpt = run / card["checkpoint"]
+    from meddiff.records import sha256_file
+
+    assert sha256_file(ckpt) == card["checkpoint_sha256"] and card["steps"] == steps
+    assert card["param_count"] > 0 and card["wall_time_s"] > 0 and card["versions"]["monai"]
+    return card
+
+
+def loss_went_down(rows: list[dict]) -> bool:
+    """The last logged loss (a mean over log_every steps) is well below the first."""
+    return rows[-1]["loss"] < 0.85 * rows[0]["loss"]
+
+
+# ------------------------------------------------------------------ losses and network (no data)
+
+def test_v_target_matches_monai_velocity():
+    sched = build_scheduler(scheduler_config("ddpm", "cosine", "v", 1000, 28))
+    x0, eps, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999])
+    ours = ddpm_target(x0, eps, t, sched.alphas_cumprod, "v")
+    assert torch.allclose(ours, sched.get_velocity(x0, eps, t), atol=1e-6)
+    assert torch.equal(ddpm_target(x0, eps, t, sched.alphas_cumprod, "epsilon"), eps)
+
+
+def test_min_snr_weight_clips_low_noise_steps_only():
+    sched = build_scheduler(scheduler_config("ddpm", "linear", "epsilon", 1000, 28))
+    w = min_snr_weight(torch.tensor([0, 999]), sched.alphas_cumprod, 5.0, "epsilon")
+    assert w[0] < 0.01 and w[1] == pytest.approx(1.0)  # t=0: SNR ≫ γ is down-weighted; t=T-1: SNR < γ kept
+
+
+@pytest.mark.parametrize("size", [28, 64, 96])
+def test_four_level_network_takes_28_px_by_padding(size):
+    net = build_network(NetworkConfig((8, 8, 16, 16), (False, False, False, True), 1, 8, 8), 1, None)
+    x = torch.randn(2, 1, size, size)
+    assert net(x, timesteps=torch.tensor([1, 900])).shape == x.shape
+
+
+# ------------------------------------------------------------------ training runs on real data
+
+@pytest.fixture(scope="module")
+def blood_conditional(bloodmnist_uri, tmp_path_factory):
+    cfg = TrainConfig(bloodmnist_uri, mode="conditional", steps=40, batch_size=32, device="cpu", log_every=5,
+                      checkpoint_every=20)
+    return train(cfg, str(tmp_path_factory.mktemp("blood-cond")))
+
+
+def test_tiny_conditional_bloodmnist(blood_conditional, bloodmnist_uri):
+    run = Path(blood_conditional.uri)
+    card = assert_run_records(run, list(range(8)), 40)
+    assert card == blood_conditional.card and not blood_conditional.existed
+    assert card["mode"] == "conditional" and card["null_class"] == 8 and card["num_class_embeds"] == 9
+    assert card["dataset"]["uri"] == bloodmnist_uri and len(card["class_names"]) == 8 and card["channels"] == 3
+    assert loss_went_down(metrics(run)), metrics(run)
+    assert len(list_checkpoints(run)) == 2  # step 20 and 40, keep=2
+
+
+def test_tiny_per_class_bloodmnist(bloodmnist_uri, tmp_path):
+    cfg = TrainConfig(bloodmnist_uri, mode="per-class", objective="rflow", steps=20, batch_size=16, device="cpu",
+                      warmup_steps=5, log_every=5, checkpoint_every=10)
+    group = Path(train(cfg, str(tmp_path)).uri)
+    card = json.loads((group / "model.json").read_text())
+    assert card["mode"] == "per-class" and sorted(card["parts"]) == [str(c) for c in range(8)]
+    for c in range(8):
+        part = assert_run_records(group / f"class-{c}", [c], 20)
+        assert part["class_id"] == c and part["num_class_embeds"] is None
+        assert card["checkpoint_sha256"][card["class_names"][c]] == part["checkpoint_sha256"]
+        assert {r["class_id"] for r in metrics(group / f"class-{c}")} == {c}
+    assert all(loss_went_down(metrics(group / f"class-{c}")) for c in range(8))
+    model = load_model(str(group))
+    assert sorted(model.networks) == list(range(8)) and model.null_class is None
+
+
+@pytest.mark.parametrize("mode,objective,extra", [
+    ("conditional", "rflow", {}),
+    ("per-class", "ddpm", {"prediction": "v", "schedule": "cosine", "min_snr_gamma": 5.0}),
+])
+def test_tiny_breastmnist_one_channel(breastmnist_uri, tmp_path, mode, objective, extra):
+    cfg = TrainConfig(breastmnist_uri, mode=mode, objective=objective, steps=30, batch_size=16, device="cpu",
+                      log_every=5, checkpoint_every=15, **extra)
+    result = train(cfg, str(tmp_path))
+    assert not result.existed and result.card["channels"] == 1
+    runs = [Path(result.uri)] if mode == "conditional" else [Path(result.uri) / f"class-{c}" for c in (0, 1)]
+    for run in runs:
+        assert_run_records(run, [0, 1] if mode == "conditional" else [int(run.name[-1])], 30)
+        assert loss_went_down(metrics(run)), metrics(run)
+    model = load_model(result.uri)
+    assert model.objective == objective and model.channels == 1 and model.image_size == 28
+    sched = build_scheduler(model.scheduler_config)
+    assert type(sched).__name__ == ("RFlowScheduler" if objective == "rflow" else "DDPMScheduler")
+    if objective == "ddpm":
+        assert sched.prediction_type == "v_prediction" and model.scheduler_config["schedule"] == "cosine"
+
+
+def test_rerun_finds_the_finished_model(blood_conditional, bloodmnist_uri):
+    run = Path(blood_conditional.uri)
+    stamp = (run / "model.json").stat().st_mtime_ns
+    root = str(run.parent.parent)
+    again = train(TrainConfig(bloodmnist_uri, steps=40, batch_size=32, device="auto", log_every=7,
+                              checkpoint_every=20), root)  # only operational fields differ
+    assert again.existed and again.uri == blood_conditional.uri
+    assert (run / "model.json").stat().st_mtime_ns == stamp
+    other = plan_run(TrainConfig(bloodmnist_uri, steps=41, batch_size=32), root)
+    assert other.uri != blood_conditional.uri  # the run id follows the weights-defining config
+
+
+_FORWARD = """
+import sys, torch
+from meddiff.checkpoint import load_model
+
+
+def forward_all(uri):
+    m = load_model(uri)
+    x = torch.randn(4, m.channels, m.image_size, m.image_size, generator=torch.Generator().manual_seed(123))
+    t = torch.tensor([0, 250, 600, 999])
+    y = None if m.null_class is None else torch.tensor([0, 1, 0, m.null_class])
+    return {str(k): net(x, timesteps=t, class_labels=y) for k, net in m.networks.items()}
+
+
+if __name__ == "__main__":
+    torch.save([forward_all(uri) for uri in sys.argv[2:]], sys.argv[1])
+"""
+
+
+def test_checkpoint_gives_identical_outputs_in_a_fresh_process(tiny_conditional_model_uri,
+                                                                tiny_per_class_model_uri, tmp_path):
+    script = tmp_path / "forward.py"
+    script.write_text(_FORWARD)
+    uris = [tiny_conditional_model_uri, tiny_per_class_model_uri]
+    subprocess.run([sys.executable, str(script), str(tmp_path / "out.pt"), *uris], check=True,
+                   env=SUBPROCESS_ENV, cwd=REPO, timeout=300)
+    fresh = torch.load(tmp_path / "out.pt")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from forward import forward_all
+    finally:
+        sys.path.remove(str(tmp_path))
+    here = [forward_all(uri) for uri in uris]
+    assert [sorted(d) for d in fresh] == [["None"], [str(c) for c in range(len(load_model(uris[1]).class_names))]]
+    for a, b in zip(fresh, here):
+        for k in a:
+            assert torch.equal(a[k], b[k]) and a[k].abs().sum() > 0
+    net = load_model(uris[0]).networks[None]  # EMA weights, frozen, in eval mode
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+
+
+def test_sigkill_then_resume_reaches_the_same_final_step(breastmnist_uri, tmp_path):
+    args = [sys.executable, "-m", "meddiff.train", breastmnist_uri, "--steps", "60", "--batch-size", "16",
+            "--checkpoint-every", "10", "--log-every", "5", "--keep", "2", "--device", "cpu",
+            "--storage", str(tmp_path)]
+    run = Path(plan_run(TrainConfig(breastmnist_uri, steps=60, batch_size=16), str(tmp_path)).uri)
+    proc = subprocess.Popen(args, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not [p for p in list_checkpoints(run) if int(p.stem[5:]) >= 20]:
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint at step 20 in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run / "model.json").exists()
+    killed_at = max(int(r["step"]) for r in metrics(run))
+    assert killed_at < 60
+    for ckpt in list_checkpoints(run):  # whatever the kill interrupted, no checkpoint is partial
+        load_checkpoint(ckpt)
+
+    out = subprocess.run(args, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(run)
+    card = assert_run_records(run, [0, 1], 60)
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(5, 61, 5))  # continuous: no gap, no duplicate
+    assert all(r["loss"] < 3 for r in rows) and loss_went_down(rows)
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000050.pt", "step-0000060.pt"]  # --keep 2
+    assert card["steps"] == 60
+
+
+def test_two_process_gloo_ddp_writes_once(breastmnist_uri, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "meddiff.train", breastmnist_uri,
+           "--steps", "10", "--batch-size", "16", "--log-every", "2", "--checkpoint-every", "5", "--device", "cpu",
+           "--storage", str(tmp_path)]
+    out = subprocess.run(cmd, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    uris = [line for line in out.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert len(uris) == 1  # only rank 0 prints
+    run = Path(uris[0])
+    card = assert_run_records(run, [0, 1], 10)
+    assert card["world_size"] == 2
+    assert [r["step"] for r in metrics(run)] == [2, 4, 5, 6, 8, 10]  # one row per logged step: rank 0 alone
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000005.pt", "step-0000010.pt"]
+    assert not list((run / "checkpoints").glob(".*"))
+    assert load_model(str(run)).networks[None](torch.zeros(1, 1, 28, 28), timesteps=torch.tensor([5]),
+                                               class_labels=torch.tensor([1])).shape == (1, 1, 28, 28)
+
+
+def test_cli_prints_the_model_uri(breastmnist_uri, tmp_path):
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    res = CliRunner().invoke(app, ["train", breastmnist_uri, "--mode", "per-class", "--steps", "4",
+                                   "--batch-size", "8", "--device", "cpu", "--storage", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    uri = res.stdout.strip().splitlines()[-1]
+    assert json.loads((Path(uri) / "model.json").read_text())["mode"] == "per-class"
+    assert Path(uri).parent == tmp_path / "models" and Path(uri).name.startswith("breastmnist-per-class-tiny-")
+
+
+def test_train_model_flow(prefect_harness, breastmnist_uri, tmp_path):
+    from flows.train_model import train_model
+
+    uri = train_model(breastmnist_uri, mode="per-class", steps=4, batch_size=8, device="cpu",
+                      storage_root=str(tmp_path), parallel_classes=True)
+    card = json.loads((Path(uri) / "model.json").read_text())
+    assert card["mode"] == "per-class" and set(card["parts"]) == {"0", "1"}
+    shutil.rmtree(Path(uri) / "class-1" / "samples")  # untouched by the re-run below: it finds the model
+    assert train_model(breastmnist_uri, mode="per-class", steps=4, batch_size=8, device="cpu",
+                       storage_root=str(tmp_path)) == uri
+    assert not (Path(uri) / "class-1" / "samples").exists()
