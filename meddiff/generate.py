@@ -146,7 +146,8 @@ def check_compatible(spec: CohortSpec, model: TrainedModel) -> float | None:
     if model.objective == "rflow" and spec.sampler != "rflow":
         raise MeddiffError(f"model {model.uri} was trained with rectified flow: use --sampler rflow")
     if model.objective == "ddpm" and spec.sampler == "rflow":
-        raise MeddiffError(f"model {model.uri} is a DDPM model: use --sampler ddim or ddpm")
+        raise MeddiffError(f"--sampler rflow needs a rectified-flow model; {model.uri} is a DDPM model: "
+                           "use --sampler ddim or ddpm")
     limit = int(model.scheduler_config["num_train_timesteps"])
     if spec.steps > limit:
         raise MeddiffError(f"--steps {spec.steps} exceeds the model's {limit} training timesteps")

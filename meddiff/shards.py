@@ -219,9 +219,14 @@ def _expand_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 @lru_cache(maxsize=1)
 def _torch_png_decoder():
     """(torch, torchvision.io.decode_png), imported once: torch stays out of ingest's start-up."""
+    import warnings
+
     import torch
     from torchvision.io import decode_png
 
+    # torchvision 0.29 warns on every call that TorchCodec will take these codecs over; decode_png stays
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
     return torch, decode_png
 
 

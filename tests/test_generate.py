@@ -67,27 +67,27 @@ def test_single_sample_regenerates_identically_whatever_the_batch(tiny_condition
 
 def test_sigkill_then_resume_gives_exact_verified_cohort(tiny_conditional_model_uri, tmp_path):
     root = tmp_path / "st"
-    args = ["--total", "48", "--steps", "40", "--shard-size", "8", "--batch-size", "8", "--device", "cpu",
+    args = ["--total", "32", "--steps", "25", "--shard-size", "8", "--batch-size", "8", "--device", "cpu",
             "--name", "killed", "--storage", str(root)]
     proc = subprocess.Popen([sys.executable, "-m", "meddiff", "generate", tiny_conditional_model_uri, *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     parts = root / "cohorts" / "killed" / "parts"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(parts.glob("*.parquet"))) < 2 and proc.poll() is None:
+    while time.monotonic() < deadline and not list(parts.glob("*.parquet")) and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     committed = len(list(parts.glob("*.parquet")))
-    assert 2 <= committed < 6, f"kill landed at {committed} of 6 shards: {proc.stderr.read().decode()[-500:]}"
+    assert 1 <= committed < 4, f"kill landed at {committed} of 4 shards: {proc.stderr.read().decode()[-500:]}"
     assert not (root / "cohorts" / "killed" / "cohort.json").exists()
     with pytest.raises(ArtifactError, match="incomplete"):
         open_cohort(str(root / "cohorts" / "killed"))
-    r = generate(CohortSpec(tiny_conditional_model_uri, total=48, steps=40, shard_size=8, batch_size=8,
+    r = generate(CohortSpec(tiny_conditional_model_uri, total=32, steps=25, shard_size=8, batch_size=8,
                             device="cpu", name="killed"), str(root))
     assert r.card["resumed_samples"] == committed * 8
-    assert sum(r.counts.values()) == 48 and verify(r.uri).ok
+    assert sum(r.counts.values()) == 32 and verify(r.uri).ok
     df = open_cohort(r.uri).manifest()
-    assert df["sample_id"].tolist() == list(range(48)) and df["key"].is_unique
+    assert df["sample_id"].tolist() == list(range(32)) and df["key"].is_unique
 
 
 def test_consumer_dataset_labels_filters_and_mixing(tiny_conditional_model_uri, bloodmnist_uri, tmp_path):

@@ -12,7 +12,6 @@ from rich.table import Table
 from . import app
 from .. import storage
 from ..cohorts import open_cohort, verify as verify_cohort
-from ..generate import CohortSpec, generate as run_generate, regenerate as run_regenerate
 from ..progress import rich_progress
 
 cohorts = typer.Typer(no_args_is_help=True, help="Inspect and verify synthetic cohorts.")
@@ -45,6 +44,8 @@ def generate(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Generate a class-balanced synthetic cohort; prints per-class counts and the cohort URI."""
+    from ..generate import CohortSpec, generate as run_generate  # torch/MONAI load only when used
+
     spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size, device,
                       shard_size, name)  # type: ignore[arg-type]
     with rich_progress("generate") as progress:
@@ -96,5 +97,7 @@ def verify(uri: str) -> None:
 def regenerate(uri: str, sample_id: int, out: Path = typer.Option(..., help="PNG file to write."),
                device: str = typer.Option("auto")) -> None:
     """Regenerate one sample alone from its own seed (identical to the stored image)."""
+    from ..generate import regenerate as run_regenerate
+
     out.write_bytes(run_regenerate(uri, sample_id, device))
     print(out)
