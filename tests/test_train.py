@@ -257,3 +257,41 @@ def test_train_model_flow(prefect_harness, breastmnist_uri, tmp_path):
     assert train_model(breastmnist_uri, mode="per-class", steps=4, batch_size=8, device="cpu",
                        storage_root=str(tmp_path)) == uri
     assert not (Path(uri) / "class-1" / "samples").exists()
+
+
+def test_s3_root_trains_uploads_and_resumes_from_the_bucket(medmnist_dir, monkeypatch, tmp_path):
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_DEFAULT_REGION": "us-east-1", "TMPDIR": str(tmp_path)}.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setattr("tempfile.tempdir", None)  # honour TMPDIR: the local work folder lands in tmp_path
+        import boto3
+        import s3fs
+
+        from meddiff.ingest import IngestConfig, ingest
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="meddiff")
+        root = "s3://meddiff/ci"
+        ds = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), root).uri
+        cfg = TrainConfig(ds, steps=4, batch_size=8, device="cpu", checkpoint_every=2, log_every=1)
+        first = train(cfg, root)
+        assert first.uri.startswith(root + "/models/breastmnist-conditional-tiny-")
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        names = {p.rsplit("/", 1)[-1] for p in fs.find(first.uri)}
+        assert {"model.json", "config.json", "metrics.jsonl", "loss_curve.png", "step-0000004.pt",
+                "class-0.png"} <= names
+        assert load_model(first.uri).checkpoint_sha256["model"] == first.card["checkpoint_sha256"]
+
+        fs.rm(f"{first.uri}/model.json")  # as if killed after the last upload; local work folder lost too
+        shutil.rmtree(tmp_path / "meddiff-train")
+        again = train(cfg, root)
+        assert not again.existed and again.card["checkpoint_sha256"] == first.card["checkpoint_sha256"]
+        assert [json.loads(line)["step"] for line in fs.cat(f"{again.uri}/metrics.jsonl").decode().splitlines()] \
+            == [1, 2, 3, 4]
+    finally:
+        server.stop()
