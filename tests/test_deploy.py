@@ -120,7 +120,8 @@ def deployed(server):
     """`meddiff deploy` against the server: work pools and prefect.yaml's deployments."""
     api_url, home = server
     names = deployment_names()
-    cmd = [str(BIN / "meddiff"), "deploy"] + [a for n in names for a in ("--name", n)]
+    everything = len(names) == len(yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"])
+    cmd = [str(BIN / "meddiff"), "deploy"] + ([] if everything else [a for n in names for a in ("--name", n)])
     proc = run(cmd, prefect_env(api_url, home))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for n in names:
@@ -195,7 +196,11 @@ def test_generate_cohort_default_runs_on_gpu_worker(deployed, request, tmp_path)
         proc = run(PREFECT + ["deployment", "run", "generate-cohort/default", "--watch",
                               "--params", json.dumps(params)], prefect_env(api_url, home))
         assert proc.returncode == 0, proc.stdout + proc.stderr + log.read_text()[-3000:]
-    records = list(storage.glob("cohorts/**/cohort.json"))
-    assert len(records) == 1, sorted(p.relative_to(storage) for p in storage.rglob("*"))[:50]
-    cohort = records[0].parent
-    assert list(cohort.glob("*manifest*")), sorted(p.name for p in cohort.iterdir())
+    records = list(storage.glob("cohorts/*/cohort.json"))
+    assert len(records) == 1, sorted(str(p.relative_to(storage)) for p in storage.rglob("*"))[:50]
+    from meddiff.cohorts import open_cohort
+
+    card = json.loads(records[0].read_text())
+    assert card["model_uri"] == model_uri and set(card["counts"].values()) == {2}
+    assert (records[0].parent / "manifest.parquet").is_file()
+    assert len(open_cohort(str(records[0].parent)).manifest()) == sum(card["counts"].values())
