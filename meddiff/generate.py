@@ -264,10 +264,11 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
     manifest = table.to_pandas()
     write_pictures(model, spec, guidance, device, manifest, work)
     seconds = time.time() - t0
+    dataset_uri = (model.card.get("dataset") or {}).get("uri")  # the real data the model learned from
     card = make_record(
         "cohort", spec, inputs={"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256,
-                                "dataset_uri": model.card.get("dataset_uri")},
-        cohort_id=cohort_id, uri=uri, model_uri=model.uri, dataset_uri=model.card.get("dataset_uri"),
+                                "dataset_uri": dataset_uri},
+        cohort_id=cohort_id, uri=uri, model_uri=model.uri, dataset_uri=dataset_uri,
         model_mode=model.mode, class_names=model.class_names, counts=quotas, total=n_total,
         shards=shard_names, sampler=spec.sampler, steps=spec.steps, guidance_scale=guidance, seed=spec.seed,
         device=str(device), seconds=round(seconds, 2),

@@ -25,9 +25,10 @@ def spec(model_uri: str, **kw) -> CohortSpec:
     return CohortSpec(model_uri, **{"steps": STEPS, "batch_size": 16, "device": "cpu", **kw})
 
 
-def test_per_class_quota_exact_and_verified(tiny_conditional_model_uri, tmp_path):
+def test_per_class_quota_exact_and_verified(tiny_conditional_model_uri, bloodmnist_uri, tmp_path):
     r = generate(spec(tiny_conditional_model_uri, per_class=3, shard_size=10), str(tmp_path))
     card = r.card
+    assert card["dataset_uri"] == bloodmnist_uri and card["model_uri"] == tiny_conditional_model_uri
     assert len(card["class_names"]) == 8 and r.counts == {c: 3 for c in card["class_names"]}
     assert card["shards"] == ["synthetic-000000.tar", "synthetic-000001.tar", "synthetic-000002.tar"]
     v = verify(r.uri)
