@@ -17,6 +17,7 @@ from . import datasets_cmd  # noqa: E402,F401  (registers ingest, datasets)
 from . import cohorts_cmd  # noqa: E402,F401  (registers generate, cohorts)
 from . import train_cmd  # noqa: E402,F401  (registers train)
 from . import pipeline_cmd, deploy_cmd  # noqa: E402,F401  (registers pipeline, deploy)
+from . import evaluate_cmd  # noqa: E402,F401  (registers evaluate)
 
 
 def main() -> None:

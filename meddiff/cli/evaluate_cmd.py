@@ -1,0 +1,52 @@
+"""``meddiff evaluate``: quality report of a synthetic cohort (fidelity, diversity, privacy, utility)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import app
+from ..evaluate import EvalConfig, evaluate_cohort, headline_rows
+from ..progress import rich_progress
+
+console = Console()
+
+
+def headline_table(report: dict) -> Table:
+    t = Table(title=f"{report['inputs']['cohort_uri']}  ({report['cohort']['n']} images)")
+    t.add_column("metric")
+    t.add_column("synthetic", justify="right")
+    t.add_column("real baseline (val vs train)", justify="right")
+    for row in headline_rows(report):
+        t.add_row(*row)
+    return t
+
+
+@app.command()
+def evaluate(
+    cohort_uri: str = typer.Argument(..., help="The cohort folder (local path or s3://...)."),
+    real: Optional[str] = typer.Option(None, "--real", help="Real dataset version URI (default: the cohort's)."),
+    features: str = typer.Option("inception,domain", help="Extractors for FID/KID/PR: inception,domain."),
+    tstr: bool = typer.Option(False, "--tstr", help="Train-on-synthetic/test-on-real with ResNet-18 (slow on CPU)."),
+    tstr_epochs: int = typer.Option(3, help="Epochs per TSTR training."),
+    drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Consumers skip memorization-flagged images."),
+    max_images: Optional[int] = typer.Option(1000, help="Images per set for Inception features (0 = all)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if an up-to-date report exists."),
+) -> None:
+    """Evaluate a cohort against its real dataset; writes report.json + report.html into the cohort."""
+    cfg = EvalConfig(real_uri=real, features=tuple(f.strip() for f in features.split(",") if f.strip()),
+                     tstr=tstr, tstr_epochs=tstr_epochs, drop_flagged=drop_flagged,
+                     max_images=max_images or None, device=device)
+    with rich_progress(f"evaluate {cohort_uri}") as progress:
+        result = evaluate_cohort(cohort_uri, cfg, progress, force=force)
+    console.print(headline_table(result.report))
+    for w in result.report["warnings"][:10]:
+        console.print(f"[yellow]warning: {w}")
+    if result.existed:
+        console.print("[yellow]an up-to-date report exists; nothing recomputed (--force to redo)")
+    print(result.html_uri)
+    print(result.report_uri)

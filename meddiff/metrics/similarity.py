@@ -1,0 +1,52 @@
+"""Pixel-space similarity: SSIM to the nearest real image, and intra-class diversity.
+
+SSIM: Wang et al., "Image Quality Assessment: From Error Visibility to Structural Similarity",
+IEEE TIP 2004 (Gaussian window 11, σ = 1.5, data range 1). MS-SSIM: Wang et al., "Multiscale
+structural similarity for image quality assessment", Asilomar 2003 — needs images of at least
+(11 − 1)·2⁴ + 1 = 161 px for its standard 5 scales.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
+                                           structural_similarity_index_measure)
+
+MS_SSIM_MIN_SIZE = (11 - 1) * 2 ** 4 + 1  # Gaussian window 11, 5 scales (4 downsamplings)
+
+
+def ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """SSIM of each pair (a_i, b_i): a, b float N×C×H×W in [0, 1] → N values in [-1, 1]."""
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
+    out = [structural_similarity_index_measure(a[i:i + batch], b[i:i + batch], data_range=1.0, reduction="none")
+           for i in range(0, len(a), batch)]
+    return torch.cat(out).reshape(-1) if out else torch.zeros(0)
+
+
+def ms_ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch: int = 64) -> torch.Tensor | None:
+    """MS-SSIM of each pair, or None when the images are smaller than MS_SSIM_MIN_SIZE."""
+    if min(a.shape[-2:]) < MS_SSIM_MIN_SIZE:
+        return None
+    out = [multiscale_structural_similarity_index_measure(a[i:i + batch], b[i:i + batch], data_range=1.0,
+                                                          reduction="none") for i in range(0, len(a), batch)]
+    return torch.cat(out).reshape(-1)
+
+
+def random_pairs(n: int, max_pairs: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_pairs`` index pairs (i, j), i ≠ j, of n items: all pairs when few, else random ones."""
+    if n < 2:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    if n * (n - 1) // 2 <= max_pairs:
+        i, j = torch.triu_indices(n, n, offset=1)
+        return i, j
+    i = torch.randint(0, n, (max_pairs,), generator=generator)
+    j = (i + torch.randint(1, n, (max_pairs,), generator=generator)) % n  # uniform over j ≠ i
+    return i, j
+
+
+def pairwise_ssim(x: torch.Tensor, max_pairs: int = 1000, seed: int = 0) -> torch.Tensor:
+    """SSIM over (random) distinct pairs within a set x N×C×H×W: the values whose mean is the
+    intra-set similarity (higher = less diverse; 1 = all images identical)."""
+    i, j = random_pairs(len(x), max_pairs, torch.Generator().manual_seed(seed))
+    return ssim_pairs(x[i], x[j])

@@ -1,0 +1,216 @@
+"""End-to-end evaluation on BreastMNIST: cohorts built from real images (tests/cohort_factory.py),
+with training images planted as copies."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cohort_factory import make_cohort
+from meddiff import storage
+from meddiff.cohorts import open_cohort
+from meddiff.errors import ArtifactError, MeddiffError
+from meddiff.evaluate import EvalConfig, evaluate_cohort
+from meddiff.metrics import features
+from meddiff.metrics.features import DomainTrainConfig
+from meddiff.report_html import SECTIONS
+from meddiff.shards import open_dataset
+
+PLANTED = (0, 5, 17, 100)  # training-split indices copied into the cohort
+
+
+@pytest.fixture(scope="module")
+def breast(breastmnist_uri):
+    ds = open_dataset(breastmnist_uri)
+    return ds, ds.load_split("train"), ds.load_split("test")
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> EvalConfig:
+    """CI-sized: domain features only (Inception is exercised in test_metrics), a short domain training."""
+    return EvalConfig(features=("domain",), domain=DomainTrainConfig(steps=40, batch_size=64), bootstrap_samples=50, fid_bootstrap=3,
+                      kid_subsets=10, ssim_pairs=100, device="cpu",
+                      cache_root=str(tmp_path_factory.mktemp("eval-cache")))
+
+
+@pytest.fixture(scope="module")
+def planted(breast, cfg, tmp_path_factory):
+    """Cohort = every real test image (fresh: never seen in training) + exact copies of 4 training images."""
+    ds, (xtr, ytr), (xte, yte) = breast
+    imgs = np.concatenate([xte, xtr[list(PLANTED)]])
+    labels = np.concatenate([yte, ytr[list(PLANTED)]])
+    model = tmp_path_factory.mktemp("model")
+    (model / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1 / (s + 1)}) for s in range(20)))
+    uri = make_cohort(tmp_path_factory.mktemp("cohorts") / "planted", ds.uri, ds.class_names, imgs, labels,
+                      model_uri=str(model))
+    return uri, len(xte), evaluate_cohort(uri, replace(cfg, drop_flagged=True))
+
+
+def test_report_files_and_schema(planted):
+    uri, _, result = planted
+    assert result.report_uri == f"{uri}/report.json" and not result.existed
+    report = json.loads(Path(result.report_uri).read_text())
+    assert report["kind"] == "evaluation-report" and report["report_schema_version"] == 1
+    assert report["drop_flagged"] is True
+    assert report["extractors"]["domain"]["dim"] == 128
+    scopes = {r["scope"] for r in report["metrics"]}
+    assert scopes == {"overall", "malignant", "normal, benign"}
+    names = {r["metric"] for r in report["metrics"]}
+    assert {"fid", "kid", "precision", "recall", "density", "coverage", "ssim_to_nearest_train", "intra_class_ssim",
+            "label_fidelity", "flagged_fraction"} <= names
+    for r in report["metrics"]:
+        assert r["n"] > 0 and r["extractor"] and "ci" in r
+        assert r["baseline"] is not None and r["baseline"]["n"] > 0, r  # every metric has its real-vs-real baseline
+    fid = next(r for r in report["metrics"] if r["metric"] == "fid" and r["scope"] == "overall")
+    assert fid["value"] >= 0 and fid["ci"][0] <= fid["ci"][1]
+    assert report["ms_ssim"]["computed"] is False and "161" in report["ms_ssim"]["reason"]
+    # the "synthetic" images are real test images: they must look like the real val-vs-train baseline
+    h = report["headline"]
+    assert abs(h["label_fidelity"]["value"] - h["label_fidelity"]["baseline"]) < 0.15
+    assert h["precision"]["value"] > 0.8 and h["recall"]["value"] > 0.8
+
+
+def test_report_html_has_every_section(planted):
+    uri, _, result = planted
+    html = Path(uri, "report.html").read_text()
+    for section in SECTIONS:
+        assert f'id="{section}"' in html
+    assert html.count("data:image/png;base64,") >= 3  # sample grid, memorization pairs, loss curve
+    assert "metrics.jsonl" in html  # the loss curve was plotted from the model folder
+    assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained
+    assert result.report["html"]["sha256"]
+
+
+def test_planted_training_copies_are_flagged_and_fresh_images_are_not(planted, breast):
+    uri, n_fresh, result = planted
+    df = open_cohort(uri).manifest().set_index("sample_id")
+    planted_rows = df.iloc[n_fresh:]
+    assert planted_rows["flagged"].all()
+    assert (planted_rows["nearest_real_pixel_distance"] == 0).all() and (planted_rows["nearest_real_distance"] == 0).all()
+    assert list(planted_rows["nearest_real_key"]) == [f"train-{i:06d}" for i in PLANTED]
+    fresh = df.iloc[:n_fresh]
+    # real test images were never trained on: only the calibrated false-alarm rate may flag a few
+    # (BreastMNIST has near-duplicate images across its official splits)
+    assert fresh["flagged"].mean() <= 0.03
+    assert df[["nearest_real_distance", "nearest_real_pixel_distance", "oracle_prob"]].notna().all().all()
+    assert result.report["memorization"]["flagged"] == int(df["flagged"].sum())
+    top = result.report["memorization"]["closest_pairs"][:4]
+    assert all(p["flagged"] and p["pixel_rmse"] == 0 for p in top)
+
+
+def test_up_to_date_report_is_reused(planted, cfg):
+    uri, _, result = planted
+    again = evaluate_cohort(uri, replace(cfg, drop_flagged=True))
+    assert again.existed and again.report["config_hash"] == result.report["config_hash"]
+
+
+def test_tstr_end_to_end(breast, cfg, tmp_path):
+    ds, (xtr, ytr), (xte, yte) = breast
+    uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:60], yte[:60])
+    report = evaluate_cohort(uri, replace(cfg, tstr=True, tstr_epochs=1, tstr_max_images=64)).report
+    settings = {s["setting"]: s for s in report["tstr"]["settings"]}
+    assert set(settings) == {"real", "synthetic", "real+synthetic"}
+    for s in settings.values():
+        assert s["n_test"] == len(yte) and 0 <= s["accuracy"] <= 1 and s["auc"] is not None and 0 <= s["auc"] <= 1
+    assert settings["synthetic"]["n_train"] == 60 and settings["real"]["n_train"] == 64
+    assert "tstr_accuracy" in report["headline"]
+    assert "trained on" in Path(uri, "report.html").read_text()
+
+
+def test_too_few_samples_are_reported_not_crashed_via_cli(breast, cfg, tmp_path, monkeypatch):
+    from meddiff.cli import app
+    import meddiff.cli.evaluate_cmd as cmd
+
+    ds, (xtr, ytr), (xte, yte) = breast
+    uri = make_cohort(tmp_path / "few", ds.uri, ds.class_names, xte[:3], np.zeros(3, np.int64))
+    monkeypatch.setattr(cmd, "EvalConfig", lambda **kw: replace(cfg, **{**kw, "features": ("domain",)}))
+    out = CliRunner().invoke(app, ["evaluate", uri, "--features", "domain", "--drop-flagged"])
+    assert out.exit_code == 0, out.output
+    assert "report.json" in out.output and "FID (domain)" in out.output
+    report = json.loads(Path(uri, "report.json").read_text())
+    fid = next(r for r in report["metrics"] if r["metric"] == "fid" and r["scope"] == "overall")
+    assert fid["value"] is None and "skipped" in fid["warning"]
+    assert any("fid" in w for w in report["warnings"])
+    assert any("normal, benign" in w for w in report["warnings"])  # the class without images is named
+
+
+def _no_report(uri: str) -> bool:
+    return not Path(uri, "report.json").exists() and not Path(uri, "report.html").exists()
+
+
+def test_classes_that_do_not_match_the_real_dataset(breast, cfg, tmp_path):
+    ds, _, (xte, yte) = breast
+    uri = make_cohort(tmp_path / "c", ds.uri, ["benign", "malignant"], xte[:20], yte[:20])
+    with pytest.raises(MeddiffError, match="do not match"):
+        evaluate_cohort(uri, cfg)
+    assert _no_report(uri)
+
+
+def test_corrupt_manifest(breast, cfg, tmp_path):
+    ds, _, (xte, yte) = breast
+    uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:20], yte[:20])
+    Path(uri, "manifest.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        evaluate_cohort(uri, cfg)
+    assert _no_report(uri)
+
+
+def test_manifest_key_missing_from_shards(breast, cfg, tmp_path):
+    import pyarrow as pa
+
+    from meddiff.cohorts import MANIFEST_SCHEMA, parquet_bytes
+
+    ds, _, (xte, yte) = breast
+    uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:20], yte[:20])
+    df = open_cohort(uri).manifest()
+    df.loc[3, "key"] = "s9999999"
+    table = pa.Table.from_pandas(df, schema=MANIFEST_SCHEMA, preserve_index=False)
+    storage.write_bytes(f"{uri}/manifest.parquet", parquet_bytes(table))
+    with pytest.raises(ArtifactError, match="not in the shards"):
+        evaluate_cohort(uri, cfg)
+    assert _no_report(uri)
+
+
+def test_missing_inception_weights_offline(breast, cfg, tmp_path, monkeypatch):
+    ds, _, (xte, yte) = breast
+    uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:20], yte[:20])
+    monkeypatch.setattr(features, "fid_helper_file", lambda: None)
+    monkeypatch.setattr(features, "torch_hub_checkpoints", lambda: tmp_path / "no-hub")
+    features.load_inception.cache_clear()
+    try:
+        with pytest.raises(MeddiffError, match=r"pip install 'meddiff\[inception\]'"):
+            evaluate_cohort(uri, replace(cfg, features=("inception", "domain")))
+    finally:
+        features.load_inception.cache_clear()
+    assert _no_report(uri)
+
+
+def test_bad_config_is_rejected_up_front():
+    with pytest.raises(MeddiffError, match="unknown feature"):
+        EvalConfig(features=("clip",)).check()
+    with pytest.raises(MeddiffError, match="flag_rule"):
+        EvalConfig(flag_rule="sometimes").check()  # type: ignore[arg-type]
+    with pytest.raises(MeddiffError, match="quantile"):
+        EvalConfig(memorization_quantile=1.5).check()
+
+
+def test_evaluate_cohort_flow(prefect_harness, breast, cfg, tmp_path, monkeypatch):
+    import flows.evaluate_cohort as fl
+    from prefect.client.orchestration import get_client
+
+    ds, _, (xte, yte) = breast
+    uri = make_cohort(tmp_path / "flowcohort", ds.uri, ds.class_names, xte[:30], yte[:30])
+    monkeypatch.setattr(fl, "EvalConfig", lambda **kw: replace(cfg, **{k: v for k, v in kw.items() if k != "features"}))
+    report_uri = fl.evaluate_cohort_flow(uri, features="domain")
+    assert report_uri == f"{uri}/report.json" and Path(report_uri).is_file()
+    assert fl.evaluate_cohort_flow.name == "evaluate-cohort"
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"evaluation-flowcohort", "evaluation-flowcohort-per-class"} <= keys
+    assert pd.read_parquet(f"{uri}/manifest.parquet")["flagged"].notna().all()

