@@ -58,6 +58,7 @@ def pipeline(
     preset: str = "tiny",
     steps: int | None = None,
     batch_size: int | None = None,
+    preview_steps: int | None = None,
     per_class: int | None = 50,
     total: int | None = None,
     sampler: str = "ddim",
@@ -69,14 +70,14 @@ def pipeline(
     evaluate: bool = True,
     eval_features: list[str] | None = None,
     eval_max_images: int | None = 500,
-    domain_epochs: int | None = None,
+    domain_steps: int | None = None,
     storage_root: str | None = None,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out."""
     logger = get_run_logger()
-    cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, per_class, total,
+    cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, preview_steps, per_class, total,
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
-                         tuple(eval_features) if eval_features else None, eval_max_images, domain_epochs)
+                         tuple(eval_features) if eval_features else None, eval_max_images, domain_steps)
 
     def progress(stage: str):
         return combine(prefect_progress(f"{stage} ({dataset})"), log_progress(logger, stage))

@@ -62,6 +62,7 @@ class PipelineConfig:
     preset: str = "tiny"  # model/training size preset (tiny fits a 2-core CPU in minutes)
     steps: int | None = None  # training steps; None = the preset's default
     batch_size: int | None = None  # training batch size; None = the preset's default
+    preview_steps: int | None = None  # sampler steps of training's preview grids; None = training's default
     per_class: int | None = 50  # images generated per class (exclusive with total)
     total: int | None = None  # total images generated, split by the dataset's class ratios
     sampler: str = "ddim"  # diffusion sampler used for generation
@@ -75,7 +76,7 @@ class PipelineConfig:
     # InceptionV3 weights are installed (extra `inception`), else domain only
     eval_features: tuple[str, ...] | None = None
     eval_max_images: int | None = 500  # images per set (synthetic/train/val) evaluated; None = all
-    domain_epochs: int | None = None  # epochs of the evaluation's domain classifier; None = its default
+    domain_steps: int | None = None  # optimizer steps of the evaluation's domain classifier; None = its default
 
     def check(self) -> "PipelineConfig":
         if self.mode not in get_args(Mode):
@@ -84,14 +85,14 @@ class PipelineConfig:
             raise PipelineError(f"device must be one of {', '.join(get_args(Device))}, got {self.device!r}")
         if (self.per_class is None) == (self.total is None):
             raise PipelineError("give exactly one of --per-class and --total")
-        for name in ("per_class", "total", "steps", "batch_size"):
+        for name in ("per_class", "total", "steps", "batch_size", "preview_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise PipelineError(f"{name.replace('_', '-')} must be positive, got {value}")
         if self.eval_max_images is not None and self.eval_max_images < 2:
             raise PipelineError(f"eval-max-images must be at least 2, got {self.eval_max_images}")
-        if self.domain_epochs is not None and self.domain_epochs < 1:
-            raise PipelineError(f"domain-epochs must be positive, got {self.domain_epochs}")
+        if self.domain_steps is not None and self.domain_steps < 1:
+            raise PipelineError(f"domain-steps must be positive, got {self.domain_steps}")
         if self.sample_steps < 1:
             raise PipelineError(f"sample-steps must be positive, got {self.sample_steps}")
         return self
@@ -104,8 +105,9 @@ class PipelineConfig:
     def train_config(self, dataset_uri: str, device: str):
         from .train import TrainConfig
 
+        extra = {} if self.preview_steps is None else {"preview_steps": self.preview_steps}
         return TrainConfig(dataset_uri, mode=self.mode, preset=self.preset, steps=self.steps,
-                           batch_size=self.batch_size, device=device, seed=self.seed)
+                           batch_size=self.batch_size, device=device, seed=self.seed, **extra)
 
     def cohort_spec(self, model_uri: str, device: str):
         from .generate import CohortSpec
@@ -117,7 +119,7 @@ class PipelineConfig:
         from .evaluate import EvalConfig
         from .metrics.features import DomainTrainConfig
 
-        domain = DomainTrainConfig() if self.domain_epochs is None else DomainTrainConfig(epochs=self.domain_epochs)
+        domain = DomainTrainConfig() if self.domain_steps is None else DomainTrainConfig(steps=self.domain_steps)
         return EvalConfig(features=self.resolved_eval_features(), max_images=self.eval_max_images, domain=domain,
                           device=device, seed=self.seed)
 

@@ -137,6 +137,12 @@ def worker(api_url: str, home: Path, pool: str, **extra: str):
         yield proc, log
 
 
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def inspect(api_url: str, home: Path, *args: str) -> str:
     proc = run(PREFECT + [*args], prefect_env(api_url, home))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -196,6 +202,11 @@ def test_generate_cohort_default_runs_on_gpu_worker(deployed, request, tmp_path)
         proc = run(PREFECT + ["deployment", "run", "generate-cohort/default", "--watch",
                               "--params", json.dumps(params)], prefect_env(api_url, home))
         assert proc.returncode == 0, proc.stdout + proc.stderr + log.read_text()[-3000:]
+        if not torch_has_cuda():  # a GPU asked for on a worker without one: the run fails and says so
+            cuda = run(PREFECT + ["deployment", "run", "generate-cohort/default", "--watch",
+                                  "--params", json.dumps({**params, "device": "cuda"})], prefect_env(api_url, home))
+            assert cuda.returncode != 0
+            assert "no GPU" in cuda.stdout + cuda.stderr + log.read_text(), log.read_text()[-3000:]
     records = list(storage.glob("cohorts/*/cohort.json"))
     assert len(records) == 1, sorted(str(p.relative_to(storage)) for p in storage.rglob("*"))[:50]
     from meddiff.cohorts import open_cohort

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.timeout(900)
 
 REPO = Path(__file__).resolve().parent.parent
 # CI-sized: a few training steps, a few images per class, a light evaluation
-SMALL = {"steps": 10, "per_class": 3, "sample_steps": 4, "eval_features": ["domain"], "eval_max_images": 60,
-         "domain_epochs": 1}
+SMALL = {"steps": 10, "preview_steps": 2, "per_class": 3, "sample_steps": 4, "eval_features": ["domain"], "eval_max_images": 60,
+         "domain_steps": 20}
 
 
 def cli_args(**knobs) -> list[str]:

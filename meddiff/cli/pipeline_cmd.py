@@ -6,12 +6,29 @@ SQLite); storage is ./storage unless MEDDIFF_STORAGE says otherwise.
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import typer
 
 from . import app
 from .. import storage
+
+
+EPHEMERAL_STARTUP_TIMEOUT_S = 180  # Prefect's default (20 s) is too short on a busy 2-core machine
+
+
+@contextmanager
+def _patient_ephemeral_server() -> Iterator[None]:
+    """Give Prefect's temporary local server longer to start, unless the user set the timeout."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
+        yield
+        return
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT_S}):
+        yield
 
 
 @app.command()
@@ -23,6 +40,7 @@ def pipeline(
     mode: str = typer.Option("conditional", help="conditional | per-class"),
     steps: Optional[int] = typer.Option(None, help="Training steps (default: the preset's)."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size (default: the preset's)."),
+    preview_steps: Optional[int] = typer.Option(None, help="Sampler steps of training's preview grids."),
     sample_steps: int = typer.Option(50, help="Denoising steps per generated image."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
     size: Optional[int] = typer.Option(None, help="Image size in px (default: the source's)."),
@@ -34,7 +52,7 @@ def pipeline(
         None, help="Feature extractors of the evaluation, e.g. inception,domain (default: both when the "
                    "Inception weights are installed, else domain)."),
     eval_max_images: Optional[int] = typer.Option(500, help="Images per set the evaluation uses."),
-    domain_epochs: Optional[int] = typer.Option(None, help="Epochs of the evaluation's domain classifier."),
+    domain_steps: Optional[int] = typer.Option(None, help="Optimizer steps of the evaluation's domain classifier."),
     medmnist_root: Optional[str] = typer.Option(None, envvar="MEDMNIST_ROOT",
                                                 help="Folder with already-downloaded MedMNIST .npz files."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
@@ -47,16 +65,17 @@ def pipeline(
         per_class = 50
     features = tuple(f.strip() for f in eval_features.split(",") if f.strip()) if eval_features else None
     # validate up front (a clear one-line error instead of a failed flow run)
-    PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, per_class, total,  # type: ignore[arg-type]
-                   sample_steps=sample_steps, guidance=guidance, device=device,  # type: ignore[arg-type]
+    PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size,  # type: ignore[arg-type]
+                   preview_steps, per_class, total, sample_steps=sample_steps, guidance=guidance, device=device,  # type: ignore[arg-type]
                    allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
-                   eval_features=features, eval_max_images=eval_max_images, domain_epochs=domain_epochs).check()
-    out = pipeline_flow(dataset=dataset, size=size, medmnist_root=medmnist_root, mode=mode, preset=preset,
-                        steps=steps, batch_size=batch_size, per_class=per_class, total=total,
-                        sample_steps=sample_steps, guidance=guidance, device=device,
-                        allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
-                        eval_features=list(features) if features else None, eval_max_images=eval_max_images,
-                        domain_epochs=domain_epochs, storage_root=storage_root)
+                   eval_features=features, eval_max_images=eval_max_images, domain_steps=domain_steps).check()
+    with _patient_ephemeral_server():
+        out = pipeline_flow(storage_root=storage_root, dataset=dataset, size=size, medmnist_root=medmnist_root,
+                   mode=mode, preset=preset, steps=steps, batch_size=batch_size, preview_steps=preview_steps,
+                   per_class=per_class, total=total, sample_steps=sample_steps, guidance=guidance, device=device,
+                   allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
+                   eval_features=list(features) if features else None, eval_max_images=eval_max_images,
+                   domain_steps=domain_steps)
     for s in out["stages"]:
         typer.echo(f"{s['stage']:>9}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
     typer.echo(f"report: {out['report_uri']}" if out["report_uri"] else f"cohort: {out['cohort_uri']}")
