@@ -3,13 +3,14 @@
     python bench/bench_train.py                         # tiny/small/base at 28 and 64 px, CPU (or CUDA)
     python bench/bench_train.py --presets tiny --sizes 28 --steps 20 --batch 32
 
-Each (preset, size) runs in a fresh subprocess (so the peak RSS is its own) and times the
-training step of ``meddiff.train``: forward + loss (DDPM ε), backward, grad clipping, AdamW,
-EMA update, on a synthetic 3-channel batch (data loading excluded; ``metrics.jsonl`` of a real
-run reports the end-to-end figure). On CUDA it uses bf16 autocast + channels-last like training.
+Each (preset, size) runs in a fresh subprocess (so the peak RSS is its own) and times
+``meddiff.train_step.train_step``, the step training runs: forward + loss (DDPM ε), backward,
+grad clipping, AdamW, LR schedule, EMA update, on a synthetic 3-channel batch (data loading
+excluded; ``metrics.jsonl`` of a real run reports the end-to-end figure). On CUDA it uses bf16
+autocast + channels-last like training.
 
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` counts one forward pass of the network
-(convolutions, matmuls, attention bmm); a training step is counted as 3× that (backward ≈ 2×
+(convolutions, matmuls, attention); a training step is counted as 3× that (backward ≈ 2×
 forward); elementwise ops, GroupNorm, AdamW and EMA are not counted. MFU = counted FLOP/s ÷ the
 GPU's dense bf16 peak (table below; unknown GPUs print no MFU).
 """
@@ -30,20 +31,18 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def one(preset: str, size: int, batch: int, steps: int, device: str) -> dict:
     import torch
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from torch.utils.flop_counter import FlopCounterMode
 
-    from meddiff.diffusion import build_scheduler, diffusion_loss, scheduler_config
-    from meddiff.networks import build_network, param_count
+    from meddiff.diffusion import build_scheduler, scheduler_config
+    from meddiff.networks import param_count
     from meddiff.train_presets import get_preset
+    from meddiff.train_step import build_training_state, train_step
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    net = build_network(get_preset(preset).network, 3, 9).to(dev)
-    if dev.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    st = build_training_state(get_preset(preset).network, 3, 9, dev, lr=1e-4, weight_decay=0.0, warmup_steps=1,
+                              ema_decay=0.999)
+    net = st.net
     sched = build_scheduler(scheduler_config("ddpm", "linear", "epsilon", 1000, size))
     x = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
     y = torch.randint(0, 9, (batch,), device=dev)
@@ -54,15 +53,9 @@ def one(preset: str, size: int, batch: int, steps: int, device: str) -> dict:
     flops_per_step = 3 * fc.get_total_flops()
 
     def step():
-        with autocast:
-            loss = diffusion_loss(net, x, y, sched, "epsilon")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update_parameters(net)
+        train_step(net, st, sched, x, y, "epsilon", None, 1.0, autocast)
 
-    for _ in range(2):  # warm-up (allocator, cuDNN/oneDNN kernel choice)
+    for _ in range(2 if dev.type == "cuda" else 1):  # warm-up (allocator, cuDNN/oneDNN kernel choice)
         step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -91,8 +84,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="tiny,small,base")
     p.add_argument("--sizes", default="28,64")
-    p.add_argument("--batch", type=int, default=None, help="default: 32 on CPU (8 for base), 128 on CUDA")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 CPU, 50 CUDA)")
+    p.add_argument("--batch", type=int, default=None, help="default: CPU tiny 32, small 8, base 4; CUDA 128")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps (default: CPU tiny 10, small 3, base 2; CUDA 50)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -110,8 +104,8 @@ def main() -> None:
     print(head)
     for preset in args.presets.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
-            batch = args.batch or (128 if device == "cuda" else (8 if preset == "base" else 32))
-            steps = args.steps or (50 if device == "cuda" else (3 if preset == "base" else 10))
+            batch = args.batch or (128 if device == "cuda" else {"tiny": 32, "small": 8}.get(preset, 4))
+            steps = args.steps or (50 if device == "cuda" else {"tiny": 10, "small": 3}.get(preset, 2))
             res = subprocess.run([sys.executable, __file__, "--one", preset, str(size), str(batch), str(steps), device],
                                  capture_output=True, text=True)
             if res.returncode:

@@ -38,6 +38,7 @@ def build_network(net: NetworkConfig, channels: int, num_class_embeds: int | Non
         num_res_blocks=net.num_res_blocks, channels=net.channels, attention_levels=net.attention_levels,
         norm_num_groups=net.norm_num_groups, num_head_channels=net.num_head_channels,
         resblock_updown=net.resblock_updown, num_class_embeds=num_class_embeds,
+        use_flash_attention=net.use_flash_attention,
     )
     return PaddedUNet(unet, len(net.channels))
 

@@ -21,7 +21,6 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +30,17 @@ import torch
 
 from . import storage
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .diffusion import Objective, Prediction, Schedule, build_scheduler, diffusion_loss, scheduler_config
+from .diffusion import Objective, Prediction, Schedule, build_scheduler, scheduler_config
 from .distributed import DistInfo, barrier, ensure_process_group, mean_across
 from .errors import ArtifactError, MeddiffError
-from .networks import build_network, param_count
+from .networks import param_count
 from .progress import Progress
 from .records import content_hash, make_record, sha256_bytes, sha256_file, to_jsonable
 from .shards import DatasetVersion, open_dataset
 from .train_data import DataSpec, batches
+from .run_folder import RunFolder
 from .train_presets import NetworkConfig, get_preset
+from .train_step import build_training_state, drop_labels, train_step
 from .train_records import (append_metrics, preview_samples, read_metrics, truncate_metrics, write_grid,
                             write_loss_curve)
 
@@ -187,59 +188,6 @@ def plan_run(cfg: TrainConfig, root: str | None = None) -> RunPlan:
     return RunPlan(cfg, network, ds, run_id, storage.join(root, "models", run_id), root, sched)
 
 
-# --------------------------------------------------------------------------- run folders (local or s3)
-
-@dataclass(frozen=True)
-class RunFolder:
-    """A run's local working folder and where it is published (the same path for local roots)."""
-
-    local: Path
-    uri: str
-
-    @staticmethod
-    def for_uri(uri: str) -> "RunFolder":
-        if not storage.is_remote(uri):
-            return RunFolder(Path(uri), uri)
-        key = content_hash(uri, 16)
-        return RunFolder(Path(tempfile.gettempdir()) / "meddiff-train" / key, uri)
-
-    @property
-    def remote(self) -> bool:
-        return storage.is_remote(self.uri)
-
-    def pull_latest(self) -> None:
-        """Remote: fetch config/metrics and the newest checkpoint into the local folder."""
-        if not self.remote:
-            return
-        fs, path = storage.filesystem(self.uri)
-        self.local.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.jsonl",):
-            if fs.exists(f"{path}/{name}"):
-                fs.get_file(f"{path}/{name}", str(self.local / name))
-        names = sorted(storage.listdir(storage.join(self.uri, "checkpoints")))
-        names = [n for n in names if n.startswith("step-") and n.endswith(".pt")]
-        if names and not (self.local / "checkpoints" / names[-1]).exists():
-            (self.local / "checkpoints").mkdir(exist_ok=True)
-            tmp = self.local / "checkpoints" / f".{names[-1]}.download"
-            storage.with_retries(lambda: fs.get_file(f"{path}/checkpoints/{names[-1]}", str(tmp)),
-                                 what=f"download checkpoint {names[-1]}")
-            tmp.replace(self.local / "checkpoints" / names[-1])
-
-    def push(self, rel_paths: list[str]) -> None:
-        """Remote: upload these files (in order); local: nothing to do."""
-        if not self.remote:
-            return
-        fs, path = storage.filesystem(self.uri)
-        for rel in rel_paths:
-            src = self.local / rel
-            if src.is_file():
-                storage.with_retries(lambda: fs.put_file(str(src), f"{path}/{rel}"), what=f"upload {rel}")
-        keep = {p.name for p in list_checkpoints(self.local)}
-        for name in storage.listdir(storage.join(self.uri, "checkpoints")):
-            if name.startswith("step-") and name not in keep:
-                fs.rm(f"{path}/checkpoints/{name}")
-
-
 # --------------------------------------------------------------------------- training one network
 
 def _rng_state() -> dict[str, Any]:
@@ -300,27 +248,12 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
         torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
 
     if info.is_main:
-        folder.local.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:
-            shutil.rmtree(folder.local / "checkpoints", ignore_errors=True)
-            (folder.local / "metrics.jsonl").unlink(missing_ok=True)
-        elif folder.remote:
-            folder.pull_latest()
-        config_rec = make_record("train-config", plan.config_record(), {"dataset": ds.uri}, part=identity,
-                                 run_id=plan.run_id)
-        storage.write_json(str(folder.local / "config.json"), config_rec)
+        _prepare_folder(plan, folder, identity)
     barrier(info)
 
     torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 1)  # same initial weights on every rank
-    net = build_network(plan.network, ds.channels, identity["num_class_embeds"]).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(cfg.warmup_steps, 1)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    st = build_training_state(plan.network, ds.channels, identity["num_class_embeds"], device, cfg.lr,
+                              cfg.weight_decay, cfg.warmup_steps, cfg.ema_decay)
     scheduler = build_scheduler(plan.scheduler_config)
 
     step, wall_before = 0, 0.0
@@ -328,23 +261,20 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
     if ckpts:
         state = load_checkpoint(ckpts[-1], map_location=device)
         _check_compatible(state, identity, ckpts[-1])
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
+        st.load_state_dict(state)
         step, wall_before = int(state["step"]), float(state.get("wall_time_s", 0.0))
         if info.is_main:
-            _set_rng_state(state["rng"])
+            _set_rng_state(state["rng"])  # rank 0 continues its exact random stream
             truncate_metrics(folder.local, step)
     if not (ckpts and info.is_main):
         torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 2 + 7919 * info.rank + step)
     barrier(info)
 
-    model: torch.nn.Module = net
+    model: torch.nn.Module = st.net
     if info.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DDP(st.net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
 
@@ -363,35 +293,26 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
         path = None
         if info.is_main:
             path = save_checkpoint(folder.local, at, {
-                "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "lr_scheduler": lr_sched.state_dict(), "rng": _rng_state(), "config": plan.config_record(),
+                **st.state_dict(), "rng": _rng_state(), "config": plan.config_record(),
                 "wall_time_s": wall_before + time.time() - started, **identity}, keep=cfg.keep)
             write_loss_curve(folder.local, plan.run_id if class_id is None else f"{plan.run_id} class {class_id}")
             folder.push(["metrics.jsonl", "config.json", "loss_curve.png", f"checkpoints/{path.name}"])
         barrier(info)
         return path
 
-    net.train()
+    st.net.train()
     while step < total:
         x, y = next(data)
         x = x.to(device, non_blocking=True)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         labels = None
-        if class_id is None:
-            y = y.to(device)
-            drop = torch.rand(y.shape, device=device) < cfg.label_dropout  # (B,) classifier-free guidance
-            labels = torch.where(drop, torch.full_like(y, null_class), y)
-        with autocast:
-            loss = diffusion_loss(model, x, labels, scheduler, cfg.prediction, cfg.min_snr_gamma)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        lr_sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update_parameters(net)
+        if class_id is None:  # conditional: labels, some replaced by the null class
+            labels = drop_labels(y.to(device), cfg.label_dropout, null_class)
+        loss = train_step(model, st, scheduler, x, labels, cfg.prediction, cfg.min_snr_gamma, cfg.grad_clip,
+                          autocast)
         step += 1
-        loss_sum += loss.detach()
+        loss_sum += loss
         n_sum += 1
 
         is_ckpt = step % cfg.checkpoint_every == 0 or step == total
@@ -403,32 +324,52 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
             now = time.perf_counter()
             if info.is_main:
                 append_metrics(folder.local, {
-                    "step": step, "loss": mean_loss, "lr": lr_sched.get_last_lr()[0],
+                    "step": step, "loss": mean_loss, "lr": st.lr_sched.get_last_lr()[0],
                     "images_per_s": (step - step_last) * cfg.batch_size / max(now - t_last, 1e-9),
                     "peak_mem_mb": round(_peak_memory_mb(device), 1), "class_id": class_id})
             loss_sum.zero_()
             n_sum, t_last, step_last = 0, now, step
         if info.is_main and (step % cfg.sample_every == 0 or step == total):
-            _write_previews(plan, folder, ema.module, class_id, step, device)
+            _write_previews(plan, folder, st.ema.module, class_id, step, device)
         if is_ckpt:
             save(step)
         if progress is not None and info.is_main:
             progress(progress_offset + step, total_progress)
 
-    ckpt = list_checkpoints(folder.local)[-1] if info.is_main else None
-    if info.is_main and int(ckpt.name[5:12]) != total:  # resumed a run that had already reached the end
-        raise ArtifactError(f"{folder.local} has no checkpoint for the final step {total}")
     card: dict[str, Any] = {}
     if info.is_main:
-        rows = read_metrics(folder.local)
-        write_loss_curve(folder.local, plan.run_id if class_id is None else f"{plan.run_id} class {class_id}")
-        card = _part_card(plan, class_id, identity, folder, ckpt, ema.module, rows, device, info,
-                          wall_before + time.time() - started)
-        storage.write_json(str(folder.local / "model.json"), card)
-        folder.push(["config.json", "metrics.jsonl", "loss_curve.png", f"checkpoints/{ckpt.name}",
-                     *[p.relative_to(folder.local).as_posix() for p in sorted((folder.local / "samples").rglob("*.png"))],
-                     "model.json"])
+        card = _finish_part(plan, class_id, identity, folder, st.ema.module, device, info,
+                            wall_before + time.time() - started)
     barrier(info)
+    return card
+
+
+def _prepare_folder(plan: RunPlan, folder: RunFolder, identity: dict[str, Any]) -> None:
+    """Rank 0: create (or, without resume, clear) the run folder; fetch remote state; write config.json."""
+    folder.local.mkdir(parents=True, exist_ok=True)
+    if not plan.cfg.resume:
+        shutil.rmtree(folder.local / "checkpoints", ignore_errors=True)
+        (folder.local / "metrics.jsonl").unlink(missing_ok=True)
+    elif folder.remote:
+        folder.pull_latest()
+    config_rec = make_record("train-config", plan.config_record(), {"dataset": plan.dataset.uri}, part=identity,
+                             run_id=plan.run_id)
+    storage.write_json(str(folder.local / "config.json"), config_rec)
+
+
+def _finish_part(plan: RunPlan, class_id: int | None, identity: dict[str, Any], folder: RunFolder,
+                 ema_net: torch.nn.Module, device: torch.device, info: DistInfo, wall_time_s: float) -> dict:
+    """Rank 0: loss curve, then the card (model.json) last; remote roots get the files, the card last."""
+    ckpt = list_checkpoints(folder.local)[-1]
+    if int(ckpt.name[5:12]) != plan.cfg.steps:  # e.g. a named run resumed with fewer steps than it has
+        raise ArtifactError(f"{folder.local} has no checkpoint for the final step {plan.cfg.steps}")
+    write_loss_curve(folder.local, plan.run_id if class_id is None else f"{plan.run_id} class {class_id}")
+    card = _part_card(plan, class_id, identity, folder, ckpt, ema_net, read_metrics(folder.local), device, info,
+                      wall_time_s)
+    storage.write_json(str(folder.local / "model.json"), card)
+    samples = [p.relative_to(folder.local).as_posix() for p in sorted((folder.local / "samples").rglob("*.png"))]
+    folder.push(["config.json", "metrics.jsonl", "loss_curve.png", f"checkpoints/{ckpt.name}", *samples,
+                 "model.json"])
     return card
 
 

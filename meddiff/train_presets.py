@@ -22,6 +22,7 @@ class NetworkConfig:
     num_head_channels: int = 8  # channels per attention head (where attention is on)
     norm_num_groups: int = 8  # GroupNorm groups; must divide every entry of ``channels``
     resblock_updown: bool = False  # down/up-sample with residual blocks instead of strided convs
+    use_flash_attention: bool = True  # attention through torch's scaled_dot_product_attention (faster, less memory)
 
     def check(self) -> "NetworkConfig":
         if len(self.channels) != len(self.attention_levels):

@@ -77,7 +77,7 @@ def test_four_level_network_takes_28_px_by_padding(size):
 @pytest.fixture(scope="module")
 def blood_conditional(bloodmnist_uri, tmp_path_factory):
     cfg = TrainConfig(bloodmnist_uri, mode="conditional", steps=40, batch_size=32, device="cpu", log_every=5,
-                      checkpoint_every=20)
+                      checkpoint_every=20, preview_steps=5)
     return train(cfg, str(tmp_path_factory.mktemp("blood-cond")))
 
 
@@ -93,7 +93,7 @@ def test_tiny_conditional_bloodmnist(blood_conditional, bloodmnist_uri):
 
 def test_tiny_per_class_bloodmnist(bloodmnist_uri, tmp_path):
     cfg = TrainConfig(bloodmnist_uri, mode="per-class", objective="rflow", steps=20, batch_size=16, device="cpu",
-                      warmup_steps=5, log_every=5, checkpoint_every=10)
+                      preview_steps=5, warmup_steps=5, log_every=5, checkpoint_every=10)
     group = Path(train(cfg, str(tmp_path)).uri)
     card = json.loads((group / "model.json").read_text())
     assert card["mode"] == "per-class" and sorted(card["parts"]) == [str(c) for c in range(8)]
@@ -113,7 +113,7 @@ def test_tiny_per_class_bloodmnist(bloodmnist_uri, tmp_path):
 ])
 def test_tiny_breastmnist_one_channel(breastmnist_uri, tmp_path, mode, objective, extra):
     cfg = TrainConfig(breastmnist_uri, mode=mode, objective=objective, steps=30, batch_size=16, device="cpu",
-                      log_every=5, checkpoint_every=15, **extra)
+                      log_every=5, checkpoint_every=15, preview_steps=5, **extra)
     result = train(cfg, str(tmp_path))
     assert not result.existed and result.card["channels"] == 1
     runs = [Path(result.uri)] if mode == "conditional" else [Path(result.uri) / f"class-{c}" for c in (0, 1)]
@@ -182,7 +182,7 @@ def test_checkpoint_gives_identical_outputs_in_a_fresh_process(tiny_conditional_
 
 def test_sigkill_then_resume_reaches_the_same_final_step(breastmnist_uri, tmp_path):
     args = [sys.executable, "-m", "meddiff.train", breastmnist_uri, "--steps", "60", "--batch-size", "16",
-            "--checkpoint-every", "10", "--log-every", "5", "--keep", "2", "--device", "cpu",
+            "--checkpoint-every", "10", "--log-every", "5", "--keep", "2", "--device", "cpu", "--preview-steps", "2",
             "--storage", str(tmp_path)]
     run = Path(plan_run(TrainConfig(breastmnist_uri, steps=60, batch_size=16), str(tmp_path)).uri)
     proc = subprocess.Popen(args, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -218,6 +218,7 @@ def test_two_process_gloo_ddp_writes_once(breastmnist_uri, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "meddiff.train", breastmnist_uri,
            "--steps", "10", "--batch-size", "16", "--log-every", "2", "--checkpoint-every", "5", "--device", "cpu",
+           "--preview-steps", "2",
            "--storage", str(tmp_path)]
     out = subprocess.run(cmd, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -239,7 +240,8 @@ def test_cli_prints_the_model_uri(breastmnist_uri, tmp_path):
     from meddiff.cli import app
 
     res = CliRunner().invoke(app, ["train", breastmnist_uri, "--mode", "per-class", "--steps", "4",
-                                   "--batch-size", "8", "--device", "cpu", "--storage", str(tmp_path)])
+                                   "--batch-size", "8", "--device", "cpu", "--preview-steps", "2",
+                                   "--storage", str(tmp_path)])
     assert res.exit_code == 0, res.output
     uri = res.stdout.strip().splitlines()[-1]
     assert json.loads((Path(uri) / "model.json").read_text())["mode"] == "per-class"
@@ -278,7 +280,7 @@ def test_s3_root_trains_uploads_and_resumes_from_the_bucket(medmnist_dir, monkey
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="meddiff")
         root = "s3://meddiff/ci"
         ds = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), root).uri
-        cfg = TrainConfig(ds, steps=4, batch_size=8, device="cpu", checkpoint_every=2, log_every=1)
+        cfg = TrainConfig(ds, steps=4, batch_size=8, device="cpu", checkpoint_every=2, log_every=1, preview_steps=2)
         first = train(cfg, root)
         assert first.uri.startswith(root + "/models/breastmnist-conditional-tiny-")
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})

@@ -23,7 +23,8 @@ def copy_dataset(uri: str, dest: Path, **card_changes) -> str:
 
 
 def tiny(uri: str, **kw) -> TrainConfig:
-    return TrainConfig(uri, **{"steps": 4, "batch_size": 8, "device": "cpu", "checkpoint_every": 2, **kw})
+    return TrainConfig(uri, **{"steps": 4, "batch_size": 8, "device": "cpu", "checkpoint_every": 2, "preview_steps": 2,
+                               **kw})
 
 
 def test_missing_dataset(tmp_path):
