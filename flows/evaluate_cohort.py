@@ -32,6 +32,7 @@ def evaluate_cohort_flow(
     features: str = "inception,domain",
     tstr: bool = False,
     tstr_epochs: int = 3,
+    tstr_max_images: int | None = None,
     drop_flagged: bool = False,
     max_images: int | None = 1000,
     device: str = "auto",
@@ -40,8 +41,8 @@ def evaluate_cohort_flow(
     """Evaluate a synthetic cohort; returns the report.json URI."""
     logger = get_run_logger()
     cfg = EvalConfig(real_uri=real_uri, features=tuple(f.strip() for f in features.split(",") if f.strip()),
-                     tstr=tstr, tstr_epochs=tstr_epochs, drop_flagged=drop_flagged, max_images=max_images,
-                     device=device).check()
+                     tstr=tstr, tstr_epochs=tstr_epochs, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,
+                     max_images=max_images, device=device).check()
     result = evaluate_task(cohort_uri, cfg, force)
     logger.info("%s report %s", "found up-to-date" if result.existed else "wrote", result.report_uri)
     name = cohort_uri.rstrip("/").rsplit("/", 1)[-1]

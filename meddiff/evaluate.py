@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,6 @@ from .shards import DatasetVersion, iter_shard, open_dataset
 
 REPORT_SCHEMA_VERSION = 1
 REPORT_JSON, REPORT_HTML = "report.json", "report.html"
-Device = Literal["auto", "cpu", "cuda"]
 
 
 @dataclass(frozen=True)
@@ -214,6 +213,21 @@ def subsample(n: int, max_n: int | None, rng: np.random.Generator) -> np.ndarray
 
 # --------------------------------------------------------------------------- the evaluation
 
+def real_dataset_uri(cohort: Cohort, cfg: EvalConfig) -> str:
+    """The real dataset to compare with: the config's, else the cohort card's, else the model card's."""
+    if cfg.real_uri:
+        return cfg.real_uri
+    if cohort.card.get("dataset_uri"):
+        return cohort.card["dataset_uri"]
+    model_uri = cohort.card.get("model_uri")
+    if model_uri and storage.exists(storage.join(model_uri, "model.json")):
+        uri = (storage.read_json(storage.join(model_uri, "model.json")).get("dataset") or {}).get("uri")
+        if uri:
+            return uri
+    raise MeddiffError(f"{cohort.uri}: cohort.json names no real dataset (nor does its model card); "
+                       "pass the dataset version with --real")
+
+
 def _config_hash(cfg: EvalConfig, dataset_uri: str) -> str:
     return content_hash({"config": cfg, "dataset_uri": dataset_uri, "schema": REPORT_SCHEMA_VERSION})
 
@@ -228,7 +242,7 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
     device = resolve_device(cfg.device)
     cohort = open_cohort(cohort_uri)
     report_uri = storage.join(cohort.uri, REPORT_JSON)
-    dataset = open_dataset(cfg.real_uri or cohort.dataset_uri)
+    dataset = open_dataset(real_dataset_uri(cohort, cfg))
     chash = _config_hash(cfg, dataset.uri)
     if not force and storage.exists(report_uri):
         try:
@@ -427,10 +441,10 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
 
     html = render_html(report, syn, train, nn_syn, order, class_names, cfg.grid_per_class, model_uri)
     report["html"] = {"file": REPORT_HTML, "sha256": sha256_bytes(html)}
-    step()
     storage.write_bytes(storage.join(cohort.uri, REPORT_HTML), html)
     write_quality(cohort.uri, quality)
     storage.write_json(report_uri, report)  # last: the report is complete when report.json exists
+    step()
     return EvalResult(report_uri, report)
 
 

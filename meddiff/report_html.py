@@ -37,15 +37,18 @@ def _hwc(img: np.ndarray) -> np.ndarray:
     return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
 
 
-def _mosaic(rows: list[list[np.ndarray]], size: int, pad: int = 2) -> np.ndarray:
-    """Rows of uint8 C×H×W images → one H×W×3 mosaic (white padding; empty cells stay white)."""
-    ncol = max((len(r) for r in rows), default=1)
+def _mosaic(rows: list[list[np.ndarray]], size: int, ncol: int, pad: int = 2) -> np.ndarray:
+    """Rows of uint8 C×H×W images → one H×W×3 mosaic of ``ncol`` columns (empty cells stay white)."""
     out = np.full((len(rows) * (size + pad) + pad, ncol * (size + pad) + pad, 3), 255, np.uint8)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             y, x = pad + i * (size + pad), pad + j * (size + pad)
             out[y:y + size, x:x + size] = _hwc(img)
     return out
+
+
+def _short(name: str, n: int = 28) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
 
 
 def sample_grid(syn, train, class_names: list[str], per_class: int) -> str:
@@ -58,11 +61,11 @@ def sample_grid(syn, train, class_names: list[str], per_class: int) -> str:
     axes = fig.subplots(1, 2, squeeze=True)
     for ax, imgs, title in ((axes[0], syn, "synthetic"), (axes[1], train, "real (train)")):
         rows = [[imgs.x[i] for i in np.flatnonzero(imgs.y == c)[:per_class]] for c in classes]
-        ax.imshow(_mosaic(rows, size), interpolation="nearest")
+        ax.imshow(_mosaic(rows, size, per_class), interpolation="nearest")
         ax.set_title(title)
         ax.set_xticks([])
         ax.set_yticks([(size + 2) * (i + 0.5) + 1 for i in range(len(classes))])
-        ax.set_yticklabels([class_names[c] for c in classes] if ax is axes[0] else [])
+        ax.set_yticklabels([_short(class_names[c]) for c in classes] if ax is axes[0] else [])
     return _png(fig)
 
 
@@ -95,33 +98,49 @@ def loss_curve(model_uri: str | None) -> str:
         names = storage.listdir(model_uri)
     except Exception as e:  # noqa: BLE001 - the report still renders without it
         return f"<p>Model folder {html.escape(model_uri)} unreadable ({html.escape(str(e))}).</p>"
-    if "metrics.jsonl" in names:
-        rows = []
-        for line in storage.read_bytes(storage.join(model_uri, "metrics.jsonl")).decode().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        keys = sorted({k for r in rows for k, v in r.items() if "loss" in k.lower() and isinstance(v, (int, float))})
-        if keys:
-            from matplotlib.figure import Figure
+    logs = (["metrics.jsonl"] if "metrics.jsonl" in names else
+            [f"{n}/metrics.jsonl" for n in names if n.startswith("class-")
+             and storage.exists(storage.join(model_uri, n, "metrics.jsonl"))])  # per-class model groups
+    series = {log: _loss_series(storage.read_bytes(storage.join(model_uri, log)).decode()) for log in logs}
+    series = {log: s for log, s in series.items() if s}
+    if series:
+        from matplotlib.figure import Figure
 
-            xkey = next((k for k in ("step", "global_step", "iteration", "epoch") if any(k in r for r in rows)), None)
-            fig = Figure(figsize=(7, 3.2))
-            ax = fig.subplots()
-            for k in keys:
-                pts = [(r.get(xkey, i) if xkey else i, r[k]) for i, r in enumerate(rows) if isinstance(r.get(k), (int, float))]
-                ax.plot(*zip(*pts), label=k, lw=1)
+        fig = Figure(figsize=(7, 3.2))
+        ax = fig.subplots()
+        positive = True
+        for log, (xkey, curves) in series.items():
+            prefix = "" if log == "metrics.jsonl" else log.split("/")[0] + " "
+            for k, pts in curves.items():
+                ax.plot(*zip(*pts), label=prefix + k, lw=1)
+                positive &= all(v > 0 for _, v in pts)
             ax.set_xlabel(xkey or "record")
-            ax.set_yscale("log" if all(v > 0 for r in rows for k in keys for v in [r.get(k)] if isinstance(v, (int, float))) else "linear")
-            ax.legend(fontsize=8)
-            return f"<p>From <code>{html.escape(storage.join(model_uri, 'metrics.jsonl'))}</code>.</p>" + _png(fig)
+        ax.set_yscale("log" if positive else "linear")
+        ax.legend(fontsize=7)
+        return f"<p>From <code>{html.escape(', '.join(series))}</code> in the model folder.</p>" + _png(fig)
     pngs = [n for n in names if n.lower().endswith(".png") and ("loss" in n.lower() or "curve" in n.lower())]
     if pngs:
         data = storage.read_bytes(storage.join(model_uri, pngs[0]))
         return (f"<p>From <code>{html.escape(pngs[0])}</code>.</p>"
                 f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}">')
     return f"<p>No metrics.jsonl or loss-curve PNG in {html.escape(model_uri)}.</p>"
+
+
+def _loss_series(text: str) -> tuple[str | None, dict[str, list[tuple[float, float]]]] | None:
+    """metrics.jsonl text → (x key, {loss key: [(x, value)]}); None when it has no loss values."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    rows = [r for r in rows if isinstance(r, dict)]
+    keys = sorted({k for r in rows for k, v in r.items() if "loss" in k.lower() and isinstance(v, (int, float))})
+    if not keys:
+        return None
+    xkey = next((k for k in ("step", "global_step", "iteration", "epoch") if any(k in r for r in rows)), None)
+    return xkey, {k: [(r.get(xkey, i) if xkey else i, r[k]) for i, r in enumerate(rows)
+                      if isinstance(r.get(k), (int, float))] for k in keys}
 
 
 def _fmt(v: Any) -> str:

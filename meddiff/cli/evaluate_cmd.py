@@ -32,6 +32,7 @@ def evaluate(
     features: str = typer.Option("inception,domain", help="Extractors for FID/KID/PR: inception,domain."),
     tstr: bool = typer.Option(False, "--tstr", help="Train-on-synthetic/test-on-real with ResNet-18 (slow on CPU)."),
     tstr_epochs: int = typer.Option(3, help="Epochs per TSTR training."),
+    tstr_max_images: Optional[int] = typer.Option(None, help="Cap on each TSTR training set (CPU budget)."),
     drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Consumers skip memorization-flagged images."),
     max_images: Optional[int] = typer.Option(1000, help="Images per set for Inception features (0 = all)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -39,7 +40,7 @@ def evaluate(
 ) -> None:
     """Evaluate a cohort against its real dataset; writes report.json + report.html into the cohort."""
     cfg = EvalConfig(real_uri=real, features=tuple(f.strip() for f in features.split(",") if f.strip()),
-                     tstr=tstr, tstr_epochs=tstr_epochs, drop_flagged=drop_flagged,
+                     tstr=tstr, tstr_epochs=tstr_epochs, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,
                      max_images=max_images or None, device=device)
     with rich_progress(f"evaluate {cohort_uri}") as progress:
         result = evaluate_cohort(cohort_uri, cfg, progress, force=force)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -108,7 +109,9 @@ class InceptionExtractor(nn.Module):
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                    feature_extractor_weights_path=weights.path)
         else:
-            self.net = torch.jit.load(weights.path, map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+                self.net = torch.jit.load(weights.path, map_location="cpu")
         self.net = self.net.eval().to(device)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
