@@ -214,3 +214,19 @@ def test_evaluate_cohort_flow(prefect_harness, breast, cfg, tmp_path, monkeypatc
         keys = {a.key for a in client.read_artifacts()}
     assert {"evaluation-flowcohort", "evaluation-flowcohort-per-class"} <= keys
     assert pd.read_parquet(f"{uri}/manifest.parquet")["flagged"].notna().all()
+
+
+def test_cohort_generated_by_a_tiny_model(tiny_per_class_model_uri, breastmnist_uri, cfg, tmp_path):
+    """The real path: generate → evaluate, with the dataset found through the cohort card."""
+    from meddiff.generate import CohortSpec, generate
+
+    cohort = generate(CohortSpec(tiny_per_class_model_uri, per_class=12, steps=4, device="cpu"), str(tmp_path))
+    result = evaluate_cohort(cohort.uri, cfg)
+    report = result.report
+    assert report["inputs"]["dataset_uri"] == breastmnist_uri
+    assert report["cohort"]["counts"] == {"malignant": 12, "normal, benign": 12}
+    html = Path(cohort.uri, "report.html").read_text()
+    assert all(f'id="{s}"' in html for s in SECTIONS) and "class-0/metrics.jsonl" in html  # per-class loss curves
+    df = open_cohort(cohort.uri).manifest()
+    assert df["flagged"].notna().all() and df["oracle_prob"].between(0, 1).all()
+    assert report["headline"]["fid"]["value"] > report["headline"]["fid"]["baseline"]  # 4 denoising steps: noise
