@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps (default: CPU tiny 10, small 3, base 2; CUDA 50)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     p.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -100,20 +101,22 @@ def main() -> None:
     print(f"device: {device} ({torch.cuda.get_device_name() if device == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
           f"torch {torch.__version__}; FLOPs = 3 × FlopCounterMode(forward)")
     head = f"{'preset':6} {'px':>4} {'batch':>5} {'params':>8} {'images/s':>9} {'ms/step':>8} {'peak MiB':>9} " \
-           f"{'GFLOP/step':>10} {'TFLOP/s':>8}" + (f" {'MFU':>6}" if device == "cuda" else "")
+           f"{'GFLOP/step':>10} {'TFLOP/s':>8} {'threads':>7}" + (f" {'MFU':>6}" if device == "cuda" else "")
     print(head)
     for preset in args.presets.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             batch = args.batch or (128 if device == "cuda" else {"tiny": 32, "small": 8}.get(preset, 4))
             steps = args.steps or (50 if device == "cuda" else {"tiny": 10, "small": 3}.get(preset, 2))
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
             res = subprocess.run([sys.executable, __file__, "--one", preset, str(size), str(batch), str(steps), device],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, env=env)
             if res.returncode:
                 print(f"{preset:6} {size:>4} failed: {res.stderr.strip().splitlines()[-1]}")
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
             line = (f"{preset:6} {size:>4} {batch:>5} {r['params_m']:>7.2f}M {r['images_per_s']:>9.1f} "
-                    f"{r['step_ms']:>8.0f} {r['peak_mb']:>9.0f} {r['gflop_per_step']:>10.2f} {r['tflops']:>8.3f}")
+                    f"{r['step_ms']:>8.0f} {r['peak_mb']:>9.0f} {r['gflop_per_step']:>10.2f} {r['tflops']:>8.3f} "
+                    f"{r['threads']:>7}")
             if device == "cuda":
                 line += f" {r['mfu']:>6.1%}" if r.get("mfu") is not None else "      -"
             print(line, flush=True)

@@ -78,13 +78,14 @@ class TrainConfig:
     log_every: int | None = None  # steps between metrics.jsonl rows
     keep: int = 2  # checkpoints kept per run folder (older ones are deleted)
     compile: bool = False  # torch.compile the network
+    num_workers: int = 0  # DataLoader worker processes per rank for shard decoding (0 = in the training process)
     cpu_threads: int | None = None  # CPU intra-op threads per process; None = torch's default (÷ ranks under torchrun)
     preview_steps: int = 25  # sampler steps of the preview grids (DDIM or rectified-flow Euler)
     run_name: str | None = None  # fixed run id instead of the content hash (e.g. to extend a run's steps)
 
     # fields that do not change the trained weights: left out of the run id
     OPERATIONAL = ("device", "resume", "checkpoint_every", "sample_every", "log_every", "keep", "compile",
-                   "run_name", "cpu_threads", "preview_steps")
+                   "run_name", "cpu_threads", "preview_steps", "num_workers")
 
     def check(self) -> "TrainConfig":
         for name, allowed in (("mode", Mode), ("objective", Objective), ("schedule", Schedule),
@@ -97,6 +98,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (v < (0 if name == "warmup_steps" else 1)):
                 raise MeddiffError(f"{name} must be positive, not {v}")
+        if self.num_workers < 0:
+            raise MeddiffError(f"num_workers must be 0 or more, not {self.num_workers}")
         if not 0 <= self.label_dropout < 1:
             raise MeddiffError(f"label_dropout must be in [0, 1), not {self.label_dropout}")
         if self.min_snr_gamma is not None and (self.objective != "ddpm" or self.min_snr_gamma <= 0):
@@ -278,7 +281,7 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
     if cfg.compile:
         model = torch.compile(model)
 
-    spec = DataSpec(class_id=class_id, hflip=cfg.hflip, vflip=cfg.vflip)
+    spec = DataSpec(class_id=class_id, hflip=cfg.hflip, vflip=cfg.vflip, num_workers=cfg.num_workers)
     data = batches(ds, spec, cfg.batch_size // info.world, cfg.seed, step, info.rank, info.world)
     total = cfg.steps
     total_progress = progress_total or total

@@ -1,19 +1,26 @@
 """Training batches streamed from a dataset version's WebDataset shards.
 
-Each DDP rank reads a disjoint part of the data: whole shards when there are at least as many
-shards as ranks (``split_by_node``), otherwise every world_size-th sample. The stream repeats
-epoch after epoch with a fresh shuffle seed derived from (seed, rank, start step, epoch), so a
-resumed run keeps going without replaying the batches it already saw.
+One pass (epoch) of the stream: the shard list is shuffled with a seed equal on every rank; each
+DataLoader worker reads whole shards (``split_by_worker``); each DDP rank keeps every
+world_size-th raw sample of that stream *before* decoding (so ranks see disjoint, equally sized
+parts whatever the shard sizes, and never decode what they drop); per-class parts keep one class,
+also before decoding; then a sample shuffle buffer and PNG decoding. Passes repeat endlessly with
+seeds derived from (seed, start step, epoch), so a resumed run continues on fresh orderings
+instead of replaying the batches it already saw.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import webdataset as wds
 
+from . import storage
+from .images import decode_png
 from .shards import DatasetVersion
 
 
@@ -26,19 +33,57 @@ class DataSpec:
     hflip: bool = False  # random horizontal flips (only where the domain is left-right symmetric)
     vflip: bool = False  # random vertical flips (only where the domain allows it)
     shuffle_buffer: int = 2_000  # sample-level shuffle buffer
+    num_workers: int = 0  # DataLoader processes reading + decoding (capped at the shard count)
 
 
-def _samples(ds: DatasetVersion, spec: DataSpec, seed: int, rank: int, world: int) -> Iterator[tuple]:
+def _open_streams(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for sample in src:  # local paths and s3:// alike
+        fs, path = storage.filesystem(sample["url"])
+        with fs.open(path, "rb") as stream:
+            yield {**sample, "stream": stream}
+
+
+def _every(n: int, i: int) -> Callable[[Iterable], Iterator]:
+    def stage(src: Iterable) -> Iterator:
+        return itertools.islice(src, i, None, n)  # positions i, i+n, i+2n, ...
+    return stage
+
+
+def _of_class(class_id: int) -> Callable[[Iterable], Iterator]:
+    def stage(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return (s for s in src if int(s["cls"]) == class_id)
+    return stage
+
+
+def _decode(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    return torch.from_numpy(decode_png(sample["png"])).float().div_(255.0), int(sample["cls"])  # (C, H, W) in [0, 1]
+
+
+def one_pass(ds: DatasetVersion, spec: DataSpec, seed: int, rank: int, world: int) -> Iterable[tuple]:
+    """This rank's part of one shuffled pass: (float32 (C, H, W) in [0, 1], class id). ``seed``: same on all ranks."""
     shards = ds.shard_uris(spec.split)
-    by_shard = len(shards) >= world
-    pipe = ds.pipeline(spec.split, shuffle_shards=True, shuffle_buffer=spec.shuffle_buffer, seed=seed,
-                       split_by_node=by_shard, split_by_worker=False)
-    it = iter(pipe)
-    if world > 1 and not by_shard:
-        it = itertools.islice(it, rank, None, world)
+    workers = min(spec.num_workers, len(shards))
+    stages: list[Any] = [wds.SimpleShardList(shards, seed=seed)]
+    if workers:
+        stages.append(wds.split_by_worker)
+    stages += [_open_streams, wds.tariterators.tar_file_expander, wds.tariterators.group_by_keys]
+    if world > 1:
+        stages.append(_every(world, rank))
     if spec.class_id is not None:
-        it = (s for s in it if s[1] == spec.class_id)
-    return it
+        stages.append(_of_class(spec.class_id))
+    if spec.shuffle_buffer:
+        stages.append(wds.shuffle(spec.shuffle_buffer, initial=min(spec.shuffle_buffer, 1000),
+                                  rng=random.Random(seed * 7919 + rank)))
+    stages.append(wds.map(_decode))
+    if not workers:
+        return wds.DataPipeline(*stages)
+    stages.append(wds.batched(256, collation_fn=_collate, partial=True))  # few large IPC messages
+    loader = torch.utils.data.DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers)
+    return ((x, int(y)) for xs, ys in loader for x, y in zip(xs, ys))
+
+
+def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples])  # (n, C, H, W), (n,)
 
 
 def batches(ds: DatasetVersion, spec: DataSpec, batch_size: int, seed: int, start_step: int,
@@ -47,10 +92,10 @@ def batches(ds: DatasetVersion, spec: DataSpec, batch_size: int, seed: int, star
     buf_x: list[torch.Tensor] = []
     buf_y: list[int] = []
     for epoch in itertools.count():
-        epoch_seed = hash((seed, rank, start_step, epoch)) & 0x7FFFFFFF
-        flips = torch.Generator().manual_seed(epoch_seed)
+        epoch_seed = hash((seed, start_step, epoch)) & 0x7FFFFFFF  # the same on every rank
+        flips = torch.Generator().manual_seed(epoch_seed + rank)
         n = 0
-        for img, label in _samples(ds, spec, epoch_seed, rank, world):
+        for img, label in one_pass(ds, spec, epoch_seed, rank, world):
             n += 1
             if spec.hflip and torch.rand((), generator=flips) < 0.5:
                 img = img.flip(-1)

@@ -52,14 +52,14 @@ class TrainPreset:
 
 
 PRESETS: dict[str, TrainPreset] = {
-    # CPU/CI: two levels, one res block, no attention; ~0.1 M parameters
+    # CPU/CI: two levels, one res block, attention only in the mid block; 0.17 M parameters (3-channel)
     "tiny": TrainPreset(NetworkConfig((16, 32), (False, False), 1, 8, 8), steps=200, batch_size=32, lr=2e-3,
                         warmup_steps=20, ema_decay=0.99, checkpoint_every=100, sample_every=1000, log_every=10),
-    # one GPU, hours: three levels with attention on the two coarser ones; ~7 M parameters
+    # one GPU, hours: three levels with attention on the two coarser ones; 16 M parameters
     "small": TrainPreset(NetworkConfig((64, 128, 256), (False, True, True), 2, 32, 32), steps=20_000,
                          batch_size=128, lr=2e-4, warmup_steps=500, ema_decay=0.999, checkpoint_every=2_000,
                          sample_every=5_000, log_every=50),
-    # GPU, a day: four levels (28 px is padded to 32 inside the network); ~35 M parameters
+    # GPU, a day: four levels (28 px is padded to 32 inside the network); 74 M parameters
     "base": TrainPreset(NetworkConfig((128, 256, 256, 512), (False, False, True, True), 2, 64, 32),
                         steps=100_000, batch_size=128, lr=1e-4, warmup_steps=1_000, ema_decay=0.9999,
                         checkpoint_every=5_000, sample_every=10_000, log_every=100),

@@ -297,3 +297,27 @@ def test_s3_root_trains_uploads_and_resumes_from_the_bucket(medmnist_dir, monkey
             == [1, 2, 3, 4]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("dataset,workers", [("breastmnist_uri", 0), ("breastmnist_uri", 1)])
+def test_ranks_and_workers_read_disjoint_equal_parts_that_cover_one_pass(dataset, workers, request):
+    """Ranks split the stream by sample, so their parts are equal whatever the shard sizes."""
+    import hashlib
+
+    from meddiff.shards import open_dataset
+    from meddiff.train_data import DataSpec, one_pass
+
+    ds = open_dataset(request.getfixturevalue(dataset))
+    spec = DataSpec(num_workers=workers)
+
+    def keys(rank: int, world: int) -> list[tuple[int, str]]:
+        return [(y, hashlib.sha1(x.numpy().tobytes()).hexdigest()) for x, y in one_pass(ds, spec, 7, rank, world)]
+
+    whole = keys(0, 1)
+    parts = [keys(0, 2), keys(1, 2)]
+    assert len(whole) == ds.card["totals"]["train"]
+    assert sorted(parts[0] + parts[1]) == sorted(whole)
+    assert abs(len(parts[0]) - len(parts[1])) <= max(workers, 1)
+    assert whole != sorted(whole)  # shuffled
+    per_class = DataSpec(class_id=1, num_workers=workers)
+    assert {y for _, y in one_pass(ds, per_class, 7, 0, 1)} == {1}
