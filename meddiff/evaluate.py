@@ -158,8 +158,10 @@ def _record(metric: str, extractor: str, scope: str, value: float | None, n: int
 
 
 def set_metrics(real: torch.Tensor, fake: torch.Tensor, extractor: str, scope: str, cfg: EvalConfig,
-                seed: int) -> list[dict[str, Any]]:
-    """FID, KID, precision, recall, density, coverage of ``fake`` against ``real`` (features R×D, S×D)."""
+                seed: int, real_radii: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """FID, KID, precision, recall, density, coverage of ``fake`` against ``real`` (features R×D, S×D).
+
+    ``real_radii``: the real set's k-NN radii when already computed (shared by synthetic and baseline)."""
     n, n_ref = len(fake), len(real)
     names = ("fid", "kid", "precision", "recall", "density", "coverage")
     if min(n, n_ref) < max(cfg.min_n, cfg.knn_k + 1):
@@ -170,8 +172,9 @@ def set_metrics(real: torch.Tensor, fake: torch.Tensor, extractor: str, scope: s
     if max(n, n_ref) <= cfg.fid_bootstrap_max_n:
         fid_ci = bootstrap.two_sample_ci(fidelity.fid, real, fake, cfg.fid_bootstrap, seed=seed)
     kid_mean, kid_std, kid_size = fidelity.kid(real, fake, cfg.kid_subsets, cfg.kid_subset_size, seed)
-    in_real, in_fake = fidelity.precision_recall_indicators(real, fake, cfg.knn_k)
-    dens, cov = fidelity.density_coverage_indicators(real, fake, cfg.knn_k)
+    radii = fidelity.knn_radii(real, cfg.knn_k) if real_radii is None else real_radii
+    in_real, in_fake = fidelity.precision_recall_indicators(real, fake, cfg.knn_k, radii)
+    dens, cov = fidelity.density_coverage_indicators(real, fake, cfg.knn_k, radii)
     ci = lambda v: bootstrap.mean_ci(v.float(), cfg.bootstrap_samples, seed=seed)  # noqa: E731
     return [
         _record("fid", extractor, scope, fidelity.fid(real, fake), n, n_ref, fid_ci, warn),
@@ -317,8 +320,10 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
         for si, (scope, c) in enumerate(scopes):
             sel = {k: torch.as_tensor(ys[k] == c) if c is not None else torch.ones(len(ys[k]), dtype=torch.bool)
                    for k in ys}
-            s = set_metrics(f["train"][sel["train"]], f["syn"][sel["syn"]], name, scope, cfg, cfg.seed + si)
-            b = set_metrics(f["train"][sel["train"]], f["val"][sel["val"]], name, scope, cfg, cfg.seed + si)
+            real = f["train"][sel["train"]]
+            radii = fidelity.knn_radii(real, cfg.knn_k) if len(real) > cfg.knn_k else None
+            s = set_metrics(real, f["syn"][sel["syn"]], name, scope, cfg, cfg.seed + si, radii)
+            b = set_metrics(real, f["val"][sel["val"]], name, scope, cfg, cfg.seed + si, radii)
             metrics += paired(s, b)
     step()
 

@@ -87,8 +87,8 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50, subset_size: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "will save all extracted features in buffer"
         m = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets, subset_size=size)
-    m.update(real.double(), real=True)
-    m.update(fake.double(), real=False)
+    m.update(real.float(), real=True)
+    m.update(fake.float(), real=False)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         mean, std = m.compute()
@@ -123,20 +123,22 @@ def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def precision_recall_indicators(real: torch.Tensor, fake: torch.Tensor, k: int = 5
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+def precision_recall_indicators(real: torch.Tensor, fake: torch.Tensor, k: int = 5,
+                                real_radii: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Kynkäänniemi 2019. Returns (per-fake bool S: inside the real k-NN manifold,
-    per-real bool R: inside the fake k-NN manifold); their means are precision and recall."""
-    in_real = _inside_any_ball(fake, real, knn_radii(real, k)) > 0
+    per-real bool R: inside the fake k-NN manifold); their means are precision and recall.
+    ``real_radii`` (R,): precomputed ``knn_radii(real, k)``, shared across calls."""
+    real_radii = knn_radii(real, k) if real_radii is None else real_radii
+    in_real = _inside_any_ball(fake, real, real_radii) > 0
     in_fake = _inside_any_ball(real, fake, knn_radii(fake, k)) > 0
     return in_real, in_fake
 
 
-def density_coverage_indicators(real: torch.Tensor, fake: torch.Tensor, k: int = 5
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+def density_coverage_indicators(real: torch.Tensor, fake: torch.Tensor, k: int = 5,
+                                real_radii: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Naeem 2020. Returns (per-fake float S: number of real k-NN balls containing it / k,
     per-real bool R: its ball contains at least one fake); their means are density and coverage."""
-    radii = knn_radii(real, k)
+    radii = knn_radii(real, k) if real_radii is None else real_radii
     counts = _inside_any_ball(fake, real, radii).float() / k
     covered = []
     for i in range(0, len(real), 2048):
