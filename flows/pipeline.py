@@ -69,7 +69,7 @@ def pipeline(
     seed: int = 0,
     evaluate: bool = True,
     eval_features: list[str] | None = None,
-    eval_max_images: int | None = 500,
+    eval_max_images: int | None = 300,
     domain_steps: int | None = None,
     storage_root: str | None = None,
 ) -> dict:

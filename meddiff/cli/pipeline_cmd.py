@@ -51,7 +51,7 @@ def pipeline(
     eval_features: Optional[str] = typer.Option(
         None, help="Feature extractors of the evaluation, e.g. inception,domain (default: both when the "
                    "Inception weights are installed, else domain)."),
-    eval_max_images: Optional[int] = typer.Option(500, help="Images per set the evaluation uses."),
+    eval_max_images: Optional[int] = typer.Option(300, help="Images per set (synthetic/train/val) through Inception."),
     domain_steps: Optional[int] = typer.Option(None, help="Optimizer steps of the evaluation's domain classifier."),
     medmnist_root: Optional[str] = typer.Option(None, envvar="MEDMNIST_ROOT",
                                                 help="Folder with already-downloaded MedMNIST .npz files."),
