@@ -72,12 +72,23 @@ def test_four_level_network_takes_28_px_by_padding(size):
     assert net(x, timesteps=torch.tensor([1, 900])).shape == x.shape
 
 
+def test_label_dropout_uses_the_null_class_at_the_given_rate():
+    from meddiff.train_step import drop_labels
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 8, (20_000,))
+    out = drop_labels(y, 0.1, null_class=8)
+    dropped = out == 8
+    assert 0.09 < dropped.float().mean() < 0.11 and torch.equal(out[~dropped], y[~dropped])
+    assert torch.equal(drop_labels(y, 0.0, 8), y)
+
+
 # ------------------------------------------------------------------ training runs on real data
 
 @pytest.fixture(scope="module")
 def blood_conditional(bloodmnist_uri, tmp_path_factory):
     cfg = TrainConfig(bloodmnist_uri, mode="conditional", steps=40, batch_size=32, device="cpu", log_every=5,
-                      checkpoint_every=20, preview_steps=5)
+                      checkpoint_every=20, sample_every=20, preview_steps=5)
     return train(cfg, str(tmp_path_factory.mktemp("blood-cond")))
 
 
@@ -89,6 +100,7 @@ def test_tiny_conditional_bloodmnist(blood_conditional, bloodmnist_uri):
     assert card["dataset"]["uri"] == bloodmnist_uri and len(card["class_names"]) == 8 and card["channels"] == 3
     assert loss_went_down(metrics(run)), metrics(run)
     assert len(list_checkpoints(run)) == 2  # step 20 and 40, keep=2
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000020", "step-0000040"]  # every K
 
 
 def test_tiny_per_class_bloodmnist(bloodmnist_uri, tmp_path):
