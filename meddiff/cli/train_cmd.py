@@ -9,9 +9,7 @@ import typer
 
 from . import app
 from .. import storage
-from ..distributed import env_rank
 from ..progress import rich_progress
-from ..train import TrainConfig, train as run_train
 
 
 @app.command()
@@ -44,6 +42,9 @@ def train(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Train a diffusion model on a dataset version; prints the model URI (last line)."""
+    from ..distributed import env_rank
+    from ..train import TrainConfig, train as run_train  # torch/MONAI load only when used
+
     cfg = TrainConfig(dataset_uri, mode, preset, steps, batch_size, device, seed, resume, objective, schedule,
                       prediction, min_snr_gamma, lr=lr, label_dropout=label_dropout, hflip=hflip, vflip=vflip,
                       checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every,
