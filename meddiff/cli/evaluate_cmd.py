@@ -9,13 +9,14 @@ from rich.console import Console
 from rich.table import Table
 
 from . import app
-from ..evaluate import EvalConfig, evaluate_cohort, headline_rows
 from ..progress import rich_progress
 
 console = Console()
 
 
 def headline_table(report: dict) -> Table:
+    from ..evaluate import headline_rows
+
     t = Table(title=f"{report['inputs']['cohort_uri']}  ({report['cohort']['n']} images)")
     t.add_column("metric")
     t.add_column("synthetic", justify="right")
@@ -39,6 +40,8 @@ def evaluate(
     force: bool = typer.Option(False, "--force", help="Recompute even if an up-to-date report exists."),
 ) -> None:
     """Evaluate a cohort against its real dataset; writes report.json + report.html into the cohort."""
+    from ..evaluate import EvalConfig, evaluate_cohort  # torch/metrics load only when used
+
     cfg = EvalConfig(real_uri=real, features=tuple(f.strip() for f in features.split(",") if f.strip()),
                      tstr=tstr, tstr_epochs=tstr_epochs, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,
                      max_images=max_images or None, device=device)
