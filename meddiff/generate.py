@@ -249,12 +249,12 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
         if part.exists() and (work / shard_name).exists():
             done += len(ids)
             continue
-        rows = _generate_shard(spec, model, guidance, device, list(ids), class_of, work / shard_name)
+        base = done
+        rows = _generate_shard(spec, model, guidance, device, list(ids), class_of, work / shard_name,
+                               lambda n: progress and progress(base + n, n_total))
         storage.write_bytes(str(part), parquet_bytes(manifest_table(rows)))
         done += len(ids)
         generated += len(ids)
-        if progress:
-            progress(done, n_total)
 
     table = pa.concat_tables([pq.read_table(work / "parts" / s.replace(".tar", ".parquet"))
                               for s in shard_names]).sort_by("sample_id")
@@ -294,13 +294,16 @@ def _batches(ids: list[int], class_of: np.ndarray, model: TrainedModel, batch_si
 
 
 def _generate_shard(spec: CohortSpec, model: TrainedModel, guidance: float | None, device: torch.device,
-                    ids: list[int], class_of: np.ndarray, shard_path: Path) -> list[dict[str, Any]]:
+                    ids: list[int], class_of: np.ndarray, shard_path: Path,
+                    on_batch: Callable[[int], Any] = lambda n: None) -> list[dict[str, Any]]:
+    """Generate and write one shard atomically; ``on_batch(images done in this shard)`` after each batch."""
     images: dict[int, np.ndarray] = {}
     for batch in _batches(ids, class_of, model, spec.batch_size):
         seeds = [sample_seed(spec.seed, i) for i in batch]
         out = generate_images(model, class_of[batch].tolist(), seeds, spec.sampler, spec.steps, guidance, device)
         for i, img in zip(batch, out.numpy()):
             images[i] = img
+        on_batch(len(images))
     created = now_iso()
     rows, samples = [], []
     for i in ids:
