@@ -45,7 +45,7 @@ class CohortSpec:
     steps: int = 50  # reverse-diffusion steps
     guidance: float | None = None  # CFG scale (conditional models only); None = 2.0 for conditional models
     seed: int = 0  # base seed; sample i's seed derives from (seed, i)
-    batch_size: int = 64  # images per forward pass (does not change any image)
+    batch_size: int = 64  # images per forward pass (recorded: it can move an image's last bits)
     device: str = "auto"  # auto = cuda when available, else cpu
     shard_size: int = 1000  # images per shard = per resumable chunk
     name: str | None = None  # cohort id; None = <model run>-<content hash of the spec>
@@ -204,10 +204,11 @@ def _plan(spec: CohortSpec, model: TrainedModel) -> tuple[dict[str, int], np.nda
 
 
 def identity(spec: CohortSpec, model: TrainedModel, quotas: dict[str, int], guidance: float | None) -> dict:
-    """What determines the cohort's images (batch size and device do not)."""
+    """What determines the cohort's bytes. Batch size is in: CPU/GPU kernels choose their blocking by
+    batch size, so it can move the last bits of an image (at most ±1 grey level on rare pixels)."""
     return {"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256, "quotas": quotas,
             "sampler": spec.sampler, "steps": spec.steps, "guidance": guidance, "seed": spec.seed,
-            "shard_size": spec.shard_size}
+            "shard_size": spec.shard_size, "batch_size": spec.batch_size}
 
 
 def generate(spec: CohortSpec, root: str | None = None, progress: Progress | None = None) -> CohortResult:
@@ -324,18 +325,36 @@ def _generate_shard(spec: CohortSpec, model: TrainedModel, guidance: float | Non
     return rows
 
 
-def regenerate(cohort_uri: str, sample_id: int, device: str = "auto") -> bytes:
-    """PNG bytes of one sample of a cohort, regenerated alone from its own seed."""
+def regenerate(cohort_uri: str, sample_id: int, device: str = "auto", alone: bool = False) -> bytes:
+    """PNG bytes of one sample of a cohort, regenerated from its own seed.
+
+    By default the sample is recomputed inside the batch it was made in (rebuilt from the cohort
+    card's quotas, shard size and batch size): the bytes are identical to the stored image.
+    ``alone=True`` runs it as a batch of one: CPU math kernels pick their blocking by batch size,
+    so the image then matches up to the last bits (at most ±1 grey level on rare pixels).
+    """
     from .cohorts import open_cohort
 
     cohort = open_cohort(cohort_uri)
+    card = cohort.card
     row = cohort.manifest().set_index("sample_id").loc[sample_id]
     dev = resolve_device(device)
     model = load_model(row["model_uri"], str(dev))
     guidance = None if pd.isna(row["guidance_scale"]) else float(row["guidance_scale"])
-    img = generate_images(model, [int(row["class_id"])], [int(row["seed"])], row["sampler"], int(row["steps"]),
-                          guidance, dev)[0]
-    return encode_png(img.numpy().transpose(1, 2, 0))
+    batch = [sample_id]
+    if not alone:
+        class_of = np.concatenate([np.full(int(card["counts"][c]), i, dtype=np.int64)
+                                   for i, c in enumerate(card["class_names"])])
+        size, bs = int(card["config"]["shard_size"]), int(card["config"]["batch_size"])
+        first = sample_id // size * size
+        shard_ids = list(range(first, min(len(class_of), first + size)))
+        batch = next(b for b in _batches(shard_ids, class_of, model, bs) if sample_id in b)
+        rows = cohort.manifest().set_index("sample_id").loc[batch]
+    else:
+        rows = pd.DataFrame([row], index=[sample_id])
+    imgs = generate_images(model, rows["class_id"].astype(int).tolist(), rows["seed"].astype(int).tolist(),
+                           row["sampler"], int(row["steps"]), guidance, dev)
+    return encode_png(imgs[batch.index(sample_id)].numpy().transpose(1, 2, 0))
 
 
 def write_pictures(model: TrainedModel, spec: CohortSpec, guidance: float | None, device: torch.device,

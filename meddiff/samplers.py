@@ -5,8 +5,8 @@ training convention (ε, v or rectified-flow velocity; see ``meddiff.checkpoint.
 
 Per-sample randomness: sample i owns ``generators[i]``; its starting noise x_T and every noise
 draw of a stochastic step come from it alone, so an image does not depend on which batch it was
-generated in (the network itself is batch-invariant on CPU; on CUDA, bf16 kernels may differ
-in the last bits between batch sizes).
+generated in, up to the network's float rounding: CPU and GPU kernels choose their blocking by
+batch size, which can move the last bits (±1 grey level on rare pixels after quantisation).
 """
 
 from __future__ import annotations

@@ -183,7 +183,12 @@ def test_checkpoint_gives_identical_outputs_in_a_fresh_process(tiny_conditional_
         from forward import forward_all
     finally:
         sys.path.remove(str(tmp_path))
-    here = [forward_all(uri) for uri in uris]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): CPU kernels split work by thread count
+    try:
+        here = [forward_all(uri) for uri in uris]
+    finally:
+        torch.set_num_threads(threads)
     assert [sorted(d) for d in fresh] == [["None"], [str(c) for c in range(len(load_model(uris[1]).class_names))]]
     for a, b in zip(fresh, here):
         for k in a:

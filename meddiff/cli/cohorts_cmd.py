@@ -37,7 +37,7 @@ def generate(
     steps: int = typer.Option(50, help="Reverse-diffusion steps."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (conditional models; default 2.0)."),
     seed: int = typer.Option(0, help="Base seed; every image's own seed derives from it."),
-    batch_size: int = typer.Option(64, help="Images per forward pass (does not change any image)."),
+    batch_size: int = typer.Option(64, help="Images per forward pass (recorded; can move an image's last bits)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     shard_size: int = typer.Option(1000, help="Images per shard (= per resumable chunk)."),
     name: Optional[str] = typer.Option(None, help="Cohort id (default: derived from the model and spec)."),
@@ -95,9 +95,10 @@ def verify(uri: str) -> None:
 
 @cohorts.command()
 def regenerate(uri: str, sample_id: int, out: Path = typer.Option(..., help="PNG file to write."),
-               device: str = typer.Option("auto")) -> None:
-    """Regenerate one sample alone from its own seed (identical to the stored image)."""
+               device: str = typer.Option("auto"),
+               alone: bool = typer.Option(False, help="Batch of one: equal up to the last bits (±1 grey level).")) -> None:
+    """Regenerate one sample from its own seed (byte-identical to the stored image)."""
     from ..generate import regenerate as run_regenerate
 
-    out.write_bytes(run_regenerate(uri, sample_id, device))
+    out.write_bytes(run_regenerate(uri, sample_id, device, alone))
     print(out)
