@@ -6,7 +6,6 @@ Flows stay thin: parse parameters into a library config, call the library, publi
 from __future__ import annotations
 
 import re
-import time
 
 from meddiff.errors import MeddiffError, StorageError
 
@@ -20,17 +19,11 @@ def prefect_progress(description: str, min_interval_s: float = 2.0):
     """A ``progress(done, total)`` callback that updates a Prefect progress artifact."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+    from meddiff.progress import throttled
+
     artifact_id = create_progress_artifact(progress=0.0, description=description)
-    last = [0.0]
-
-    def update(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - last[0] < min_interval_s:
-            return
-        last[0] = now
-        update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
-
-    return update
+    return throttled(lambda done, total: update_progress_artifact(
+        artifact_id=artifact_id, progress=100.0 * done / max(total, 1)), min_interval_s)
 
 
 def retry_transient(task, task_run, state) -> bool:

@@ -16,7 +16,7 @@ def evaluate_task(cohort_uri: str, cfg: EvalConfig, force: bool) -> EvalResult:
 
 def summary_markdown(result: EvalResult) -> str:
     r = result.report
-    lines = [f"# Cohort evaluation", "", f"Cohort: `{r['inputs']['cohort_uri']}` ({r['cohort']['n']} images)",
+    lines = ["# Cohort evaluation", "", f"Cohort: `{r['inputs']['cohort_uri']}` ({r['cohort']['n']} images)",
              f"Real dataset: `{r['inputs']['dataset_uri']}`", "", f"Report: `{result.html_uri}`", "",
              "| metric | synthetic | real baseline (val vs train) |", "|---|---:|---:|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in headline_rows(r)]

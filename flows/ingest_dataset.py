@@ -19,7 +19,7 @@ def card_markdown(card: dict) -> str:
     lines = [f"# Dataset {card['name']} `{card['version']}`", "", f"URI: `{card['uri']}`", "",
              "| class | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
     lines += [f"| {c} | " + " | ".join(str(card["counts"][s][c]) for s in splits) + " |" for c in card["class_names"]]
-    lines += [f"| **total** | " + " | ".join(str(card["totals"][s]) for s in splits) + " |"]
+    lines += ["| **total** | " + " | ".join(str(card["totals"][s]) for s in splits) + " |"]
     if card["num_skipped"]:
         lines += ["", f"{card['num_skipped']} inputs skipped (see dataset.json)."]
     return "\n".join(lines)

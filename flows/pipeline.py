@@ -7,7 +7,6 @@ run logger. Stages whose output already exists are skipped (content-addressed ou
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Literal
 
 from prefect import flow, get_run_logger, task
@@ -24,16 +23,9 @@ RETRIES = {"ingest": 2, "train": 1, "generate": 2, "evaluate": 2}
 
 def log_progress(logger, stage: str, min_interval_s: float = 15.0) -> Callable[[int, int], None]:
     """A progress callback that logs ``stage: done/total`` at most every ``min_interval_s``."""
-    last = [0.0]
+    from meddiff.progress import throttled
 
-    def update(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - last[0] < min_interval_s:
-            return
-        last[0] = now
-        logger.info("%s: %d/%d", stage, done, total)
-
-    return update
+    return throttled(lambda done, total: logger.info("%s: %d/%d", stage, done, total), min_interval_s)
 
 
 def run_as_task(stage: str, fn: Callable[..., Any], *args: Any) -> Any:

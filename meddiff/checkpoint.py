@@ -7,8 +7,6 @@ fsynced and renamed, so a killed writer never leaves a partial file under a chec
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,16 +39,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) 
     d = run_dir / CHECKPOINT_DIR
     d.mkdir(parents=True, exist_ok=True)
     dest = d / checkpoint_name(step)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, "step": step, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with storage.atomic_file(dest) as f:
+        torch.save({"format": CHECKPOINT_FORMAT, "step": step, **state}, f)
     for old in list_checkpoints(run_dir)[:-max(keep, 1)]:
         old.unlink(missing_ok=True)
     for stale in d.glob(".step-*.tmp"):  # left by a writer that was killed

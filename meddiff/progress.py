@@ -36,3 +36,19 @@ def combine(*callbacks: Progress | None) -> Progress:
             c(done, total)
 
     return update
+
+
+def throttled(callback: Progress, min_interval_s: float) -> Progress:
+    """Forward ``(done, total)`` at most every ``min_interval_s`` seconds, and always the final call."""
+    import time
+
+    last = [float("-inf")]
+
+    def update(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < min_interval_s:
+            return
+        last[0] = now
+        callback(done, total)
+
+    return update

@@ -10,7 +10,6 @@ Readers work on local paths and ``s3://`` URLs alike (streams are opened through
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -66,15 +65,9 @@ class ShardSink:
 
 def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
     """Write one shard atomically (temp file + rename); used for chunked, resumable writers."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as tw:
-            for s in samples:
-                tw.write(s)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with storage.atomic_file(path) as f, wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as tw:
+        for s in samples:
+            tw.write(s)
 
 
 def iter_tar_members(data: bytes) -> Iterator[tuple[str, bytes]]:

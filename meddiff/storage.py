@@ -18,8 +18,9 @@ import shutil
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import fsspec
 
@@ -87,6 +88,25 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+@contextmanager
+def atomic_file(dest: Path) -> Iterator[BinaryIO]:
+    """Write a local file atomically: a temp file beside ``dest``, fsynced, then renamed over it.
+
+    A writer killed mid-way leaves only a hidden ``.<name>.*.tmp`` file, never a partial ``dest``.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomic write: temp file + rename locally; a single PUT (atomic by S3 semantics) remotely."""
     fs, path = filesystem(uri)
@@ -94,18 +114,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open(path, "wb") as f:
             f.write(data)
         return
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(Path(path)) as f:
+        f.write(data)
 
 
 def write_json(uri: str, obj: Any) -> None:
