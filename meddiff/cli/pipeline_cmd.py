@@ -21,7 +21,12 @@ EPHEMERAL_STARTUP_TIMEOUT_S = 180  # Prefect's default (20 s) is too short on a 
 
 @contextmanager
 def _patient_ephemeral_server() -> Iterator[None]:
-    """Give Prefect's temporary local server longer to start, unless the user set the timeout."""
+    """Give Prefect's temporary local server longer to start, unless the user set the timeout.
+
+    Its telemetry heartbeat is switched off too (unless the user set it): on the embedded SQLite
+    database it races the flow's first writes and prints a 'database is locked' traceback.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
     if "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ:
