@@ -51,7 +51,7 @@ def generate_cohort(
     per_class: int | None = None,
     total: int | None = None,
     ratios: str | None = None,
-    sampler: Literal["ddpm", "ddim", "rflow"] = "ddim",
+    sampler: Literal["auto", "ddpm", "ddim", "rflow"] = "auto",
     steps: int = 50,
     guidance: float | None = None,
     seed: int = 0,

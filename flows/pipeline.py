@@ -48,12 +48,12 @@ def pipeline(
     medmnist_root: str | None = None,
     mode: Literal["conditional", "per-class"] = "conditional",
     preset: str = "tiny",
-    steps: int | None = None,
+    steps: int | None = 800,
     batch_size: int | None = None,
     preview_steps: int | None = None,
     per_class: int | None = 50,
     total: int | None = None,
-    sampler: str = "ddim",
+    sampler: str = "auto",
     sample_steps: int = 50,
     guidance: float | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
@@ -63,13 +63,14 @@ def pipeline(
     eval_features: list[str] | None = None,
     eval_max_images: int | None = 300,
     domain_steps: int | None = None,
+    objective: Literal["ddpm", "rflow"] = "rflow",
     storage_root: str | None = None,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out."""
     logger = get_run_logger()
     cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, preview_steps, per_class, total,
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
-                         tuple(eval_features) if eval_features else None, eval_max_images, domain_steps)
+                         tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective)
 
     def progress(stage: str):
         return combine(prefect_progress(f"{stage} ({dataset})"), log_progress(logger, stage))

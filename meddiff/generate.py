@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, Callable, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -41,7 +42,8 @@ class CohortSpec:
     per_class: int | None = None  # N images of every class
     total: int | None = None  # N images: split evenly over classes, or by `ratios` when given
     ratios: str | None = None  # prevalence ratios "name=p,..." of `total` (unlisted classes get 0)
-    sampler: Sampler = "ddim"  # ddim (η=0), ddpm (ancestral, η=1) for ddpm models; rflow for rflow models
+    sampler: Sampler | Literal["auto"] = "auto"  # auto = rflow for rectified-flow models, ddim (η=0) for DDPM
+    # models; ddpm = ancestral (η=1)
     steps: int = 50  # reverse-diffusion steps
     guidance: float | None = None  # CFG scale (conditional models only); None = 2.0 for conditional models
     seed: int = 0  # base seed; sample i's seed derives from (seed, i)
@@ -51,8 +53,8 @@ class CohortSpec:
     name: str | None = None  # cohort id; None = <model run>-<content hash of the spec>
 
     def check(self) -> "CohortSpec":
-        if self.sampler not in get_args(Sampler):
-            raise MeddiffError(f"unknown sampler {self.sampler!r}; choose one of {get_args(Sampler)}")
+        if self.sampler not in (*get_args(Sampler), "auto"):
+            raise MeddiffError(f"unknown sampler {self.sampler!r}; choose auto or one of {get_args(Sampler)}")
         forms = sum(x is not None for x in (self.per_class, self.total))
         if forms != 1:
             raise MeddiffError("give exactly one of --per-class N or --total N (with optional --ratios)")
@@ -141,6 +143,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_sampler(spec: CohortSpec, model: TrainedModel) -> CohortSpec:
+    """``sampler="auto"`` → the model's natural sampler: rflow for rectified flow, ddim for DDPM."""
+    if spec.sampler != "auto":
+        return spec
+    return dataclasses.replace(spec, sampler="rflow" if model.objective == "rflow" else "ddim")
+
+
 def check_compatible(spec: CohortSpec, model: TrainedModel) -> float | None:
     """The guidance scale to use; raises for a spec the model cannot serve."""
     if model.objective == "rflow" and spec.sampler != "rflow":
@@ -217,6 +226,7 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
     root = storage.storage_root(root)
     device = resolve_device(spec.device)
     model = load_model(spec.model_uri, str(device))
+    spec = resolve_sampler(spec, model)
     guidance = check_compatible(spec, model)
     quotas, class_of = _plan(spec, model)
     ident = identity(spec, model, quotas, guidance)

@@ -33,7 +33,7 @@ def generate(
     per_class: Optional[int] = typer.Option(None, help="N images of every class."),
     total: Optional[int] = typer.Option(None, help="N images split evenly, or by --ratios."),
     ratios: Optional[str] = typer.Option(None, help="Prevalence ratios of --total: 'name=p,...' (or class ids)."),
-    sampler: str = typer.Option("ddim", help="ddim | ddpm (DDPM models), rflow (rectified-flow models)."),
+    sampler: str = typer.Option("auto", help="auto (the model's own) | ddim | ddpm (DDPM models) | rflow."),
     steps: int = typer.Option(50, help="Reverse-diffusion steps."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (conditional models; default 2.0)."),
     seed: int = typer.Option(0, help="Base seed; every image's own seed derives from it."),
