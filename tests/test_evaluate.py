@@ -125,11 +125,11 @@ def test_tstr_end_to_end(breast, cfg, tmp_path):
 
 def test_too_few_samples_are_reported_not_crashed_via_cli(breast, cfg, tmp_path, monkeypatch):
     from meddiff.cli import app
-    import meddiff.cli.evaluate_cmd as cmd
+    import meddiff.evaluate as evaluate_module  # the command imports EvalConfig from here when it runs
 
     ds, (xtr, ytr), (xte, yte) = breast
     uri = make_cohort(tmp_path / "few", ds.uri, ds.class_names, xte[:3], np.zeros(3, np.int64))
-    monkeypatch.setattr(cmd, "EvalConfig", lambda **kw: replace(cfg, **{**kw, "features": ("domain",)}))
+    monkeypatch.setattr(evaluate_module, "EvalConfig", lambda **kw: replace(cfg, **{**kw, "features": ("domain",)}))
     out = CliRunner().invoke(app, ["evaluate", uri, "--features", "domain", "--drop-flagged"])
     assert out.exit_code == 0, out.output
     assert "report.json" in out.output and "FID (domain)" in out.output
