@@ -316,15 +316,14 @@ def test_s3_root_trains_uploads_and_resumes_from_the_bucket(medmnist_dir, monkey
         server.stop()
 
 
-@pytest.mark.parametrize("dataset,workers", [("breastmnist_uri", 0), ("breastmnist_uri", 1)])
-def test_ranks_and_workers_read_disjoint_equal_parts_that_cover_one_pass(dataset, workers, request):
+def check_rank_and_worker_parts(uri: str, workers: int) -> None:
     """Ranks split the stream by sample, so their parts are equal whatever the shard sizes."""
     import hashlib
 
     from meddiff.shards import open_dataset
     from meddiff.train_data import DataSpec, one_pass
 
-    ds = open_dataset(request.getfixturevalue(dataset))
+    ds = open_dataset(uri)
     spec = DataSpec(num_workers=workers)
 
     def keys(rank: int, world: int) -> list[tuple[int, str]]:
@@ -338,3 +337,17 @@ def test_ranks_and_workers_read_disjoint_equal_parts_that_cover_one_pass(dataset
     assert whole != sorted(whole)  # shuffled
     per_class = DataSpec(class_id=1, num_workers=workers)
     assert {y for _, y in one_pass(ds, per_class, 7, 0, 1)} == {1}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_ranks_and_workers_read_disjoint_equal_parts_that_cover_one_pass(workers, breastmnist_uri):
+    if workers == 0:
+        check_rank_and_worker_parts(breastmnist_uri, 0)
+        return
+    # DataLoader workers are forked: fork them from a fresh interpreter, not from this pytest process,
+    # whose Prefect test server and thread pools make forking unsafe (a forked worker died here once)
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_train as t; "
+            f"t.check_rank_and_worker_parts({breastmnist_uri!r}, {workers})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=SUBPROCESS_ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
