@@ -59,11 +59,12 @@ def main() -> None:
     import torch
 
     from meddiff.evaluate import EvalConfig, evaluate_cohort
-    from meddiff.ingest import IngestConfig, ingest
-    from meddiff.metrics.features import DomainTrainConfig, load_inception, load_or_train_domain, resolve_device
-    from meddiff.shards import open_dataset
+    from meddiff.data.ingest import IngestConfig, ingest
+    from meddiff.evaluate.features import DomainTrainConfig, load_inception, load_or_train_domain
+    from meddiff.devices import resolve_device
+    from meddiff.data.shards import open_dataset
 
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device))
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     uri = args.dataset_uri or ingest(IngestConfig("medmnist:bloodmnist", medmnist_root=args.medmnist_root), args.storage).uri
     ds = open_dataset(uri)

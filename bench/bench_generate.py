@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from meddiff.checkpoint import TrainedModel
-from meddiff.diffusion import scheduler_config
-from meddiff.generate import generate_images
-from meddiff.networks import build_network, param_count
-from meddiff.train_presets import PRESETS
+from meddiff.models.trained import TrainedModel
+from meddiff.models.diffusion import scheduler_config
+from meddiff.generate.sampling import generate_images
+from meddiff.models.networks import build_network, param_count
+from meddiff.train.presets import PRESETS
 
 
 def make_model(preset: str, size: int, objective: str, device: torch.device, classes: int = 8) -> TrainedModel:

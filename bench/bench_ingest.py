@@ -11,8 +11,8 @@ import os
 import tempfile
 import time
 
-from meddiff.ingest import IngestConfig, ingest
-from meddiff.shards import open_dataset
+from meddiff.data.ingest import IngestConfig, ingest
+from meddiff.data.shards import open_dataset
 
 
 def main() -> None:

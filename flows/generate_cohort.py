@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import artifact_key, prefect_progress, retry_transient
-from meddiff.errors import MeddiffError
+from meddiff.devices import resolve_device
 from meddiff.generate import CohortResult, CohortSpec, generate
 
 
@@ -32,17 +31,6 @@ def cohort_markdown(result: CohortResult) -> str:
     if result.existed:
         lines += ["", "Already complete: nothing generated."]
     return "\n".join(lines)
-
-
-def pick_device(device: str, allow_cpu_fallback: bool) -> str:
-    """``cuda`` on a worker without a GPU fails with a message, unless the fallback is asked for."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        if not allow_cpu_fallback:
-            raise MeddiffError("device='cuda' but this worker has no GPU: run on the gpu work pool, "
-                               "or pass allow_cpu_fallback=true to run on CPU")
-        get_run_logger().warning("no GPU on this worker: falling back to CPU as allow_cpu_fallback asks")
-        return "cpu"
-    return device
 
 
 @flow(name="generate-cohort")
@@ -66,7 +54,7 @@ def generate_cohort(
     """Generate a class-balanced synthetic cohort (then evaluate it); returns the cohort URI."""
     logger = get_run_logger()
     spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size,
-                      pick_device(device, allow_cpu_fallback), shard_size, name).check()
+                      str(resolve_device(device, allow_cpu_fallback=allow_cpu_fallback)), shard_size, name).check()
     result = generate_task(spec, storage_root)
     logger.info("%s cohort %s: %s", "found complete" if result.existed else "wrote", result.uri, result.counts)
     create_markdown_artifact(cohort_markdown(result), key=artifact_key("cohort", result.card["cohort_id"]),

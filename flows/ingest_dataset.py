@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import artifact_key, prefect_progress, retry_transient
-from meddiff.ingest import IngestConfig, IngestResult, ingest
+from meddiff.data.ingest import IngestConfig, IngestResult, ingest
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)

@@ -8,6 +8,7 @@ task that writes the group card. A re-run skips finished parts and resumes unfin
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -15,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import artifact_key, prefect_progress, retry_transient
 from meddiff import storage
+from meddiff.devices import part_device
 from meddiff.progress import combine, rich_progress
 from meddiff.train import TrainConfig, finish_group, plan_run, train_part
 
@@ -72,9 +74,11 @@ def train_model(
     if plan.cfg.mode == "conditional":
         card = train_part_task(cfg, storage_root, None)
     else:
-        if parallel_classes:
-            for f in [train_part_task.submit(cfg, storage_root, c, bar=False) for c in plan.parts]:
-                f.result()
+        if parallel_classes:  # side by side in this process: part k on GPU k mod (visible GPUs)
+            futures = [train_part_task.submit(replace(cfg, device=part_device(cfg.device, k)), storage_root, c,
+                                              bar=False) for k, c in enumerate(plan.parts)]
+            for fut in futures:
+                fut.result()
         else:
             for c in plan.parts:
                 train_part_task(cfg, storage_root, c)

@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
-from . import storage
-from .errors import MeddiffError
-from .progress import Progress
+from meddiff import storage
+from meddiff.devices import DeviceUnavailableError, resolve_device  # noqa: F401  (re-exported)
+from meddiff.errors import MeddiffError
+from meddiff.progress import Progress
 
 Mode = Literal["conditional", "per-class"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -28,29 +29,6 @@ ProgressFactory = Callable[[str], Progress | None]
 
 class PipelineError(MeddiffError):
     """The pipeline's configuration is invalid."""
-
-
-class DeviceUnavailableError(MeddiffError):
-    """A GPU was asked for on a machine (or worker) that has none."""
-
-
-def resolve_device(device: str, allow_cpu_fallback: bool = False) -> str:
-    """``auto`` → cuda when available else cpu; ``cuda`` without a GPU fails unless fallback is allowed."""
-    if device not in get_args(Device):
-        raise PipelineError(f"device must be one of {', '.join(get_args(Device))}, got {device!r}")
-    import torch
-
-    has_gpu = torch.cuda.is_available()
-    if device == "auto":
-        return "cuda" if has_gpu else "cpu"
-    if device == "cuda" and not has_gpu:
-        if allow_cpu_fallback:
-            return "cpu"
-        raise DeviceUnavailableError(
-            "device='cuda' was requested but no CUDA GPU is visible on this machine/worker "
-            f"(host {os.uname().nodename}); run it on the 'gpu' work pool's GPU worker, use device='auto' "
-            "or 'cpu', or pass allow_cpu_fallback=True to run on the CPU")
-    return device
 
 
 @dataclass(frozen=True)
@@ -103,12 +81,12 @@ class PipelineConfig:
         return self
 
     def ingest_config(self):
-        from .ingest import IngestConfig
+        from meddiff.data.ingest import IngestConfig
 
         return IngestConfig(self.dataset, size=self.size, medmnist_root=self.medmnist_root)
 
     def train_config(self, dataset_uri: str, device: str):
-        from .train import TrainConfig
+        from meddiff.train import TrainConfig
 
         extra = {} if self.preview_steps is None else {"preview_steps": self.preview_steps}
         return TrainConfig(dataset_uri, mode=self.mode, preset=self.preset, steps=self.steps,
@@ -116,14 +94,14 @@ class PipelineConfig:
                            **extra)
 
     def cohort_spec(self, model_uri: str, device: str):
-        from .generate import CohortSpec
+        from meddiff.generate import CohortSpec
 
         return CohortSpec(model_uri, per_class=self.per_class, total=self.total, sampler=self.sampler,
                           steps=self.sample_steps, guidance=self.guidance, seed=self.seed, device=device)
 
     def eval_config(self, device: str):
-        from .evaluate import EvalConfig
-        from .metrics.features import DomainTrainConfig
+        from meddiff.evaluate import EvalConfig
+        from meddiff.evaluate.features import DomainTrainConfig
 
         domain = DomainTrainConfig() if self.domain_steps is None else DomainTrainConfig(steps=self.domain_steps)
         return EvalConfig(features=self.resolved_eval_features(), max_images=self.eval_max_images, domain=domain,
@@ -132,7 +110,7 @@ class PipelineConfig:
     def resolved_eval_features(self) -> tuple[str, ...]:
         if self.eval_features is not None:
             return tuple(self.eval_features)
-        from .metrics.features import find_inception_weights
+        from meddiff.evaluate.features import find_inception_weights
 
         try:
             find_inception_weights()
@@ -177,14 +155,14 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
     ``progress(stage)`` gives each stage its progress callback; ``call(stage, fn, *args)`` runs a
     stage (default: directly; the Prefect flow runs each as a task); ``log`` receives one line per stage.
     """
-    from .evaluate import evaluate_cohort
-    from .generate import generate
-    from .ingest import ingest
-    from .train import train
+    from meddiff.evaluate import evaluate_cohort
+    from meddiff.generate import generate
+    from meddiff.data.ingest import ingest
+    from meddiff.train import train
 
     cfg = cfg.check()
     root = storage.check_reachable(root)
-    device = resolve_device(cfg.device, cfg.allow_cpu_fallback)
+    device = resolve_device(cfg.device, allow_cpu_fallback=cfg.allow_cpu_fallback).type
     call = call or _direct
     progress = progress or (lambda stage: None)
     log = log or (lambda line: None)

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 
 import fsspec
 
-from .errors import StorageError
+from meddiff.errors import StorageError
 
 ENV_VAR = "MEDDIFF_STORAGE"
 DEFAULT_ROOT = "storage"  # relative to the current directory, like the repository's storage/
@@ -171,13 +171,31 @@ def publish_dir(staging: Path, dest_uri: str, last: Iterable[str] = ()) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def endpoint_of(uri: str) -> str:
+    """Which server a remote URI lives on (its scheme and endpoint URL); "" for local paths."""
+    if not is_remote(uri):
+        return ""
+    endpoint = (_fs_options(uri).get("client_kwargs") or {}).get("endpoint_url") or "default"
+    return f"{uri.split('://', 1)[0]}://{endpoint}"
+
+
 def fetch_local(uri: str, cache: Path | None = None) -> Path:
-    """A local path for ``uri``: itself when local, else a cached download."""
+    """A local path for ``uri``: itself when local, else a cached download.
+
+    The cache is keyed by endpoint and path, and a cached copy is reused only while its size and
+    ETag match the object's: two S3 endpoints with the same bucket name, or an object rewritten in
+    place, never serve stale bytes.
+    """
     if not is_remote(uri):
         return Path(uri)
+    import hashlib
+
     cache = cache or Path(tempfile.gettempdir()) / "meddiff-cache"
     fs, path = filesystem(uri)
-    dest = cache / path
+    info = with_retries(lambda: fs.info(path), what=f"stat {uri}")
+    version = f"{info.get('size')}-{info.get('ETag') or info.get('etag') or info.get('LastModified') or ''}"
+    key = hashlib.sha256(f"{endpoint_of(uri)}\n{version}".encode()).hexdigest()[:16]
+    dest = cache / key / path
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from meddiff import storage
-from meddiff.cohorts import manifest_table, parquet_bytes
-from meddiff.images import encode_png
+from meddiff.data.cohorts import manifest_table, parquet_bytes
+from meddiff.data.images import encode_png
 from meddiff.records import now_iso, sha256_bytes
-from meddiff.shards import encode_sample, write_shard
+from meddiff.data.shards import encode_sample, write_shard
 
 
 def make_cohort(folder: str | Path, dataset_uri: str, class_names: list[str], images: np.ndarray,

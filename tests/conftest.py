@@ -17,7 +17,7 @@ def datasets_dir() -> Path:
     d = os.environ.get("MEDDIFF_TEST_DATASETS")
     if not d or not Path(d).is_dir():
         pytest.skip("real datasets not found: set MEDDIFF_TEST_DATASETS to the shared/datasets folder")
-    return Path(d)
+    return Path(d).resolve()  # absolute once: tests hand it to subprocesses that run elsewhere
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,7 @@ def session_storage(tmp_path_factory) -> str:
 
 
 def _ingest(flag: str, medmnist_dir: Path, root: str) -> str:
-    from meddiff.ingest import IngestConfig, ingest
+    from meddiff.data.ingest import IngestConfig, ingest
 
     return ingest(IngestConfig(f"medmnist:{flag}", medmnist_root=str(medmnist_dir)), root).uri
 
@@ -52,6 +52,28 @@ def bloodmnist_uri(medmnist_dir: Path, session_storage: str) -> str:
 def breastmnist_uri(medmnist_dir: Path, session_storage: str) -> str:
     """BreastMNIST 28 px (1-channel, 2 classes) ingested once per session."""
     return _ingest("breastmnist", medmnist_dir, session_storage)
+
+
+@pytest.fixture()
+def moto_s3(monkeypatch):
+    """An S3 server (moto) on loopback with bucket ``meddiff``; AWS variables set for this test only.
+
+    Yields the endpoint URL."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="meddiff")
+        yield endpoint
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

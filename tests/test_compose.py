@@ -106,7 +106,7 @@ def test_docker_compose_config_when_available():
 
 
 def test_prefect_yaml_deployments_pools_and_schedule(prefect_yaml):
-    from meddiff.deploy import DeployConfig
+    from meddiff.ops.deploy import DeployConfig
 
     deployments = prefect_yaml["deployments"]
     pools = {p.name: p for p in DeployConfig().pools()}

@@ -206,10 +206,10 @@ def test_generate_cohort_default_runs_on_gpu_worker(deployed, request, tmp_path)
             cuda = run(PREFECT + ["deployment", "run", "generate-cohort/default", "--watch",
                                   "--params", json.dumps({**params, "device": "cuda"})], prefect_env(api_url, home))
             assert cuda.returncode != 0
-            assert "no GPU" in cuda.stdout + cuda.stderr + log.read_text(), log.read_text()[-3000:]
+            assert "no CUDA GPU" in cuda.stdout + cuda.stderr + log.read_text(), log.read_text()[-3000:]
     records = list(storage.glob("cohorts/*/cohort.json"))
     assert len(records) == 1, sorted(str(p.relative_to(storage)) for p in storage.rglob("*"))[:50]
-    from meddiff.cohorts import open_cohort
+    from meddiff.data.cohorts import open_cohort
 
     card = json.loads(records[0].read_text())
     assert card["model_uri"] == model_uri and set(card["counts"].values()) == {2}

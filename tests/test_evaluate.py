@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 
 from cohort_factory import make_cohort
 from meddiff import storage
-from meddiff.cohorts import open_cohort
+from meddiff.data.cohorts import open_cohort
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.evaluate import EvalConfig, evaluate_cohort
-from meddiff.metrics import features
-from meddiff.metrics.features import DomainTrainConfig
-from meddiff.report_html import SECTIONS
-from meddiff.shards import open_dataset
+from meddiff.evaluate import features
+from meddiff.evaluate.features import DomainTrainConfig
+from meddiff.evaluate.html import SECTIONS
+from meddiff.data.shards import open_dataset
 
 PLANTED = (0, 5, 17, 100)  # training-split indices copied into the cohort
 
@@ -125,7 +125,7 @@ def test_tstr_end_to_end(breast, cfg, tmp_path):
 
 def test_too_few_samples_are_reported_not_crashed_via_cli(breast, cfg, tmp_path, monkeypatch):
     from meddiff.cli import app
-    import meddiff.evaluate as evaluate_module  # the command imports EvalConfig from here when it runs
+    import meddiff.evaluate.report as evaluate_module  # the command imports EvalConfig from here when it runs
 
     ds, (xtr, ytr), (xte, yte) = breast
     uri = make_cohort(tmp_path / "few", ds.uri, ds.class_names, xte[:3], np.zeros(3, np.int64))
@@ -164,7 +164,7 @@ def test_corrupt_manifest(breast, cfg, tmp_path):
 def test_manifest_key_missing_from_shards(breast, cfg, tmp_path):
     import pyarrow as pa
 
-    from meddiff.cohorts import MANIFEST_SCHEMA, parquet_bytes
+    from meddiff.data.cohorts import MANIFEST_SCHEMA, parquet_bytes
 
     ds, _, (xte, yte) = breast
     uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:20], yte[:20])

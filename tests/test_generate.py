@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from meddiff.cohorts import open_cohort, verify, write_quality
+from meddiff.data.cohorts import open_cohort, verify, write_quality
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.generate import CohortSpec, generate, regenerate
-from meddiff.shards import iter_shard
+from meddiff.data.shards import iter_shard
 
 STEPS = 4  # reverse steps: enough to exercise every code path, cheap on CPU
 
@@ -56,7 +56,7 @@ def test_total_balanced_and_ratios(tiny_conditional_model_uri, tiny_per_class_mo
 
 
 def _pixels(uri: str) -> np.ndarray:
-    from meddiff.shards import load_shards
+    from meddiff.data.shards import load_shards
 
     return load_shards(open_cohort(uri).shard_uris())[0].astype(int)  # (N, C, H, W)
 
@@ -74,7 +74,7 @@ def test_single_sample_regenerates_identically(tiny_conditional_model_uri, tmp_p
         stored = next(s["png"] for s in iter_shard(f"{a.uri}/{row['shard']}") if s["__key__"] == row["key"])
         assert regenerate(a.uri, sid, device="cpu") == stored
     alone = regenerate(a.uri, 8, device="cpu", alone=True)
-    from meddiff.images import decode_png
+    from meddiff.data.images import decode_png
     assert np.abs(decode_png(alone).astype(int) - pa[8]).max() <= 1
 
 
@@ -104,7 +104,7 @@ def test_sigkill_then_resume_gives_exact_verified_cohort(tiny_conditional_model_
 
 
 def test_consumer_dataset_labels_filters_and_mixing(tiny_conditional_model_uri, bloodmnist_uri, tmp_path):
-    from meddiff.data import ShardDataset
+    from meddiff.data.consumer import ShardDataset
 
     r = generate(spec(tiny_conditional_model_uri, per_class=4), str(tmp_path))
     df = open_cohort(r.uri).manifest()
@@ -174,6 +174,6 @@ def test_generate_flow(prefect_harness, tiny_per_class_model_uri, tmp_path):
     uri = generate_cohort(model_uri=tiny_per_class_model_uri, per_class=2, steps=STEPS, device="cpu",
                           evaluate=False, storage_root=str(tmp_path))
     assert verify(uri).ok and open_cohort(uri).card["counts"] == {"malignant": 2, "normal, benign": 2}
-    with pytest.raises(MeddiffError, match="no GPU"):
+    with pytest.raises(MeddiffError, match="no CUDA GPU"):
         generate_cohort(model_uri=tiny_per_class_model_uri, per_class=1, device="cuda", evaluate=False,
                         storage_root=str(tmp_path))

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from meddiff.errors import SourceError, StorageError, UnsafeArchiveError
-from meddiff.ingest import IngestConfig, ingest
-from meddiff.shards import iter_shard, open_dataset
+from meddiff.data.ingest import IngestConfig, ingest
+from meddiff.data.shards import iter_shard, open_dataset
 
 
 def npz_counts(path: Path) -> dict[str, np.ndarray]:
@@ -208,31 +208,16 @@ def test_cli_ingest_and_list(medmnist_dir, tmp_path):
     assert "already exists" in res.output
 
 
-def test_s3_round_trip(medmnist_dir, breastmnist_uri, tmp_path, monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        import boto3
-
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="meddiff")
-        r = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), "s3://meddiff/prod")
-        assert r.uri.startswith("s3://meddiff/prod/datasets/breastmnist/")
-        remote, local = open_dataset(r.uri), open_dataset(breastmnist_uri)
-        assert remote.card["counts"] == local.card["counts"] and remote.version == local.version
-        xr, yr = remote.load_split("train")
-        xl, yl = local.load_split("train")
-        assert np.array_equal(xr, xl) and np.array_equal(yr, yl)
-        assert len(list(remote.pipeline("val"))) == 78
-        assert ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)),
-                      "s3://meddiff/prod").existed
-    finally:
-        server.stop()
+def test_s3_round_trip(medmnist_dir, breastmnist_uri, moto_s3):
+    r = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), "s3://meddiff/prod")
+    assert r.uri.startswith("s3://meddiff/prod/datasets/breastmnist/")
+    remote, local = open_dataset(r.uri), open_dataset(breastmnist_uri)
+    assert remote.card["counts"] == local.card["counts"] and remote.version == local.version
+    xr, yr = remote.load_split("train")
+    xl, yl = local.load_split("train")
+    assert np.array_equal(xr, xl) and np.array_equal(yr, yl)
+    assert len(list(remote.pipeline("val"))) == 78
+    assert ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), "s3://meddiff/prod").existed
 
 
 def test_ingest_flow_on_ephemeral_server(prefect_harness, medmnist_dir, tmp_path):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from meddiff.errors import MeddiffError
-from meddiff.metrics import bootstrap, fidelity, memorization, similarity
-from meddiff.metrics.features import InceptionExtractor, find_inception_weights, fid_helper_file
+from meddiff.evaluate import bootstrap, fidelity, memorization, similarity
+from meddiff.evaluate.features import InceptionExtractor, find_inception_weights, fid_helper_file
 
 
 def gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:

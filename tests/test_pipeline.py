@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from meddiff.errors import MeddiffError
-from meddiff.pipeline import DeviceUnavailableError, PipelineConfig, resolve_device
+from meddiff.devices import DeviceUnavailableError, resolve_device
+from meddiff.pipeline import PipelineConfig
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -86,26 +87,6 @@ def test_pipeline_command_end_to_end_then_skips_every_stage(medmnist_dir, tmp_pa
     assert second.stdout.strip().splitlines()[-1] == f"report: {report}"
 
 
-@pytest.fixture()
-def moto_s3(monkeypatch):
-    """An S3 server on loopback with bucket `meddiff`; AWS variables set for this test only."""
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(k, v)
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="meddiff")
-        yield endpoint
-    finally:
-        server.stop()
-
-
 @pytest.mark.slow
 def test_pipeline_flow_on_s3_storage(prefect_harness, moto_s3, medmnist_dir):
     import s3fs
@@ -155,8 +136,9 @@ def test_gpu_requested_without_gpu(prefect_harness, tmp_path):
     assert state.is_failed() and "no CUDA GPU" in state.message and "allow_cpu_fallback" in state.message
     with pytest.raises(DeviceUnavailableError):
         resolve_device("cuda")
-    assert resolve_device("cuda", allow_cpu_fallback=True) == "cpu"
-    assert resolve_device("auto") == "cpu"
+    with pytest.warns(UserWarning, match="running on the CPU"):
+        assert resolve_device("cuda", allow_cpu_fallback=True).type == "cpu"
+    assert resolve_device("auto").type == "cpu"
     assert not list(tmp_path.rglob("*.json"))  # failed before any work
 
 

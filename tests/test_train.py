@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from meddiff.checkpoint import list_checkpoints, load_checkpoint, load_model
-from meddiff.diffusion import build_scheduler, ddpm_target, min_snr_weight, scheduler_config
-from meddiff.networks import build_network
+from meddiff.models import load_model
+from meddiff.train.checkpoint import list_checkpoints, load_checkpoint
+from meddiff.models.diffusion import build_scheduler, ddpm_target, min_snr_weight, scheduler_config
+from meddiff.models.networks import build_network
 from meddiff.train import TrainConfig, plan_run, train
-from meddiff.train_presets import NetworkConfig
+from meddiff.models.networks import NetworkConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -73,7 +74,7 @@ def test_four_level_network_takes_28_px_by_padding(size):
 
 
 def test_label_dropout_uses_the_null_class_at_the_given_rate():
-    from meddiff.train_step import drop_labels
+    from meddiff.train.step import drop_labels
 
     torch.manual_seed(0)
     y = torch.randint(0, 8, (20_000,))
@@ -154,7 +155,7 @@ def test_rerun_finds_the_finished_model(blood_conditional, bloodmnist_uri):
 
 _FORWARD = """
 import sys, torch
-from meddiff.checkpoint import load_model
+from meddiff.models import load_model
 
 
 def forward_all(uri):
@@ -278,50 +279,38 @@ def test_train_model_flow(prefect_harness, breastmnist_uri, tmp_path):
     assert not (Path(uri) / "class-1" / "samples").exists()
 
 
-def test_s3_root_trains_uploads_and_resumes_from_the_bucket(medmnist_dir, monkeypatch, tmp_path):
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                     "AWS_DEFAULT_REGION": "us-east-1", "TMPDIR": str(tmp_path)}.items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.setattr("tempfile.tempdir", None)  # honour TMPDIR: the local work folder lands in tmp_path
-        import boto3
-        import s3fs
+def test_s3_root_trains_uploads_and_resumes_from_the_bucket(medmnist_dir, moto_s3, monkeypatch, tmp_path):
+    import s3fs
 
-        from meddiff.ingest import IngestConfig, ingest
+    from meddiff.data.ingest import IngestConfig, ingest
 
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="meddiff")
-        root = "s3://meddiff/ci"
-        ds = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), root).uri
-        cfg = TrainConfig(ds, steps=4, batch_size=8, device="cpu", checkpoint_every=2, log_every=1, preview_steps=2)
-        first = train(cfg, root)
-        assert first.uri.startswith(root + "/models/breastmnist-conditional-tiny-")
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-        names = {p.rsplit("/", 1)[-1] for p in fs.find(first.uri)}
-        assert {"model.json", "config.json", "metrics.jsonl", "loss_curve.png", "step-0000004.pt",
-                "class-0.png"} <= names
-        assert load_model(first.uri).checkpoint_sha256["model"] == first.card["checkpoint_sha256"]
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)  # honour TMPDIR: the local work folder lands in tmp_path
+    root = "s3://meddiff/ci"
+    ds = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), root).uri
+    cfg = TrainConfig(ds, steps=4, batch_size=8, device="cpu", checkpoint_every=2, log_every=1, preview_steps=2)
+    first = train(cfg, root)
+    assert first.uri.startswith(root + "/models/breastmnist-conditional-tiny-")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3})
+    names = {p.rsplit("/", 1)[-1] for p in fs.find(first.uri)}
+    assert {"model.json", "config.json", "metrics.jsonl", "loss_curve.png", "step-0000004.pt",
+            "class-0.png"} <= names
+    assert load_model(first.uri).checkpoint_sha256["model"] == first.card["checkpoint_sha256"]
 
-        fs.rm(f"{first.uri}/model.json")  # as if killed after the last upload; local work folder lost too
-        shutil.rmtree(tmp_path / "meddiff-train")
-        again = train(cfg, root)
-        assert not again.existed and again.card["checkpoint_sha256"] == first.card["checkpoint_sha256"]
-        assert [json.loads(line)["step"] for line in fs.cat(f"{again.uri}/metrics.jsonl").decode().splitlines()] \
-            == [1, 2, 3, 4]
-    finally:
-        server.stop()
+    fs.rm(f"{first.uri}/model.json")  # as if killed after the last upload; local work folder lost too
+    shutil.rmtree(tmp_path / "meddiff-train")
+    again = train(cfg, root)
+    assert not again.existed and again.card["checkpoint_sha256"] == first.card["checkpoint_sha256"]
+    assert [json.loads(line)["step"] for line in fs.cat(f"{again.uri}/metrics.jsonl").decode().splitlines()] \
+        == [1, 2, 3, 4]
 
 
 def check_rank_and_worker_parts(uri: str, workers: int) -> None:
     """Ranks split the stream by sample, so their parts are equal whatever the shard sizes."""
     import hashlib
 
-    from meddiff.shards import open_dataset
-    from meddiff.train_data import DataSpec, one_pass
+    from meddiff.data.shards import open_dataset
+    from meddiff.train.batches import DataSpec, one_pass
 
     ds = open_dataset(uri)
     spec = DataSpec(num_workers=workers)

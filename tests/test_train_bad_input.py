@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from meddiff.checkpoint import list_checkpoints, load_model
+from meddiff.models import load_model
+from meddiff.train.checkpoint import list_checkpoints
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.train import TrainConfig, train
 

@@ -13,15 +13,15 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Medical image datasets → diffusion models → synthetic cohorts → quality reports.")
 
-from . import datasets_cmd  # noqa: E402,F401  (registers ingest, datasets)
-from . import cohorts_cmd  # noqa: E402,F401  (registers generate, cohorts)
-from . import train_cmd  # noqa: E402,F401  (registers train)
-from . import pipeline_cmd, deploy_cmd  # noqa: E402,F401  (registers pipeline, deploy)
-from . import evaluate_cmd  # noqa: E402,F401  (registers evaluate)
+from meddiff.cli import datasets_cmd  # noqa: E402,F401  (registers ingest, datasets)
+from meddiff.cli import cohorts_cmd  # noqa: E402,F401  (registers generate, cohorts)
+from meddiff.cli import train_cmd  # noqa: E402,F401  (registers train)
+from meddiff.cli import pipeline_cmd, deploy_cmd  # noqa: E402,F401  (registers pipeline, deploy)
+from meddiff.cli import evaluate_cmd  # noqa: E402,F401  (registers evaluate)
 
 
 def main() -> None:
-    from ..errors import MeddiffError
+    from meddiff.errors import MeddiffError
 
     try:
         app()

@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import app
-from .. import storage
-from ..cohorts import open_cohort, verify as verify_cohort
-from ..progress import rich_progress
+from meddiff.cli import app
+from meddiff import storage
+from meddiff.data.cohorts import open_cohort, verify as verify_cohort
+from meddiff.progress import rich_progress
 
 cohorts = typer.Typer(no_args_is_help=True, help="Inspect and verify synthetic cohorts.")
 app.add_typer(cohorts, name="cohorts")
@@ -44,7 +44,7 @@ def generate(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Generate a class-balanced synthetic cohort; prints per-class counts and the cohort URI."""
-    from ..generate import CohortSpec, generate as run_generate  # torch/MONAI load only when used
+    from meddiff.generate import CohortSpec, generate as run_generate  # torch/MONAI load only when used
 
     spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size, device,
                       shard_size, name)  # type: ignore[arg-type]
@@ -98,7 +98,7 @@ def regenerate(uri: str, sample_id: int, out: Path = typer.Option(..., help="PNG
                device: str = typer.Option("auto"),
                alone: bool = typer.Option(False, help="Batch of one: equal up to the last bits (±1 grey level).")) -> None:
     """Regenerate one sample from its own seed (byte-identical to the stored image)."""
-    from ..generate import regenerate as run_regenerate
+    from meddiff.generate import regenerate as run_regenerate
 
     out.write_bytes(run_regenerate(uri, sample_id, device, alone))
     print(out)

@@ -8,11 +8,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import app
-from .. import storage
-from ..ingest import IngestConfig, ingest as run_ingest
-from ..progress import rich_progress
-from ..shards import open_dataset
+from meddiff.cli import app
+from meddiff import storage
+from meddiff.data.ingest import IngestConfig, ingest as run_ingest
+from meddiff.progress import rich_progress
+from meddiff.data.shards import open_dataset
 
 datasets = typer.Typer(no_args_is_help=True, help="Inspect ingested dataset versions.")
 app.add_typer(datasets, name="datasets")

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from . import app
+from meddiff.cli import app
 
 
 @app.command()
@@ -18,7 +18,7 @@ def deploy(
     gpu_concurrency: int = typer.Option(1, help="Concurrent flow runs on the gpu pool."),
 ) -> None:
     """Create the work pools `cpu` and `gpu` (process) and the deployments of prefect.yaml."""
-    from ..deploy import DeployConfig, deploy as run_deploy
+    from meddiff.ops.deploy import DeployConfig, deploy as run_deploy
 
     cfg = DeployConfig(api_url=api_url, names=tuple(name or ()), gpu_concurrency=gpu_concurrency,
                        **({"prefect_file": prefect_file} if prefect_file else {}))

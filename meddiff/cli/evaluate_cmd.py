@@ -8,14 +8,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import app
-from ..progress import rich_progress
+from meddiff.cli import app
+from meddiff.progress import rich_progress
 
 console = Console()
 
 
 def headline_table(report: dict) -> Table:
-    from ..evaluate import headline_rows
+    from meddiff.evaluate.summary import headline_rows
 
     t = Table(title=f"{report['inputs']['cohort_uri']}  ({report['cohort']['n']} images)")
     t.add_column("metric")
@@ -40,7 +40,7 @@ def evaluate(
     force: bool = typer.Option(False, "--force", help="Recompute even if an up-to-date report exists."),
 ) -> None:
     """Evaluate a cohort against its real dataset; writes report.json + report.html into the cohort."""
-    from ..evaluate import EvalConfig, evaluate_cohort  # torch/metrics load only when used
+    from meddiff.evaluate import EvalConfig, evaluate_cohort  # torch/metrics load only when used
 
     cfg = EvalConfig(real_uri=real, features=tuple(f.strip() for f in features.split(",") if f.strip()),
                      tstr=tstr, tstr_epochs=tstr_epochs, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,

@@ -12,8 +12,8 @@ from typing import Iterator, Optional
 
 import typer
 
-from . import app
-from .. import storage
+from meddiff.cli import app
+from meddiff import storage
 
 
 EPHEMERAL_STARTUP_TIMEOUT_S = 180  # Prefect's default (20 s) is too short on a busy 2-core machine
@@ -65,7 +65,7 @@ def pipeline(
 ) -> None:
     """Run the whole pipeline; stages whose output exists are skipped. Prints where the report is."""
     from flows.pipeline import pipeline as pipeline_flow
-    from ..pipeline import PipelineConfig
+    from meddiff.pipeline import PipelineConfig
 
     if per_class is None and total is None:
         per_class = 50

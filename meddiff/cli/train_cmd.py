@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from . import app
-from .. import storage
-from ..progress import rich_progress
+from meddiff.cli import app
+from meddiff import storage
+from meddiff.progress import rich_progress
 
 
 @app.command()
@@ -42,8 +42,8 @@ def train(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Train a diffusion model on a dataset version; prints the model URI (last line)."""
-    from ..distributed import env_rank
-    from ..train import TrainConfig, train as run_train  # torch/MONAI load only when used
+    from meddiff.train.distributed import env_rank
+    from meddiff.train import TrainConfig, train as run_train  # torch/MONAI load only when used
 
     cfg = TrainConfig(dataset_uri, mode, preset, steps, batch_size, device, seed, resume, objective, schedule,
                       prediction, min_snr_gamma, lr=lr, label_dropout=label_dropout, hflip=hflip, vflip=vflip,

@@ -1,0 +1,166 @@
+"""Synthetic cohorts on storage: ``<root>/cohorts/<cohort-id>/``.
+
+```
+synthetic-000000.tar ...     WebDataset shards, same sample format as real datasets
+parts/synthetic-000000.parquet   manifest rows of each committed shard (resume bookkeeping)
+manifest.parquet             one row per image (MANIFEST_SCHEMA); quality columns filled by evaluate
+cohort.json                  the cohort card (spec, counts, model/dataset URIs), written last
+```
+A shard is committed when its part file exists (tar written first, both atomically).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from meddiff import storage
+from meddiff.errors import ArtifactError
+from meddiff.records import sha256_bytes
+from meddiff.data.shards import iter_shard, read_card
+
+SHARD_PREFIX = "synthetic"
+
+MANIFEST_SCHEMA = pa.schema([
+    ("sample_id", pa.int64()),  # index in the cohort, 0..N-1; with the base seed it fixes the image
+    ("key", pa.string()),  # WebDataset key in the shard
+    ("shard", pa.string()),  # shard file name
+    ("class_id", pa.int64()),
+    ("class_name", pa.string()),
+    ("seed", pa.int64()),  # this image's own seed: regenerate it alone with it
+    ("model_uri", pa.string()),
+    ("checkpoint_sha256", pa.string()),
+    ("sampler", pa.string()),
+    ("steps", pa.int64()),
+    ("guidance_scale", pa.float64()),  # null for unconditional (per-class) models
+    ("image_sha256", pa.string()),  # sha256 of the PNG bytes in the shard
+    ("created_at", pa.string()),
+    ("meddiff_version", pa.string()),
+    # quality columns: null until `meddiff evaluate` fills them
+    ("nearest_real_distance", pa.float64()),  # feature-space distance to the closest real training image
+    ("nearest_real_pixel_distance", pa.float64()),  # pixel-space (RMSE in [0,1]) distance to the closest
+    ("nearest_real_key", pa.string()),  # key of that closest real training image
+    ("oracle_prob", pa.float64()),  # domain classifier's probability of the intended class
+    ("flagged", pa.bool_()),  # memorization flag: too close to a training image
+])
+QUALITY_COLUMNS = ("nearest_real_distance", "nearest_real_pixel_distance", "nearest_real_key", "oracle_prob", "flagged")
+
+
+def manifest_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts, quality columns optional) → a table with MANIFEST_SCHEMA."""
+    cols = {f.name: [r.get(f.name) for r in rows] for f in MANIFEST_SCHEMA}
+    return pa.table(cols, schema=MANIFEST_SCHEMA)
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def read_parquet(uri: str) -> pd.DataFrame:
+    try:
+        return pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pandas()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ArtifactError(f"{uri} is corrupt or unreadable: {e}") from e
+
+
+@dataclass(frozen=True)
+class Cohort:
+    uri: str
+
+    @cached_property
+    def card(self) -> dict[str, Any]:
+        card = read_card(self.uri, "cohort.json")
+        if card.get("kind") != "cohort":
+            raise ArtifactError(f"{self.uri} is not a cohort (kind={card.get('kind')!r})")
+        return card
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.card["class_names"])
+
+    @property
+    def dataset_uri(self) -> str:
+        return self.card["dataset_uri"]
+
+    def manifest(self) -> pd.DataFrame:
+        df = read_parquet(storage.join(self.uri, "manifest.parquet"))
+        missing = [f.name for f in MANIFEST_SCHEMA if f.name not in df.columns]
+        if missing:
+            raise ArtifactError(f"{self.uri}/manifest.parquet is missing columns {missing}")
+        return df
+
+    def shard_uris(self) -> list[str]:
+        return [storage.join(self.uri, s) for s in self.card["shards"]]
+
+
+def open_cohort(uri: str) -> Cohort:
+    c = Cohort(uri.rstrip("/"))
+    _ = c.card
+    return c
+
+
+def write_quality(uri: str, quality: pd.DataFrame) -> None:
+    """Fill the manifest's quality columns from ``quality`` (indexed by sample_id), atomically."""
+    cohort = open_cohort(uri)
+    df = cohort.manifest().set_index("sample_id")
+    unknown = set(quality.index) - set(df.index)
+    if unknown:
+        raise ArtifactError(f"quality rows for unknown sample ids {sorted(unknown)[:5]}")
+    for col in QUALITY_COLUMNS:
+        if col in quality.columns:
+            df.loc[quality.index, col] = quality[col]
+    table = pa.Table.from_pandas(df.reset_index(), schema=MANIFEST_SCHEMA, preserve_index=False)
+    storage.write_bytes(storage.join(uri, "manifest.parquet"), parquet_bytes(table))
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    counts: dict[str, int]
+    problems: list[str]
+
+
+def verify(uri: str) -> VerifyResult:
+    """Check that shards and manifest match exactly: same keys, no duplicates, image hashes, counts."""
+    cohort = open_cohort(uri)
+    df = cohort.manifest()
+    problems: list[str] = []
+    if df["sample_id"].duplicated().any():
+        problems.append(f"{int(df['sample_id'].duplicated().sum())} duplicate sample ids in the manifest")
+    if df["key"].duplicated().any():
+        problems.append(f"{int(df['key'].duplicated().sum())} duplicate keys in the manifest")
+    expected = dict(zip(df["key"], zip(df["shard"], df["image_sha256"], df["class_id"])))
+    seen: set[str] = set()
+    for shard_uri in cohort.shard_uris():
+        shard = shard_uri.rsplit("/", 1)[1]
+        for s in iter_shard(shard_uri):
+            key = s["__key__"]
+            if key in seen:
+                problems.append(f"key {key} appears twice in the shards")
+            seen.add(key)
+            if key not in expected:
+                problems.append(f"{shard}: key {key} is not in the manifest")
+                continue
+            m_shard, m_hash, m_cls = expected[key]
+            if m_shard != shard:
+                problems.append(f"{key}: manifest says shard {m_shard}, found in {shard}")
+            if sha256_bytes(s["png"]) != m_hash:
+                problems.append(f"{key}: image sha256 differs from the manifest")
+            if int(s["cls"]) != int(m_cls):
+                problems.append(f"{key}: class {int(s['cls'])} in shard, {m_cls} in manifest")
+    for key in sorted(set(expected) - seen):
+        problems.append(f"manifest key {key} is missing from the shards")
+    counts = {str(k): int(v) for k, v in df["class_name"].value_counts().sort_index().items()}
+    requested = cohort.card.get("counts") or {}
+    for name, n in requested.items():
+        if counts.get(name, 0) != n:
+            problems.append(f"class {name}: {counts.get(name, 0)} images, cohort.json requests {n}")
+    return VerifyResult(not problems, counts, problems[:50])

@@ -1,0 +1,230 @@
+"""Ingest: a source (MedMNIST, Kaggle, zip, folder) → a versioned, validated WebDataset copy.
+
+Layout: ``<root>/datasets/<name>/<version>/{train,val,test}-%06d.tar``, ``index.parquet``,
+``dataset.json``. The version is a content hash of the source checksums and the resolved
+ingest config, so a repeated ingest finds its version and does no work.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from meddiff import storage
+from meddiff.errors import SourceError
+from meddiff.data.images import encode_png, load_image, resize_center_crop, to_pil
+from meddiff.records import content_hash, make_record, sha256_bytes
+from meddiff.data.shards import ShardSink, encode_sample
+from meddiff.data.sources import SPLITS, RawSample, SourceData, parse_source
+
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    source: str  # medmnist:<flag> | kaggle:<owner>/<slug> | zip:<path> | folder:<path>
+    size: int | None = None  # output side in px; None = 28 for MedMNIST, 64 for images
+    name: str | None = None  # dataset name; None = derived from the source
+    classes: str | None = None  # zip/folder: "glob[=name],..." selecting/renaming class folders
+    split_seed: int = 0  # seed of the stratified train/val/test split (zip/folder)
+    val_frac: float = 0.1  # validation fraction per class (zip/folder)
+    test_frac: float = 0.2  # test fraction per class (zip/folder)
+    shard_size: int = 10_000  # max samples per shard
+    medmnist_root: str | None = None  # folder with already-downloaded MedMNIST npz (no download)
+
+    def check(self) -> "IngestConfig":
+        ref = parse_source(self.source)
+        if self.size is not None and not 8 <= self.size <= 1024:
+            raise SourceError(f"--size must be between 8 and 1024 px, got {self.size}")
+        if not (0 <= self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
+            raise SourceError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
+        if self.shard_size < 1:
+            raise SourceError("--shard-size must be positive")
+        if self.medmnist_root and ref.kind != "medmnist":
+            raise SourceError("--medmnist-root applies to medmnist: sources only")
+        return self
+
+    def resolved(self) -> "IngestConfig":
+        kind = parse_source(self.source).kind
+        return replace(self, size=self.size or (28 if kind == "medmnist" else 64))
+
+    def identity(self) -> dict:
+        """What determines the content of a version (locations excluded)."""
+        c = self.resolved()
+        return {"source": c.source if parse_source(c.source).kind in ("medmnist", "kaggle") else
+                parse_source(c.source).kind, "size": c.size, "classes": c.classes,
+                "split_seed": c.split_seed, "val_frac": c.val_frac, "test_frac": c.test_frac,
+                "shard_size": c.shard_size}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    uri: str  # the dataset version's location: pass it to train/evaluate
+    card: dict
+    existed: bool  # True when the version was already complete (no work done)
+
+
+def load_source(cfg: IngestConfig, root: str) -> SourceData:
+    """Fetch (download if needed) and list the source's samples."""
+    ref = parse_source(cfg.source)
+    # downloads are kept under the local root's raw/ (or the user cache for remote roots)
+    raw = (Path.home() / ".cache" / "meddiff" if storage.is_remote(root) else Path(root)) / "raw"
+    if ref.kind == "medmnist":
+        from meddiff.data.sources import medmnist_source
+
+        med_root = Path(cfg.medmnist_root).expanduser() if cfg.medmnist_root else None
+        return medmnist_source.load(ref.target, cfg.size, med_root, raw / "medmnist")
+    from meddiff.data.sources import archive_source
+
+    if ref.kind == "kaggle":
+        from meddiff.data.sources import kaggle_source
+
+        zip_path = kaggle_source.download(ref.target, raw / "kaggle" / ref.target)
+        return archive_source.load_zip(zip_path, cfg.classes, cfg.name or ref.target.split("/")[1])
+    if ref.kind == "zip":
+        return archive_source.load_zip(Path(ref.target).expanduser(), cfg.classes, cfg.name)
+    return archive_source.load_folder(Path(ref.target).expanduser(), cfg.classes, cfg.name)
+
+
+def stratified_split(labels: np.ndarray, seed: int, val_frac: float, test_frac: float) -> np.ndarray:
+    """Per class, a seeded permutation cut into test / val / train. Returns split names (N,)."""
+    out = np.empty(len(labels), dtype=object)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_test, n_val = round(len(idx) * test_frac), round(len(idx) * val_frac)
+        out[idx[:n_test]] = "test"
+        out[idx[n_test:n_test + n_val]] = "val"
+        out[idx[n_test + n_val:]] = "train"
+    return out
+
+
+def _prepare(sample: RawSample, size: int, channels: int | None) -> bytes:
+    """Decode/resize one input to PNG bytes; raises on an unreadable image."""
+    if isinstance(sample.payload, np.ndarray):
+        img = to_pil(sample.payload)
+    else:
+        img = load_image(sample.payload, channels)
+    return encode_png(resize_center_crop(img, size))
+
+
+def ingest(config: IngestConfig, root: str | None = None, progress: Progress | None = None) -> IngestResult:
+    """Build (or find) the dataset version for ``config`` under the storage root."""
+    cfg = config.check().resolved()
+    root = storage.storage_root(root)
+    t0 = time.time()
+    src = load_source(cfg, root)
+    name = cfg.name or src.name
+    version = content_hash({"checksums": src.checksums, "config": cfg.identity()})
+    uri = storage.join(root, "datasets", name, version)
+    if storage.exists(storage.join(uri, "dataset.json")):
+        from meddiff.data.shards import open_dataset
+
+        return IngestResult(uri, open_dataset(uri).card, existed=True)
+
+    labels = np.array([s.label for s in src.samples])
+    splits = (np.array([s.split for s in src.samples], dtype=object) if src.has_official_splits
+              else stratified_split(labels, cfg.split_seed, cfg.val_frac, cfg.test_frac))
+
+    staging = storage.local_staging(root, f"dataset-{name}-{version}")
+    try:
+        rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress)
+        skipped = src.skipped + skipped
+        if not rows["key"]:
+            raise SourceError(f"no readable images in {cfg.source}; skipped: {skipped[:5]}")
+        table = pa.table(rows)
+        pq.write_table(table, staging / "index.parquet")
+        card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0)
+        storage.write_json(str(staging / "dataset.json"), card)
+        storage.publish_dir(staging, uri, last=("dataset.json",))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return IngestResult(uri, card, existed=False)
+
+
+def _common_channels(src: SourceData) -> int:
+    from PIL import Image
+    import io
+
+    for s in src.samples:
+        try:
+            with Image.open(io.BytesIO(s.payload)) as im:
+                if im.mode not in ("L", "I;16", "I", "1"):
+                    return 3
+        except Exception:  # noqa: BLE001 - bad files are reported when they are decoded
+            continue
+    return 1
+
+
+def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, staging: Path,
+                  progress: Progress | None):
+    cols = ("key", "split", "label", "label_name", "shard", "source_id", "height", "width", "channels", "sha256")
+    rows: dict[str, list] = {c: [] for c in cols}
+    skipped: list[dict[str, str]] = []
+    shards: dict[str, list[str]] = {}
+    total, done = len(src.samples), 0
+    # MedMNIST arrays keep their channels; files stay grayscale only if every file is
+    channels = None if not src.samples or isinstance(src.samples[0].payload, np.ndarray) else _common_channels(src)
+    for split in SPLITS:
+        members = [i for i in range(total) if splits[i] == split]
+        sink = ShardSink(staging, split, cfg.shard_size)
+        n = 0
+        for i in members:
+            s = src.samples[i]
+            done += 1
+            try:
+                png = _prepare(s, cfg.size, channels)
+            except Exception as e:  # noqa: BLE001 - one bad image is skipped, not fatal
+                skipped.append({"source_id": s.source_id, "reason": f"unreadable image: {e}"})
+                continue
+            key = f"{split}-{n:06d}"
+            n += 1
+            name = src.class_names[s.label]
+            shard = sink.write(encode_sample(key, png, s.label, {"label": s.label, "label_name": name,
+                                                                  "source_id": s.source_id, "split": split}))
+            c = 1 if png[25] in (0, 4) else 3  # PNG IHDR colour type: 0 = gray, 2 = RGB
+            rows["key"].append(key)
+            rows["split"].append(split)
+            rows["label"].append(s.label)
+            rows["label_name"].append(name)
+            rows["shard"].append(shard)
+            rows["source_id"].append(s.source_id)
+            rows["height"].append(cfg.size)
+            rows["width"].append(cfg.size)
+            rows["channels"].append(c)
+            rows["sha256"].append(sha256_bytes(png))
+            if progress and (done % 500 == 0 or done == total):
+                progress(done, total)
+        written = sink.close()
+        if n == 0:  # ShardWriter opened an empty first shard
+            for f in staging.glob(f"{split}-*.tar"):
+                f.unlink()
+            written = []
+        shards[split] = written
+    if progress:
+        progress(total, total)
+    return rows, skipped, shards
+
+
+def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, shards, seconds) -> dict:
+    df = table.select(["split", "label"]).to_pandas()
+    counts = {split: {c: int(((df.split == split) & (df.label == i)).sum()) for i, c in enumerate(src.class_names)}
+              for split in SPLITS}
+    channels = sorted(set(table.column("channels").to_pylist()))
+    return make_record(
+        "dataset", cfg, inputs={"source_checksums": src.checksums},
+        name=name, version=version, uri=uri, source=cfg.source, license=src.license,
+        class_names=src.class_names, num_classes=len(src.class_names),
+        counts=counts, totals={s: sum(counts[s].values()) for s in SPLITS},
+        image_size=cfg.size, channels=channels[0] if len(channels) == 1 else max(channels),
+        shards=shards, skipped=skipped, num_skipped=len(skipped),
+        official_splits=src.has_official_splits, ingest_seconds=round(seconds, 2),
+    )

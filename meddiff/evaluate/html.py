@@ -1,0 +1,225 @@
+"""The evaluation report as ONE self-contained HTML file (matplotlib PNGs embedded as base64).
+
+Sections (element ids): summary, samples, metrics, memorization, tstr, loss-curve, notes.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from meddiff import storage
+from meddiff.evaluate.summary import headline_rows, per_class_table
+
+SECTIONS = ("summary", "samples", "metrics", "memorization", "tstr", "loss-curve", "notes")
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.warn{color:#a60}.flag{color:#b00;font-weight:bold}
+img{max-width:100%}code{background:#f5f5f5;padding:0 3px}"""
+
+
+def _png(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _hwc(img: np.ndarray) -> np.ndarray:
+    """uint8 C×H×W → H×W×3 for display."""
+    img = img.transpose(1, 2, 0)
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def _mosaic(rows: list[list[np.ndarray]], size: int, ncol: int, pad: int = 2) -> np.ndarray:
+    """Rows of uint8 C×H×W images → one H×W×3 mosaic of ``ncol`` columns (empty cells stay white)."""
+    out = np.full((len(rows) * (size + pad) + pad, ncol * (size + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            y, x = pad + i * (size + pad), pad + j * (size + pad)
+            out[y:y + size, x:x + size] = _hwc(img)
+    return out
+
+
+def _short(name: str, n: int = 28) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def sample_grid(syn, train, class_names: list[str], per_class: int) -> str:
+    """Per class: ``per_class`` synthetic images (left) beside as many real training images (right)."""
+    from matplotlib.figure import Figure
+
+    classes = [c for c in range(len(class_names)) if (syn.y == c).any()]
+    size = syn.x.shape[-1]
+    fig = Figure(figsize=(2 * per_class * 0.45 + 2, len(classes) * 0.5 + 0.8))
+    axes = fig.subplots(1, 2, squeeze=True)
+    for ax, imgs, title in ((axes[0], syn, "synthetic"), (axes[1], train, "real (train)")):
+        rows = [[imgs.x[i] for i in np.flatnonzero(imgs.y == c)[:per_class]] for c in classes]
+        ax.imshow(_mosaic(rows, size, per_class), interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([(size + 2) * (i + 0.5) + 1 for i in range(len(classes))])
+        ax.set_yticklabels([_short(class_names[c]) for c in classes] if ax is axes[0] else [])
+    return _png(fig)
+
+
+def pairs_figure(syn, train, nn_syn, order: np.ndarray, pairs: list[dict[str, Any]]) -> str:
+    """Closest synthetic (top) / training (bottom) pairs, captioned with their pixel RMSE."""
+    from matplotlib.figure import Figure
+
+    n = len(order)
+    fig = Figure(figsize=(max(n, 1) * 1.1, 2.6))
+    axes = fig.subplots(2, max(n, 1), squeeze=False)
+    for j, (i, p) in enumerate(zip(order, pairs)):
+        for r, img in enumerate((syn.x[i], train.x[int(nn_syn[i])])):
+            ax = axes[r][j]
+            ax.imshow(_hwc(img), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][j].set_title(f"#{p['sample_id']}{' ⚑' if p['flagged'] else ''}\n{p['pixel_rmse']:.3f}", fontsize=7,
+                             color="red" if p["flagged"] else "black")
+    axes[0][0].set_ylabel("synthetic", fontsize=8)
+    axes[1][0].set_ylabel("nearest train", fontsize=8)
+    return _png(fig)
+
+
+def loss_curve(model_uri: str | None) -> str:
+    """The model's loss curve: a plot of ``metrics.jsonl`` (keys containing "loss" against step), or a
+    loss-curve PNG from the model folder; a note when neither exists."""
+    if not model_uri:
+        return "<p>No model URI in cohort.json: no loss curve.</p>"
+    try:
+        names = storage.listdir(model_uri)
+    except Exception as e:  # noqa: BLE001 - the report still renders without it
+        return f"<p>Model folder {html.escape(model_uri)} unreadable ({html.escape(str(e))}).</p>"
+    logs = (["metrics.jsonl"] if "metrics.jsonl" in names else
+            [f"{n}/metrics.jsonl" for n in names if n.startswith("class-")
+             and storage.exists(storage.join(model_uri, n, "metrics.jsonl"))])  # per-class model groups
+    series = {log: _loss_series(storage.read_bytes(storage.join(model_uri, log)).decode()) for log in logs}
+    series = {log: s for log, s in series.items() if s}
+    if series:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 3.2))
+        ax = fig.subplots()
+        positive = True
+        for log, (xkey, curves) in series.items():
+            prefix = "" if log == "metrics.jsonl" else log.split("/")[0] + " "
+            for k, pts in curves.items():
+                ax.plot(*zip(*pts), label=prefix + k, lw=1)
+                positive &= all(v > 0 for _, v in pts)
+            ax.set_xlabel(xkey or "record")
+        ax.set_yscale("log" if positive else "linear")
+        ax.legend(fontsize=7)
+        return f"<p>From <code>{html.escape(', '.join(series))}</code> in the model folder.</p>" + _png(fig)
+    pngs = [n for n in names if n.lower().endswith(".png") and ("loss" in n.lower() or "curve" in n.lower())]
+    if pngs:
+        data = storage.read_bytes(storage.join(model_uri, pngs[0]))
+        return (f"<p>From <code>{html.escape(pngs[0])}</code>.</p>"
+                f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}">')
+    return f"<p>No metrics.jsonl or loss-curve PNG in {html.escape(model_uri)}.</p>"
+
+
+def _loss_series(text: str) -> tuple[str | None, dict[str, list[tuple[float, float]]]] | None:
+    """metrics.jsonl text → (x key, {loss key: [(x, value)]}); None when it has no loss values."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    rows = [r for r in rows if isinstance(r, dict)]
+    keys = sorted({k for r in rows for k, v in r.items() if "loss" in k.lower() and isinstance(v, (int, float))})
+    if not keys:
+        return None
+    xkey = next((k for k in ("step", "global_step", "iteration", "epoch") if any(k in r for r in rows)), None)
+    return xkey, {k: [(r.get(xkey, i) if xkey else i, r[k]) for i, r in enumerate(rows)
+                      if isinstance(r.get(k), (int, float))] for k in keys}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, class_names: list[str],
+                per_class: int, model_uri: str | None) -> bytes:
+
+    inp = report["inputs"]
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>meddiff evaluation</title>"
+             f"<style>{CSS}</style></head><body>",
+             "<h1>Synthetic cohort evaluation</h1>",
+             _table(["", ""], [["cohort", f"<code>{html.escape(inp['cohort_uri'])}</code>"],
+                               ["real dataset", f"<code>{html.escape(inp['dataset_uri'])}</code>"],
+                               ["model", f"<code>{html.escape(str(inp['model_uri']))}</code>"],
+                               ["images", str(report["cohort"]["n"])], ["created", report["created_at"]],
+                               ["report schema", str(report["report_schema_version"])],
+                               ["flagged images dropped for consumers", str(report["drop_flagged"])]])]
+    parts += ['<h2 id="summary">Summary</h2>',
+              "<p>Every number is shown beside its real-vs-real baseline (validation split vs training split).</p>",
+              _table(["metric", "synthetic", "real baseline"], [[html.escape(a), html.escape(b), html.escape(c)]
+                                                               for a, b, c in headline_rows(report)])]
+    parts += ['<h2 id="samples">Samples per class</h2>', sample_grid(syn, train, class_names, per_class)]
+
+    pc = per_class_table(report)
+    cols = list(dict.fromkeys(k for r in pc for k in r))
+    parts += ['<h2 id="metrics">Metrics per class</h2>',
+              _table(cols, [[_fmt(r.get(c)) for c in cols] for r in pc]),
+              "<h3>All metrics</h3><p>CI: 95 % percentile bootstrap. KID: mean ± std over random subsets. "
+              "Intra-class SSIM baseline: pairs of real training images of the same class.</p>",
+              _table(["metric", "extractor", "scope", "synthetic [CI]", "N", "N ref", "baseline [CI]", "warning"],
+                     [[r["metric"], r["extractor"], html.escape(r["scope"]),
+                       _fmt(r["value"]) + (f" ± {r['std']:.2g}" if r.get("std") is not None else "") + _ci(r["ci"]),
+                       _fmt(r["n"]), _fmt(r["n_ref"]),
+                       (_fmt(r["baseline"]["value"]) + _ci(r["baseline"]["ci"])) if r.get("baseline") else "—",
+                       f"<span class='warn'>{html.escape(r['warning'] or '')}</span>"] for r in report["metrics"]])]
+    m = report["memorization"]
+    parts += ['<h2 id="memorization">Memorization</h2>',
+              f"<p>Nearest training image of every synthetic image in {m['feature_extractor']} feature space and "
+              f"pixel space ({m['pixel_distance']}). Flag rule <code>{m['rule']}</code>: closer than the "
+              f"{html.escape(m['threshold_source'])} — feature ≤ {m['thresholds']['feature']:.4g}, "
+              f"pixel ≤ {m['thresholds']['pixel']:.4g}. <span class='flag'>{m['flagged']} of {m['n']} flagged.</span></p>",
+              _table(["class", "flagged"], [[html.escape(k), str(v)] for k, v in m["flagged_by_class"].items()]),
+              "<h3>Closest pairs (flagged first)</h3>",
+              pairs_figure(syn, train, nn_syn, order, m["closest_pairs"]) if m["closest_pairs"] else "",
+              _table(["sample", "class", "train key", "pixel RMSE", "feature dist", "SSIM", "flagged"],
+                     [[str(p["sample_id"]), html.escape(p["class_name"]), html.escape(p["real_key"]),
+                       f"{p['pixel_rmse']:.4f}", f"{p['feature_distance']:.4g}", f"{p['ssim']:.3f}",
+                       "<span class='flag'>yes</span>" if p["flagged"] else "no"] for p in m["closest_pairs"]])]
+    t = report.get("tstr")
+    parts.append('<h2 id="tstr">Utility: train on synthetic, test on real (TSTR)</h2>')
+    if t:
+        parts += [f"<p>{html.escape(t['model'])}, {t['epochs']} epochs, tested on the {t['test_split']} split"
+                  f"{'; flagged images excluded' if t['synthetic_excludes_flagged'] else ''}.</p>",
+                  _table(["trained on", "N train", "N test", "accuracy", "macro AUC"],
+                         [[s["setting"], str(s["n_train"]), str(s["n_test"]), _fmt(s["accuracy"]), _fmt(s["auc"])]
+                          for s in t["settings"]])]
+    else:
+        parts.append("<p>Not run (enable with <code>--tstr</code>).</p>")
+    parts += ['<h2 id="loss-curve">Model loss curve</h2>', loss_curve(model_uri)]
+    notes = [f"MS-SSIM: {html.escape(report['ms_ssim'].get('reason', 'computed'))}"]
+    notes += [f"Extractor <b>{html.escape(k)}</b>: {html.escape(json.dumps(v, default=str))}"
+              for k, v in report["extractors"].items()]
+    notes += [f"<span class='warn'>{html.escape(w)}</span>" for w in report["warnings"]]
+    parts += ['<h2 id="notes">Notes and warnings</h2><ul>', *[f"<li>{n}</li>" for n in notes], "</ul></body></html>"]
+    return "\n".join(parts).encode()

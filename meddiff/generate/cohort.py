@@ -1,0 +1,236 @@
+"""Generate a class-balanced synthetic cohort from a trained model.
+
+Output ``<root>/cohorts/<cohort-id>/`` in the cohort format of :mod:`meddiff.data.cohorts`. Work
+proceeds in shard-sized chunks; each chunk commits its shard and its manifest part atomically,
+so a killed run, re-run, generates only what is missing. ``cohort.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from meddiff import __version__, storage
+from meddiff.data.images import encode_png
+from meddiff.data.shards import encode_sample, write_shard
+from meddiff.devices import resolve_device
+from meddiff.errors import ArtifactError, MeddiffError
+from meddiff.data.cohorts import SHARD_PREFIX, manifest_table, open_cohort, parquet_bytes
+from meddiff.generate.pictures import write_pictures
+from meddiff.generate.sampling import check_compatible, generate_images, resolve_sampler
+from meddiff.generate.spec import CohortResult, CohortSpec
+from meddiff.models.trained import TrainedModel, load_model
+from meddiff.records import content_hash, make_record, now_iso, sha256_bytes
+
+Progress = Callable[[int, int], None]
+
+
+def sample_seed(base_seed: int, sample_id: int) -> int:
+    """Sample i's own seed: a hash of (base seed, i), so seeds of nearby samples are unrelated."""
+    return int(np.random.SeedSequence([base_seed, sample_id]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _plan(spec: CohortSpec, model: TrainedModel) -> tuple[dict[str, int], np.ndarray]:
+    """Quotas and the class of every sample id (class-major order)."""
+    quotas = spec.quotas(model.class_names)
+    class_of = np.concatenate([np.full(n, i, dtype=np.int64) for i, n in enumerate(quotas.values())])
+    return quotas, class_of
+
+
+def identity(spec: CohortSpec, model: TrainedModel, quotas: dict[str, int], guidance: float | None) -> dict:
+    """What determines the cohort's bytes. Batch size is in: CPU/GPU kernels choose their blocking by
+    batch size, so it can move the last bits of an image (at most ±1 grey level on rare pixels)."""
+    return {"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256, "quotas": quotas,
+            "sampler": spec.sampler, "steps": spec.steps, "guidance": guidance, "seed": spec.seed,
+            "shard_size": spec.shard_size, "batch_size": spec.batch_size}
+
+
+@dataclass(frozen=True)
+class CohortPlan:
+    """A checked cohort request: the model, what each sample id is, and where the shards go."""
+
+    spec: CohortSpec  # sampler resolved
+    model: TrainedModel
+    device: torch.device
+    guidance: float | None
+    quotas: dict[str, int]
+    class_of: np.ndarray  # (N,) class id of every sample id
+    ident: dict  # what determines the cohort's bytes (spec.json)
+    cohort_id: str
+    uri: str
+    work: Path  # where shards are built: the cohort folder itself, or a local work folder for remote roots
+
+    @property
+    def shard_names(self) -> list[str]:
+        n, size = len(self.class_of), self.spec.shard_size
+        return [f"{SHARD_PREFIX}-{k:06d}.tar" for k in range((n + size - 1) // size)]
+
+    def shard_ids(self, k: int) -> list[int]:
+        return list(range(k * self.spec.shard_size, min(len(self.class_of), (k + 1) * self.spec.shard_size)))
+
+    def part_path(self, k: int) -> Path:
+        return self.work / "parts" / self.shard_names[k].replace(".tar", ".parquet")
+
+    def shard_done(self, k: int) -> bool:
+        return self.part_path(k).exists() and (self.work / self.shard_names[k]).exists()
+
+
+def plan_cohort(spec: CohortSpec, root: str | None = None) -> CohortPlan | CohortResult:
+    """Check ``spec`` against its model; a ``CohortResult`` when the complete cohort already exists."""
+    spec = spec.check()
+    root = storage.storage_root(root)
+    device = resolve_device(spec.device)
+    model = load_model(spec.model_uri, str(device))
+    spec = resolve_sampler(spec, model)
+    guidance = check_compatible(spec, model)
+    quotas, class_of = _plan(spec, model)
+    ident = identity(spec, model, quotas, guidance)
+    cohort_id = spec.name or f"{Path(model.uri).name}-{content_hash(ident)}"
+    uri = storage.join(root, "cohorts", cohort_id)
+    if storage.exists(storage.join(uri, "spec.json")):
+        if storage.read_json(storage.join(uri, "spec.json")) != ident:
+            raise MeddiffError(f"cohort {cohort_id!r} already exists at {uri} with a different spec; "
+                               "choose another --name or delete it")
+        if storage.exists(storage.join(uri, "cohort.json")):
+            card = storage.read_json(storage.join(uri, "cohort.json"))
+            return CohortResult(uri, card, existed=True, counts=card["counts"])
+    remote = storage.is_remote(uri)
+    work = Path.home() / ".cache" / "meddiff" / "work" / "cohorts" / cohort_id if remote else Path(uri)
+    work.mkdir(parents=True, exist_ok=True)
+    storage.write_json(str(work / "spec.json"), ident)
+    if remote:
+        storage.write_json(storage.join(uri, "spec.json"), ident)
+    return CohortPlan(spec, model, device, guidance, quotas, class_of, ident, cohort_id, uri, work)
+
+
+def generate_shard(plan: CohortPlan, k: int, on_batch: Callable[[int], Any] = lambda n: None) -> bool:
+    """Generate shard ``k`` and its manifest part (each written atomically); False when it was done."""
+    if plan.shard_done(k):
+        return False
+    rows = _generate_shard(plan.spec, plan.model, plan.guidance, plan.device, plan.shard_ids(k), plan.class_of,
+                           plan.work / plan.shard_names[k], on_batch)
+    storage.write_bytes(str(plan.part_path(k)), parquet_bytes(manifest_table(rows)))
+    return True
+
+
+def finish_cohort(plan: CohortPlan, generated: int = 0, seconds: float = 0.0) -> CohortResult:
+    """Merge the manifest parts, draw the pictures, write ``cohort.json`` last (and publish remote roots)."""
+    n_total, work, model, spec = len(plan.class_of), plan.work, plan.model, plan.spec
+    table = pa.concat_tables([pq.read_table(plan.part_path(k)) for k in range(len(plan.shard_names))])
+    table = table.sort_by("sample_id")
+    if table.column("sample_id").to_pylist() != list(range(n_total)):
+        raise ArtifactError(f"cohort {plan.uri} parts do not add up to {n_total} samples; delete {work} and re-run")
+    storage.write_bytes(str(work / "manifest.parquet"), parquet_bytes(table))
+    write_pictures(model, spec, plan.guidance, plan.device, table.to_pandas(), work)
+    dataset_uri = (model.card.get("dataset") or {}).get("uri")  # the real data the model learned from
+    card = make_record(
+        "cohort", spec, inputs={"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256,
+                                "dataset_uri": dataset_uri},
+        cohort_id=plan.cohort_id, uri=plan.uri, model_uri=model.uri, dataset_uri=dataset_uri,
+        model_mode=model.mode, class_names=model.class_names, counts=plan.quotas, total=n_total,
+        shards=plan.shard_names, sampler=spec.sampler, steps=spec.steps, guidance_scale=plan.guidance,
+        seed=spec.seed, device=str(plan.device), seconds=round(seconds, 2),
+        samples_per_second=round(generated / seconds, 2) if generated and seconds > 0 else None,
+        resumed_samples=n_total - generated,
+    )
+    storage.write_json(str(work / "cohort.json"), card)
+    if storage.is_remote(plan.uri):
+        storage.publish_dir(work, plan.uri, last=("cohort.json",))
+        shutil.rmtree(work, ignore_errors=True)
+    return CohortResult(plan.uri, card, existed=False, counts=plan.quotas)
+
+
+def generate(spec: CohortSpec, root: str | None = None, progress: Progress | None = None) -> CohortResult:
+    """Generate (or resume, or find) the cohort described by ``spec``: every missing shard, then the card."""
+    plan = plan_cohort(spec, root)
+    if isinstance(plan, CohortResult):
+        return plan
+    t0, n_total, done, generated = time.time(), len(plan.class_of), 0, 0
+    for k in range(len(plan.shard_names)):
+        base = done
+        if generate_shard(plan, k, lambda n: progress and progress(base + n, n_total)):
+            generated += len(plan.shard_ids(k))
+        done += len(plan.shard_ids(k))
+    return finish_cohort(plan, generated, time.time() - t0)
+
+
+def _batches(ids: list[int], class_of: np.ndarray, model: TrainedModel, batch_size: int) -> list[list[int]]:
+    """Split sample ids into batches; per-class models get single-class batches."""
+    if model.mode == "conditional":
+        return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    out: list[list[int]] = []
+    for cid in sorted(set(class_of[ids].tolist())):
+        same = [i for i in ids if class_of[i] == cid]
+        out += [same[i:i + batch_size] for i in range(0, len(same), batch_size)]
+    return out
+
+
+def _generate_shard(spec: CohortSpec, model: TrainedModel, guidance: float | None, device: torch.device,
+                    ids: list[int], class_of: np.ndarray, shard_path: Path,
+                    on_batch: Callable[[int], Any] = lambda n: None) -> list[dict[str, Any]]:
+    """Generate and write one shard atomically; ``on_batch(images done in this shard)`` after each batch."""
+    images: dict[int, np.ndarray] = {}
+    for batch in _batches(ids, class_of, model, spec.batch_size):
+        seeds = [sample_seed(spec.seed, i) for i in batch]
+        out = generate_images(model, class_of[batch].tolist(), seeds, spec.sampler, spec.steps, guidance, device)
+        for i, img in zip(batch, out.numpy()):
+            images[i] = img
+        on_batch(len(images))
+    created = now_iso()
+    rows, samples = [], []
+    for i in ids:
+        cid = int(class_of[i])
+        name = model.class_names[cid]
+        png = encode_png(images[i].transpose(1, 2, 0))  # (C, H, W) → (H, W, C)
+        key = f"syn-{i:07d}"
+        seed = sample_seed(spec.seed, i)
+        ckpt = model.checkpoint_sha256.get("model") or model.checkpoint_sha256[name]
+        samples.append(encode_sample(key, png, cid, {
+            "label": cid, "label_name": name, "sample_id": i, "seed": seed, "model_uri": model.uri,
+            "sampler": spec.sampler, "steps": spec.steps, "guidance_scale": guidance}))
+        rows.append({"sample_id": i, "key": key, "shard": shard_path.name, "class_id": cid, "class_name": name,
+                     "seed": seed, "model_uri": model.uri, "checkpoint_sha256": ckpt, "sampler": spec.sampler,
+                     "steps": spec.steps, "guidance_scale": guidance, "image_sha256": sha256_bytes(png),
+                     "created_at": created, "meddiff_version": __version__})
+    write_shard(shard_path, samples)
+    return rows
+
+
+def regenerate(cohort_uri: str, sample_id: int, device: str = "auto", alone: bool = False) -> bytes:
+    """PNG bytes of one sample of a cohort, regenerated from its own seed.
+
+    By default the sample is recomputed inside the batch it was made in (rebuilt from the cohort
+    card's quotas, shard size and batch size): the bytes are identical to the stored image.
+    ``alone=True`` runs it as a batch of one: CPU math kernels pick their blocking by batch size,
+    so the image then matches up to the last bits (at most ±1 grey level on rare pixels).
+    """
+
+    cohort = open_cohort(cohort_uri)
+    card = cohort.card
+    row = cohort.manifest().set_index("sample_id").loc[sample_id]
+    dev = resolve_device(device)
+    model = load_model(row["model_uri"], str(dev))
+    guidance = None if pd.isna(row["guidance_scale"]) else float(row["guidance_scale"])
+    batch = [sample_id]
+    if not alone:
+        class_of = np.concatenate([np.full(int(card["counts"][c]), i, dtype=np.int64)
+                                   for i, c in enumerate(card["class_names"])])
+        size, bs = int(card["config"]["shard_size"]), int(card["config"]["batch_size"])
+        first = sample_id // size * size
+        shard_ids = list(range(first, min(len(class_of), first + size)))
+        batch = next(b for b in _batches(shard_ids, class_of, model, bs) if sample_id in b)
+        rows = cohort.manifest().set_index("sample_id").loc[batch]
+    else:
+        rows = pd.DataFrame([row], index=[sample_id])
+    imgs = generate_images(model, rows["class_id"].astype(int).tolist(), rows["seed"].astype(int).tolist(),
+                           row["sampler"], int(row["steps"]), guidance, dev)
+    return encode_png(imgs[batch.index(sample_id)].numpy().transpose(1, 2, 0))

@@ -1,0 +1,1 @@
+"""Operations: Prefect work pools and deployments (``meddiff deploy``)."""

@@ -1,0 +1,106 @@
+"""Apply meddiff's Prefect deployments: create the work pools, then the deployments of prefect.yaml.
+
+Work pools: ``cpu`` (ingest, evaluate) and ``gpu`` (train, generate, pipeline), both of type
+``process``; the gpu pool has a concurrency limit so a GPU worker runs one heavy flow at a time.
+Everything goes through the ``prefect`` CLI of this interpreter against ``PREFECT_API_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from meddiff.errors import MeddiffError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class DeployError(MeddiffError):
+    """The deployments could not be applied."""
+
+
+@dataclass(frozen=True)
+class WorkPoolSpec:
+    name: str  # work pool name referenced by prefect.yaml
+    type: str = "process"  # worker type: flows run as subprocesses of the worker
+    concurrency_limit: int | None = None  # max concurrent flow runs in the pool; None = unlimited
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    prefect_file: str = str(REPO_ROOT / "prefect.yaml")  # the deployments to apply
+    api_url: str | None = None  # Prefect API; None = $PREFECT_API_URL (must be set: no ephemeral server)
+    names: tuple[str, ...] = ()  # 'flow-name/deployment-name' to apply; empty = all of them
+    gpu_concurrency: int = 1  # concurrent flow runs on the gpu pool (one GPU per worker)
+    cpu_concurrency: int | None = None  # concurrent flow runs on the cpu pool; None = unlimited
+
+    def pools(self) -> tuple[WorkPoolSpec, ...]:
+        return (WorkPoolSpec("cpu", concurrency_limit=self.cpu_concurrency),
+                WorkPoolSpec("gpu", concurrency_limit=self.gpu_concurrency))
+
+    def check(self) -> "DeployConfig":
+        if not (self.api_url or os.environ.get("PREFECT_API_URL")):
+            raise DeployError("PREFECT_API_URL is not set: start a server (`docker compose up -d` or "
+                              "`prefect server start`) and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        if not Path(self.prefect_file).is_file():
+            raise DeployError(f"no prefect.yaml at {self.prefect_file}")
+        for limit in (self.gpu_concurrency, self.cpu_concurrency):
+            if limit is not None and limit < 1:
+                raise DeployError(f"work pool concurrency limits must be positive, got {limit}")
+        return self
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    api_url: str
+    pools: tuple[WorkPoolSpec, ...]
+    deployments: tuple[str, ...]  # the deployment names applied
+
+
+def deployment_entries(prefect_file: str | Path) -> list[dict]:
+    """The ``deployments`` entries of a prefect.yaml."""
+    doc = yaml.safe_load(Path(prefect_file).read_text())
+    return list(doc.get("deployments") or [])
+
+
+def _prefect(args: list[str], env: dict[str, str], cwd: Path, what: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise DeployError(f"{what} failed (prefect {' '.join(args)}, exit {proc.returncode}):\n{out.strip()[-3000:]}")
+    return out
+
+
+def deploy(cfg: DeployConfig, log=print) -> DeployResult:
+    """Create/update the work pools, then apply the deployments (all, or ``cfg.names``)."""
+    cfg = cfg.check()
+    env = dict(os.environ)
+    if cfg.api_url:
+        env["PREFECT_API_URL"] = cfg.api_url
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env["COLUMNS"] = "240"  # keep the CLI's boxed messages on one line each
+    prefect_file = Path(cfg.prefect_file).resolve()
+    cwd = prefect_file.parent  # entrypoints are relative to the project root
+    for pool in cfg.pools():
+        _prefect(["work-pool", "create", pool.name, "--type", pool.type, "--overwrite"], env, cwd,
+                 f"creating work pool {pool.name}")
+        if pool.concurrency_limit is None:
+            _prefect(["work-pool", "clear-concurrency-limit", pool.name], env, cwd,
+                     f"clearing the concurrency limit of {pool.name}")
+        else:
+            _prefect(["work-pool", "set-concurrency-limit", pool.name, str(pool.concurrency_limit)], env, cwd,
+                     f"setting the concurrency limit of {pool.name}")
+        log(f"work pool {pool.name} ({pool.type}, concurrency limit {pool.concurrency_limit or 'none'})")
+    selection = [a for n in cfg.names for a in ("--name", n)] or ["--all"]
+    out = _prefect(["deploy", *selection, "--prefect-file", str(prefect_file)], env, cwd, "prefect deploy")
+    applied = tuple(re.findall(r"Deployment '([^']+)' successfully", out))
+    for name in applied:
+        log(f"deployment {name}")
+    return DeployResult(env["PREFECT_API_URL"], cfg.pools(), applied)

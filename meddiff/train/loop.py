@@ -1,0 +1,294 @@
+"""The training loop: train (or resume, or find finished) one network per part of a ``RunPlan``.
+
+Library entry point: ``train(TrainConfig(...), root) -> TrainResult``. Multi-process:
+``torchrun --nproc_per_node N -m meddiff.train DATASET_URI [options of 'meddiff train']``.
+
+Layout::
+
+    <root>/models/<run-id>/                 conditional: one run folder
+        config.json  metrics.jsonl  loss_curve.png  samples/step-XXXXXXX/class-<i>.png
+        checkpoints/step-XXXXXXX.pt  model.json   (model.json last = complete)
+    <root>/models/<run-id>/                 per-class: a group
+        class-<i>/ (one run folder each, as above)  model.json (group card, last)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meddiff import storage
+from meddiff.devices import resolve_device
+from meddiff.errors import MeddiffError
+from meddiff.models.diffusion import build_scheduler
+from meddiff.progress import Progress
+from meddiff.records import make_record, to_jsonable
+from meddiff.train.batches import DataSpec, batches
+from meddiff.train.cards import finish_group, finish_part
+from meddiff.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
+from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
+from meddiff.train.records import (append_metrics, preview_samples, truncate_metrics, write_grid,
+                                   write_loss_curve)
+from meddiff.train.run_folder import RunFolder
+from meddiff.train.step import TrainingState, build_training_state, drop_labels, train_step
+
+PREVIEW_PER_CLASS = 8  # images per class in each preview grid
+
+
+# --------------------------------------------------------------------------- process and RNG
+
+def process_device(requested: str, info: DistInfo | None = None) -> torch.device:
+    """This process's device: under torchrun, rank r on GPU ``N + local_rank`` (see meddiff.devices)."""
+    info = info or env_info()
+    return resolve_device(requested, local_rank=info.local_rank, world=info.world)
+
+
+def _set_cpu_threads(cfg: TrainConfig, device: torch.device, info: DistInfo) -> None:
+    if device.type == "cpu" and (cfg.cpu_threads or info.world > 1):
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world))
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``. The setters take CPU ByteTensors only, so states are moved there first."""
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])  # (another GPU count: fresh streams)
+
+
+def load_resume_state(path: Path) -> dict[str, Any]:
+    """A checkpoint to resume from, read onto the CPU: ``load_state_dict`` copies weights and optimiser
+    moments onto the network's device, and the RNG setters accept CPU ByteTensors only (a checkpoint
+    mapped onto a GPU made every resumed GPU run fail with "RNG state must be a torch.ByteTensor")."""
+    return load_checkpoint(path, map_location="cpu")
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB → MiB (peak RSS)
+
+
+# --------------------------------------------------------------------------- one part
+
+def _check_compatible(state: dict[str, Any], part: dict[str, Any], path: Path) -> None:
+    """A checkpoint being resumed must come from the same classes and the same network."""
+    if state.get("num_classes") != part["num_classes"]:
+        raise MeddiffError(f"checkpoint {path} was trained on {state.get('num_classes')} classes but the dataset "
+                           f"has {part['num_classes']}; use another run name or --no-resume")
+    for key in ("network", "channels", "image_size", "class_id", "num_class_embeds", "scheduler_config"):
+        if to_jsonable(state.get(key)) != to_jsonable(part[key]):
+            raise MeddiffError(f"checkpoint {path} has a different {key} ({state.get(key)} ≠ {part[key]}); "
+                               f"use another run name or --no-resume")
+
+
+def part_identity(plan: RunPlan, class_id: int | None) -> dict[str, Any]:
+    """What a part's network is: stored in its checkpoints and its card (load_model rebuilds from it)."""
+    ds = plan.dataset
+    return {"class_id": class_id, "num_classes": ds.num_classes, "channels": ds.channels,
+            "image_size": ds.image_size, "network": to_jsonable(plan.network),
+            "num_class_embeds": ds.num_classes + 1 if class_id is None else None,
+            "scheduler_config": plan.scheduler_config}
+
+
+@dataclass
+class PartRun:
+    """One part's training in progress: where it writes, what it trains, how far it is."""
+
+    plan: RunPlan
+    class_id: int | None
+    folder: RunFolder
+    identity: dict[str, Any]
+    info: DistInfo
+    device: torch.device
+    st: TrainingState
+    step: int = 0  # optimiser steps done
+    wall_before: float = 0.0  # wall time of earlier sessions of this run (resumed)
+    started: float = 0.0  # time.time() when this session started
+    last_saved: int = -1  # step of the newest checkpoint
+
+    @property
+    def title(self) -> str:
+        return self.plan.run_id if self.class_id is None else f"{self.plan.run_id} class {self.class_id}"
+
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+
+def _prepare_folder(plan: RunPlan, folder: RunFolder, identity: dict[str, Any]) -> None:
+    """Rank 0: create (or, without resume, clear) the run folder; fetch remote state; write config.json."""
+    folder.local.mkdir(parents=True, exist_ok=True)
+    if not plan.cfg.resume:
+        shutil.rmtree(folder.local / "checkpoints", ignore_errors=True)
+        (folder.local / "metrics.jsonl").unlink(missing_ok=True)
+    elif folder.remote:
+        folder.pull_latest()
+    config_rec = make_record("train-config", plan.config_record(), {"dataset": plan.dataset.uri}, part=identity,
+                             run_id=plan.run_id)
+    storage.write_json(str(folder.local / "config.json"), config_rec)
+
+
+def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info: DistInfo) -> PartRun:
+    """Prepare the folder (rank 0), build the state, resume from the newest checkpoint if any."""
+    cfg = plan.cfg
+    folder = RunFolder.for_uri(plan.part_uri(class_id))
+    identity = part_identity(plan, class_id)
+    if info.is_main:
+        _prepare_folder(plan, folder, identity)
+    barrier(info)
+    torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 1)  # same initial weights on every rank
+    st = build_training_state(plan.network, plan.dataset.channels, identity["num_class_embeds"], device, cfg.lr,
+                              cfg.weight_decay, cfg.warmup_steps, cfg.ema_decay)
+    run = PartRun(plan, class_id, folder, identity, info, device, st, started=time.time())
+    ckpts = list_checkpoints(folder.local) if cfg.resume else []
+    if ckpts:
+        state = load_resume_state(ckpts[-1])
+        _check_compatible(state, identity, ckpts[-1])
+        st.load_state_dict(state)
+        run.step = run.last_saved = int(state["step"])
+        run.wall_before = float(state.get("wall_time_s", 0.0))
+        if info.is_main:
+            set_rng_state(state["rng"])  # rank 0 continues its exact random stream
+            truncate_metrics(folder.local, run.step)
+    if not (ckpts and info.is_main):
+        torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 2 + 7919 * info.rank + run.step)
+    barrier(info)
+    return run
+
+
+def _wrap(run: PartRun) -> torch.nn.Module:
+    """The module the step calls: DDP across ranks, ``torch.compile`` when asked."""
+    model: torch.nn.Module = run.st.net
+    if run.info.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(run.st.net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return torch.compile(model) if run.plan.cfg.compile else model
+
+
+def _save(run: PartRun) -> None:
+    """Rank 0 writes the checkpoint of ``run.step`` (atomic, rotated) and pushes it; all ranks wait."""
+    run.last_saved = run.step
+    if run.info.is_main:
+        path = save_checkpoint(run.folder.local, run.step, {
+            **run.st.state_dict(), "rng": rng_state(), "config": run.plan.config_record(),
+            "wall_time_s": run.wall_time(), **run.identity}, keep=run.plan.cfg.keep)
+        write_loss_curve(run.folder.local, run.title)
+        run.folder.push(["metrics.jsonl", "config.json", "loss_curve.png", f"checkpoints/{path.name}"])
+    barrier(run.info)
+
+
+def _log(run: PartRun, mean_loss: float, images_per_s: float) -> None:
+    if not math.isfinite(mean_loss):
+        raise MeddiffError(f"the loss became {mean_loss} by step {run.step}; lower --lr or use another "
+                           f"schedule; the last good checkpoint is kept (step {max(run.last_saved, 0)})")
+    if run.info.is_main:
+        append_metrics(run.folder.local, {
+            "step": run.step, "loss": mean_loss, "lr": run.st.lr_sched.get_last_lr()[0],
+            "images_per_s": images_per_s, "peak_mem_mb": round(_peak_memory_mb(run.device), 1),
+            "class_id": run.class_id})
+
+
+def _write_previews(run: PartRun) -> None:
+    plan, ds, n = run.plan, run.plan.dataset, PREVIEW_PER_CLASS
+    classes = [run.class_id] if run.class_id is not None else list(range(ds.num_classes))
+    labels = None if run.class_id is not None else torch.arange(ds.num_classes).repeat_interleave(n)  # (K·n,)
+    ema_net = run.st.ema.module
+    ema_net.eval()
+    imgs = preview_samples(ema_net, plan.scheduler_config, labels, n * len(classes), ds.channels, ds.image_size,
+                           run.device, seed=plan.cfg.seed, steps=plan.cfg.preview_steps)
+    for i, cid in enumerate(classes):
+        write_grid(imgs[i * n:(i + 1) * n], run.folder.local / "samples" / f"step-{run.step:07d}" / f"class-{cid}.png")
+    ema_net.train()
+
+
+def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = None,
+               progress_offset: int = 0, progress_total: int | None = None) -> dict[str, Any]:
+    """Train (or resume, or find finished) one network; returns its card. Only rank 0 writes."""
+    cfg = plan.cfg
+    card_uri = storage.join(plan.part_uri(class_id), "model.json")
+    if storage.exists(card_uri):
+        return storage.read_json(card_uri)
+    device = process_device(cfg.device)
+    info = ensure_process_group(device)
+    if cfg.batch_size % info.world:
+        raise MeddiffError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
+    _set_cpu_threads(cfg, device, info)
+    run = _start_part(plan, class_id, device, info)
+    model, scheduler = _wrap(run), build_scheduler(plan.scheduler_config)
+    spec = DataSpec(class_id=class_id, hflip=cfg.hflip, vflip=cfg.vflip, num_workers=cfg.num_workers)
+    data = batches(plan.dataset, spec, cfg.batch_size // info.world, cfg.seed, run.step, info.rank, info.world)
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    loss_sum, n_sum = torch.zeros((), device=device), 0
+    t_last, step_last = time.perf_counter(), run.step
+
+    run.st.net.train()
+    while run.step < cfg.steps:
+        x, y = next(data)
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels = None if class_id is not None else drop_labels(y.to(device), cfg.label_dropout, plan.dataset.num_classes)
+        loss_sum += train_step(model, run.st, scheduler, x, labels, cfg.prediction, cfg.min_snr_gamma,
+                               cfg.grad_clip, autocast)
+        run.step, n_sum = run.step + 1, n_sum + 1
+        is_ckpt = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps
+        if run.step % cfg.log_every == 0 or is_ckpt:
+            now = time.perf_counter()
+            _log(run, float(mean_across(loss_sum / n_sum, info)),
+                 (run.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9))
+            loss_sum.zero_()
+            n_sum, t_last, step_last = 0, now, run.step
+        if info.is_main and (run.step % cfg.sample_every == 0 or run.step == cfg.steps):
+            _write_previews(run)
+        if is_ckpt:
+            _save(run)
+        if progress is not None and info.is_main:
+            progress(progress_offset + run.step, progress_total or cfg.steps)
+
+    card: dict[str, Any] = {}
+    if info.is_main:
+        card = finish_part(plan, class_id, run.identity, run.folder, run.st.ema.module, device, info,
+                           run.wall_time())
+    barrier(info)
+    return card
+
+
+# --------------------------------------------------------------------------- the whole model
+
+def train(cfg: TrainConfig, root: str | None = None, progress: Progress | None = None) -> TrainResult:
+    """Train the model ``cfg`` asks for (resuming or skipping what exists); returns its URI and card."""
+    plan = plan_run(cfg, root)
+    card_uri = storage.join(plan.uri, "model.json")
+    if storage.exists(card_uri):
+        return TrainResult(plan.uri, storage.read_json(card_uri), existed=True)
+    parts = plan.parts
+    total = plan.cfg.steps * len(parts)
+    cards = {}
+    for i, c in enumerate(parts):
+        cards[c] = train_part(plan, c, progress, progress_offset=i * plan.cfg.steps, progress_total=total)
+    info = ensure_process_group(process_device(plan.cfg.device))
+    if plan.cfg.mode == "per-class" and info.is_main:
+        card = finish_group(plan)
+    else:
+        card = cards[None] if plan.cfg.mode == "conditional" else {}
+    barrier(info)
+    if not info.is_main:
+        card = storage.read_json(card_uri)
+    return TrainResult(plan.uri, card, existed=False)

@@ -1,0 +1,62 @@
+"""Where a run is built: its own folder for local roots, a local work folder synced to s3:// roots."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from meddiff import storage
+from meddiff.train.checkpoint import list_checkpoints
+from meddiff.records import content_hash
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's local working folder and where it is published (the same path for local roots)."""
+
+    local: Path
+    uri: str
+
+    @staticmethod
+    def for_uri(uri: str) -> "RunFolder":
+        if not storage.is_remote(uri):
+            return RunFolder(Path(uri), uri)
+        key = content_hash(uri, 16)
+        return RunFolder(Path(tempfile.gettempdir()) / "meddiff-train" / key, uri)
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_remote(self.uri)
+
+    def pull_latest(self) -> None:
+        """Remote: fetch config/metrics and the newest checkpoint into the local folder."""
+        if not self.remote:
+            return
+        fs, path = storage.filesystem(self.uri)
+        self.local.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl",):
+            if fs.exists(f"{path}/{name}"):
+                fs.get_file(f"{path}/{name}", str(self.local / name))
+        names = sorted(storage.listdir(storage.join(self.uri, "checkpoints")))
+        names = [n for n in names if n.startswith("step-") and n.endswith(".pt")]
+        if names and not (self.local / "checkpoints" / names[-1]).exists():
+            (self.local / "checkpoints").mkdir(exist_ok=True)
+            tmp = self.local / "checkpoints" / f".{names[-1]}.download"
+            storage.with_retries(lambda: fs.get_file(f"{path}/checkpoints/{names[-1]}", str(tmp)),
+                                 what=f"download checkpoint {names[-1]}")
+            tmp.replace(self.local / "checkpoints" / names[-1])
+
+    def push(self, rel_paths: list[str]) -> None:
+        """Remote: upload these files (in order); local: nothing to do."""
+        if not self.remote:
+            return
+        fs, path = storage.filesystem(self.uri)
+        for rel in rel_paths:
+            src = self.local / rel
+            if src.is_file():
+                storage.with_retries(lambda: fs.put_file(str(src), f"{path}/{rel}"), what=f"upload {rel}")
+        keep = {p.name for p in list_checkpoints(self.local)}
+        for name in storage.listdir(storage.join(self.uri, "checkpoints")):
+            if name.startswith("step-") and name not in keep:
+                fs.rm(f"{path}/checkpoints/{name}")

@@ -1,0 +1,57 @@
+"""Storage: the download cache of remote objects never serves another endpoint's or an old version's bytes."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+
+from meddiff import storage
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fetch_local_cache_is_keyed_by_endpoint_and_object_version(moto_s3, monkeypatch, tmp_path):
+    import boto3
+
+    # a second S3 server in its own process (moto servers in one process share one store)
+    port = free_port()
+    other = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        other_endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                boto3.client("s3", endpoint_url=other_endpoint).create_bucket(Bucket="meddiff")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+        uri, cache = "s3://meddiff/x/model.json", tmp_path / "cache"
+
+        storage.write_bytes(uri, b"first endpoint")
+        assert storage.fetch_local(uri, cache).read_bytes() == b"first endpoint"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", other_endpoint)  # same bucket and path, another server
+        storage.write_bytes(uri, b"second endpoint, other bytes")
+        assert storage.fetch_local(uri, cache).read_bytes() == b"second endpoint, other bytes"
+        storage.write_bytes(uri, b"rewritten in place")  # same endpoint, same path, new object
+        assert storage.fetch_local(uri, cache).read_bytes() == b"rewritten in place"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3)
+        assert storage.fetch_local(uri, cache).read_bytes() == b"first endpoint"
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_fetch_local_returns_local_paths_untouched(tmp_path):
+    p = tmp_path / "a.bin"
+    p.write_bytes(b"x")
+    assert storage.fetch_local(str(p)) == p
