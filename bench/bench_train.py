@@ -29,14 +29,14 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
                     "RTX 4090": 165.0}  # dense (no sparsity) bf16 tensor-core peaks
 
 
-def one(preset: str, size: int, batch: int, steps: int, device: str) -> dict:
+def one(preset: str, size: int, batch: int, steps: int, device: str, compile_: bool = False) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from meddiff.diffusion import build_scheduler, scheduler_config
-    from meddiff.networks import param_count
-    from meddiff.train_presets import get_preset
-    from meddiff.train_step import build_training_state, train_step
+    from meddiff.models.diffusion import build_scheduler, scheduler_config
+    from meddiff.models.networks import param_count
+    from meddiff.train.presets import get_preset
+    from meddiff.train.step import build_training_state, train_step
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -52,10 +52,12 @@ def one(preset: str, size: int, batch: int, steps: int, device: str) -> dict:
         net(x, timesteps=torch.randint(0, 1000, (batch,), device=dev), class_labels=y)
     flops_per_step = 3 * fc.get_total_flops()
 
-    def step():
-        train_step(net, st, sched, x, y, "epsilon", None, 1.0, autocast)
+    model = torch.compile(net) if compile_ else net
 
-    for _ in range(2 if dev.type == "cuda" else 1):  # warm-up (allocator, cuDNN/oneDNN kernel choice)
+    def step():
+        train_step(model, st, sched, x, y, "epsilon", None, 1.0, autocast)
+
+    for _ in range(3 if compile_ else 2 if dev.type == "cuda" else 1):  # warm-up (allocator, cuDNN/oneDNN kernel choice)
         step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -71,7 +73,7 @@ def one(preset: str, size: int, batch: int, steps: int, device: str) -> dict:
     out = {"preset": preset, "size": size, "batch": batch, "device": device, "params_m": param_count(net) / 1e6,
            "images_per_s": steps * batch / dt, "step_ms": 1000 * dt / steps, "peak_mb": peak,
            "gflop_per_step": flops_per_step / 1e9, "tflops": flops_per_step * steps / dt / 1e12,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "compile": compile_}
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
         out["gpu"] = name
@@ -89,11 +91,12 @@ def main() -> None:
                    help="timed steps (default: CPU tiny 10, small 3, base 2; CUDA 50)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         preset, size, batch, steps, device = args.one
-        print(json.dumps(one(preset, int(size), int(batch), int(steps), device)))
+        print(json.dumps(one(preset, int(size), int(batch), int(steps), device, args.compile)))
         return
     import torch
 
@@ -108,7 +111,8 @@ def main() -> None:
             batch = args.batch or (128 if device == "cuda" else {"tiny": 32, "small": 8}.get(preset, 4))
             steps = args.steps or (50 if device == "cuda" else {"tiny": 10, "small": 3}.get(preset, 2))
             env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-            res = subprocess.run([sys.executable, __file__, "--one", preset, str(size), str(batch), str(steps), device],
+            res = subprocess.run([sys.executable, __file__, "--one", preset, str(size), str(batch), str(steps), device]
+                                 + (["--compile"] if args.compile else []),
                                  capture_output=True, text=True, env=env)
             if res.returncode:
                 print(f"{preset:6} {size:>4} failed: {res.stderr.strip().splitlines()[-1]}")
