@@ -164,9 +164,12 @@ def step_generate(args) -> dict:
 
 def step_evaluate(args) -> dict:
     from meddiff.evaluate import EvalConfig, evaluate_cohort
+    from meddiff.evaluate.features import DomainTrainConfig
 
     cohort_uri = done(args.work, "generate")["cohort_uri"]
-    cfg = EvalConfig(features=tuple(args.features), max_images=None, tstr=args.tstr, device=args.device)
+    domain = DomainTrainConfig() if args.domain_steps is None else DomainTrainConfig(steps=args.domain_steps)
+    cfg = EvalConfig(features=tuple(args.features), max_images=None, tstr=args.tstr, device=args.device,
+                     domain=domain)
     t0 = time.time()
     res = evaluate_cohort(cohort_uri, cfg)
     return {"report_uri": res.report_uri, "seconds": round(time.time() - t0, 1), "headline": res.report["headline"]}
@@ -234,7 +237,7 @@ def smoke_args(args) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "device": "cpu", "preset": "tiny", "batches": [16], "tune_steps": 2,
                                  "train_steps": 12, "checkpoint_every": 6, "batch_size": 16, "compile": False,
                                  "cohort_size": 16, "sample_steps": 4, "gen_batch": 8, "features": ["domain"],
-                                 "tstr": False, "objective": "rflow"})
+                                 "tstr": False, "objective": "rflow", "domain_steps": 30})
 
 
 def main() -> None:
@@ -258,6 +261,7 @@ def main() -> None:
     p.add_argument("--sample-steps", type=int, default=50)
     p.add_argument("--gen-batch", type=int, default=1024)
     p.add_argument("--features", nargs="+", default=["inception", "domain"])
+    p.add_argument("--domain-steps", type=int, default=None, help="evaluate: domain classifier steps")
     p.add_argument("--tstr", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--dry-run", action="store_true", help="pack: print what would be fetched")
     p.add_argument("--force", action="store_true")
