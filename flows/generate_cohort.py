@@ -39,7 +39,7 @@ def generate_cohort(
     per_class: int | None = None,
     total: int | None = None,
     ratios: str | None = None,
-    sampler: Literal["auto", "ddpm", "ddim", "rflow"] = "auto",
+    sampler: Literal["auto", "ddim", "ddpm", "dpmpp2m", "rflow", "heun"] = "auto",
     steps: int = 50,
     guidance: float | None = None,
     seed: int = 0,

@@ -53,7 +53,7 @@ def pipeline(
     preview_steps: int | None = None,
     per_class: int | None = 50,
     total: int | None = None,
-    sampler: str = "auto",
+    sampler: Literal["auto", "ddim", "ddpm", "dpmpp2m", "rflow", "heun"] = "auto",
     sample_steps: int = 50,
     guidance: float | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
