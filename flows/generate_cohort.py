@@ -40,7 +40,7 @@ def generate_cohort(
     total: int | None = None,
     ratios: str | None = None,
     sampler: Literal["auto", "ddim", "ddpm", "dpmpp2m", "rflow", "heun"] = "auto",
-    steps: int = 50,
+    steps: int = 25,
     guidance: float | None = None,
     seed: int = 0,
     batch_size: int = 64,

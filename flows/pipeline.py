@@ -54,7 +54,7 @@ def pipeline(
     per_class: int | None = 50,
     total: int | None = None,
     sampler: Literal["auto", "ddim", "ddpm", "dpmpp2m", "rflow", "heun"] = "auto",
-    sample_steps: int = 50,
+    sample_steps: int = 25,
     guidance: float | None = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     allow_cpu_fallback: bool = False,

@@ -35,7 +35,7 @@ def generate(
     ratios: Optional[str] = typer.Option(None, help="Prevalence ratios of --total: 'name=p,...' (or class ids)."),
     sampler: str = typer.Option("auto", help="auto (dpmpp2m for DDPM models, heun for rectified flow) | "
                                 "ddim | ddpm | dpmpp2m (DDPM ε/v models) | rflow | heun (rectified flow)."),
-    steps: int = typer.Option(50, help="Reverse-diffusion steps (heun: 2·steps − 1 network calls)."),
+    steps: int = typer.Option(25, help="Reverse-diffusion steps (heun: 2·steps − 1 network calls)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (conditional models; "
                                              "default 2.0, or 1.0 for a model trained with label dropout 0)."),
     seed: int = typer.Option(0, help="Base seed; every image's own seed derives from it."),

@@ -21,7 +21,8 @@ class CohortSpec:
     ratios: str | None = None  # prevalence ratios "name=p,..." of `total` (unlisted classes get 0)
     sampler: Sampler | Literal["auto"] = "auto"  # auto = measured best: dpmpp2m for ε/v models, heun for
     # rectified flow; ddim (η=0), ddpm (ancestral, η=1) and dpmpp2m serve ε/v models, rflow (Euler) and heun rflow
-    steps: int = 50  # reverse-diffusion steps (heun: 2·steps − 1 network calls)
+    steps: int = 25  # reverse-diffusion steps (heun: 2·steps − 1 network calls); 25 = near-converged for the
+    # auto samplers (bench/bench_samplers.py, README "Generate")
     guidance: float | None = None  # CFG scale (conditional models only); None = 2.0, or 1.0 for a model trained
     # without label dropout (no null label; other values are refused)
     seed: int = 0  # base seed; sample i's seed derives from (seed, i)
