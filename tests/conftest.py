@@ -105,3 +105,14 @@ def tiny_per_class_model_uri(breastmnist_uri: str, session_storage: str) -> str:
     cfg = TrainConfig(breastmnist_uri, mode="per-class", preset="tiny", steps=10, batch_size=16, device="cpu",
                       preview_steps=2)
     return train(cfg, session_storage).uri
+
+
+@pytest.fixture(scope="session")
+def tiny_rflow_model_uri(breastmnist_uri: str, session_storage: str) -> str:
+    """A tiny class-conditional rectified-flow model on BreastMNIST, trained without label dropout
+    (so it has no null label: guidance must stay 1.0)."""
+    from meddiff.train import TrainConfig, train
+
+    cfg = TrainConfig(breastmnist_uri, mode="conditional", preset="tiny", steps=10, batch_size=16, device="cpu",
+                      objective="rflow", label_dropout=0.0, preview_steps=2)
+    return train(cfg, session_storage).uri

@@ -177,3 +177,57 @@ def test_generate_flow(prefect_harness, tiny_per_class_model_uri, tmp_path):
     with pytest.raises(MeddiffError, match="no CUDA GPU"):
         generate_cohort(model_uri=tiny_per_class_model_uri, per_class=1, device="cuda", evaluate=False,
                         storage_root=str(tmp_path))
+
+
+def _stored_png(uri: str, sample_id: int) -> bytes:
+    row = open_cohort(uri).manifest().set_index("sample_id").loc[sample_id]
+    return next(s["png"] for s in iter_shard(f"{uri}/{row['shard']}") if s["__key__"] == row["key"])
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp2m", "heun"])
+def test_cli_second_order_samplers_verify_and_regenerate_exactly(sampler, tiny_conditional_model_uri,
+                                                                tiny_rflow_model_uri, tmp_path):
+    """What a new user runs: generate with a 2nd-order sampler at 7 steps, verify, regenerate a sample."""
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    model = tiny_conditional_model_uri if sampler == "dpmpp2m" else tiny_rflow_model_uri
+    runner = CliRunner()
+    res = runner.invoke(app, ["generate", model, "--per-class", "3", "--sampler", sampler, "--steps", "7",
+                              "--batch-size", "4", "--device", "cpu", "--storage", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    uri = res.output.strip().splitlines()[-1]
+    card = open_cohort(uri).card
+    assert (card["sampler"], card["steps"], card["device_type"], card["autocast"]) == (sampler, 7, "cpu", "float32")
+    assert card["guidance_scale"] == (2.0 if sampler == "dpmpp2m" else 1.0)  # rflow model: label_dropout 0
+    assert runner.invoke(app, ["cohorts", "verify", uri]).exit_code == 0
+    assert open_cohort(uri).manifest()["image_sha256"].is_unique
+    for sid in (0, 5):  # a sample in the first batch and one in the middle of the second
+        out = tmp_path / f"{sid}.png"
+        res = runner.invoke(app, ["cohorts", "regenerate", uri, str(sid), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert out.read_bytes() == _stored_png(uri, sid)
+
+
+def test_guidance_refused_without_label_dropout_and_auto_sampler(tiny_rflow_model_uri, tmp_path):
+    with pytest.raises(MeddiffError, match="label_dropout 0"):
+        generate(spec(tiny_rflow_model_uri, per_class=1, guidance=2.0), str(tmp_path))
+    with pytest.raises(MeddiffError, match=r"rflow \| heun"):
+        generate(spec(tiny_rflow_model_uri, per_class=1, sampler="dpmpp2m"), str(tmp_path))
+    r = generate(spec(tiny_rflow_model_uri, per_class=1), str(tmp_path))
+    assert r.card["sampler"] == "heun" and r.card["guidance_scale"] == 1.0
+
+
+def test_regenerate_warns_when_the_recorded_device_cannot_be_matched(tiny_conditional_model_uri, tmp_path):
+    from meddiff.data.cohorts import open_cohort as _open
+    from meddiff.generate.cohort import regenerate_device
+
+    r = generate(spec(tiny_conditional_model_uri, per_class=1), str(tmp_path))
+    card = dict(_open(r.uri).card, device_type="cuda", autocast="bfloat16")  # as if made on a GPU
+    with pytest.warns(UserWarning, match="made on cuda"):
+        assert regenerate_device(card, "cpu").type == "cpu"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert regenerate_device(_open(r.uri).card, None).type == "cpu"  # recorded cpu: silent

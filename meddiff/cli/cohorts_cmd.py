@@ -33,9 +33,11 @@ def generate(
     per_class: Optional[int] = typer.Option(None, help="N images of every class."),
     total: Optional[int] = typer.Option(None, help="N images split evenly, or by --ratios."),
     ratios: Optional[str] = typer.Option(None, help="Prevalence ratios of --total: 'name=p,...' (or class ids)."),
-    sampler: str = typer.Option("auto", help="auto (the model's own) | ddim | ddpm (DDPM models) | rflow."),
-    steps: int = typer.Option(50, help="Reverse-diffusion steps."),
-    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (conditional models; default 2.0)."),
+    sampler: str = typer.Option("auto", help="auto (dpmpp2m for DDPM models, heun for rectified flow) | "
+                                "ddim | ddpm | dpmpp2m (DDPM ε/v models) | rflow | heun (rectified flow)."),
+    steps: int = typer.Option(25, help="Reverse-diffusion steps (heun: 2·steps − 1 network calls)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (conditional models; "
+                                             "default 2.0, or 1.0 for a model trained with label dropout 0)."),
     seed: int = typer.Option(0, help="Base seed; every image's own seed derives from it."),
     batch_size: int = typer.Option(64, help="Images per forward pass (recorded; can move an image's last bits)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -95,7 +97,8 @@ def verify(uri: str) -> None:
 
 @cohorts.command()
 def regenerate(uri: str, sample_id: int, out: Path = typer.Option(..., help="PNG file to write."),
-               device: str = typer.Option("auto"),
+               device: Optional[str] = typer.Option(None, help="Default: the recorded device type (warns "
+                                                    "when it cannot be matched)."),
                alone: bool = typer.Option(False, help="Batch of one: equal up to the last bits (±1 grey level).")) -> None:
     """Regenerate one sample from its own seed (byte-identical to the stored image)."""
     from meddiff.generate import regenerate as run_regenerate

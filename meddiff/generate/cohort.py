@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,11 +23,11 @@ import torch
 from meddiff import __version__, storage
 from meddiff.data.images import encode_png
 from meddiff.data.shards import encode_sample, write_shard
-from meddiff.devices import resolve_device
+from meddiff.devices import cuda_count, resolve_device
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.data.cohorts import SHARD_PREFIX, manifest_table, open_cohort, parquet_bytes
 from meddiff.generate.pictures import write_pictures
-from meddiff.generate.sampling import check_compatible, generate_images, resolve_sampler
+from meddiff.generate.sampling import check_compatible, generate_images, precision, resolve_sampler
 from meddiff.generate.spec import CohortResult, CohortSpec
 from meddiff.models.trained import TrainedModel, load_model
 from meddiff.records import content_hash, make_record, now_iso, sha256_bytes
@@ -46,12 +47,14 @@ def _plan(spec: CohortSpec, model: TrainedModel) -> tuple[dict[str, int], np.nda
     return quotas, class_of
 
 
-def identity(spec: CohortSpec, model: TrainedModel, quotas: dict[str, int], guidance: float | None) -> dict:
+def identity(spec: CohortSpec, model: TrainedModel, quotas: dict[str, int], guidance: float | None,
+             device: torch.device) -> dict:
     """What determines the cohort's bytes. Batch size is in: CPU/GPU kernels choose their blocking by
-    batch size, so it can move the last bits of an image (at most ±1 grey level on rare pixels)."""
+    batch size, so it can move the last bits of an image (at most ±1 grey level on rare pixels); so are
+    the device type and the network's autocast dtype, so a cohort never mixes CPU- and GPU-made shards."""
     return {"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256, "quotas": quotas,
             "sampler": spec.sampler, "steps": spec.steps, "guidance": guidance, "seed": spec.seed,
-            "shard_size": spec.shard_size, "batch_size": spec.batch_size}
+            "shard_size": spec.shard_size, "batch_size": spec.batch_size, **precision(device)}
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def plan_cohort(spec: CohortSpec, root: str | None = None) -> CohortPlan | Cohor
     spec = resolve_sampler(spec, model)
     guidance = check_compatible(spec, model)
     quotas, class_of = _plan(spec, model)
-    ident = identity(spec, model, quotas, guidance)
+    ident = identity(spec, model, quotas, guidance, device)
     cohort_id = spec.name or f"{Path(model.uri).name}-{content_hash(ident)}"
     uri = storage.join(root, "cohorts", cohort_id)
     if storage.exists(storage.join(uri, "spec.json")):
@@ -138,7 +141,7 @@ def finish_cohort(plan: CohortPlan, generated: int = 0, seconds: float = 0.0) ->
         cohort_id=plan.cohort_id, uri=plan.uri, model_uri=model.uri, dataset_uri=dataset_uri,
         model_mode=model.mode, class_names=model.class_names, counts=plan.quotas, total=n_total,
         shards=plan.shard_names, sampler=spec.sampler, steps=spec.steps, guidance_scale=plan.guidance,
-        seed=spec.seed, device=str(plan.device), seconds=round(seconds, 2),
+        seed=spec.seed, device=str(plan.device), **precision(plan.device), seconds=round(seconds, 2),
         samples_per_second=round(generated / seconds, 2) if generated and seconds > 0 else None,
         resumed_samples=n_total - generated,
     )
@@ -205,11 +208,24 @@ def _generate_shard(spec: CohortSpec, model: TrainedModel, guidance: float | Non
     return rows
 
 
-def regenerate(cohort_uri: str, sample_id: int, device: str = "auto", alone: bool = False) -> bytes:
+def regenerate_device(card: dict, device: str | None) -> torch.device:
+    """The device to regenerate on: ``device``, or by default the recorded device type. Warns when the
+    recorded device type or autocast dtype cannot be matched (the bytes may then differ)."""
+    recorded = card.get("device_type")
+    dev = resolve_device(device or ("cuda" if recorded == "cuda" and cuda_count() else "cpu"))
+    if recorded is not None and precision(dev) != {"device_type": recorded, "autocast": card.get("autocast")}:
+        warnings.warn(f"cohort {card.get('cohort_id')} was made on {recorded} ({card.get('autocast')}); "
+                      f"regenerating on {dev.type} ({precision(dev)['autocast']}) can differ in the last bits "
+                      "or more: use a machine of the recorded device type for byte-identical images", stacklevel=2)
+    return dev
+
+
+def regenerate(cohort_uri: str, sample_id: int, device: str | None = None, alone: bool = False) -> bytes:
     """PNG bytes of one sample of a cohort, regenerated from its own seed.
 
     By default the sample is recomputed inside the batch it was made in (rebuilt from the cohort
-    card's quotas, shard size and batch size): the bytes are identical to the stored image.
+    card's quotas, shard size and batch size), on the recorded device type: the bytes are identical
+    to the stored image. ``device`` overrides the device (a warning says when it cannot match).
     ``alone=True`` runs it as a batch of one: CPU math kernels pick their blocking by batch size,
     so the image then matches up to the last bits (at most ±1 grey level on rare pixels).
     """
@@ -217,7 +233,7 @@ def regenerate(cohort_uri: str, sample_id: int, device: str = "auto", alone: boo
     cohort = open_cohort(cohort_uri)
     card = cohort.card
     row = cohort.manifest().set_index("sample_id").loc[sample_id]
-    dev = resolve_device(device)
+    dev = regenerate_device(card, device)
     model = load_model(row["model_uri"], str(dev))
     guidance = None if pd.isna(row["guidance_scale"]) else float(row["guidance_scale"])
     batch = [sample_id]

@@ -10,28 +10,34 @@ import torch
 
 from meddiff.errors import MeddiffError
 from meddiff.generate.spec import CohortSpec
-from meddiff.models.diffusion import build_scheduler
-from meddiff.models.samplers import (Sampler, classifier_free_guidance, initial_noise, sample_ddim, sample_rflow,
-                                     step_generators, to_uint8)
+from meddiff.models.diffusion import parameterization, sampling_grid
+from meddiff.models.samplers import (AUTO_SAMPLER, DDPM_SAMPLERS, RFLOW_SAMPLERS, Sampler, StackedNoise, classifier_free_guidance,
+                                     predictor, run_sampler, to_uint8)
 from meddiff.models.trained import TrainedModel
 
-DEFAULT_GUIDANCE = 2.0  # CFG scale used for conditional models when the spec leaves it unset
+DEFAULT_GUIDANCE = 2.0  # CFG scale for conditional models trained with label dropout, when the spec leaves it unset
 
 
 def resolve_sampler(spec: CohortSpec, model: TrainedModel) -> CohortSpec:
-    """``sampler="auto"`` → the model's natural sampler: rflow for rectified flow, ddim for DDPM."""
+    """``sampler="auto"`` → the measured best for the model's objective (``AUTO_SAMPLER``)."""
     if spec.sampler != "auto":
         return spec
-    return dataclasses.replace(spec, sampler="rflow" if model.objective == "rflow" else "ddim")
+    return dataclasses.replace(spec, sampler=AUTO_SAMPLER[model.objective])
+
+
+def label_dropout(model: TrainedModel) -> float | None:
+    """The label dropout the model was trained with (model card config), None when not recorded."""
+    value = (model.card.get("config") or {}).get("label_dropout")
+    return None if value is None else float(value)
 
 
 def check_compatible(spec: CohortSpec, model: TrainedModel) -> float | None:
     """The guidance scale to use; raises for a spec the model cannot serve."""
-    if model.objective == "rflow" and spec.sampler != "rflow":
-        raise MeddiffError(f"model {model.uri} was trained with rectified flow: use --sampler rflow")
-    if model.objective == "ddpm" and spec.sampler == "rflow":
-        raise MeddiffError(f"--sampler rflow needs a rectified-flow model; {model.uri} is a DDPM model: "
-                           "use --sampler ddim or ddpm")
+    allowed = RFLOW_SAMPLERS if model.objective == "rflow" else DDPM_SAMPLERS
+    if spec.sampler not in allowed:
+        kind = "a rectified-flow" if model.objective == "rflow" else "a DDPM (ε/v)"
+        raise MeddiffError(f"--sampler {spec.sampler} does not apply to {model.uri}: it is {kind} model; "
+                           f"use --sampler {' | '.join(allowed)} (or auto)")
     limit = int(model.scheduler_config["num_train_timesteps"])
     if spec.steps > limit:
         raise MeddiffError(f"--steps {spec.steps} exceeds the model's {limit} training timesteps")
@@ -39,7 +45,23 @@ def check_compatible(spec: CohortSpec, model: TrainedModel) -> float | None:
         if spec.guidance is not None:
             raise MeddiffError("--guidance applies to conditional models; this model is per-class (unconditional)")
         return None
+    if label_dropout(model) == 0:
+        if spec.guidance not in (None, 1.0):
+            raise MeddiffError(f"--guidance {spec.guidance} needs the null label, but {model.uri} was trained with "
+                               "label_dropout 0: leave --guidance unset (1.0) or retrain with --label-dropout 0.1")
+        return 1.0
     return DEFAULT_GUIDANCE if spec.guidance is None else float(spec.guidance)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype the network runs in under autocast on ``device`` (bf16 on CUDA), None = float32."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def precision(device: torch.device) -> dict[str, str]:
+    """What, beside the spec, decides an image's bytes: device type and network dtype (identity, card)."""
+    dtype = autocast_dtype(device)
+    return {"device_type": device.type, "autocast": str(dtype).removeprefix("torch.") if dtype else "float32"}
 
 
 @torch.no_grad()
@@ -47,34 +69,27 @@ def generate_images(model: TrainedModel, class_ids: list[int], seeds: list[int],
                     guidance: float | None, device: torch.device, trace: list | None = None) -> torch.Tensor:
     """One batch: uint8 (B, C, H, W) images of ``class_ids`` from their own ``seeds``.
 
-    Per-class models need a single class per batch (the caller groups them).
+    Per-class models need a single class per batch (the caller groups them). The network runs
+    under bf16 autocast on CUDA; guidance and the sampler maths stay float32. DDPM models clip x̂₀
+    to the data range [-1, 1] (as the DDIM sampler did with ``clip_sample``); rectified flow does not.
     """
     shape = (model.channels, model.image_size, model.image_size)
-    x_T = initial_noise(seeds, shape, device)  # (B, C, H, W)
+    noise = StackedNoise(seeds)
+    x_T = noise.randn(shape, device)  # (B, C, H, W) from each sample's own CPU generator
     if model.mode == "conditional":
         y = torch.tensor(class_ids, device=device)
-        denoise = classifier_free_guidance(model.networks[None], y, model.null_class, guidance)
+        net_denoise = classifier_free_guidance(model.networks[None], y, model.null_class, guidance)
     else:
         (cid,) = set(class_ids)
         net = model.networks[cid]
-        denoise = lambda x, t: net(x, timesteps=t, class_labels=None)  # noqa: E731
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    scheduler = build_sampler_scheduler(model, sampler)
-    with autocast:
-        if sampler == "rflow":
-            x0 = sample_rflow(denoise, x_T, scheduler, steps, trace)
-        else:
-            x0 = sample_ddim(denoise, x_T, scheduler, steps, 1.0 if sampler == "ddpm" else 0.0,
-                             step_generators(seeds, device), trace)
+        net_denoise = lambda x, t: net(x, timesteps=t, class_labels=None).float()  # noqa: E731
+    dtype = autocast_dtype(device)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
+            return net_denoise(x, t).float()
+
+    grid = sampling_grid(model.scheduler_config, steps)
+    predict = predictor(denoise, grid, parameterization(model.scheduler_config), clip=model.objective == "ddpm")
+    x0 = run_sampler(sampler, predict, grid, x_T, noise, trace)
     return to_uint8(x0).cpu()
-
-
-def build_sampler_scheduler(model: TrainedModel, sampler: Sampler):
-    """MONAI scheduler for sampling: the training schedule, as DDIM for ddpm/ddim samplers."""
-    if sampler == "rflow":
-        return build_scheduler(model.scheduler_config)
-    from monai.networks.schedulers import DDIMScheduler
-
-    cfg = model.scheduler_config
-    return DDIMScheduler(num_train_timesteps=cfg["num_train_timesteps"], schedule=cfg["schedule"],
-                         prediction_type=cfg["prediction_type"], clip_sample=True)

@@ -19,10 +19,12 @@ class CohortSpec:
     per_class: int | None = None  # N images of every class
     total: int | None = None  # N images: split evenly over classes, or by `ratios` when given
     ratios: str | None = None  # prevalence ratios "name=p,..." of `total` (unlisted classes get 0)
-    sampler: Sampler | Literal["auto"] = "auto"  # auto = rflow for rectified-flow models, ddim (η=0) for DDPM
-    # models; ddpm = ancestral (η=1)
-    steps: int = 50  # reverse-diffusion steps
-    guidance: float | None = None  # CFG scale (conditional models only); None = 2.0 for conditional models
+    sampler: Sampler | Literal["auto"] = "auto"  # auto = measured best: dpmpp2m for ε/v models, heun for
+    # rectified flow; ddim (η=0), ddpm (ancestral, η=1) and dpmpp2m serve ε/v models, rflow (Euler) and heun rflow
+    steps: int = 25  # reverse-diffusion steps (heun: 2·steps − 1 network calls); 25 = near-converged for the
+    # auto samplers (bench/bench_samplers.py, README "Generate")
+    guidance: float | None = None  # CFG scale (conditional models only); None = 2.0, or 1.0 for a model trained
+    # without label dropout (no null label; other values are refused)
     seed: int = 0  # base seed; sample i's seed derives from (seed, i)
     batch_size: int = 64  # images per forward pass (recorded: it can move an image's last bits)
     device: str = "auto"  # auto = cuda when available, else cpu

@@ -7,11 +7,15 @@ Images live in [-1, 1]. Two objectives:
   Salimans & Ho 2022, §4). Optional min-SNR-γ weighting (Hang et al. 2023, eq. 9/Table 1).
 * ``rflow`` — rectified flow (Liu et al. 2022) in MONAI's convention: with s = t/T,
   x_t = (1-s) x_0 + s ε and the network predicts the velocity x_0 − ε, so that
-  ``RFlowScheduler.step`` (x ← x + v·Δs) walks from noise (t = T) to data (t = 0).
+  a reverse step x ← x + v·Δs walks from noise (t = T) to data (t = 0).
+
+Sampling reads the chain from here: ``sampling_grid`` (the scheduled (t, a, b) points, ending at the
+clean end) and ``to_x0_eps`` (the network output of each objective → x̂₀, ε̂ in float32).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -95,3 +99,76 @@ def diffusion_loss(net, x0: torch.Tensor, labels: torch.Tensor | None, scheduler
     target = ddpm_target(x0, eps, t, scheduler.alphas_cumprod, prediction)
     weight = None if min_snr_gamma is None else min_snr_weight(t, scheduler.alphas_cumprod, min_snr_gamma, prediction)
     return weighted_mse(pred, target, weight)
+
+
+# --- sampling: the reverse chain's grid and the network output → (x̂₀, ε̂) adapters ----------------------
+#
+# Every objective writes x_t = a_t·x₀ + b_t·ε: DDPM a = √ᾱ_t, b = √(1−ᾱ_t); rectified flow a = 1 − s,
+# b = s with s = t/T. The samplers only see (a, b) on a grid and an x̂₀/ε̂ predictor, so one update
+# rule serves every objective and runs unchanged on latents.
+
+Parameterization = Literal["epsilon", "v_prediction", "velocity"]  # what the network outputs
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The N + 1 points of a reverse chain, noise → clean; step i goes from point i to point i + 1.
+
+    t: (N+1,) float32 network timesteps (t[N] is the clean end, never fed to the network);
+    a, b: (N+1,) float32 signal and noise scales of x_t = a·x₀ + b·ε, with a[N] = 1, b[N] = 0.
+    """
+
+    t: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def steps(self) -> int:
+        return len(self.t) - 1
+
+
+def ddpm_grid(alphas_cumprod: torch.Tensor, steps: int) -> Grid:
+    """Respaced DDPM chain (DiT respace.py idea): N scheduled timesteps, then the clean end ᾱ = 1.
+
+    In Ho et al.'s indexing τ_i = round(T·(1 − i/N)), i = 0..N, from τ_0 = T to τ_N = 0 (ᾱ_0 := 1);
+    MONAI's index of τ is τ − 1. Each step goes exactly to the next *scheduled* timestep, so any N
+    in [1, T] is exact and N = T is the full DDPM chain. alphas_cumprod: (T,) ᾱ of the training schedule.
+    """
+    T = len(alphas_cumprod)
+    tau = torch.round(torch.linspace(T, 0, steps + 1, dtype=torch.float64)).long()  # (N+1,) from T to 0
+    abar = torch.cat([alphas_cumprod.double(), torch.ones(1, dtype=torch.float64)])[tau - 1]  # index −1 → ᾱ = 1
+    return Grid((tau - 1).clamp(min=0).float(), abar.sqrt().float(), (1 - abar).sqrt().float())
+
+
+def rflow_grid(num_train_timesteps: int, steps: int) -> Grid:
+    """Uniform rectified-flow chain s_i = 1 − i/N in float32 (s_0 = 1 and s_N = 0 exactly, so Σ Δs = 1)."""
+    s = torch.linspace(1, 0, steps + 1, dtype=torch.float64).float()  # (N+1,)
+    return Grid(s * num_train_timesteps, 1 - s, s)
+
+
+def parameterization(config: dict[str, Any]) -> Parameterization:
+    """What the network of a ``scheduler_config`` outputs: ε, v or the rectified-flow velocity x₀ − ε."""
+    return "velocity" if config["objective"] == "rflow" else config["prediction_type"]
+
+
+def sampling_grid(config: dict[str, Any], steps: int) -> Grid:
+    """The reverse chain of ``steps`` steps for a model's ``scheduler_config``; ᾱ read from MONAI's
+    training scheduler (so the values match training)."""
+    if config["objective"] == "rflow":
+        return rflow_grid(int(config["num_train_timesteps"]), steps)
+    return ddpm_grid(build_scheduler(config).alphas_cumprod, steps)
+
+
+def to_x0_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              kind: Parameterization) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network output → (x̂₀, ε̂), both (B, C, H, W) float32, for x = a·x₀ + b·ε (a, b scalars).
+
+    ε: x̂₀ = (x − b ε̂)/a (Ho et al. eq. 15); v = a ε − b x₀: x̂₀ = a x − b v, ε̂ = b x + a v
+    (Salimans & Ho 2022, §4, a² + b² = 1); velocity u = x₀ − ε: x̂₀ = x + b u, ε̂ = x − a u.
+    """
+    out, x = out.float(), x.float()
+    if kind == "epsilon":
+        return (x - b * out) / a, out
+    if kind == "v_prediction":
+        return a * x - b * out, b * x + a * out
+    return x + b * out, x - a * out

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from meddiff import storage
-from meddiff.models.diffusion import build_scheduler
+from meddiff.models.diffusion import parameterization, sampling_grid
+from meddiff.models.samplers import AUTO_SAMPLER, StackedNoise, predictor, run_sampler
 
 METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
@@ -64,31 +65,20 @@ def write_loss_curve(run_dir: Path, title: str) -> None:
 @torch.no_grad()
 def preview_samples(net: torch.nn.Module, scheduler_config: dict[str, Any], labels: torch.Tensor | None, n: int,
                     channels: int, size: int, device: torch.device, seed: int, steps: int = 50) -> torch.Tensor:
-    """n preview images (n, C, H, W) in [0, 1] from the EMA net: DDIM (η=0) or rectified-flow Euler steps.
+    """n preview images (n, C, H, W) in [0, 1] from the EMA net, with the objective's ``auto`` sampler
+    of ``meddiff.models.samplers`` (the one generation uses; no guidance).
 
-    labels: (n,) class ids for a conditional net (no guidance), None for an unconditional one.
-
-    Uses its own generator, so it never disturbs the training RNG.
+    labels: (n,) class ids for a conditional net, None for an unconditional one. Noise comes from its
+    own per-image generators (seeds seed, seed + 1, ...), so it never disturbs the training RNG.
     """
-    from monai.networks.schedulers import DDIMScheduler
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, channels, size, size), generator=g).to(device)
+    noise = StackedNoise([seed + i for i in range(n)])
+    x = noise.randn((channels, size, size), device)  # (n, C, H, W)
     y = None if labels is None else labels.to(device)
-    if scheduler_config["objective"] == "ddpm":
-        sch = DDIMScheduler(num_train_timesteps=scheduler_config["num_train_timesteps"],
-                            schedule=scheduler_config["schedule"], prediction_type=scheduler_config["prediction_type"])
-        sch.set_timesteps(steps, device=device)
-        for t in sch.timesteps:
-            out = net(x, timesteps=torch.full((n,), int(t), device=device), class_labels=y)
-            x, _ = sch.step(out, int(t), x)
-    else:
-        sch = build_scheduler(scheduler_config)
-        sch.set_timesteps(steps, device=device, input_img_size_numel=size * size)
-        ts = list(sch.timesteps) + [torch.zeros_like(sch.timesteps[0])]
-        for t, t_next in zip(ts[:-1], ts[1:]):
-            out = net(x, timesteps=t.float().expand(n).to(device), class_labels=y)
-            x, _ = sch.step(out, t, x, t_next)
+    grid = sampling_grid(scheduler_config, steps)
+    denoise = lambda x_t, t: net(x_t, timesteps=t, class_labels=y)  # noqa: E731
+    objective = scheduler_config["objective"]
+    predict = predictor(denoise, grid, parameterization(scheduler_config), clip=objective == "ddpm")
+    x = run_sampler(AUTO_SAMPLER[objective], predict, grid, x, noise)
     return x.clamp(-1, 1).add(1).div(2)
 
 
