@@ -41,8 +41,8 @@ GENERATORS = ("perfect", "memorizer", "collapsed")
 @dataclass(frozen=True)
 class CalibrationConfig:
     cohort_size: int = 400  # images per reference generator (a typical cohort: the README pipeline's 8 × 50)
-    noise_std: float = 2.0  # grey levels of Gaussian noise (memorizer's noised group, collapsed set)
-    jpeg_quality: int = 90  # the memorizer's JPEG-recompressed group
+    noise_std: float = 1.5  # grey levels of Gaussian noise (memorizer's noised group, collapsed set)
+    jpeg_quality: int = 95  # the memorizer's JPEG-recompressed group
     collapsed_sources: int = 5  # training images per class behind the collapsed generator
     seed: int = 0  # which images are drawn
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(features=("domain",)))  # the normal evaluation

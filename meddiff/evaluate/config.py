@@ -25,7 +25,11 @@ class EvalConfig:
     interval_resamples: int = 100  # half-samples (without replacement) behind every set-metric interval; 0 = none
     ssim_pairs: int = 500  # random image pairs per class for the intra-class SSIM diversity
     memorization_quantile: float = 0.01  # flag images closer to train than this quantile of real val→train distances
-    flag_rule: FlagRule = "both"  # "both": closer than the threshold in feature AND pixel space (fewest false alarms)
+    # "either": a copy in pixel space (mirrors, noise and JPEG included) OR in domain-feature space
+    flag_rule: FlagRule = "either"
+    # pixel threshold = max(the quantile above, copy_ratio × the median val→train pixel RMSE): datasets with
+    # near-duplicates across their official splits (BreastMNIST) would otherwise set it below a noised copy
+    copy_ratio: float = 0.1
     mirror_copies: bool = True  # a left–right mirrored training image counts as a copy in the memorization check
     drop_flagged: bool = False  # consumers skip flagged images by default (recorded in report.json); TSTR too
     tstr: bool = False  # train on synthetic, test on real: three classifier trainings (minutes on CPU)
@@ -50,6 +54,8 @@ class EvalConfig:
             raise MeddiffError(f"flag_rule must be one of {get_args(FlagRule)}, got {self.flag_rule!r}")
         if self.tstr_protocol not in get_args(TstrProtocol):
             raise MeddiffError(f"tstr_protocol must be one of {get_args(TstrProtocol)}, got {self.tstr_protocol!r}")
+        if not 0 <= self.copy_ratio < 1:
+            raise MeddiffError(f"copy_ratio must be in [0, 1), got {self.copy_ratio}")
         if not 0 < self.memorization_quantile < 1:
             raise MeddiffError(f"memorization_quantile must be in (0, 1), got {self.memorization_quantile}")
         if self.max_images is not None and self.max_images < 2:

@@ -156,7 +156,8 @@ def memorization_step(syn: Images, real: RealSplits, d_syn: torch.Tensor, d_val:
     pd_syn, pi_syn = memorization.pixel_rmse_nearest(syn.x, real.train.x, mirror=cfg.mirror_copies)
     pd_va, pi_va = memorization.pixel_rmse_nearest(real.val.x, real.train.x, mirror=cfg.mirror_copies)
     thr_f = memorization.threshold(fd_va, cfg.memorization_quantile)
-    thr_p = memorization.threshold(pd_va, cfg.memorization_quantile)
+    thr_p = max(memorization.threshold(pd_va, cfg.memorization_quantile),
+                cfg.copy_ratio * memorization.threshold(pd_va, 0.5))
     return {"fd_syn": fd_syn, "fd_va": fd_va, "pd_syn": pd_syn, "pd_va": pd_va, "pi_syn": pi_syn.numpy(),
             "pi_va": pi_va.numpy(),             "thr_f": thr_f, "thr_p": thr_p,
             "flags": memorization.flag(fd_syn, pd_syn, thr_f, thr_p, cfg.flag_rule),
@@ -242,7 +243,7 @@ def memo_summary(mem: dict[str, Any], syn: Images, real: RealSplits, class_names
             "mirror_copies": cfg.mirror_copies, "quantile": cfg.memorization_quantile,
             "thresholds": {"feature": mem["thr_f"], "pixel": mem["thr_p"]},
             "threshold_source": f"{cfg.memorization_quantile:g} quantile of real val→train nearest distances "
-                                f"({len(real.val)} val images)",
+                                f"({len(real.val)} val images; pixel: at least {cfg.copy_ratio:g} × their median)",
             "flagged": int(flags.sum()), "n": len(syn), "flagged_mirrored": int((flags & (torch.as_tensor(pi) >= m)).sum()),
             "flagged_by_class": {s: int(flags[_mask(syn.y, c)].sum()) for s, c in scopes[1:]},
             "closest_pairs": pairs}
