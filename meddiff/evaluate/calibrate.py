@@ -93,6 +93,30 @@ def reference_generators(real: RealSplits, cfg: CalibrationConfig) -> tuple[dict
         RealSplits(real.train, real.val, real.heldout.take(ref_idx))
 
 
+class _SameRealFeatures:
+    """The domain extractor, remembering its results for the real splits' arrays (the same objects for
+    all three generators), so calibration extracts real features once."""
+
+    def __init__(self, domain):
+        self.domain, self.dim, self.val_accuracy = domain, domain.dim, domain.val_accuracy
+        self._memo: dict[tuple[str, int], tuple[Any, Any]] = {}  # (kind, id) → (array kept alive, result)
+
+    def _get(self, kind: str, x: np.ndarray, fn):
+        key = (kind, id(x))
+        if key not in self._memo:
+            self._memo[key] = (x, fn(x))
+        return self._memo[key][1]
+
+    def features_and_probs(self, x):
+        return self._get("fp", x, self.domain.features_and_probs)
+
+    def __call__(self, x):
+        return self.features_and_probs(x)[0]
+
+    def mirrored(self, x):
+        return self._get("mirror", x, self.domain.mirrored)
+
+
 def calibration_uri(dataset_uri: str, cfg: CalibrationConfig, root: str | None = None) -> str:
     """``<root>/calibration/<dataset>/<version>/<config hash>`` (root: the dataset's storage root)."""
     parts = dataset_uri.rstrip("/").split("/")
@@ -113,7 +137,7 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
     dataset = open_dataset(dataset_uri)
     device = str(resolve_device(ecfg.device))
     gens, real = reference_generators(load_real(dataset, ecfg.heldout_split), cfg)
-    domain = load_or_train_domain(dataset, ecfg.domain, device, ecfg.cache_root)
+    domain = _SameRealFeatures(load_or_train_domain(dataset, ecfg.domain, device, ecfg.cache_root))
     inception = load_inception(device) if "inception" in ecfg.features else None
     results = {}
     for name, imgs in gens.items():

@@ -23,6 +23,7 @@ class EvalConfig:
     heldout_split: str = "test"  # the held-out reference: a real split the generator never saw (val is the baseline)
     knn_k: int = 5  # k of the k-NN manifolds (precision/recall, density/coverage)
     interval_resamples: int = 100  # half-samples (without replacement) behind every set-metric interval; 0 = none
+    class_intervals: bool = False  # half-sampling intervals per class too (×classes the cost); overall always
     ssim_pairs: int = 500  # random image pairs per class for the intra-class SSIM diversity
     memorization_quantile: float = 0.01  # flag images closer to train than this quantile of real val→train distances
     # "either": a copy in pixel space (mirrors, noise and JPEG included) OR in domain-feature space

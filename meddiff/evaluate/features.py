@@ -257,6 +257,11 @@ class DomainExtractor:
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         return self.features_and_probs(images)[0]
 
+    def mirrored(self, images: np.ndarray) -> torch.Tensor:
+        """Features of every image flipped left–right (uint8 N×C×H×W), in batches."""
+        return torch.cat([self(np.ascontiguousarray(images[sl][..., ::-1])) for sl in _batches(len(images), 4096)]) \
+            if len(images) else torch.zeros(0, self.dim)
+
     def predict_proba(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         return self.features_and_probs(images)[1]
 

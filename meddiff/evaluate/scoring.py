@@ -115,7 +115,8 @@ def distribution_metrics(feats: dict[str, dict[str, torch.Tensor]], ys: dict[str
                 out += matched.compare(
                     f["syn"][_mask(y["syn"], c)], f["val"][_mask(y["val"], c)], f[ref_key][_mask(y[ref_key], c)],
                     extractor=name, scope=scope, reference=reference, k=cfg.knn_k, min_n=cfg.min_n,
-                    reliable_n=cfg.reliable_n, cap=None, resamples=cfg.interval_resamples, seed=cfg.seed + si)
+                    reliable_n=cfg.reliable_n, cap=None, seed=cfg.seed + si,
+                    resamples=cfg.interval_resamples if c is None or cfg.class_intervals else 0)
     return out
 
 
@@ -266,7 +267,7 @@ def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names:
     d = feats["domain"]
     metrics += authenticity(d, syn.y, real.val.y, real.train.y, real.heldout.y, scopes, cfg)
     step()
-    mirror = domain(np.ascontiguousarray(real.train.x[..., ::-1])) if cfg.mirror_copies else None
+    mirror = domain.mirrored(real.train.x) if cfg.mirror_copies else None
     mem = memorization_step(syn, real, d["syn"], d["val"], d["train"], mirror, cfg)
     metrics += memorization_records(mem, syn, real, scopes, cfg)
     step()
