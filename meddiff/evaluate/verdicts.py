@@ -27,7 +27,7 @@ RULES: dict[str, tuple[str, float, float, str, str]] = {
     "label_fidelity": ("higher", 0.02, 0.10, "abs", "images look like their class (label fidelity)"),
     "intra_class_ssim": ("lower", 0.02, 0.10, "abs", "diversity within a class (intra-class SSIM)"),
     "flagged_fraction": ("lower", 0.01, 0.05, "abs", "copies of training images (memorization)"),
-    "closer_to_train": ("lower", 0.05, 0.15, "abs", "closer to the training split than to held-out data"),
+    "closer_to_train": ("lower", 0.03, 0.10, "abs", "nearer to the training split than to held-out data"),
     "tstr_accuracy": ("higher", 0.03, 0.10, "abs", "usefulness for training a classifier (TSTR)"),
 }
 
