@@ -3,6 +3,9 @@
     python bench/bench_evaluate.py                                  # N=10000, domain features, CPU or CUDA
     python bench/bench_evaluate.py --features inception,domain --max-images 1000
     python bench/bench_evaluate.py --inception-throughput 128       # Inception images/s only
+    python bench/bench_evaluate.py --n 100000                       # the 100k cohort of issue 10 (peak RSS too)
+    DS=$(meddiff ingest zip:../shared/datasets/kaggle/leukemia-sample.zip --size 128 | tail -1)
+    python bench/bench_evaluate.py --dataset-uri $DS --n 20000      # 128 px: memory stays bounded
 
 The cohort is built from REAL BloodMNIST test images (random dihedral flips/rotations, so they are
 new pixel arrays and not copies of training images), not from a trained model: evaluation cost
@@ -25,8 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-STAGES = ["load cohort + real splits", "domain features (+ training if not cached)", "Inception features",
-          "distribution metrics", "pixel metrics (RMSE NN, SSIM)", "label fidelity", "memorization",
+STAGES = ["load cohort + real splits (+ domain training if not cached)", "features (domain; Inception if asked)",
+          "distribution metrics at matched n, two references + half-sampling intervals",
+          "memorization (nearest train image, mirrors included)", "pixel metrics + label fidelity",
           "report (html, json, manifest)"]
 
 
@@ -96,13 +100,17 @@ def main() -> None:
     total = time.perf_counter() - t0
     stages = {name: round(b - a, 2) for name, a, b in zip(STAGES, [t0] + marks, marks)}
     rep = result.report
+    import resource
+
+    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
     print(json.dumps({
-        "device": dev_name, "cohort_images": args.n, "real_train": rep["real"]["train"], "real_val": rep["real"]["val"],
+        "device": dev_name, "peak_rss_gib (whole process, cohort build included)": round(peak_rss_gib, 2), "cohort_images": args.n, "real_train": rep["real"]["train"], "real_val": rep["real"]["val"],
         "features": list(cfg.features), "inception_images_per_set": rep["extractors"].get("inception", {}).get("images"),
         "domain_classifier_training_s (one-off, cached)": round(domain_train_s, 1),
         "cohort_build_s (not part of evaluation)": round(build_s, 1),
         "evaluate_s": round(total, 1), "stages_s": stages,
-        "headline": {k: v for k, v in rep["headline"].items() if k in ("fid", "precision", "flagged_fraction")},
+        "verdict": rep["verdict"]["sentence"],
+        "headline": {k: (v or {}).get("value") for k, v in rep["headline"].items()},
     }, indent=2, default=str))
 
 

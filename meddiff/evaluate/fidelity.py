@@ -95,6 +95,41 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50, subset_size: 
     return float(mean), float(std), size
 
 
+def _poly_kernel_sum(x: torch.Tensor, y: torch.Tensor, chunk: int = 2048) -> tuple[float, float]:
+    """Σ k(x_i, y_j) and Σ_i k(x_i, y_i) (the diagonal, when shapes match) for the KID kernel
+    k(x, y) = (xᵀy / d + 1)³, in float64, chunked over x (never an N×M matrix beyond chunk×M)."""
+    d = x.shape[1]
+    total = 0.0
+    for i in range(0, len(x), chunk):
+        total += float(((x[i:i + chunk].double() @ y.double().T) / d + 1).pow(3).sum())
+    diag = float(((x.double() * y.double()).sum(1) / d + 1).pow(3).sum()) if x.shape == y.shape else 0.0
+    return total, diag
+
+
+def kid_unbiased(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """KID on the whole sets: the unbiased MMD² estimator (Bińkowski 2018, eq. 2) with the cubic kernel
+    k(x, y) = (xᵀy/d + 1)³ for real R×D, fake S×D. Unbiased, so its expectation does not depend on n."""
+    r, s = len(real), len(fake)
+    if r < 2 or s < 2:
+        raise ValueError("KID needs at least 2 samples per set")
+    krr, drr = _poly_kernel_sum(real, real)
+    kss, dss = _poly_kernel_sum(fake, fake)
+    krs, _ = _poly_kernel_sum(real, fake)
+    return (krr - drr) / (r * (r - 1)) + (kss - dss) / (s * (s - 1)) - 2 * krs / (r * s)
+
+
+def set_stats(real: torch.Tensor, fake: torch.Tensor, k: int = 5, radii: torch.Tensor | None = None
+              ) -> dict[str, float]:
+    """Every distribution metric of ``fake`` S×D against ``real`` R×D at once: fid, kid (unbiased, whole
+    sets), precision, recall, density, coverage. ``radii``: ``knn_radii(real, k)`` when already known."""
+    radii = knn_radii(real, k) if radii is None else radii
+    in_real, in_fake = precision_recall_indicators(real, fake, k, radii)
+    dens, cov = density_coverage_indicators(real, fake, k, radii)
+    return {"fid": fid(real, fake), "kid": kid_unbiased(real, fake),
+            "precision": float(in_real.float().mean()), "recall": float(in_fake.float().mean()),
+            "density": float(dens.mean()), "coverage": float(cov.float().mean())}
+
+
 def pairwise_distances(x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Euclidean distances X×Y for x N×D, y M×D (float32, chunked over x)."""
     x, y = x.float(), y.float()

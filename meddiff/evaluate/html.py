@@ -19,7 +19,8 @@ from meddiff.evaluate.summary import headline_rows, per_class_table
 SECTIONS = ("summary", "samples", "metrics", "memorization", "tstr", "loss-curve", "notes")
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.warn{color:#a60}.flag{color:#b00;font-weight:bold}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.warn{color:#a60}.verdict{font-size:16px;padding:.5em;border-radius:4px}.pass{background:#e6f4e6}
+.fail{background:#f8e0e0}.flag{color:#b00;font-weight:bold}
 img{max-width:100%}code{background:#f5f5f5;padding:0 3px}"""
 
 
@@ -78,12 +79,14 @@ def pairs_figure(syn, train, nn_syn, order: np.ndarray, pairs: list[dict[str, An
     fig = Figure(figsize=(max(n, 1) * 1.1, 2.6))
     axes = fig.subplots(2, max(n, 1), squeeze=False)
     for j, (i, p) in enumerate(zip(order, pairs)):
-        for r, img in enumerate((syn.x[i], train.x[int(nn_syn[i])])):
+        j_ref = int(nn_syn[i])
+        ref_img = train.x[j_ref % len(train.x)][..., ::-1] if j_ref >= len(train.x) else train.x[j_ref]
+        for r, img in enumerate((syn.x[i], ref_img)):
             ax = axes[r][j]
             ax.imshow(_hwc(img), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[0][j].set_title(f"#{p['sample_id']}{' ⚑' if p['flagged'] else ''}\n{p['pixel_rmse']:.3f}", fontsize=7,
+        axes[0][j].set_title(f"#{p.get('sample_id', p['index'])}{' ⚑' if p['flagged'] else ''}\n{p['pixel_rmse']:.3f}", fontsize=7,
                              color="red" if p["flagged"] else "black")
     axes[0][0].set_ylabel("synthetic", fontsize=8)
     axes[1][0].set_ylabel("nearest train", fontsize=8)
@@ -175,44 +178,55 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
                                ["images", str(report["cohort"]["n"])], ["created", report["created_at"]],
                                ["report schema", str(report["report_schema_version"])],
                                ["flagged images dropped for consumers", str(report["drop_flagged"])]])]
+    v = report["verdict"]
+    parts.insert(2, f"<p class='verdict {v['verdict']}'><b>{html.escape(v['sentence'])}</b></p>")
     parts += ['<h2 id="summary">Summary</h2>',
-              "<p>Every number is shown beside its real-vs-real baseline (validation split vs training split).</p>",
-              _table(["metric", "synthetic", "real baseline"], [[html.escape(a), html.escape(b), html.escape(c)]
-                                                               for a, b, c in headline_rows(report)])]
+              "<p>Every number is shown beside its real baseline: real validation images (never seen by the "
+              "generator) scored exactly like the cohort — set metrics at the same n against the same reference "
+              "subsample. Held-out reference: the real test split; train reference: the generator's training "
+              "split. Verdict: pass = within sampling noise of real data; warn = measurably worse; fail = "
+              "materially worse beyond the 95 % interval. KID is n-robust; FID depends on n.</p>",
+              _table(["metric", "synthetic [95 % CI]", "real baseline [95 % CI]", "n", "verdict"],
+                     [[html.escape(c) for c in row] for row in headline_rows(report)])]
     parts += ['<h2 id="samples">Samples per class</h2>', sample_grid(syn, train, class_names, per_class)]
 
     pc = per_class_table(report)
     cols = list(dict.fromkeys(k for r in pc for k in r))
     parts += ['<h2 id="metrics">Metrics per class</h2>',
               _table(cols, [[_fmt(r.get(c)) for c in cols] for r in pc]),
-              "<h3>All metrics</h3><p>CI: 95 % percentile bootstrap. KID: mean ± std over random subsets. "
-              "Intra-class SSIM baseline: pairs of real training images of the same class.</p>",
-              _table(["metric", "extractor", "scope", "synthetic [CI]", "N", "N ref", "baseline [CI]", "warning"],
-                     [[r["metric"], r["extractor"], html.escape(r["scope"]),
-                       _fmt(r["value"]) + (f" ± {r['std']:.2g}" if r.get("std") is not None else "") + _ci(r["ci"]),
-                       _fmt(r["n"]), _fmt(r["n_ref"]),
+              "<h3>All metrics</h3><p>Set metrics: 95 % half-sampling intervals (100+ subsamples without "
+              "replacement, see bootstrap.py); means: Wilson / normal intervals. Intra-class SSIM baseline: pairs "
+              "of real training images of the same class.</p>",
+              _table(["metric", "extractor", "reference", "scope", "synthetic [CI]", "n", "n ref", "baseline [CI]",
+                      "difference [CI]", "warning"],
+                     [[r["metric"], r["extractor"], html.escape(str(r.get("reference", "-"))), html.escape(r["scope"]),
+                       _fmt(r["value"]) + _ci(r["ci"]), _fmt(r["n"]), _fmt(r.get("n_ref")),
                        (_fmt(r["baseline"]["value"]) + _ci(r["baseline"]["ci"])) if r.get("baseline") else "—",
-                       f"<span class='warn'>{html.escape(r['warning'] or '')}</span>"] for r in report["metrics"]])]
+                       (_fmt((r.get("difference") or {}).get("value")) + _ci((r.get("difference") or {}).get("ci"))),
+                       f"<span class='warn'>{html.escape(r.get('warning') or r.get('note') or '')}</span>"]
+                      for r in report["metrics"]])]
     m = report["memorization"]
     parts += ['<h2 id="memorization">Memorization</h2>',
-              f"<p>Nearest training image of every synthetic image in {m['feature_extractor']} feature space and "
+              f"<p>Mirrored training images count as copies: {m.get('mirror_copies')}. Nearest training image of every synthetic image in {m['feature_extractor']} feature space and "
               f"pixel space ({m['pixel_distance']}). Flag rule <code>{m['rule']}</code>: closer than the "
               f"{html.escape(m['threshold_source'])} — feature ≤ {m['thresholds']['feature']:.4g}, "
               f"pixel ≤ {m['thresholds']['pixel']:.4g}. <span class='flag'>{m['flagged']} of {m['n']} flagged.</span></p>",
               _table(["class", "flagged"], [[html.escape(k), str(v)] for k, v in m["flagged_by_class"].items()]),
               "<h3>Closest pairs (flagged first)</h3>",
               pairs_figure(syn, train, nn_syn, order, m["closest_pairs"]) if m["closest_pairs"] else "",
-              _table(["sample", "class", "train key", "pixel RMSE", "feature dist", "SSIM", "flagged"],
-                     [[str(p["sample_id"]), html.escape(p["class_name"]), html.escape(p["real_key"]),
-                       f"{p['pixel_rmse']:.4f}", f"{p['feature_distance']:.4g}", f"{p['ssim']:.3f}",
+              _table(["sample", "class", "train key", "mirrored", "pixel RMSE", "feature dist", "flagged"],
+                     [[str(p.get("sample_id", p["index"])), html.escape(p["class_name"]), html.escape(p["real_key"]),
+                       "yes" if p["mirrored"] else "no", f"{p['pixel_rmse']:.4f}", f"{p['feature_distance']:.4g}",
                        "<span class='flag'>yes</span>" if p["flagged"] else "no"] for p in m["closest_pairs"]])]
     t = report.get("tstr")
     parts.append('<h2 id="tstr">Utility: train on synthetic, test on real (TSTR)</h2>')
     if t:
-        parts += [f"<p>{html.escape(t['model'])}, {t['epochs']} epochs, tested on the {t['test_split']} split"
+        parts += [f"<p>{html.escape(t['model'])}, {t['steps']} optimizer steps for every setting, checkpoint "
+                  f"chosen on the real val split, tested on the {t['test_split']} split"
                   f"{'; flagged images excluded' if t['synthetic_excludes_flagged'] else ''}.</p>",
                   _table(["trained on", "N train", "N test", "accuracy", "macro AUC"],
-                         [[s["setting"], str(s["n_train"]), str(s["n_test"]), _fmt(s["accuracy"]), _fmt(s["auc"])]
+                         [[s["setting"], str(s["n_train"]), str(s["n_test"]), _fmt(s["accuracy"]) + _ci(s.get("ci")),
+                           _fmt(s["auc"])]
                           for s in t["settings"]])]
     else:
         parts.append("<p>Not run (enable with <code>--tstr</code>).</p>")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 
 FlagRule = Literal["both", "either", "pixel", "feature"]
@@ -35,10 +36,46 @@ def nearest(query: torch.Tensor, ref: torch.Tensor, chunk: int = 1024) -> tuple[
     return dist, index
 
 
-def pixel_rmse_nearest(query: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest image in pixel space: images N×C×H×W and M×C×H×W in [0, 1] → (RMSE N, index N)."""
-    dist, index = nearest(query.flatten(1), ref.flatten(1))
-    return dist / query[0].numel() ** 0.5 if len(query) else dist, index
+def _as_float(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """One chunk → float32 N×D in [0, 1] (uint8 images are converted here, per chunk, never whole)."""
+    t = torch.as_tensor(x)
+    return t.flatten(1).float().div_(255) if t.dtype == torch.uint8 else t.flatten(1).float()
+
+
+def pixel_rmse_nearest(query: torch.Tensor | np.ndarray, ref: torch.Tensor | np.ndarray, mirror: bool = False,
+                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest image in pixel space: images N×C×H×W and M×C×H×W (uint8, or float in [0, 1]) →
+    (RMSE N, index N). Both sets are converted chunk by chunk (bounded memory; exact search).
+
+    ``mirror``: the reference also holds every image flipped left–right; the index of a mirrored
+    match is ``M + i`` (a mirrored copy of a training image is a copy)."""
+    n, m = len(query), len(ref)
+    if m == 0:
+        raise ValueError("empty reference set")
+    best_d = torch.full((n,), float("inf"))
+    best_i = torch.zeros(n, dtype=torch.long)
+    flips = (False, True) if mirror else (False,)
+    for r0 in range(0, m, chunk):
+        for flipped in flips:
+            rb = torch.as_tensor(ref[r0:r0 + chunk])
+            r = _as_float(rb.flip(-1) if flipped else rb)
+            r_sq = r.square().sum(1)
+            for q0 in range(0, n, chunk):
+                q = _as_float(query[q0:q0 + chunk])
+                d2 = (q.square().sum(1, keepdim=True) + r_sq[None] - 2 * q @ r.T).clamp_(min=0)
+                d, i = d2.min(1)
+                better = d < best_d[q0:q0 + chunk]
+                best_d[q0:q0 + chunk] = torch.where(better, d, best_d[q0:q0 + chunk])
+                best_i[q0:q0 + chunk] = torch.where(better, i + r0 + (m if flipped else 0), best_i[q0:q0 + chunk])
+    # exact re-computation of the chosen pair: an exact copy gets exactly 0
+    dist = torch.empty(n)
+    for q0 in range(0, n, chunk):
+        idx = best_i[q0:q0 + chunk]
+        base = torch.as_tensor(np.asarray(ref)[(idx % m).numpy()]) if not isinstance(ref, torch.Tensor) \
+            else ref[idx % m]
+        base = torch.where((idx >= m)[:, None, None, None], base.flip(-1), base)
+        dist[q0:q0 + chunk] = (_as_float(query[q0:q0 + chunk]) - _as_float(base)).square().mean(1).sqrt()
+    return dist, best_i
 
 
 def threshold(reference_distances: torch.Tensor, quantile: float) -> float:

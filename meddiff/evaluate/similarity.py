@@ -8,6 +8,7 @@ structural similarity for image quality assessment", Asilomar 2003 — needs ima
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchmetrics.functional.image import (multiscale_structural_similarity_index_measure,
                                            structural_similarity_index_measure)
@@ -16,12 +17,18 @@ MS_SSIM_MIN_SIZE = (11 - 1) * 2 ** 4 + 1  # Gaussian window 11, 5 scales (4 down
 
 
 def ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """SSIM of each pair (a_i, b_i): a, b float N×C×H×W in [0, 1] → N values in [-1, 1]."""
+    """SSIM of each pair (a_i, b_i): a, b N×C×H×W, float in [0, 1] or uint8 (converted per batch) → N values."""
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
-    out = [structural_similarity_index_measure(a[i:i + batch], b[i:i + batch], data_range=1.0, reduction="none")
-           for i in range(0, len(a), batch)]
+    out = [structural_similarity_index_measure(_f(a[i:i + batch]), _f(b[i:i + batch]), data_range=1.0,
+                                               reduction="none") for i in range(0, len(a), batch)]
     return torch.cat(out).reshape(-1) if out else torch.zeros(0)
+
+
+def _f(x) -> torch.Tensor:
+    """A batch as float in [0, 1] (uint8 arrays/tensors are converted here, batch by batch)."""
+    t = torch.as_tensor(np.ascontiguousarray(x)) if not isinstance(x, torch.Tensor) else x
+    return t.float().div(255) if t.dtype == torch.uint8 else t.float()
 
 
 def ms_ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch: int = 64) -> torch.Tensor | None:
@@ -49,4 +56,4 @@ def pairwise_ssim(x: torch.Tensor, max_pairs: int = 1000, seed: int = 0) -> torc
     """SSIM over (random) distinct pairs within a set x N×C×H×W: the values whose mean is the
     intra-set similarity (higher = less diverse; 1 = all images identical)."""
     i, j = random_pairs(len(x), max_pairs, torch.Generator().manual_seed(seed))
-    return ssim_pairs(x[i], x[j])
+    return ssim_pairs(x[i.numpy()] if isinstance(x, np.ndarray) else x[i], x[j.numpy()] if isinstance(x, np.ndarray) else x[j])

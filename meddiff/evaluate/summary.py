@@ -7,84 +7,100 @@ import math
 from typing import Any
 
 
-def _find(metrics: list[dict[str, Any]], metric: str, extractor: str | None, scope: str = "overall"):
+from meddiff.evaluate.verdicts import judge
+
+# headline metric → (metric, extractor or None = the distribution extractor, reference)
+HEADLINE = {
+    "kid": ("kid", None, "heldout"), "kid_train": ("kid", None, "train"),
+    "fid": ("fid", None, "heldout"),
+    "precision": ("precision", None, "heldout"), "recall": ("recall", None, "heldout"),
+    "coverage": ("coverage", None, "heldout"),
+    "closer_to_train": ("closer_to_train", "domain", None),
+    "label_fidelity": ("label_fidelity", "domain", None),
+    "flagged_fraction": ("flagged_fraction", "domain+pixel", None),
+    "intra_class_ssim": ("intra_class_ssim", "pixel", None),
+    "ssim_to_nearest_train": ("ssim_to_nearest_train", "pixel", None),
+}
+LABELS = {"kid": "KID vs held-out (n-robust)", "kid_train": "KID vs train", "fid": "FID vs held-out (n-dependent)",
+          "precision": "precision", "recall": "recall", "coverage": "coverage",
+          "closer_to_train": "closer to train than held-out", "label_fidelity": "label fidelity",
+          "flagged_fraction": "flagged (memorization)", "intra_class_ssim": "intra-class SSIM (↓ = diverse)",
+          "ssim_to_nearest_train": "SSIM to nearest train", "tstr_accuracy": "TSTR accuracy (synthetic)"}
+
+
+def _find(metrics: list[dict[str, Any]], metric: str, extractor: str | None, reference: str | None,
+          scope: str = "overall"):
     for r in metrics:
-        if r["metric"] == metric and r["scope"] == scope and (extractor is None or r["extractor"] == extractor):
+        if r["metric"] == metric and r["scope"] == scope and (extractor is None or r["extractor"] == extractor) \
+                and (reference is None or r.get("reference") == reference):
             return r
     return None
 
 
-def make_headline(metrics: list[dict[str, Any]], memo: dict[str, Any], tstr: dict[str, Any] | None,
+def make_headline(metrics: list[dict[str, Any]], tstr: dict[str, Any] | None,
                   features: tuple[str, ...]) -> dict[str, Any]:
-    """The few numbers a reader looks at first, each with its real-vs-real baseline."""
+    """The few numbers a reader looks at first, each with its matched baseline, interval and verdict."""
     ext = "inception" if "inception" in features else features[0]
-    fid = _find(metrics, "fid", ext)
-    per_class = {r["scope"]: r["value"] for r in metrics
-                 if r["metric"] == "fid" and r["extractor"] == ext and r["scope"] != "overall" and r["value"] is not None}
-    lf = _find(metrics, "label_fidelity", "domain")
-    fl = _find(metrics, "flagged_fraction", None)
-    out: dict[str, Any] = {
-        "fid": {"extractor": ext, "value": fid["value"], "baseline": (fid["baseline"] or {}).get("value"),
-                "n": fid["n"]} if fid else None,
-        "fid_per_class_range": ({"min": min(per_class.values()), "max": max(per_class.values()),
-                                 "min_class": min(per_class, key=per_class.get),
-                                 "max_class": max(per_class, key=per_class.get)} if per_class else None),
-        "precision": _pick(_find(metrics, "precision", ext)), "recall": _pick(_find(metrics, "recall", ext)),
-        "label_fidelity": _pick(lf), "flagged_fraction": _pick(fl),
-        "ssim_to_nearest_train": _pick(_find(metrics, "ssim_to_nearest_train", "pixel")),
-        "intra_class_ssim": _pick(_find(metrics, "intra_class_ssim", "pixel")),
-    }
+    out: dict[str, Any] = {}
+    for key, (metric, extractor, reference) in HEADLINE.items():
+        r = _find(metrics, metric, extractor or ext, reference)
+        out[key] = _pick(r, key)
     if tstr:
-        acc = {s["setting"]: s["accuracy"] for s in tstr["settings"]}
-        out["tstr_accuracy"] = {"synthetic": acc.get("synthetic"), "real": acc.get("real"),
-                                "real+synthetic": acc.get("real+synthetic")}
+        acc = {s["setting"]: s for s in tstr["settings"]}
+        syn, real = acc.get("synthetic"), acc.get("real")
+        if syn and real:
+            out["tstr_accuracy"] = {"value": syn["accuracy"], "baseline": real["accuracy"], "n": syn["n_train"],
+                                    "ci": syn.get("ci"), "baseline_ci": real.get("ci"), "reference": "real test",
+                                    "extractor": tstr["model"], "difference": None,
+                                    "real+synthetic": (acc.get("real+synthetic") or {}).get("accuracy"),
+                                    "verdict": judge("tstr_accuracy", syn["accuracy"], real["accuracy"], None)}
     return out
 
 
-def _pick(r: dict[str, Any] | None) -> dict[str, Any] | None:
+def _pick(r: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
     if r is None:
         return None
-    return {"value": r["value"], "baseline": (r.get("baseline") or {}).get("value"), "n": r["n"], "ci": r["ci"]}
+    b = r.get("baseline") or {}
+    diff = r.get("difference") or {}
+    verdict = None if key in ("fid", "kid_train", "ssim_to_nearest_train") else \
+        judge(r["metric"], r["value"], b.get("value"), diff.get("ci"), b.get("ci"))
+    return {"value": r["value"], "baseline": b.get("value"), "n": r["n"], "ci": r["ci"], "baseline_ci": b.get("ci"),
+            "difference": diff.get("value"), "difference_ci": diff.get("ci"), "reference": r.get("reference"),
+            "extractor": r["extractor"], "warning": r.get("warning"), "verdict": verdict}
 
 
-def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(name, synthetic, real baseline) strings for the CLI table and the flow's markdown."""
+def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(name, synthetic [CI], real baseline [CI], n, verdict) strings for the CLI, HTML and flow tables."""
     h = report["headline"]
 
-    def fmt(v: Any) -> str:
+    def fmt(v: Any, ci: list[float] | None = None) -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "—"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        s = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return s + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
 
     rows = []
-    if h.get("fid"):
-        rows.append((f"FID ({h['fid']['extractor']})", fmt(h["fid"]["value"]), fmt(h["fid"]["baseline"])))
-    if h.get("fid_per_class_range"):
-        r = h["fid_per_class_range"]
-        rows.append(("FID per class (min–max)", f"{fmt(r['min'])} ({r['min_class']}) – {fmt(r['max'])} ({r['max_class']})", ""))
-    for key, label in (("precision", "precision"), ("recall", "recall"), ("label_fidelity", "label fidelity"),
-                       ("flagged_fraction", "flagged (memorization)"), ("ssim_to_nearest_train", "SSIM to nearest train"),
-                       ("intra_class_ssim", "intra-class SSIM (↓ = diverse)")):
-        if h.get(key):
-            rows.append((label, fmt(h[key]["value"]), fmt(h[key]["baseline"])))
-    if h.get("tstr_accuracy"):
-        t = h["tstr_accuracy"]
-        rows.append(("TSTR accuracy (synthetic / real+syn)", f"{fmt(t['synthetic'])} / {fmt(t['real+synthetic'])}",
-                     fmt(t["real"])))
+    for key, label in LABELS.items():
+        r = h.get(key)
+        if not r:
+            continue
+        ext = f" ({r['extractor']})" if key in ("kid", "kid_train", "fid", "precision", "recall", "coverage") else ""
+        rows.append((label + ext, fmt(r["value"], r.get("ci")), fmt(r["baseline"], r.get("baseline_ci")),
+                     str(r.get("n") or "—"), (r.get("verdict") or {}).get("verdict", "—")))
     return rows
 
 
 def per_class_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per class: the main metrics (synthetic value), for tables and artifacts."""
-    ext = report["headline"]["fid"]["extractor"] if report["headline"].get("fid") else None
+    ext = report["headline"]["kid"]["extractor"] if report["headline"].get("kid") else None
     rows: dict[str, dict[str, Any]] = {}
     for r in report["metrics"]:
-        if r["scope"] == "overall":
+        if r["scope"] == "overall" or r.get("reference") == "train":
             continue
         key = r["metric"] if r["extractor"] in ("pixel", "domain+pixel") or r["metric"] == "label_fidelity" \
             else f"{r['metric']} ({r['extractor']})"
         if r["extractor"] not in (ext, "pixel", "domain+pixel") and r["metric"] != "label_fidelity" \
-                and r["metric"] not in ("fid",):
+                and r["metric"] not in ("kid",):
             continue
         rows.setdefault(r["scope"], {"class": r["scope"], "n": report["cohort"]["counts"].get(r["scope"])})
         rows[r["scope"]][key] = None if r["value"] is None else round(float(r["value"]), 4)

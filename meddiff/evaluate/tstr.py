@@ -1,10 +1,13 @@
 """Utility: train on synthetic, test on real (TSTR; Esteban et al., "Real-valued (Medical) Time
 Series Generation with Recurrent Conditional GANs", 2017).
 
-A ResNet-18 (torchvision, random init) is trained with the MedMNIST v2 protocol (Yang et al.,
-Scientific Data 2023: Adam, lr 1e-3, batch 128, lr × 0.1 at 50 % and 75 % of the epochs; at 28 px
-the stem is a 3×3 stride-1 conv without max-pool) on real, synthetic, or real + synthetic
-training images, and tested on the real test split: accuracy and macro one-vs-rest AUC.
+Fair by construction: real, synthetic and real + synthetic training sets get the SAME number of
+optimizer steps (an iteration-based schedule: Adam, lr 1e-3, batch 128, lr × 0.1 at 50 % and 75 %
+of the steps, as MedMNIST v2 counts in epochs), the checkpoint is chosen on the real validation
+split, and accuracy and macro one-vs-rest AUC are measured on the real test split. Protocols:
+"fair" trains the small CNN of the domain classifier (CPU-sized); "medmnist" trains ResNet-18
+(torchvision, random init; at 28 px a 3×3 stride-1 stem without max-pool) for 100 epochs of the
+real training set's size (Yang et al., Scientific Data 2023) — a GPU job.
 """
 
 from __future__ import annotations
@@ -31,37 +34,71 @@ def resnet18_for(channels: int, num_classes: int, image_size: int) -> nn.Module:
     return net
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int,
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """A batch → float in [−1, 1] (uint8 converted per batch)."""
+    x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+    return (x - 0.5) / 0.5
+
+
+def make_net(protocol: str, channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """"medmnist": ResNet-18 (MedMNIST v2); "fair": the small CPU-sized CNN of the domain classifier."""
+    if protocol == "medmnist":
+        return resnet18_for(channels, num_classes, image_size)
+    from meddiff.evaluate.features import DomainNet
+
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = DomainNet(channels, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # DomainNet maps [0, 1] itself
+            return self.net(x * 0.5 + 0.5)[1]
+    return Small()
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int,
+                     val: tuple[torch.Tensor, torch.Tensor] | None = None, protocol: str = "fair",
                      batch_size: int = 128, lr: float = 1e-3, seed: int = 0, device: str = "cpu",
-                     progress: Callable[[int, int], None] | None = None) -> nn.Module:
-    """Train :func:`resnet18_for` on float N×C×H×W in [0, 1] with labels N (MedMNIST v2 protocol)."""
+                     evals: int = 10, progress: Callable[[int, int], None] | None = None) -> nn.Module:
+    """Train for exactly ``steps`` optimizer steps (Adam, lr × 0.1 at 50 % and 75 % of the steps: the
+    MedMNIST v2 schedule counted in iterations, so every training set gets the same budget) on
+    N×C×H×W images (uint8 or [0, 1] floats); the checkpoint with the best accuracy on ``val`` (the
+    real validation split) among ``evals`` evenly spaced ones is returned."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    net = resnet18_for(images.shape[1], num_classes, images.shape[-1]).to(device)
+    net = make_net(protocol, images.shape[1], num_classes, images.shape[-1]).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.5 * epochs), int(0.75 * epochs)], gamma=0.1)
-    steps = -(-len(images) // batch_size)
-    net.train()
-    for epoch in range(epochs):
-        perm = torch.randperm(len(images), generator=g)
-        for s in range(steps):
-            idx = perm[s * batch_size:(s + 1) * batch_size]
-            if len(idx) < 2:  # BatchNorm needs 2 samples
-                continue
-            loss = F.cross_entropy(net((images[idx] - 0.5).div(0.5).to(device)), labels[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress:
-                progress(epoch * steps + s + 1, epochs * steps)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.5 * steps), int(0.75 * steps)], gamma=0.1)
+    every = max(1, steps // max(evals, 1))
+    best, best_state = -1.0, None
+    perm, pos = torch.randperm(len(images), generator=g), 0
+    for step in range(1, steps + 1):
+        if pos + min(batch_size, len(images)) > len(images):
+            perm, pos = torch.randperm(len(images), generator=g), 0
+        idx = perm[pos:pos + batch_size]
+        pos += batch_size
+        net.train()
+        loss = F.cross_entropy(net(_f(images[idx]).to(device)), labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
         sched.step()
+        if val is not None and (step % every == 0 or step == steps):
+            acc = accuracy(predict_proba(net, val[0], device), val[1])
+            if acc > best:
+                best, best_state = acc, {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if progress:
+            progress(step, steps)
+    if best_state is not None:
+        net.load_state_dict(best_state)
     return net.eval()
 
 
 @torch.inference_mode()
 def predict_proba(net: nn.Module, images: torch.Tensor, device: str = "cpu", batch: int = 512) -> torch.Tensor:
     """Class probabilities N×K for float images N×C×H×W in [0, 1]."""
-    return torch.cat([net((images[i:i + batch] - 0.5).div(0.5).to(device)).softmax(-1).cpu()
+    net.eval()
+    return torch.cat([net(_f(images[i:i + batch]).to(device)).softmax(-1).cpu()
                       for i in range(0, len(images), batch)])
 
 
@@ -89,13 +126,22 @@ class TstrResult:
     n_test: int
     accuracy: float
     auc: float | None
-    epochs: int
+    steps: int
+    ci: list[float] | None = None  # Wilson 95 % interval of the test accuracy
 
 
 def run_setting(setting: str, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
-                test_y: torch.Tensor, num_classes: int, epochs: int, seed: int = 0, device: str = "cpu",
-                progress: Callable[[int, int], None] | None = None) -> TstrResult:
-    """Train on (train_x, train_y), test on the real test split; images float in [0, 1]."""
-    net = train_classifier(train_x, train_y, num_classes, epochs, seed=seed, device=device, progress=progress)
+                test_y: torch.Tensor, num_classes: int, steps: int, val: tuple[torch.Tensor, torch.Tensor] | None,
+                protocol: str = "fair", seed: int = 0, device: str = "cpu",
+                progress: Callable[[int, int], None] | None = None) -> tuple[TstrResult, torch.Tensor]:
+    """Train on (train_x, train_y) for ``steps`` steps, select on ``val``, test on the real test split;
+    returns the result and the test-set probabilities N×K."""
+    from meddiff.evaluate.bootstrap import mean_ci
+
+    net = train_classifier(train_x, train_y, num_classes, steps, val, protocol, seed=seed, device=device,
+                           progress=progress)
     probs = predict_proba(net, test_x, device)
-    return TstrResult(setting, len(train_x), len(test_x), accuracy(probs, test_y), macro_auc(probs, test_y), epochs)
+    correct = (probs.argmax(1) == test_y).double().numpy()
+    ci = mean_ci(correct, 1)
+    return TstrResult(setting, len(train_x), len(test_x), accuracy(probs, test_y), macro_auc(probs, test_y), steps,
+                      list(ci) if ci else None), probs

@@ -1,0 +1,78 @@
+"""Verdicts in plain words: pass / warn / fail per headline metric against its matched baseline.
+
+A metric's verdict reads the difference d = synthetic − baseline (same n, same reference) and its
+95 % interval, turned into "worse by" w (w = d for lower-is-better metrics, −d otherwise):
+
+- pass: the interval of w reaches w ≤ warn margin — the cohort is not shown to be worse than real
+  data by more than the margin (a perfect generator passes up to sampling noise);
+- fail: w is above the warn margin with 95 % confidence *and* its estimate exceeds the fail margin;
+- warn: otherwise (measurably, but not materially, worse).
+
+Margins are absolute for bounded metrics (fractions, accuracies, SSIM) and, for KID, multiples of
+the baseline's own interval width ("noise"): KID's scale depends on the extractor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+Verdict = Literal["pass", "warn", "fail"]
+
+# metric: (better, warn margin, fail margin, margin unit, what the reader is told)
+RULES: dict[str, tuple[str, float, float, str, str]] = {
+    "kid": ("lower", 0.0, 2.0, "noise", "distribution distance (KID)"),
+    "precision": ("higher", 0.02, 0.10, "abs", "realism (precision)"),
+    "recall": ("higher", 0.02, 0.10, "abs", "variety (recall)"),
+    "coverage": ("higher", 0.02, 0.10, "abs", "coverage of the real data"),
+    "label_fidelity": ("higher", 0.02, 0.10, "abs", "images look like their class (label fidelity)"),
+    "intra_class_ssim": ("lower", 0.02, 0.10, "abs", "diversity within a class (intra-class SSIM)"),
+    "flagged_fraction": ("lower", 0.01, 0.05, "abs", "copies of training images (memorization)"),
+    "closer_to_train": ("lower", 0.03, 0.10, "abs", "nearer to the training split than to held-out data"),
+    "tstr_accuracy": ("higher", 0.03, 0.10, "abs", "usefulness for training a classifier (TSTR)"),
+}
+
+
+def judge(metric: str, value: float | None, baseline: float | None, diff_ci: list[float] | None,
+          baseline_ci: list[float] | None = None) -> dict[str, Any] | None:
+    """{"verdict", "reason"} of one headline metric; None when the metric has no rule or no value."""
+    if metric not in RULES or value is None or baseline is None:
+        return None
+    better, warn_m, fail_m, unit, label = RULES[metric]
+    if unit == "noise":
+        width = (baseline_ci[1] - baseline_ci[0]) if baseline_ci else 0.0
+        warn_m, fail_m = warn_m * width, fail_m * width
+    sign = 1.0 if better == "lower" else -1.0
+    worse = sign * (value - baseline)
+    if diff_ci:
+        lo_worse = min(sign * diff_ci[0], sign * diff_ci[1])
+    else:
+        lo_worse = worse
+    if lo_worse <= warn_m:
+        v: Verdict = "pass"
+    elif worse > fail_m:
+        v = "fail"
+    else:
+        v = "warn"
+    how = "lower" if value < baseline else "higher"
+    reason = (f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; "
+              + ("within sampling noise of real data)" if v == "pass" else "worse than real data beyond its CI)"))
+    return {"verdict": v, "reason": reason}
+
+
+def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+    """The report's opening sentence: the worst verdict and the reasons behind it."""
+    given = {k: v for k, v in verdicts.items() if v}
+    fails = [v["reason"] for v in given.values() if v["verdict"] == "fail"]
+    warns = [v["reason"] for v in given.values() if v["verdict"] == "warn"]
+    if not given:
+        return {"verdict": "warn", "sentence": "Not judged: no headline metric could be computed.", "reasons": []}
+    if fails:
+        return {"verdict": "fail", "reasons": fails + warns,
+                "sentence": f"Not fit for use: {len(fails)} headline metric(s) fail against real data — "
+                            + "; ".join(fails) + "."}
+    if warns:
+        return {"verdict": "warn", "reasons": warns,
+                "sentence": "Fit for use with care: measurably worse than real data on " + "; ".join(warns) + "."}
+    return {"verdict": "pass", "reasons": [],
+            "sentence": f"Fit for use: all {len(given)} headline metrics are within sampling noise of real "
+                        "data scored the same way (same n, same reference)."}

@@ -1,0 +1,58 @@
+"""The evaluation's own acceptance tests: three reference "generators" built from real data
+(perfect, memorizer, collapsed) scored by the normal evaluation must get the verdicts they deserve,
+on BreastMNIST (1 channel, 2 classes, tiny val split) and BloodMNIST (3 channels, 8 classes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from meddiff.evaluate.calibrate import CalibrationConfig, calibrate, calibration_uri
+from meddiff.evaluate.config import EvalConfig
+from meddiff.evaluate.features import DomainTrainConfig
+
+FIDELITY = ("kid", "precision", "recall", "coverage", "closer_to_train", "label_fidelity", "intra_class_ssim",
+            "flagged_fraction")
+
+
+def check_expected(record: dict) -> None:
+    perfect, memorizer, collapsed = record["perfect"], record["memorizer"], record["collapsed"]
+    # perfect: every fidelity metric within its CI of the matched real baseline
+    verdicts = {k: (perfect["headline"][k] or {}).get("verdict") for k in FIDELITY}
+    assert all(v and v["verdict"] == "pass" for v in verdicts.values()), verdicts
+    assert perfect["verdict"] == "pass", perfect["sentence"]
+    # memorizer: copies, mirrors, noised and JPEG-recompressed training images are all flagged
+    assert memorizer["flagged_fraction"] >= 0.99
+    assert memorizer["verdict"] == "fail" and memorizer["headline"]["flagged_fraction"]["verdict"]["verdict"] == "fail"
+    # collapsed: fails on recall, coverage and diversity
+    for k in ("recall", "coverage", "intra_class_ssim"):
+        assert collapsed["headline"][k]["verdict"]["verdict"] == "fail", (k, collapsed["headline"][k])
+    assert collapsed["verdict"] == "fail"
+
+
+def test_calibrate_breastmnist_via_cli(breastmnist_uri):
+    from meddiff.cli import app
+
+    out = CliRunner().invoke(app, ["calibrate", breastmnist_uri, "--domain-steps", "150", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    json_uri = out.output.strip().splitlines()[-1]
+    assert json_uri.endswith("calibration.json") and Path(json_uri).with_name("calibration.html").is_file()
+    assert "Fit for use" in out.output and "Not fit for use" in out.output  # the three verdict sentences
+    record = json.loads(Path(json_uri).read_text())
+    assert record["kind"] == "calibration" and record["perfect"]["n"] == 78  # half of the 156 test images
+    check_expected(record)
+
+
+@pytest.mark.slow
+def test_calibrate_bloodmnist(bloodmnist_uri, tmp_path):
+    cfg = CalibrationConfig(eval=EvalConfig(features=("domain",), device="cpu", cache_root=str(tmp_path / "cache"),
+                                            domain=DomainTrainConfig(steps=300)))
+    json_uri, record = calibrate(bloodmnist_uri, cfg, root=str(tmp_path))
+    assert json_uri == f"{calibration_uri(bloodmnist_uri, cfg, str(tmp_path))}/calibration.json"
+    assert record["perfect"]["n"] == 400
+    check_expected(record)
+    again_uri, again = calibrate(bloodmnist_uri, cfg, root=str(tmp_path))  # content-addressed: reused
+    assert again_uri == json_uri and again["created_at"] == record["created_at"]
