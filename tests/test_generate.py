@@ -227,6 +227,9 @@ def test_regenerate_warns_when_the_recorded_device_cannot_be_matched(tiny_condit
     card = dict(_open(r.uri).card, device_type="cuda", autocast="bfloat16")  # as if made on a GPU
     with pytest.warns(UserWarning, match="made on cuda"):
         assert regenerate_device(card, "cpu").type == "cpu"
+    old = {k: v for k, v in card.items() if k not in ("device_type", "autocast")}  # a card from before issue 11
+    with pytest.warns(UserWarning, match="predates"):
+        regenerate_device(old, None)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")

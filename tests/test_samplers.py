@@ -155,3 +155,22 @@ def test_golden_values_on_a_dummy_network(sampler):
     x = run_sampler(sampler, predictor(_dummy_denoiser(parameterization(cfg)), grid, parameterization(cfg),
                                        clip=objective == "ddpm"), grid, noise.randn((1, 8, 8)), noise)
     assert (round(x.mean().item(), 6), round(x.abs().mean().item(), 6)) == pytest.approx(GOLDEN[sampler], abs=2e-5)
+
+
+def test_sampler_maths_stay_float32_when_the_network_runs_in_bf16():
+    """A bf16 network (as under CUDA autocast): guidance and every update are computed in float32."""
+    from meddiff.models.samplers import classifier_free_guidance
+
+    class Bf16Net(torch.nn.Module):
+        def forward(self, x, timesteps, class_labels):
+            return (0.1 * x + class_labels.view(-1, 1, 1, 1)).to(torch.bfloat16)
+
+    y = torch.tensor([0, 1])
+    cfg = classifier_free_guidance(Bf16Net(), y, null_class=2, scale=2.0)
+    out = cfg(torch.randn(2, 1, 4, 4), torch.tensor([5.0, 5.0]))
+    assert out.dtype == torch.float32
+    for sampler in SAMPLERS:
+        kind = KINDS[sampler]
+        grid, noise = grid_for(kind, 4), StackedNoise([1, 2])
+        x = run_sampler(sampler, predictor(cfg, grid, kind), grid, noise.randn((1, 4, 4)), noise)
+        assert x.dtype == torch.float32 and torch.isfinite(x).all()

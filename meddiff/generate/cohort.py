@@ -213,7 +213,10 @@ def regenerate_device(card: dict, device: str | None) -> torch.device:
     recorded device type or autocast dtype cannot be matched (the bytes may then differ)."""
     recorded = card.get("device_type")
     dev = resolve_device(device or ("cuda" if recorded == "cuda" and cuda_count() else "cpu"))
-    if recorded is not None and precision(dev) != {"device_type": recorded, "autocast": card.get("autocast")}:
+    if recorded is None:
+        warnings.warn(f"cohort {card.get('cohort_id')} predates the exact-grid samplers (no device_type in its card): "
+                      "regenerated images will differ from the stored ones", stacklevel=2)
+    elif precision(dev) != {"device_type": recorded, "autocast": card.get("autocast")}:
         warnings.warn(f"cohort {card.get('cohort_id')} was made on {recorded} ({card.get('autocast')}); "
                       f"regenerating on {dev.type} ({precision(dev)['autocast']}) can differ in the last bits "
                       "or more: use a machine of the recorded device type for byte-identical images", stacklevel=2)
