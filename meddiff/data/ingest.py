@@ -162,16 +162,17 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
 
     staging = storage.local_staging(root, f"dataset-{name}-{version}")
     try:
-        channels, intensity = _inspect(src, cfg)
-        rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress, channels, intensity)
-        skipped = src.skipped + skipped
-        if not rows["key"]:
-            raise SourceError(f"no readable images in {cfg.source}; skipped: {skipped[:5]}")
-        table = pa.table(rows)
-        pq.write_table(table, staging / "index.parquet")
-        card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0, intensity)
-        storage.write_json(str(staging / "dataset.json"), card)
-        storage.publish_dir(staging, uri, last=("dataset.json",))
+        with storage.write_faults(staging):
+            channels, intensity = _inspect(src, cfg)
+            rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress, channels, intensity)
+            skipped = src.skipped + skipped
+            if not rows["key"]:
+                raise SourceError(f"no readable images in {cfg.source}; skipped: {skipped[:5]}")
+            table = pa.table(rows)
+            pq.write_table(table, staging / "index.parquet")
+            card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0, intensity)
+            storage.write_json(str(staging / "dataset.json"), card)
+            storage.publish_dir(staging, uri, last=("dataset.json",))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return IngestResult(uri, card, existed=False)

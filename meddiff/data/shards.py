@@ -178,6 +178,10 @@ def read_card(uri: str, record: str) -> dict[str, Any]:
     if not storage.exists(uri):
         raise ArtifactError(f"{uri} does not exist")
     if not storage.exists(card_uri):
+        for other, kind in (("dataset.json", "a dataset version"), ("model.json", "a model"),
+                            ("cohort.json", "a cohort")):
+            if other != record and storage.exists(storage.join(uri, other)):
+                raise ArtifactError(f"{uri} is {kind}, not what this command takes (it has {other}, not {record})")
         raise ArtifactError(f"{uri} is incomplete (no {record}); re-run the command that makes it")
     try:
         return storage.read_json(card_uri)
