@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 import shutil
 import stat
@@ -246,7 +247,15 @@ def manifest_edited_by_hand(tmp, fx):
     c = fx.cohort(tmp)
     df = pd.read_parquet(c / "manifest.parquet")
     df.loc[3, "class_id"] = 1 - df.loc[3, "class_id"]  # someone "fixed" a label in a spreadsheet
-    df.drop(columns=["flagged"]).to_parquet(c / "manifest.parquet")
+    df.to_parquet(c / "manifest.parquet")
+    return ["cohorts", "verify", str(c)]
+
+
+def manifest_missing_a_column(tmp, fx):
+    import pandas as pd
+
+    c = fx.cohort(tmp)
+    pd.read_parquet(c / "manifest.parquet").drop(columns=["flagged"]).to_parquet(c / "manifest.parquet")
     return ["cohorts", "verify", str(c)]
 
 
@@ -278,7 +287,7 @@ def checkpoint_from_another_network(tmp, fx):
     m = fx.model(tmp)
     part = next(m.glob("class-*/model.json"))
     card = json.loads(part.read_text())
-    card["network"]["num_channels"] = [c * 2 for c in card["network"]["num_channels"]]  # not what was trained
+    card["network"]["channels"] = [c * 2 for c in card["network"]["channels"]]  # not what was trained
     part.write_text(json.dumps(card))
     return ["generate", str(m), "--per-class", "1", "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
 
@@ -314,13 +323,15 @@ CASES: list[tuple[str, Callable, str]] = [
     ("unknown-source-kind", unknown_source_kind, r"unknown source 'tiff:/data/scans': use medmnist:"),
     ("dataset-without-card", dataset_without_card, r"v1 is incomplete \(no dataset\.json\); re-run"),
     ("corrupt-cohort-card", corrupt_cohort_card, r"cohort\.json is corrupt"),
-    ("manifest-edited-by-hand", manifest_edited_by_hand, r"manifest\.parquet is missing columns \['flagged'\]"),
+    ("manifest-edited-by-hand", manifest_edited_by_hand, r"s0000003: class \d in shard, \d in manifest(.|\n)*"
+                                                         r"error: .*does not verify \(\d problem\(s\) listed above\)"),
+    ("manifest-missing-a-column", manifest_missing_a_column, r"manifest\.parquet is missing columns \['flagged'\]"),
     ("manifest-not-parquet", manifest_not_parquet, r"manifest\.parquet is corrupt or unreadable"),
     ("shard-missing-a-sample", shard_missing_a_sample, r"manifest key s0000004 is missing from the shards"),
     ("regenerate-unknown-sample", regenerate_unknown_sample, r"sample id 999 is not in cohort .* \(0\.\.19\)"),
     ("checkpoint-from-another-network", checkpoint_from_another_network,
      r"checkpoint .*does not fit the network in .*model\.json"),
-    ("train-on-a-cohort", train_on_a_cohort, r"is not a dataset version \(kind='cohort'\)"),
+    ("train-on-a-cohort", train_on_a_cohort, r"c is a cohort, not what this command takes \(it has cohort\.json"),
 ]
 
 
@@ -330,12 +341,13 @@ def files(root: Path) -> set[str]:
 
 
 def run_cli(args: list[str]) -> tuple[int, str]:
-    """(exit status, the line ``meddiff`` prints for the error), as meddiff.cli.main renders it."""
+    """(exit status, output) with a MeddiffError rendered as meddiff.cli.main prints it: ``error: <message>``."""
     from meddiff.cli import app
 
     res = CliRunner().invoke(app, args)
     if isinstance(res.exception, MeddiffError):
-        return 2, f"error: {res.exception}"
+        assert "\n" not in str(res.exception), "the error message spans several lines"
+        return 2, res.output + f"error: {res.exception}"
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         raise res.exception  # a crash: the product must turn this case into a MeddiffError
     return res.exit_code, res.output.strip()
@@ -353,11 +365,9 @@ def test_bad_input_gets_one_clear_line_and_leaves_nothing(setup, message, fx, tm
     before = files(store)
     code, out = run_cli(args)
     assert code != 0, out
-    problem = out.splitlines()[-1] if out.startswith("error:") is False else out
-    assert out.startswith("error: ") and "\n" not in out or args[:2] == ["cohorts", "verify"], out
-    import re
-
-    assert re.search(message, problem), problem
+    lines = out.splitlines()
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1, out
+    assert re.search(message, out), out  # the error line (and, for verify, the problems listed above it)
     new = files(store) - before
     assert not [p for p in new if p.rsplit("/", 1)[-1] in RECORDS], new  # no new complete artifact
     debris = [p for p in files(store) if p.startswith(".staging/") or p.endswith(".tmp") or "/.trash-" in p]
@@ -375,7 +385,9 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
                            "--storage", str(tmp_path / "st")], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: zip file not found: {tmp_path / 'none.zip'}"]
+    lines = proc.stderr.strip().splitlines()  # (the progress line, then) the error, last and alone
+    assert lines[-1] == f"error: zip file not found: {tmp_path / 'none.zip'}"
+    assert sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "st" / "datasets").exists()
 
 

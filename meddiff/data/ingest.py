@@ -178,6 +178,10 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
     return IngestResult(uri, card, existed=False)
 
 
+def _bomb(source_id: str, e: Exception) -> SourceError:
+    return SourceError(f"{source_id} is a decompression bomb ({e}); remove it from the source")
+
+
 def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity | None]:
     """One pass over the file headers: the common channel count (1 only if every file is grayscale) and the
     intensity rule (None when no input is deeper than 8 bits), its bit depth detected from the largest
@@ -199,7 +203,7 @@ def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity 
                 if im.mode in HIGH_BIT_MODES and im.mode != "F" and rule.bits is None and not rule.window:
                     high_max = max(high_max, int(np.asarray(im).max(initial=0)))
         except Image.DecompressionBombError as e:
-            raise SourceError(f"{s.source_id} is a decompression bomb ({e}); remove it from the source") from None
+            raise _bomb(s.source_id, e) from None
         except Exception:  # noqa: BLE001 - bad files are reported when they are decoded
             continue
     if high_max >= 0:
@@ -219,34 +223,28 @@ def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, stagin
         members = [int(i) for i in order if splits[i] == split]
         sink = ShardSink(staging, split, cfg.shard_size)
         n = 0
-        for i in members:
-            s = src.samples[i]
-            done += 1
-            try:
-                png = _prepare(s, cfg.size, channels, intensity or Intensity())
-            except Image.DecompressionBombError as e:
-                raise SourceError(f"{s.source_id} is a decompression bomb ({e}); remove it from the source") from None
-            except Exception as e:  # noqa: BLE001 - one bad image is skipped, not fatal
-                skipped.append({"source_id": s.source_id, "reason": f"unreadable image: {e}"})
-                continue
-            key = f"{split}-{n:06d}"
-            n += 1
-            name = src.class_names[s.label]
-            shard = sink.write(encode_sample(key, png, s.label, {"label": s.label, "label_name": name,
-                                                                  "source_id": s.source_id, "split": split}))
-            c = 1 if png[25] in (0, 4) else 3  # PNG IHDR colour type: 0 = gray, 2 = RGB
-            rows["key"].append(key)
-            rows["split"].append(split)
-            rows["label"].append(s.label)
-            rows["label_name"].append(name)
-            rows["shard"].append(shard)
-            rows["source_id"].append(s.source_id)
-            rows["height"].append(cfg.size)
-            rows["width"].append(cfg.size)
-            rows["channels"].append(c)
-            rows["sha256"].append(sha256_bytes(png))
-            if progress and (done % 500 == 0 or done == total):
-                progress(done, total)
+        with sink.aborting():
+            for i in members:
+                s = src.samples[i]
+                done += 1
+                try:
+                    png = _prepare(s, cfg.size, channels, intensity or Intensity())
+                except Image.DecompressionBombError as e:
+                    raise _bomb(s.source_id, e) from None
+                except Exception as e:  # noqa: BLE001 - one bad image is skipped, not fatal
+                    skipped.append({"source_id": s.source_id, "reason": f"unreadable image: {e}"})
+                    continue
+                key = f"{split}-{n:06d}"
+                n += 1
+                name = src.class_names[s.label]
+                shard = sink.write(encode_sample(key, png, s.label, {"label": s.label, "label_name": name,
+                                                                      "source_id": s.source_id, "split": split}))
+                c = 1 if png[25] in (0, 4) else 3  # PNG IHDR colour type: 0 = gray, 2 = RGB
+                for col, v in zip(cols, (key, split, s.label, name, shard, s.source_id, cfg.size, cfg.size, c,
+                                         sha256_bytes(png))):
+                    rows[col].append(v)
+                if progress and (done % 500 == 0 or done == total):
+                    progress(done, total)
         written = sink.close()
         if n == 0:  # ShardWriter opened an empty first shard
             for f in staging.glob(f"{split}-*.tar"):

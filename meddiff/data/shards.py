@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -61,6 +62,16 @@ class ShardSink:
     def close(self) -> list[str]:
         self.writer.close()
         return sorted(set(self.placements.values()))
+
+    @contextmanager
+    def aborting(self) -> Iterator[None]:
+        """On an error inside, close the writer quietly (its files are staging debris the caller removes)."""
+        try:
+            yield
+        except BaseException:
+            with suppress(Exception):
+                self.writer.close()
+            raise
 
 
 def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:

@@ -14,6 +14,7 @@ import os
 import posixpath
 import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from meddiff.errors import SourceError, UnsafeArchiveError
@@ -156,7 +157,7 @@ def load_zip(path: Path, classes: str | None, name: str | None = None) -> Source
                 continue
             try:
                 entries.append((rel, zf.read(info)))
-            except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:  # truncated/corrupt member (CRC)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:  # damaged member (CRC)
                 raise SourceError(f"{path} is damaged: entry {info.filename!r} cannot be read ({e}); "
                                   "re-download or re-create the archive") from e
     class_names, samples, skipped = _collect(
