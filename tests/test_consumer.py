@@ -50,23 +50,43 @@ def blood_by_class(medmnist_dir, tmp_path_factory) -> Path:
     return root
 
 
+def _class_ordered_copy(uri: str, dest: Path) -> str:
+    """The same version with its train shards re-packed class by class (how archives were written before)."""
+    import shutil
+
+    from meddiff.data.shards import encode_sample, iter_shard, write_shard
+
+    shutil.copytree(uri, dest)
+    shards = open_dataset(str(dest)).shard_uris("train")
+    samples = sorted((s for u in shards for s in iter_shard(u)), key=lambda s: (int(s["cls"]), s["__key__"]))
+    size = -(-len(samples) // len(shards))
+    for k, u in enumerate(shards):
+        write_shard(Path(u), [encode_sample(s["__key__"], s["png"], int(s["cls"]), {})
+                              for s in samples[k * size:(k + 1) * size]])
+    return str(dest)
+
+
 def test_training_batches_mix_classes_like_iid(blood_by_class, tmp_path):
-    """A class-ordered archive, ingested, then read exactly as training reads it (DataSpec defaults)."""
+    """A class-ordered archive, ingested, then read exactly as training reads it. The shuffle buffer is scaled
+    with the data: 2,100 images and a 200-sample buffer stand for 21,000 images and training's default 2,000."""
     from meddiff.train.batches import DataSpec, batches
 
     r = ingest(IngestConfig(f"folder:{blood_by_class}", size=28, shard_size=500), str(tmp_path))
     assert r.card["order"]["shuffled"] and r.card["order"]["shuffle_seed"] == 0
-    ds = open_dataset(r.uri)
-    n_train = r.card["totals"]["train"]
-    assert n_train == 2100 > DataSpec().shuffle_buffer  # larger than the buffer: order at rest matters
-    stream = batches(ds, DataSpec(), batch_size=32, seed=0, start_step=0)
-    labels = np.concatenate([next(stream)[1].numpy() for _ in range(n_train // 32)])
-    measured, iid = largest_class_share(labels, 32), iid_share(labels, 32)
+    assert r.card["totals"]["train"] == 2100
+    spec = DataSpec(shuffle_buffer=200)
+
+    def share(uri: str) -> tuple[float, float]:
+        stream = batches(open_dataset(uri), spec, batch_size=32, seed=0, start_step=0)
+        labels = np.concatenate([next(stream)[1].numpy() for _ in range(2100 // 32)])
+        return largest_class_share(labels, 32), iid_share(labels, 32)
+
+    measured, iid = share(r.uri)
     assert abs(measured - iid) < 0.1, (measured, iid)
-    # the statistic does see class-blocked order (what ingest wrote before: class by class)
-    assert largest_class_share(np.sort(labels), 32) > iid + 0.3
-    # and the shards themselves are mixed: every training shard holds every class
-    idx = ds.index()
+    # the same images stored class by class fail the same check: the test sees class-blocked batches
+    blocked, _ = share(_class_ordered_copy(r.uri, tmp_path / "ordered"))
+    assert blocked > iid + 0.3, (blocked, iid)
+    idx = open_dataset(r.uri).index()  # and every training shard holds every class
     assert (idx[idx.split == "train"].groupby("shard").label.nunique() == 3).all()
 
 
