@@ -142,6 +142,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_two_dataloader_workers_and_two_ranks(small_sharded, breastmnist_uri):
     """Forked DataLoader workers, from a fresh interpreter (not the pytest process hosting Prefect's server);
     six shards (workers take whole shards) and one shard (workers take every other sample)."""
@@ -199,6 +200,7 @@ def readme_snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_readme_downstream_snippet_runs(bloodmnist_uri, tmp_path):
     """The README's code, as written (4 DataLoader workers), on a cohort of real BloodMNIST images."""
     from cohort_factory import make_cohort
