@@ -501,6 +501,11 @@ def test_s3_endpoint_vanishing_mid_upload(medmnist_dir, tmp_path, monkeypatch):
     from meddiff.data.shards import open_dataset
     from meddiff.errors import StorageError
 
+    import s3fs
+
+    # fsspec caches one S3FileSystem per endpoint, listings included: an earlier test's server may have had
+    # this port, and its cached listing would make this dataset look published already
+    s3fs.S3FileSystem.clear_instance_cache()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     port = _free_port()
@@ -523,12 +528,14 @@ def test_s3_endpoint_vanishing_mid_upload(medmnist_dir, tmp_path, monkeypatch):
             return real(fn, what, attempts, 0.05)
         monkeypatch.setattr(storage, "with_retries", with_retries)
         cfg = IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir))
-        with pytest.raises(StorageError, match=r"upload to s3://meddiff/prod/datasets/breastmnist/\w+/\S+ failed"):
-            ingest(cfg, "s3://meddiff/prod")
+        root = f"s3://meddiff/{tmp_path.name}"  # moto's in-process state outlives a server: a prefix of our own
+        with pytest.raises(StorageError, match=rf"upload to {root}/datasets/breastmnist/\w+/\S+ failed after 3"):
+            ingest(cfg, root)
         proxy = _start_proxy(port, server.get_host_and_port()[1])  # the endpoint comes back
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="meddiff").get("Contents", [])]
+        s3fs.S3FileSystem.clear_instance_cache()
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="meddiff", Prefix=tmp_path.name).get("Contents", [])]
         assert len(keys) == 2 and not any(k.endswith("dataset.json") for k in keys)  # partial, not complete-looking
-        r = ingest(cfg, "s3://meddiff/prod")
+        r = ingest(cfg, root)
         assert not r.existed and open_dataset(r.uri).card["totals"]["train"] == 546
         assert len(open_dataset(r.uri).load_split("val")[0]) == 78
     finally:

@@ -274,3 +274,18 @@ def test_percentile_window_and_explicit_bit_depth(medmnist_dir, tmp_path):
     assert x16.max() <= 4095 * 255 // 65535 + 1  # 12-bit data read as 16-bit: dark, as asked
     with pytest.raises(SourceError, match="--window"):
         IngestConfig(f"folder:{src}", window="99,1").check()
+
+
+def test_float_images_in_unit_range_ingest_to_the_8bit_pixels(medmnist_dir, tmp_path):
+    eight = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'b8', medmnist_dir, None)}", size=28, name="b"),
+                   str(tmp_path / "st"))
+    src = _breast_folder(tmp_path / "b8f", medmnist_dir, None)
+    for p in list(src.rglob("*.png")):  # the same images as float32 TIFFs in [0, 1]
+        Image.fromarray(np.asarray(Image.open(p), np.float32) / 255).save(p.with_suffix(".tif"))
+        p.unlink()
+    assert Image.open(next(src.rglob("*.tif"))).mode == "F"
+    deep = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), str(tmp_path / "st"))
+    assert deep.card["intensity"]["rule"] == "bit-depth" and "[0, 1] × 255" in deep.card["intensity"]["float"]
+    xa, _ = open_dataset(eight.uri).load_split("train")
+    xb, _ = open_dataset(deep.uri).load_split("train")
+    assert np.array_equal(xa, xb)
