@@ -12,6 +12,7 @@ and renamed into place, so a half-written artifact is never visible under its fi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -88,23 +89,46 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+WRITE_FAULTS = {  # errno → what the user can do; these OSErrors become one-line StorageErrors
+    errno.ENOSPC: "the disk is full: free space (or choose another --storage / MEDDIFF_STORAGE) and re-run; "
+                  "finished work is kept, nothing half-written was published",
+    errno.EDQUOT: "the disk quota is exhausted: free space and re-run; nothing half-written was published",
+    errno.EACCES: "permission denied: make it writable (or choose another --storage / MEDDIFF_STORAGE) and re-run",
+    errno.EPERM: "operation not permitted: make it writable (or choose another --storage) and re-run",
+    errno.EROFS: "the storage is read-only: choose a writable --storage / MEDDIFF_STORAGE and re-run",
+}
+
+
+@contextmanager
+def write_faults(where: str | Path) -> Iterator[None]:
+    """Turn disk-full / permission / read-only OSErrors inside into a StorageError naming the path."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_FAULTS:
+            raise
+        raise StorageError(f"cannot write {e.filename or where}: {e.strerror or e}; {WRITE_FAULTS[e.errno]}") from e
+
+
 @contextmanager
 def atomic_file(dest: Path) -> Iterator[BinaryIO]:
     """Write a local file atomically: a temp file beside ``dest``, fsynced, then renamed over it.
 
-    A writer killed mid-way leaves only a hidden ``.<name>.*.tmp`` file, never a partial ``dest``.
+    A writer killed mid-way leaves only a hidden ``.<name>.*.tmp`` file, never a partial ``dest``;
+    a disk-full / permission / read-only fault removes it and raises a StorageError naming ``dest``.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with write_faults(dest):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -56,9 +56,12 @@ def test_total_balanced_and_ratios(tiny_conditional_model_uri, tiny_per_class_mo
 
 
 def _pixels(uri: str) -> np.ndarray:
-    from meddiff.data.shards import load_shards
+    """(N, C, H, W) in sample-id order (shards are written class-interleaved, not in id order)."""
+    from meddiff.data.images import decode_png
 
-    return load_shards(open_cohort(uri).shard_uris())[0].astype(int)  # (N, C, H, W)
+    cohort = open_cohort(uri)
+    by_key = {s["__key__"]: decode_png(s["png"]) for u in cohort.shard_uris() for s in iter_shard(u)}
+    return np.stack([by_key[k] for k in cohort.manifest().sort_values("sample_id")["key"]]).astype(int)
 
 
 def test_single_sample_regenerates_identically(tiny_conditional_model_uri, tmp_path):

@@ -41,12 +41,16 @@ def test_bloodmnist_exact_counts(bloodmnist_uri, medmnist_dir):
     assert set(idx.columns) >= {"key", "split", "label", "label_name", "shard", "source_id", "height",
                                 "width", "channels", "sha256"}
     # the shards hold exactly the index's images, bit for bit, and the same pixels as the npz
+    # (issue 16: splits are written in a seeded random order, so val-000000 is the npz image its source_id names)
+    row = idx[idx.key == "val-000000"].iloc[0]
     with np.load(medmnist_dir / "bloodmnist.npz") as z:
-        first_val = z["val_images"][0]
+        npz_val = z["val_images"][int(row.source_id.rsplit("/", 1)[1])]
     images, labels = ds.load_split("val")
     assert images.shape == (1712, 3, 28, 28) and images.dtype == np.uint8
-    assert np.array_equal(images[0].transpose(1, 2, 0), first_val)
-    row = idx[idx.key == "val-000000"].iloc[0]
+    assert np.array_equal(images[0].transpose(1, 2, 0), npz_val)
+    val = idx[idx.split == "val"]
+    assert val.source_id.tolist() != sorted(val.source_id, key=lambda s: int(s.rsplit("/", 1)[1]))  # not npz order
+    assert card["order"] == {"shuffled": True, "shuffle_seed": 0, "note": card["order"]["note"]}
     sample = next(iter_shard(ds.shard_uris("val")[0]))
     assert hashlib.sha256(sample["png"]).hexdigest() == row.sha256
     assert labels[0] == row.label
@@ -225,3 +229,63 @@ def test_ingest_flow_on_ephemeral_server(prefect_harness, medmnist_dir, tmp_path
 
     uri = ingest_dataset(source="medmnist:breastmnist", medmnist_root=str(medmnist_dir), storage_root=str(tmp_path))
     assert open_dataset(uri).card["totals"]["train"] == 546
+
+
+def _breast_folder(root: Path, medmnist_dir: Path, scale: float | None) -> Path:
+    """40 real BreastMNIST training images in class folders: 8-bit PNGs, or 16-bit PNGs of round(v · scale)."""
+    with np.load(medmnist_dir / "breastmnist.npz") as z:
+        x, y = z["train_images"][:40], z["train_labels"][:40, 0]
+    for i, (img, label) in enumerate(zip(x, y)):
+        (root / f"c{label}").mkdir(parents=True, exist_ok=True)
+        arr = img if scale is None else np.rint(img.astype(np.float64) * scale).astype(np.uint16)
+        Image.fromarray(arr).save(root / f"c{label}" / f"{i:02d}.png")
+    return root
+
+
+@pytest.mark.parametrize("scale,bits", [(257.0, 16), (4095 / 255, 12)])
+def test_16bit_png_ingests_to_the_8bit_pixels(medmnist_dir, tmp_path, scale, bits):
+    eight = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'b8', medmnist_dir, None)}", size=28,
+                                name="b"), str(tmp_path / "st"))
+    deep_src = _breast_folder(tmp_path / "b16", medmnist_dir, scale)
+    assert Image.open(next((deep_src / "c0").iterdir())).mode == "I;16"  # a real 16-bit PNG
+    deep = ingest(IngestConfig(f"folder:{deep_src}", size=28, name="b"), str(tmp_path / "st"))
+    assert deep.card["intensity"] == {"rule": "bit-depth", "bits": bits, "float": deep.card["intensity"]["float"]}
+    assert eight.card["intensity"]["rule"].startswith("none")
+    a, b = open_dataset(eight.uri), open_dataset(deep.uri)
+    for split in ("train", "val", "test"):
+        xa, ya = a.load_split(split)
+        xb, yb = b.load_split(split)
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    # not clipped to white: Pillow's convert("L"), the old path, saturates these files
+    first = next((deep_src / "c0").iterdir())
+    assert (np.asarray(Image.open(first).convert("L")) == 255).mean() > 0.5
+    assert (b.load_split("train")[0] == 255).mean() < 0.05
+
+
+def test_percentile_window_and_explicit_bit_depth(medmnist_dir, tmp_path):
+    src = _breast_folder(tmp_path / "b12", medmnist_dir, 4095 / 255)
+    win = ingest(IngestConfig(f"folder:{src}", size=28, window="1,99"), str(tmp_path / "st"))
+    assert win.card["intensity"] == {"rule": "percentile-window", "percentiles": [1.0, 99.0]}
+    x, _ = open_dataset(win.uri).load_split("train")
+    assert all(img.min() == 0 and img.max() == 255 for img in x)  # each image stretched to its own window
+    as16 = ingest(IngestConfig(f"folder:{src}", size=28, bit_depth=16), str(tmp_path / "st"))
+    assert as16.card["intensity"]["bits"] == 16 and as16.uri != win.uri
+    x16, _ = open_dataset(as16.uri).load_split("train")
+    assert x16.max() <= 4095 * 255 // 65535 + 1  # 12-bit data read as 16-bit: dark, as asked
+    with pytest.raises(SourceError, match="--window"):
+        IngestConfig(f"folder:{src}", window="99,1").check()
+
+
+def test_float_images_in_unit_range_ingest_to_the_8bit_pixels(medmnist_dir, tmp_path):
+    eight = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'b8', medmnist_dir, None)}", size=28, name="b"),
+                   str(tmp_path / "st"))
+    src = _breast_folder(tmp_path / "b8f", medmnist_dir, None)
+    for p in list(src.rglob("*.png")):  # the same images as float32 TIFFs in [0, 1]
+        Image.fromarray(np.asarray(Image.open(p), np.float32) / 255).save(p.with_suffix(".tif"))
+        p.unlink()
+    assert Image.open(next(src.rglob("*.tif"))).mode == "F"
+    deep = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), str(tmp_path / "st"))
+    assert deep.card["intensity"]["rule"] == "bit-depth" and "[0, 1] × 255" in deep.card["intensity"]["float"]
+    xa, _ = open_dataset(eight.uri).load_split("train")
+    xb, _ = open_dataset(deep.uri).load_split("train")
+    assert np.array_equal(xa, xb)

@@ -12,6 +12,7 @@ from rich.table import Table
 from meddiff.cli import app
 from meddiff import storage
 from meddiff.data.cohorts import open_cohort, verify as verify_cohort
+from meddiff.errors import MeddiffError
 from meddiff.progress import rich_progress
 
 cohorts = typer.Typer(no_args_is_help=True, help="Inspect and verify synthetic cohorts.")
@@ -91,8 +92,9 @@ def verify(uri: str) -> None:
         console.print("[green]ok: shards and manifest match")
         return
     for p in result.problems:
-        console.print(f"[red]{p}")
-    raise typer.Exit(1)
+        console.print(f"[red]{p}", soft_wrap=True)
+    raise MeddiffError(f"{uri} does not verify ({len(result.problems)} problem(s) listed above); the cohort is "
+                       "damaged or was edited: delete it and re-run `meddiff generate` (it is content-addressed)")
 
 
 @cohorts.command()

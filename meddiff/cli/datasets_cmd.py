@@ -43,10 +43,14 @@ def ingest(
     shard_size: int = typer.Option(10_000, help="Max samples per shard."),
     medmnist_root: Optional[str] = typer.Option(None, envvar="MEDMNIST_ROOT",
                                                 help="Folder with already-downloaded MedMNIST .npz files."),
+    shuffle_seed: int = typer.Option(0, help="Seed of the random order each split is written in."),
+    bit_depth: Optional[int] = typer.Option(None, help="16-bit/int inputs: sensor bits, e.g. 12 (default: detected)."),
+    window: Optional[str] = typer.Option(None, help="'lo,hi' percentiles: per-image window to 8 bits instead."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
-    cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root)
+    cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
+                       shuffle_seed=shuffle_seed, bit_depth=bit_depth, window=window)
     with rich_progress(f"ingest {source}") as progress:
         result = run_ingest(cfg, storage_root, progress)
     console.print(counts_table(result.card))

@@ -4,7 +4,7 @@ the datasets downstream teams train on (``ShardDataset``)."""
 from meddiff._lazy import lazy_exports
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "ShardDataset": "consumer", "open_source": "consumer",
+    "ShardDataset": "consumer", "ShardMapDataset": "consumer", "open_source": "consumer",
     "IngestConfig": "ingest", "IngestResult": "ingest", "ingest": "ingest",
     "Cohort": "cohorts", "open_cohort": "cohorts", "verify": "cohorts",
     "DatasetVersion": "shards", "open_dataset": "shards", "iter_shard": "shards", "read_card": "shards",

@@ -7,6 +7,10 @@ manifest.parquet             one row per image (MANIFEST_SCHEMA); quality column
 cohort.json                  the cohort card (spec, counts, model/dataset URIs), written last
 ```
 A shard is committed when its part file exists (tar written first, both atomically).
+
+Sample ids are class-major (class 0's ids first; an id and the base seed fix its image), but the
+shards are written in an interleaved order (:func:`write_order`), so every shard holds the classes
+in the cohort's proportions and a stream of the cohort is never class by class.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +31,23 @@ from meddiff.records import sha256_bytes
 from meddiff.data.shards import iter_shard, read_card
 
 SHARD_PREFIX = "synthetic"
+WRITE_ORDER = "interleaved"  # recorded on cohort.json; cohorts without it were written class-major
+
+
+def write_order(class_of: np.ndarray, seed: int) -> np.ndarray:
+    """Sample ids (N,) in the order they are written: classes spread evenly, with seeded jitter.
+
+    Sample j of a class of n sits at (j + u) / n in [0, 1), u ~ U(0, 1) drawn per sample; ids are
+    sorted by that position, so any run of consecutive ids holds every class ∝ its size (± 1).
+    class_of: (N,) class id of every sample id.
+    """
+    n = len(class_of)
+    pos = np.empty(n)
+    u = np.random.default_rng([seed, 0x5EED]).random(n)
+    for c in np.unique(class_of):
+        ids = np.flatnonzero(class_of == c)
+        pos[ids] = (np.arange(len(ids)) + u[ids]) / len(ids)
+    return np.argsort(pos, kind="stable")
 
 MANIFEST_SCHEMA = pa.schema([
     ("sample_id", pa.int64()),  # index in the cohort, 0..N-1; with the base seed it fixes the image

@@ -1,14 +1,25 @@
-"""For downstream ML teams: a torch ``IterableDataset`` over a cohort or a real dataset version.
+"""For downstream ML teams: torch datasets over a cohort or a real dataset version, reshuffled every epoch.
 
-    from meddiff.data.consumer import ShardDataset
+    from meddiff.data import ShardDataset
     ds = ShardDataset("storage/cohorts/<id>", classes=["neutrophil"], mix_with="storage/datasets/bloodmnist/<v>",
                       mix_ratio=0.5)
     loader = torch.utils.data.DataLoader(ds, batch_size=128, num_workers=4)
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)            # a fresh order every epoch (like DistributedSampler.set_epoch)
+        for x, y in loader: ...
+    loader = torch.utils.data.DataLoader(ds.as_map(), batch_size=128, shuffle=True)   # random access
 
 Yields (float32 (C, H, W) in [0, 1], class id). Cohort samples are filtered through the manifest
 (classes; flagged images are excluded by default once ``meddiff evaluate --drop-flagged`` has
 asked for it); real samples through ``index.parquet``. Class ids are shared: a cohort's classes
 are its model's dataset's classes.
+
+Epoch order: a permutation of the shards and of the samples inside each shard, seeded by
+(seed, epoch); a mixed-in real set interleaves at random, in proportion to the sizes. Readers:
+DDP rank r of W keeps every W-th sample of that order, and all ranks keep the same count (the
+last N mod W samples are dropped, so no rank waits on another: DistributedSampler(drop_last=True));
+DataLoader worker k of K reads whole shards k, k+K, ... of its rank's part (every K-th sample
+when there are fewer shards than workers). Every sample is read exactly once per epoch.
 """
 
 from __future__ import annotations
@@ -18,20 +29,26 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from meddiff import storage
-from meddiff.errors import MeddiffError
+from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.data.shards import _to_tensor_label, iter_shard
+
+Entry = tuple[str, str]  # (shard URI, sample key)
 
 
 @dataclass(frozen=True)
 class _Source:
-    """The shards of one artifact and the keys to take from them."""
+    """The samples of one artifact to read: (shard URI, key) in storage order."""
 
-    shard_uris: list[str]
-    keys: frozenset[str]
+    uri: str
+    entries: list[Entry]
     class_names: list[str]
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return frozenset(k for _, k in self.entries)
 
 
 def _class_ids(classes: Sequence[str | int] | None, names: list[str]) -> set[int] | None:
@@ -48,6 +65,10 @@ def _class_ids(classes: Sequence[str | int] | None, names: list[str]) -> set[int
     return out
 
 
+def _entries(uri: str, shards, keys) -> list[Entry]:
+    return sorted((storage.join(uri, s), k) for s, k in zip(shards, keys))
+
+
 def _cohort_source(uri: str, classes, exclude_flagged: bool | None) -> _Source:
     from meddiff.data.cohorts import open_cohort
 
@@ -61,7 +82,7 @@ def _cohort_source(uri: str, classes, exclude_flagged: bool | None) -> _Source:
         df = df[df["class_id"].isin(ids)]
     if exclude_flagged:
         df = df[~df["flagged"].fillna(False).astype(bool)]
-    return _Source(cohort.shard_uris(), frozenset(df["key"]), cohort.class_names)
+    return _Source(cohort.uri, _entries(cohort.uri, df["shard"], df["key"]), cohort.class_names)
 
 
 def _dataset_source(uri: str, split: str, classes, n: int | None = None, seed: int = 0) -> _Source:
@@ -73,12 +94,11 @@ def _dataset_source(uri: str, split: str, classes, n: int | None = None, seed: i
     ids = _class_ids(classes, ds.class_names)
     if ids is not None:
         idx = idx[idx["label"].isin(ids)]
-    keys = idx["key"].to_numpy()
     if n is not None:
-        if n > len(keys):
-            raise MeddiffError(f"mix_ratio asks for {n} real images but {uri} ({split}) has {len(keys)}")
-        keys = np.random.default_rng(seed).choice(keys, size=n, replace=False)
-    return _Source(ds.shard_uris(split), frozenset(keys.tolist()), ds.class_names)
+        if n > len(idx):
+            raise MeddiffError(f"mix_ratio asks for {n} real images but {uri} ({split}) has {len(idx)}")
+        idx = idx.iloc[np.sort(np.random.default_rng(seed).choice(len(idx), size=n, replace=False))]
+    return _Source(ds.uri, _entries(ds.uri, idx["shard"], idx["key"]), ds.class_names)
 
 
 def open_source(uri: str, split: str = "train", classes=None, exclude_flagged: bool | None = None) -> _Source:
@@ -87,56 +107,145 @@ def open_source(uri: str, split: str = "train", classes=None, exclude_flagged: b
     return _dataset_source(uri, split, classes)
 
 
+class _ShardCache:
+    """Raw samples of the shards being read, by key; a shard is dropped once its last wanted key is taken."""
+
+    def __init__(self, entries: Sequence[Entry] | None = None):
+        self.shards: dict[str, dict[str, dict[str, Any]]] = {}
+        self.left: dict[str, int] | None = None
+        if entries is not None:
+            self.left = {}
+            for shard, _ in entries:
+                self.left[shard] = self.left.get(shard, 0) + 1
+
+    def get(self, shard: str, key: str) -> tuple[torch.Tensor, int]:
+        if shard not in self.shards:
+            self.shards[shard] = {s["__key__"]: s for s in iter_shard(shard)}
+        sample = self.shards[shard].get(key)
+        if sample is None or "png" not in sample or "cls" not in sample:
+            what = "is missing" if sample is None else f"lacks {sorted({'png', 'cls'} - set(sample))}"
+            raise ArtifactError(f"{shard}: sample {key!r} {what}; the artifact is damaged, re-create it "
+                                "(cohorts: `meddiff cohorts verify` lists every problem)")
+        if self.left is not None:
+            self.left[shard] -= 1
+            if self.left[shard] == 0:
+                del self.shards[shard]
+        return _to_tensor_label(sample)
+
+
+def epoch_order(sources: Sequence[_Source], seed: int, epoch: int) -> list[Entry]:
+    """All entries of one epoch: shards and the samples inside each permuted, sources interleaved at random."""
+    rng = np.random.default_rng([seed, epoch])
+    streams = []
+    for src in sources:
+        by_shard: dict[str, list[str]] = {}
+        for shard, key in src.entries:
+            by_shard.setdefault(shard, []).append(key)
+        shards = sorted(by_shard)
+        order = []
+        for s in rng.permutation(len(shards)):
+            keys = by_shard[shards[s]]
+            order += [(shards[s], keys[i]) for i in rng.permutation(len(keys))]
+        streams.append(iter(order))
+    picks = rng.permutation(np.repeat(np.arange(len(sources)), [len(s.entries) for s in sources]))
+    return [next(streams[p]) for p in picks]  # interleaving ∝ sizes
+
+
+def reader_part(order: list[Entry], rank: int, world: int, worker: int, workers: int) -> list[Entry]:
+    """This (rank, worker)'s entries of an epoch's order: disjoint parts that cover it (ranks: equal sizes)."""
+    if world > 1:
+        order = order[rank::world][: len(order) // world]
+    if workers <= 1:
+        return order
+    shards = list(dict.fromkeys(s for s, _ in order))  # in order of first use
+    if len(shards) < workers:
+        return order[worker::workers]
+    mine = set(shards[worker::workers])
+    return [e for e in order if e[0] in mine]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class ShardDataset(IterableDataset):
-    """(image (C, H, W) float32 in [0, 1], class id) from a cohort or dataset version, optionally mixed."""
+    """(image (C, H, W) float32 in [0, 1], class id) from a cohort or dataset version, optionally mixed;
+    reshuffled every epoch (``set_epoch``), split across DataLoader workers and DDP ranks."""
 
     def __init__(self, uri: str, *, split: str = "train", classes: Sequence[str | int] | None = None,
                  exclude_flagged: bool | None = None, mix_with: str | None = None, mix_ratio: float = 0.0,
-                 mix_split: str = "train", seed: int = 0):
+                 mix_split: str = "train", seed: int = 0, rank: int | None = None, world_size: int | None = None):
         """
         uri: cohort or dataset version. split: dataset split (ignored for cohorts).
         classes: names or ids to keep (None = all). exclude_flagged: drop memorization-flagged
         cohort images (None = as the evaluation's --drop-flagged decided).
         mix_with: a real dataset version to mix in; mix_ratio: fraction of the yielded images that
         are real (0 ≤ r < 1), e.g. 0.5 = as many real as synthetic. seed: which real images and
-        the interleaving order.
+        every epoch's order. rank/world_size: this DDP process (None = torch.distributed's, else 0 of 1).
         """
         if not 0 <= mix_ratio < 1:
             raise MeddiffError(f"mix_ratio must be in [0, 1), got {mix_ratio}")
         self.primary = open_source(uri, split, classes, exclude_flagged)
         self.mixed: _Source | None = None
         if mix_with is not None and mix_ratio > 0:
-            n_real = round(len(self.primary.keys) * mix_ratio / (1 - mix_ratio))
+            n_real = round(len(self.primary.entries) * mix_ratio / (1 - mix_ratio))
             self.mixed = _dataset_source(mix_with, mix_split, classes, n_real, seed)
             if self.mixed.class_names != self.primary.class_names:
                 raise MeddiffError(f"cannot mix {mix_with}: its classes {self.mixed.class_names} differ from "
                                    f"{self.primary.class_names}")
-        self.seed = seed
+        self.seed, self.epoch = seed, 0
+        self.rank, self.world_size = rank, world_size
         self.class_names = self.primary.class_names
 
-    def __len__(self) -> int:
-        return len(self.primary.keys) + (len(self.mixed.keys) if self.mixed else 0)
+    @property
+    def sources(self) -> list[_Source]:
+        return [self.primary] + ([self.mixed] if self.mixed else [])
 
-    @staticmethod
-    def _stream(src: _Source, worker: int, workers: int) -> Iterator[dict[str, Any]]:
-        for uri in src.shard_uris[worker::workers]:
-            for s in iter_shard(uri):
-                if s["__key__"] in src.keys:
-                    yield s
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration follows (call before each epoch)."""
+        self.epoch = int(epoch)
+
+    def _rank_world(self) -> tuple[int, int]:
+        rank, world = _dist()
+        return (rank if self.rank is None else self.rank), (world if self.world_size is None else self.world_size)
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch (all ranks equal)."""
+        return sum(len(s.entries) for s in self.sources) // self._rank_world()[1]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        streams = [self._stream(self.primary, worker, workers)]
-        if self.mixed is not None:
-            streams.append(self._stream(self.mixed, worker, workers))
-        rng = np.random.default_rng([self.seed, worker])
-        live = list(range(len(streams)))
-        weights = [len(self.primary.keys)] + ([len(self.mixed.keys)] if self.mixed else [])  # interleave ∝ sizes
-        while live:
-            p = np.array([weights[i] for i in live], dtype=float)
-            i = live[int(rng.choice(len(live), p=p / p.sum()))] if p.sum() > 0 else live[0]
-            try:
-                yield _to_tensor_label(next(streams[i]))
-            except StopIteration:
-                live.remove(i)
+        rank, world = self._rank_world()
+        part = reader_part(epoch_order(self.sources, self.seed, self.epoch), rank, world, worker, workers)
+        cache = _ShardCache(part)
+        for shard, key in part:
+            yield cache.get(shard, key)
+
+    def as_map(self) -> "ShardMapDataset":
+        """The same samples as a map-style dataset (random access; ``DataLoader(shuffle=True)``)."""
+        return ShardMapDataset([e for s in self.sources for e in s.entries], self.class_names)
+
+
+class ShardMapDataset(Dataset):
+    """Random access to shard samples: item i = (image (C, H, W) float32 in [0, 1], class id).
+
+    Shards are read whole on first use and kept in memory (per DataLoader worker): meant for cohorts
+    and small datasets. Use ``ShardDataset(...).as_map()`` to build one."""
+
+    def __init__(self, entries: list[Entry], class_names: list[str]):
+        self.entries, self.class_names = list(entries), list(class_names)
+        self._cache: _ShardCache | None = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._cache is None:
+            self._cache = _ShardCache()
+        return self._cache.get(*self.entries[i])
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}  # workers read their own copies

@@ -1,11 +1,65 @@
-"""Image conversions shared by every stage: resize/crop, lossless PNG bytes, decoding."""
+"""Image conversions shared by every stage: resize/crop, lossless PNG bytes, decoding, 8-bit rescaling.
+
+Inputs deeper than 8 bits (16-bit "I;16", 32-bit "I", float "F") are rescaled to 8 bits by a
+recorded :class:`Intensity` rule, never clipped: integers by their bit depth
+(v → round(v · 255 / (2^bits − 1))), or any input by a per-image percentile window.
+"""
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow modes deeper than 8 bits
+GRAY_MODES = ("L", "1", "LA", *HIGH_BIT_MODES)
+
+
+@dataclass(frozen=True)
+class Intensity:
+    """How high-bit-depth pixels become 8-bit; stated on the dataset card."""
+
+    bits: int | None = None  # integer inputs: v → round(v · 255 / (2^bits − 1)); None = per image, from its max
+    window: tuple[float, float] | None = None  # (lo, hi) percentiles per image → 0..255 instead (any input)
+
+    def describe(self) -> dict:
+        if self.window:
+            return {"rule": "percentile-window", "percentiles": list(self.window)}
+        return {"rule": "bit-depth", "bits": self.bits,
+                "float": "values in [0, 1] × 255, otherwise the image's min..max → 0..255"}
+
+
+def bits_for(max_value: int) -> int:
+    """The even bit depth (≥ 8) that holds ``max_value``: 4095 → 12, 30000 → 16."""
+    b = max(8, int(max_value).bit_length())
+    return b + (b % 2)
+
+
+def _window(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    a, b = np.percentile(arr, [lo, hi])
+    if b <= a:
+        return np.zeros(arr.shape, np.uint8)
+    return np.rint(np.clip((arr - a) / (b - a), 0, 1) * 255).astype(np.uint8)
+
+
+def high_bit_to_8bit(im: Image.Image, rule: Intensity) -> Image.Image:
+    """Rescale an "I;16"/"I"/"F" image to "L" by ``rule``."""
+    arr = np.asarray(im)
+    if rule.window:
+        return Image.fromarray(_window(arr.astype(np.float64), *rule.window), mode="L")
+    if im.mode == "F":
+        a = arr.astype(np.float64)
+        if a.size and a.min() >= 0 and a.max() <= 1:
+            out = np.rint(a * 255).astype(np.uint8)
+        else:
+            out = _window(a, 0, 100)
+        return Image.fromarray(out, mode="L")
+    a = arr.astype(np.int64)
+    bits = rule.bits or bits_for(int(a.max()) if a.size else 0)
+    out = np.rint(np.clip(a, 0, 2**bits - 1) * (255 / (2**bits - 1)))
+    return Image.fromarray(out.astype(np.uint8), mode="L")
 
 
 def to_pil(arr: np.ndarray) -> Image.Image:
@@ -43,12 +97,15 @@ def decode_png(data: bytes) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def load_image(data: bytes, channels: int | None = None) -> Image.Image:
-    """Decode arbitrary image bytes fully (raises on truncated/corrupt data).
+def load_image(data: bytes, channels: int | None = None, intensity: Intensity = Intensity()) -> Image.Image:
+    """Decode arbitrary image bytes fully (raises on truncated/corrupt data and decompression bombs).
 
     ``channels`` forces 1 (L) or 3 (RGB); None keeps grayscale as L and converts others to RGB.
+    Deeper than 8 bits ("I;16", "I", "F") is rescaled by ``intensity``, never clipped.
     """
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in ("L", "I;16", "I", "1") else "RGB")
+        mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in GRAY_MODES else "RGB")
+        if im.mode in HIGH_BIT_MODES:
+            return high_bit_to_8bit(im, intensity).convert(mode)
         return im.convert(mode)

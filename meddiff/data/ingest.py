@@ -3,6 +3,10 @@
 Layout: ``<root>/datasets/<name>/<version>/{train,val,test}-%06d.tar``, ``index.parquet``,
 ``dataset.json``. The version is a content hash of the source checksums and the resolved
 ingest config, so a repeated ingest finds its version and does no work.
+
+Each split is written in a seeded random order (``shuffle_seed``, on the card), never class by
+class: a reader that streams shards with a modest shuffle buffer gets i.i.d.-like batches.
+Inputs deeper than 8 bits are rescaled by a recorded rule (:class:`meddiff.data.images.Intensity`).
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 import pyarrow.parquet as pq
 
 from meddiff import storage
 from meddiff.errors import SourceError
-from meddiff.data.images import encode_png, load_image, resize_center_crop, to_pil
+from meddiff.data.images import HIGH_BIT_MODES, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
 from meddiff.data.sources import SPLITS, RawSample, SourceData, parse_source
@@ -38,6 +43,16 @@ class IngestConfig:
     test_frac: float = 0.2  # test fraction per class (zip/folder)
     shard_size: int = 10_000  # max samples per shard
     medmnist_root: str | None = None  # folder with already-downloaded MedMNIST npz (no download)
+    shuffle_seed: int = 0  # seed of the random order each split is written in (shuffled at rest)
+    bit_depth: int | None = None  # >8-bit integer inputs: sensor bits (None = detected from the dataset's max)
+    window: str | None = None  # "lo,hi" percentiles: per-image window to 8 bits instead of the bit depth
+
+    def intensity(self) -> Intensity:
+        """The rule for >8-bit/float inputs (``bit_depth`` of None is filled in by the ingest's pre-pass)."""
+        if self.window:
+            lo, hi = (float(v) for v in self.window.split(","))
+            return Intensity(window=(lo, hi))
+        return Intensity(bits=self.bit_depth)
 
     def check(self) -> "IngestConfig":
         ref = parse_source(self.source)
@@ -49,6 +64,16 @@ class IngestConfig:
             raise SourceError("--shard-size must be positive")
         if self.medmnist_root and ref.kind != "medmnist":
             raise SourceError("--medmnist-root applies to medmnist: sources only")
+        if self.bit_depth is not None and not 8 <= self.bit_depth <= 32:
+            raise SourceError(f"--bit-depth must be between 8 and 32, got {self.bit_depth}")
+        if self.window is not None:
+            parts = self.window.split(",")
+            try:
+                lo, hi = (float(v) for v in parts)
+            except ValueError:
+                lo = hi = -1.0
+            if len(parts) != 2 or not 0 <= lo < hi <= 100:
+                raise SourceError(f"--window must be 'lo,hi' percentiles with 0 <= lo < hi <= 100, got {self.window!r}")
         return self
 
     def resolved(self) -> "IngestConfig":
@@ -61,7 +86,8 @@ class IngestConfig:
         return {"source": c.source if parse_source(c.source).kind in ("medmnist", "kaggle") else
                 parse_source(c.source).kind, "size": c.size, "classes": c.classes,
                 "split_seed": c.split_seed, "val_frac": c.val_frac, "test_frac": c.test_frac,
-                "shard_size": c.shard_size}
+                "shard_size": c.shard_size, "order": "shuffled", "shuffle_seed": c.shuffle_seed,
+                "bit_depth": c.bit_depth, "window": c.window}
 
 
 @dataclass(frozen=True)
@@ -107,12 +133,12 @@ def stratified_split(labels: np.ndarray, seed: int, val_frac: float, test_frac: 
     return out
 
 
-def _prepare(sample: RawSample, size: int, channels: int | None) -> bytes:
+def _prepare(sample: RawSample, size: int, channels: int | None, intensity: Intensity) -> bytes:
     """Decode/resize one input to PNG bytes; raises on an unreadable image."""
     if isinstance(sample.payload, np.ndarray):
         img = to_pil(sample.payload)
     else:
-        img = load_image(sample.payload, channels)
+        img = load_image(sample.payload, channels, intensity)
     return encode_png(resize_center_crop(img, size))
 
 
@@ -136,73 +162,89 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
 
     staging = storage.local_staging(root, f"dataset-{name}-{version}")
     try:
-        rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress)
-        skipped = src.skipped + skipped
-        if not rows["key"]:
-            raise SourceError(f"no readable images in {cfg.source}; skipped: {skipped[:5]}")
-        table = pa.table(rows)
-        pq.write_table(table, staging / "index.parquet")
-        card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0)
-        storage.write_json(str(staging / "dataset.json"), card)
-        storage.publish_dir(staging, uri, last=("dataset.json",))
+        with storage.write_faults(staging):
+            channels, intensity = _inspect(src, cfg)
+            rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress, channels, intensity)
+            skipped = src.skipped + skipped
+            if not rows["key"]:
+                raise SourceError(f"no readable images in {cfg.source}; skipped: {skipped[:5]}")
+            table = pa.table(rows)
+            pq.write_table(table, staging / "index.parquet")
+            card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0, intensity)
+            storage.write_json(str(staging / "dataset.json"), card)
+            storage.publish_dir(staging, uri, last=("dataset.json",))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return IngestResult(uri, card, existed=False)
 
 
-def _common_channels(src: SourceData) -> int:
-    from PIL import Image
+def _bomb(source_id: str, e: Exception) -> SourceError:
+    return SourceError(f"{source_id} is a decompression bomb ({e}); remove it from the source")
+
+
+def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity | None]:
+    """One pass over the file headers: the common channel count (1 only if every file is grayscale) and the
+    intensity rule (None when no input is deeper than 8 bits), its bit depth detected from the largest
+    >8-bit integer value when not given."""
     import io
 
+    from PIL import Image
+
+    rule = cfg.intensity()
+    if not src.samples or isinstance(src.samples[0].payload, np.ndarray):
+        return None, None  # MedMNIST arrays: uint8, channels kept
+    channels, high_max, deep = 1, -1, False
     for s in src.samples:
         try:
             with Image.open(io.BytesIO(s.payload)) as im:
-                if im.mode not in ("L", "I;16", "I", "1"):
-                    return 3
+                if im.mode not in ("L", "1", "LA", *HIGH_BIT_MODES):
+                    channels = 3
+                deep = deep or im.mode in HIGH_BIT_MODES
+                if im.mode in HIGH_BIT_MODES and im.mode != "F" and rule.bits is None and not rule.window:
+                    high_max = max(high_max, int(np.asarray(im).max(initial=0)))
+        except Image.DecompressionBombError as e:
+            raise _bomb(s.source_id, e) from None
         except Exception:  # noqa: BLE001 - bad files are reported when they are decoded
             continue
-    return 1
+    if high_max >= 0:
+        rule = Intensity(bits=bits_for(high_max))
+    return channels, rule if deep else None
 
 
 def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, staging: Path,
-                  progress: Progress | None):
+                  progress: Progress | None, channels: int | None, intensity: Intensity | None):
     cols = ("key", "split", "label", "label_name", "shard", "source_id", "height", "width", "channels", "sha256")
     rows: dict[str, list] = {c: [] for c in cols}
     skipped: list[dict[str, str]] = []
     shards: dict[str, list[str]] = {}
     total, done = len(src.samples), 0
-    # MedMNIST arrays keep their channels; files stay grayscale only if every file is
-    channels = None if not src.samples or isinstance(src.samples[0].payload, np.ndarray) else _common_channels(src)
+    order = np.random.default_rng(cfg.shuffle_seed).permutation(total)  # shuffled at rest, never class by class
     for split in SPLITS:
-        members = [i for i in range(total) if splits[i] == split]
+        members = [int(i) for i in order if splits[i] == split]
         sink = ShardSink(staging, split, cfg.shard_size)
         n = 0
-        for i in members:
-            s = src.samples[i]
-            done += 1
-            try:
-                png = _prepare(s, cfg.size, channels)
-            except Exception as e:  # noqa: BLE001 - one bad image is skipped, not fatal
-                skipped.append({"source_id": s.source_id, "reason": f"unreadable image: {e}"})
-                continue
-            key = f"{split}-{n:06d}"
-            n += 1
-            name = src.class_names[s.label]
-            shard = sink.write(encode_sample(key, png, s.label, {"label": s.label, "label_name": name,
-                                                                  "source_id": s.source_id, "split": split}))
-            c = 1 if png[25] in (0, 4) else 3  # PNG IHDR colour type: 0 = gray, 2 = RGB
-            rows["key"].append(key)
-            rows["split"].append(split)
-            rows["label"].append(s.label)
-            rows["label_name"].append(name)
-            rows["shard"].append(shard)
-            rows["source_id"].append(s.source_id)
-            rows["height"].append(cfg.size)
-            rows["width"].append(cfg.size)
-            rows["channels"].append(c)
-            rows["sha256"].append(sha256_bytes(png))
-            if progress and (done % 500 == 0 or done == total):
-                progress(done, total)
+        with sink.aborting():
+            for i in members:
+                s = src.samples[i]
+                done += 1
+                try:
+                    png = _prepare(s, cfg.size, channels, intensity or Intensity())
+                except Image.DecompressionBombError as e:
+                    raise _bomb(s.source_id, e) from None
+                except Exception as e:  # noqa: BLE001 - one bad image is skipped, not fatal
+                    skipped.append({"source_id": s.source_id, "reason": f"unreadable image: {e}"})
+                    continue
+                key = f"{split}-{n:06d}"
+                n += 1
+                name = src.class_names[s.label]
+                shard = sink.write(encode_sample(key, png, s.label, {"label": s.label, "label_name": name,
+                                                                      "source_id": s.source_id, "split": split}))
+                c = 1 if png[25] in (0, 4) else 3  # PNG IHDR colour type: 0 = gray, 2 = RGB
+                for col, v in zip(cols, (key, split, s.label, name, shard, s.source_id, cfg.size, cfg.size, c,
+                                         sha256_bytes(png))):
+                    rows[col].append(v)
+                if progress and (done % 500 == 0 or done == total):
+                    progress(done, total)
         written = sink.close()
         if n == 0:  # ShardWriter opened an empty first shard
             for f in staging.glob(f"{split}-*.tar"):
@@ -214,7 +256,8 @@ def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, stagin
     return rows, skipped, shards
 
 
-def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, shards, seconds) -> dict:
+def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, shards, seconds,
+          intensity: Intensity | None) -> dict:
     df = table.select(["split", "label"]).to_pandas()
     counts = {split: {c: int(((df.split == split) & (df.label == i)).sum()) for i, c in enumerate(src.class_names)}
               for split in SPLITS}
@@ -227,4 +270,7 @@ def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, sh
         image_size=cfg.size, channels=channels[0] if len(channels) == 1 else max(channels),
         shards=shards, skipped=skipped, num_skipped=len(skipped),
         official_splits=src.has_official_splits, ingest_seconds=round(seconds, 2),
+        order={"shuffled": True, "shuffle_seed": cfg.shuffle_seed,
+               "note": "each split is written in a seeded random order (not class by class)"},
+        intensity=intensity.describe() if intensity else {"rule": "none: every input is 8-bit"},
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -61,6 +62,16 @@ class ShardSink:
     def close(self) -> list[str]:
         self.writer.close()
         return sorted(set(self.placements.values()))
+
+    @contextmanager
+    def aborting(self) -> Iterator[None]:
+        """On an error inside, close the writer quietly (its files are staging debris the caller removes)."""
+        try:
+            yield
+        except BaseException:
+            with suppress(Exception):
+                self.writer.close()
+            raise
 
 
 def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
@@ -178,6 +189,10 @@ def read_card(uri: str, record: str) -> dict[str, Any]:
     if not storage.exists(uri):
         raise ArtifactError(f"{uri} does not exist")
     if not storage.exists(card_uri):
+        for other, kind in (("dataset.json", "a dataset version"), ("model.json", "a model"),
+                            ("cohort.json", "a cohort")):
+            if other != record and storage.exists(storage.join(uri, other)):
+                raise ArtifactError(f"{uri} is {kind}, not what this command takes (it has {other}, not {record})")
         raise ArtifactError(f"{uri} is incomplete (no {record}); re-run the command that makes it")
     try:
         return storage.read_json(card_uri)

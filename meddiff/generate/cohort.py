@@ -25,7 +25,7 @@ from meddiff.data.images import encode_png
 from meddiff.data.shards import encode_sample, write_shard
 from meddiff.devices import cuda_count, resolve_device
 from meddiff.errors import ArtifactError, MeddiffError
-from meddiff.data.cohorts import SHARD_PREFIX, manifest_table, open_cohort, parquet_bytes
+from meddiff.data.cohorts import SHARD_PREFIX, WRITE_ORDER, manifest_table, open_cohort, parquet_bytes, write_order
 from meddiff.generate.pictures import write_pictures
 from meddiff.generate.sampling import check_compatible, generate_images, precision, resolve_sampler
 from meddiff.generate.spec import CohortResult, CohortSpec
@@ -54,7 +54,8 @@ def identity(spec: CohortSpec, model: TrainedModel, quotas: dict[str, int], guid
     the device type and the network's autocast dtype, so a cohort never mixes CPU- and GPU-made shards."""
     return {"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256, "quotas": quotas,
             "sampler": spec.sampler, "steps": spec.steps, "guidance": guidance, "seed": spec.seed,
-            "shard_size": spec.shard_size, "batch_size": spec.batch_size, **precision(device)}
+            "shard_size": spec.shard_size, "batch_size": spec.batch_size, **precision(device),
+            "write_order": WRITE_ORDER}
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class CohortPlan:
     guidance: float | None
     quotas: dict[str, int]
     class_of: np.ndarray  # (N,) class id of every sample id
+    order: np.ndarray  # (N,) sample ids in write order (classes interleaved): shard k holds order[k·size:(k+1)·size]
     ident: dict  # what determines the cohort's bytes (spec.json)
     cohort_id: str
     uri: str
@@ -78,7 +80,7 @@ class CohortPlan:
         return [f"{SHARD_PREFIX}-{k:06d}.tar" for k in range((n + size - 1) // size)]
 
     def shard_ids(self, k: int) -> list[int]:
-        return list(range(k * self.spec.shard_size, min(len(self.class_of), (k + 1) * self.spec.shard_size)))
+        return self.order[k * self.spec.shard_size:(k + 1) * self.spec.shard_size].tolist()
 
     def part_path(self, k: int) -> Path:
         return self.work / "parts" / self.shard_names[k].replace(".tar", ".parquet")
@@ -112,7 +114,8 @@ def plan_cohort(spec: CohortSpec, root: str | None = None) -> CohortPlan | Cohor
     storage.write_json(str(work / "spec.json"), ident)
     if remote:
         storage.write_json(storage.join(uri, "spec.json"), ident)
-    return CohortPlan(spec, model, device, guidance, quotas, class_of, ident, cohort_id, uri, work)
+    return CohortPlan(spec, model, device, guidance, quotas, class_of, write_order(class_of, spec.seed), ident,
+                      cohort_id, uri, work)
 
 
 def generate_shard(plan: CohortPlan, k: int, on_batch: Callable[[int], Any] = lambda n: None) -> bool:
@@ -143,7 +146,7 @@ def finish_cohort(plan: CohortPlan, generated: int = 0, seconds: float = 0.0) ->
         shards=plan.shard_names, sampler=spec.sampler, steps=spec.steps, guidance_scale=plan.guidance,
         seed=spec.seed, device=str(plan.device), **precision(plan.device), seconds=round(seconds, 2),
         samples_per_second=round(generated / seconds, 2) if generated and seconds > 0 else None,
-        resumed_samples=n_total - generated,
+        resumed_samples=n_total - generated, write_order=WRITE_ORDER,
     )
     storage.write_json(str(work / "cohort.json"), card)
     if storage.is_remote(plan.uri):
@@ -235,7 +238,11 @@ def regenerate(cohort_uri: str, sample_id: int, device: str | None = None, alone
 
     cohort = open_cohort(cohort_uri)
     card = cohort.card
-    row = cohort.manifest().set_index("sample_id").loc[sample_id]
+    manifest = cohort.manifest().set_index("sample_id")
+    if sample_id not in manifest.index:
+        raise ArtifactError(f"sample id {sample_id} is not in cohort {cohort_uri} "
+                            f"({manifest.index.min()}..{manifest.index.max()})")
+    row = manifest.loc[sample_id]
     dev = regenerate_device(card, device)
     model = load_model(row["model_uri"], str(dev))
     guidance = None if pd.isna(row["guidance_scale"]) else float(row["guidance_scale"])
@@ -244,8 +251,10 @@ def regenerate(cohort_uri: str, sample_id: int, device: str | None = None, alone
         class_of = np.concatenate([np.full(int(card["counts"][c]), i, dtype=np.int64)
                                    for i, c in enumerate(card["class_names"])])
         size, bs = int(card["config"]["shard_size"]), int(card["config"]["batch_size"])
-        first = sample_id // size * size
-        shard_ids = list(range(first, min(len(class_of), first + size)))
+        order = (write_order(class_of, int(card["config"]["seed"])) if card.get("write_order") == WRITE_ORDER
+                 else np.arange(len(class_of)))  # older cohorts: class-major
+        k = int(np.flatnonzero(order == sample_id)[0]) // size
+        shard_ids = order[k * size:(k + 1) * size].tolist()
         batch = next(b for b in _batches(shard_ids, class_of, model, bs) if sample_id in b)
         rows = cohort.manifest().set_index("sample_id").loc[batch]
     else:

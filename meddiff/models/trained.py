@@ -80,7 +80,12 @@ def load_network(run_uri: str, part: dict[str, Any], device: str) -> tuple[torch
     net = build_network(NetworkConfig(**{k: tuple(v) if isinstance(v, list) else v
                                          for k, v in part["network"].items()}),
                         part["channels"], part["num_class_embeds"])
-    net.load_state_dict(ema_state_dict(state))
+    try:
+        net.load_state_dict(ema_state_dict(state))
+    except RuntimeError as e:  # shapes/keys of another network: torch's message is pages long
+        first = str(e).splitlines()[0][:200]
+        raise ArtifactError(f"checkpoint {ckpt_uri} does not fit the network in {run_uri}/model.json ({first}); "
+                            "the card or the checkpoint was replaced: re-train or restore the run folder") from None
     return net.to(device).eval().requires_grad_(False), digest
 
 

@@ -1,15 +1,20 @@
 """Zip archives and folders of class sub-folders (the layout Kaggle datasets ship in).
 
-Archives are read in place, never extracted; every entry name is checked first and an entry
-that would land outside the archive's folder (absolute, ``..``, drive letters) stops the ingest.
+Archives are read in place, never extracted; every entry is checked first and an entry that would
+land outside the archive's folder (absolute, ``..``, drive letters), a symbolic link, or a zip bomb
+(huge or extremely compressed entry) stops the ingest. So do names that are not UTF-8, one file
+filed under two classes (a label conflict), and fewer than two classes.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import posixpath
+import stat
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from meddiff.errors import SourceError, UnsafeArchiveError
@@ -19,6 +24,8 @@ from meddiff.data.sources import RawSample, SourceData
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 IGNORED = {".DS_Store", "Thumbs.db", "desktop.ini"}
 EMPTY_MARKER = ".meddiff-folder"  # stands for a folder entry; never a sample
+MAX_ENTRY_BYTES = 512 << 20  # an archive entry larger than this (uncompressed) is refused
+MAX_RATIO = 200  # ... and so is one that inflates more than this (zip bomb), once past 1 MiB
 
 
 def safe_member_name(name: str) -> str:
@@ -100,8 +107,34 @@ def _collect(entries: list[tuple[str, callable]], classes: str | None, where: st
         raise SourceError(f"no images found for class folder(s) {empty or '(any)'} in {where}; "
                           "each class folder needs at least one image")
     class_names = sorted(by_class)
+    if len(class_names) < 2:
+        raise SourceError(f"only one class ({class_names[0]!r}) in {where}; meddiff needs at least two class "
+                          "folders (point at the folder holding them, or widen --classes)")
+    _check_label_conflicts(by_class, where)
     samples = [RawSample(class_names.index(c), rel, read) for c in class_names for rel, read in sorted(by_class[c])]
     return class_names, samples, skipped
+
+
+def _check_label_conflicts(by_class: dict[str, list[tuple[str, bytes]]], where: str) -> None:
+    """The same file (bytes) filed under two classes is a labelling error; refuse it."""
+    first: dict[bytes, tuple[str, str]] = {}
+    for cls in sorted(by_class):
+        for rel, data in sorted(by_class[cls]):
+            digest = hashlib.sha256(data).digest()
+            other = first.setdefault(digest, (cls, rel))
+            if other[0] != cls:
+                raise SourceError(f"the same image is filed under two classes in {where}: {other[1]!r} ({other[0]}) "
+                                  f"and {rel!r} ({cls}); remove the wrong copy")
+
+
+def _check_entry(info: zipfile.ZipInfo, path: Path) -> None:
+    """Refuse symbolic links, non-UTF-8 names and zip bombs before reading anything."""
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise UnsafeArchiveError(f"archive entry {info.filename!r} in {path} is a symbolic link; refusing the archive")
+    if info.file_size > MAX_ENTRY_BYTES or (
+            info.file_size > (1 << 20) and info.file_size > MAX_RATIO * max(info.compress_size, 1)):
+        raise UnsafeArchiveError(f"archive entry {info.filename!r} in {path} inflates to {info.file_size} bytes "
+                                 f"from {info.compress_size} (zip bomb?); refusing the archive")
 
 
 def load_zip(path: Path, classes: str | None, name: str | None = None) -> SourceData:
@@ -110,16 +143,23 @@ def load_zip(path: Path, classes: str | None, name: str | None = None) -> Source
         raise SourceError(f"zip file not found: {path}")
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        raise SourceError(f"{path} is not a valid zip archive: {e}") from e
+    except (zipfile.BadZipFile, OSError) as e:
+        raise SourceError(f"{path} is not a valid zip archive ({e}); re-download or re-create it") from e
     with zf:
+        for info in zf.infolist():  # checks every entry before reading any
+            safe_member_name(info.filename)
+            _check_entry(info, path)
         entries = []
         for info in zf.infolist():
-            rel = safe_member_name(info.filename)  # checks every entry before reading any
+            rel = safe_member_name(info.filename)
             if info.is_dir():
                 entries.append((f"{rel}/{EMPTY_MARKER}", b""))  # keeps empty class folders visible
                 continue
-            entries.append((rel, zf.read(info)))
+            try:
+                entries.append((rel, zf.read(info)))
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:  # damaged member (CRC)
+                raise SourceError(f"{path} is damaged: entry {info.filename!r} cannot be read ({e}); "
+                                  "re-download or re-create the archive") from e
     class_names, samples, skipped = _collect(
         entries, classes, str(path))
     return SourceData(name=name or path.stem, class_names=class_names, samples=samples,
@@ -134,6 +174,14 @@ def load_folder(path: Path, classes: str | None, name: str | None = None) -> Sou
     listing = hashlib.sha256()
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path).as_posix()
+        try:
+            rel.encode()
+        except UnicodeEncodeError:
+            raise SourceError(f"file name {os.fsencode(rel)!r} in {path} is not valid UTF-8; rename it "
+                              "(names are recorded in the dataset index)") from None
+        if p.is_symlink() and not p.resolve().is_relative_to(path.resolve()):
+            raise UnsafeArchiveError(f"{p} is a symbolic link to {p.resolve()}, outside {path}; "
+                                     "copy the file in instead") from None
         if p.is_dir():
             entries.append((f"{rel}/{EMPTY_MARKER}", b""))
             continue
