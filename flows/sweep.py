@@ -42,7 +42,6 @@ def sweep(
     objective: str = "ddpm",
     per_class: int = 50,
     sample_steps: int = 25,
-    eval_max_images: int | None = 500,
     likelihood_images: int = 200,
     likelihood_timesteps: int = 50,
     rank_by: str = "kid",
@@ -55,8 +54,8 @@ def sweep(
     sweep folder. ``parallel=True`` submits the combinations side by side (one machine: they share it)."""
     logger = get_run_logger()
     base = {"mode": mode, "preset": preset, "steps": steps, "batch_size": batch_size, "objective": objective}
-    cfg = SweepConfig(dataset_uri, parse_grid(grid), base, per_class, sample_steps, eval_max_images,
-                      likelihood_images, likelihood_timesteps, rank_by, device, seed).check()
+    cfg = SweepConfig(dataset_uri, parse_grid(grid), base, per_class, sample_steps, likelihood_images,
+                      likelihood_timesteps, rank_by, device, seed).check()
     done = storage.join(sweep_uri(cfg, storage_root), "sweep.json")
     if storage.exists(done):
         rec = storage.read_json(done)

@@ -1,8 +1,9 @@
 """Ablation sweeps: train one model per combination of a grid of training settings, judge every model
 with the same protocol, and write a comparison table naming the best combination.
 
-Protocol per combination (all at matched n: every model generates ``per_class`` images of every
-class and is compared with the same real splits): train (content-addressed, so finished runs are
+Protocol per combination (like with like: every model generates ``per_class`` images of every
+class and is compared with the same real splits, so the rows share their n; the real val-vs-train
+baseline has the val split's n, and KID, unbiased in n, is the default ranking): train (content-addressed, so finished runs are
 reused), generate a cohort (also reused), evaluate it with the domain extractor (KID, FID,
 label fidelity, SSIM to the nearest training image, intra-class SSIM, each beside the same real
 baseline) and, for DDPM models, bits/dim on the real test split (``meddiff.models.likelihood``).
@@ -55,7 +56,6 @@ class SweepConfig:
     base: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every run (preset, steps, ...)
     per_class: int = 50  # images generated per class by every model (matched n)
     sample_steps: int = 25  # sampler steps of generation (the model's own sampler)
-    eval_max_images: int | None = 500  # real images per split in the evaluation; None = all
     likelihood_images: int = 200  # test images for bits/dim (DDPM models); 0 = skip the likelihood
     likelihood_timesteps: int = 50  # stratified KL timesteps per image (unbiased estimate)
     rank_by: RankBy = "kid"  # the metric naming the best combination (KID/FID in domain features)
@@ -119,8 +119,7 @@ def run_combination(cfg: SweepConfig, combo: dict[str, str], root: str | None = 
     model = train(tcfg, root)
     cohort = generate(CohortSpec(model.uri, per_class=cfg.per_class, steps=cfg.sample_steps, seed=cfg.seed,
                                  device=cfg.device), root)
-    ev = evaluate_cohort(cohort.uri, EvalConfig(features=("domain",), max_images=cfg.eval_max_images,
-                                                device=cfg.device, seed=cfg.seed))
+    ev = evaluate_cohort(cohort.uri, EvalConfig(features=("domain",), device=cfg.device, seed=cfg.seed))
     row: dict[str, Any] = {**combo, "model_uri": model.uri, "cohort_uri": cohort.uri,
                            "objective": tcfg.objective, **report_row(ev.report)}
     row["bits_per_dim"] = row["bits_per_dim_ci"] = None

@@ -27,7 +27,6 @@ def sweep(
     channels: Optional[str] = typer.Option(None, help="U-Net channels of every run, e.g. 16,32."),
     per_class: int = typer.Option(50, help="Images generated per class by every model (matched n)."),
     sample_steps: int = typer.Option(25, help="Sampler steps of generation."),
-    eval_max_images: Optional[int] = typer.Option(500, help="Real images per split in the evaluation (0 = all)."),
     likelihood_images: int = typer.Option(200, help="Test images for bits/dim of DDPM models (0 = skip)."),
     likelihood_timesteps: int = typer.Option(50, help="Stratified timesteps of the bits/dim estimate."),
     rank_by: str = typer.Option("kid", help="kid | fid | bits_per_dim | label_fidelity"),
@@ -40,8 +39,8 @@ def sweep(
 
     base = {"mode": mode, "preset": preset, "steps": steps, "batch_size": batch_size, "objective": objective,
             "network_channels": parse_channels(channels)}
-    cfg = SweepConfig(dataset_uri, parse_grid(grid), base, per_class, sample_steps, eval_max_images or None,
-                      likelihood_images, likelihood_timesteps, rank_by, device, seed)
+    cfg = SweepConfig(dataset_uri, parse_grid(grid), base, per_class, sample_steps, likelihood_images,
+                      likelihood_timesteps, rank_by, device, seed)
     rec = run_sweep(cfg, storage_root)
     console.print(sweep_table(rec))
     console.print(f"best by {rec['rank_by']}: {rec['best']}")
