@@ -47,14 +47,16 @@ def test_sweep_checks_every_combination_before_training(breastmnist_uri):
         cfg.check()
 
 
+GRID = ["schedule=linear,cosine", "attention=none,coarse"]
+SMALL = dict(per_class=12, sample_steps=5, likelihood_images=16, likelihood_timesteps=8, device="cpu")
+BASE = {"mode": "conditional", "preset": "tiny", "steps": 20, "batch_size": 16, "objective": "ddpm"}
+
+
 @pytest.mark.slow
 def test_two_by_two_sweep_on_breastmnist(breastmnist_uri, session_storage):
     from meddiff.analysis.sweep import run_sweep
 
-    base = {"mode": "conditional", "preset": "tiny", "steps": 20, "batch_size": 16, "preview_steps": 2}
-    cfg = SweepConfig(breastmnist_uri, parse_grid(["schedule=linear,cosine", "attention=none,coarse"]), base,
-                      per_class=12, sample_steps=5, likelihood_images=16,
-                      likelihood_timesteps=8, device="cpu")
+    cfg = SweepConfig(breastmnist_uri, parse_grid(GRID), BASE, **SMALL)
     rec = run_sweep(cfg, session_storage)
     rows = rec["rows"]
     assert [(r["schedule"], r["attention"]) for r in rows] == [
@@ -71,3 +73,16 @@ def test_two_by_two_sweep_on_breastmnist(breastmnist_uri, session_storage):
     assert len(table) == 4 and {"kid", "fid", "label_fidelity", "bits_per_dim"} <= set(table.columns)
     assert b"class=best" in storage.read_bytes(storage.join(rec["uri"], "sweep.html"))
     assert run_sweep(cfg, session_storage)["created_at"] == rec["created_at"]  # a finished sweep is reused
+
+
+@pytest.mark.slow
+def test_sweep_flow_reuses_the_finished_sweep(prefect_harness, breastmnist_uri, session_storage):
+    """The flow with the same parameters finds the sweep the library wrote (runs after the 2 × 2 test)."""
+    from flows.sweep import sweep
+    from meddiff.analysis.sweep import run_sweep, sweep_uri
+
+    cfg = SweepConfig(breastmnist_uri, parse_grid(GRID), BASE, **SMALL)
+    rec = run_sweep(cfg, session_storage)  # finished by the test above: read back, not recomputed
+    uri = sweep(breastmnist_uri, GRID, **{k: v for k, v in BASE.items()}, **SMALL, storage_root=session_storage)
+    assert uri == rec["uri"] == sweep_uri(cfg, session_storage)
+    assert storage.read_json(storage.join(uri, "sweep.json"))["created_at"] == rec["created_at"]
