@@ -37,8 +37,9 @@ def sweep(
     """Train, generate and evaluate one model per grid combination; prints the comparison table and its folder."""
     from meddiff.analysis.sweep import SweepConfig, parse_grid, run_sweep
 
-    base = {"mode": mode, "preset": preset, "steps": steps, "batch_size": batch_size, "objective": objective,
-            "network_channels": parse_channels(channels)}
+    base = {"mode": mode, "preset": preset, "steps": steps, "batch_size": batch_size, "objective": objective}
+    if channels:  # only when given: the same request from the flow then hashes to the same sweep
+        base["network_channels"] = parse_channels(channels)
     cfg = SweepConfig(dataset_uri, parse_grid(grid), base, per_class, sample_steps, likelihood_images,
                       likelihood_timesteps, rank_by, device, seed)
     rec = run_sweep(cfg, storage_root)
