@@ -4,9 +4,9 @@ with the same protocol, and write a comparison table naming the best combination
 Protocol per combination (like with like: every model generates ``per_class`` images of every
 class and is compared with the same real splits, so the rows share their n; the real val-vs-train
 baseline has the val split's n, and KID, unbiased in n, is the default ranking): train
-(content-addressed, so finished runs are reused), generate a cohort (also reused), evaluate it with the domain extractor (KID, FID,
-label fidelity, SSIM to the nearest training image, intra-class SSIM, each beside the same real
-baseline) and, for DDPM models, bits/dim on the real test split (``meddiff.models.likelihood``).
+(content-addressed, so finished runs are reused), generate a cohort (also reused), evaluate it
+with the domain extractor (KID, FID, label fidelity, SSIM to the nearest training image,
+intra-class SSIM, each beside the same real baseline) and, for DDPM models, bits/dim on the real test split (``meddiff.models.likelihood``).
 ``<root>/sweeps/<dataset>-<hash>/`` holds ``sweep.parquet``, ``sweep.html`` and, last, ``sweep.json``.
 """
 
