@@ -9,7 +9,18 @@ import typer
 
 from meddiff.cli import app
 from meddiff import storage
+from meddiff.errors import MeddiffError
 from meddiff.progress import rich_progress
+
+
+def parse_channels(text: str | None) -> tuple[int, ...] | None:
+    """"64,128,256" → (64, 128, 256); a clear error for anything else."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise MeddiffError(f"--channels {text!r}: give comma-separated integers, e.g. 64,128,256") from None
 
 
 @app.command()
@@ -39,6 +50,8 @@ def train(
     cpu_threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: torch's)."),
     preview_steps: int = typer.Option(25, help="Sampler steps of the preview grids."),
     num_workers: int = typer.Option(0, help="Data-loading worker processes per rank (capped at the shard count)."),
+    channels: Optional[str] = typer.Option(None, help="U-Net channels per level, e.g. 64,128,256; default: preset."),
+    attention_levels: Optional[str] = typer.Option(None, help="none | coarse | coarsest | all | 0/1 per level."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Train a diffusion model on a dataset version; prints the model URI (last line)."""
@@ -49,7 +62,8 @@ def train(
                       prediction, min_snr_gamma, lr=lr, label_dropout=label_dropout, hflip=hflip, vflip=vflip,
                       checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every,
                       keep=keep, compile=compile, run_name=run_name, cpu_threads=cpu_threads,
-                      preview_steps=preview_steps, num_workers=num_workers).check()
+                      preview_steps=preview_steps, num_workers=num_workers,
+                      network_channels=parse_channels(channels), attention_levels=attention_levels).check()
     main = env_rank() == 0
     with (rich_progress(f"train {mode} {preset}") if main else nullcontext(None)) as progress:
         result = run_train(cfg, storage_root, progress)

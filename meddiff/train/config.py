@@ -59,6 +59,9 @@ class TrainConfig:
     cpu_threads: int | None = None  # CPU intra-op threads per process; None = torch's default (÷ ranks under torchrun)
     preview_steps: int = 25  # sampler steps of the preview grids (DDIM or rectified-flow Euler)
     run_name: str | None = None  # fixed run id instead of the content hash (e.g. to extend a run's steps)
+    # network overrides of the preset (ablations); they enter the run id through the resolved network
+    network_channels: tuple[int, ...] | None = None  # feature channels per U-Net level, e.g. (64, 128, 256); None = preset
+    attention_levels: str | None = None  # none | coarse | coarsest | all | 0/1 per level ("0,1,1"); None = preset
 
     # fields that do not change the trained weights: left out of the run id
     OPERATIONAL = ("device", "resume", "checkpoint_every", "sample_every", "log_every", "keep", "compile",
@@ -82,7 +85,20 @@ class TrainConfig:
         if self.min_snr_gamma is not None and (self.objective != "ddpm" or self.min_snr_gamma <= 0):
             raise MeddiffError("min_snr_gamma applies to the ddpm objective only and must be > 0")
         check_device(self.device)
+        self.network(get_preset(self.preset).network)
         return self
+
+    def network(self, base: NetworkConfig) -> NetworkConfig:
+        """The preset's network with this run's ``network_channels``/``attention_levels`` applied."""
+        channels = tuple(int(c) for c in self.network_channels) if self.network_channels else base.channels
+        if self.attention_levels is None:
+            if len(channels) != len(base.attention_levels):
+                raise MeddiffError(f"--channels has {len(channels)} levels, the preset {len(base.attention_levels)}: "
+                                   "give --attention-levels too")
+            attention = base.attention_levels
+        else:
+            attention = attention_flags(self.attention_levels, len(channels))
+        return dataclasses.replace(base, channels=channels, attention_levels=attention).check()
 
     def resolved(self) -> "TrainConfig":
         """A copy with every ``None`` default filled in from the preset."""
@@ -91,6 +107,23 @@ class TrainConfig:
                                            "checkpoint_every", "sample_every", "log_every")
                 if getattr(self, f) is None}
         return dataclasses.replace(self, **fill)
+
+
+def attention_flags(spec: str, levels: int) -> tuple[bool, ...]:
+    """Self-attention per U-Net level from a word or a 0/1 list (finest level first).
+
+    none: no level (MONAI's middle block keeps its attention); coarse: every level but the finest;
+    coarsest: the last level only; all: every level; "0,1,1": explicit flags.
+    """
+    words = {"none": [False] * levels, "all": [True] * levels,
+             "coarse": [False] + [True] * (levels - 1), "coarsest": [False] * (levels - 1) + [True]}
+    if spec in words:
+        return tuple(words[spec])
+    flags = [f.strip() for f in spec.split(",")]
+    if len(flags) != levels or any(f not in ("0", "1") for f in flags):
+        raise MeddiffError(f"attention levels {spec!r}: give none|coarse|coarsest|all or {levels} comma-separated "
+                           "0/1 flags (one per channel level)")
+    return tuple(f == "1" for f in flags)
 
 
 @dataclass(frozen=True)
@@ -146,9 +179,10 @@ def plan_run(cfg: TrainConfig, root: str | None = None) -> RunPlan:
     empty = [c for c in ds.class_names if counts.get(c, 1) == 0]
     if empty and cfg.mode == "per-class":
         raise MeddiffError(f"per-class training needs training images of every class; none for {empty}")
-    network = preset.network.check()
+    network = cfg.network(preset.network)
     sched = scheduler_config(cfg.objective, cfg.schedule, cfg.prediction, cfg.num_train_timesteps, ds.image_size)
-    weights_cfg = {k: v for k, v in to_jsonable(cfg).items() if k not in TrainConfig.OPERATIONAL}
+    weights_cfg = {k: v for k, v in to_jsonable(cfg).items()
+                   if k not in TrainConfig.OPERATIONAL + ("network_channels", "attention_levels")}  # → network
     weights_cfg["dataset_uri"] = None  # the dataset is identified by its version hash instead
     digest = content_hash({"dataset": ds.version, "config": weights_cfg, "network": network})
     run_id = cfg.run_name or f"{ds.card.get('name', 'dataset')}-{cfg.mode}-{cfg.preset}-{digest}"

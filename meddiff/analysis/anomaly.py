@@ -1,0 +1,214 @@
+"""Anomaly detection with a diffusion model of the normal class: score every image of a real split by
+how much a partial noise-and-denoise toward "normal" changes it, and report image-level AUROC.
+
+Scores (higher = more anomalous): ``pixel`` — mean squared error between the image and its
+reconstruction (label-free); ``feature`` — Euclidean distance between their domain-classifier features
+(``meddiff.evaluate.features``; that classifier was trained with the training split's labels, the
+anomaly classes included, so this score is not label-free). Results live in
+``<root>/anomaly/<id>/``: ``scores.parquet`` (one row per image), ``heatmaps.png`` (the most anomalous
+images, their reconstructions and |x − x̂|), ``distributions.png`` (scores per class) and, last,
+``anomaly.json`` (config, inputs, AUROC with 95 % bootstrap CIs). Same request → same folder, reused.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from meddiff import storage
+from meddiff.errors import MeddiffError
+from meddiff.records import content_hash, make_record
+
+SCORES = ("pixel", "feature")
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    normal: str  # the normal class (name or 0-based id); every other class is an anomaly
+    split: str = "test"  # the real split scored: train | val | test
+    level: float = 0.3  # noise level λ ∈ (0, 1]: fraction of the chain (DDPM t* = λ(T−1); rflow s = λ)
+    steps: int = 10  # deterministic denoising steps from λ back to 0
+    guidance: float = 1.0  # conditional models: CFG scale toward the normal label (1 = plain conditional)
+    max_images: int | None = 1000  # seeded, stratified-by-nothing subsample of the split (CPU budget); None = all
+    batch_size: int = 64  # images per forward pass
+    heatmaps: int = 12  # most anomalous images shown in heatmaps.png
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    seed: int = 0  # noise and subsample seed
+
+    def check(self) -> "AnomalyConfig":
+        if self.split not in ("train", "val", "test"):
+            raise MeddiffError(f"split must be train, val or test, not {self.split!r}")
+        if not 0 < self.level <= 1:
+            raise MeddiffError(f"--level must be in (0, 1], not {self.level}")
+        if self.steps < 1 or self.batch_size < 1 or self.heatmaps < 0:
+            raise MeddiffError("--steps and --batch-size must be ≥ 1, --heatmaps ≥ 0")
+        if self.max_images is not None and self.max_images < 4:
+            raise MeddiffError("--max-images must be ≥ 4 (or 0 for all)")
+        return self
+
+
+def class_id(name: str, class_names: list[str]) -> int:
+    if name in class_names:
+        return class_names.index(name)
+    if name.isdigit() and int(name) < len(class_names):
+        return int(name)
+    raise MeddiffError(f"unknown normal class {name!r}; classes are {class_names} (names or 0-based ids)")
+
+
+def scores_of(images: np.ndarray, recon: np.ndarray, extractor: Any) -> dict[str, np.ndarray]:
+    """uint8 images and [0, 1] reconstructions (N, C, H, W) → score arrays (N,) and the heatmaps (N, H, W)."""
+    import torch
+
+    x = images.astype(np.float32) / 255
+    diff = np.abs(x - recon)  # (N, C, H, W)
+    f_x = extractor(torch.from_numpy(images))
+    f_r = extractor((torch.from_numpy(recon) * 255).round().to(torch.uint8))
+    return {"pixel": (diff ** 2).reshape(len(x), -1).mean(1), "feature": (f_x - f_r).norm(dim=1).numpy(),
+            "heatmap": diff.mean(1)}
+
+
+def heatmap_png(images: np.ndarray, recon: np.ndarray, heat: np.ndarray, titles: list[str]) -> bytes:
+    """Rows: image | reconstruction | |x − x̂| (shared colour scale) for each of the given images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(max(n, 1), 3, figsize=(5, 1.7 * max(n, 1)), squeeze=False)
+    vmax = float(heat.max()) if n else 1.0
+    for i in range(n):
+        img, rec = images[i].transpose(1, 2, 0) / 255, recon[i].transpose(1, 2, 0)  # (C,H,W) → (H,W,C)
+        gray = img.shape[2] == 1
+        axes[i, 0].imshow(img[..., 0] if gray else img, cmap="gray" if gray else None, vmin=0, vmax=1)
+        axes[i, 1].imshow(rec[..., 0] if gray else rec, cmap="gray" if gray else None, vmin=0, vmax=1)
+        axes[i, 2].imshow(heat[i], cmap="inferno", vmin=0, vmax=vmax)
+        axes[i, 0].set_ylabel(titles[i], fontsize=6)
+    for ax, t in zip(axes[0], ("image", "reconstruction", "|x − x̂|")):
+        ax.set_title(t, fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    return _fig_png(fig)
+
+
+def distributions_png(table, class_names: list[str], normal: str) -> bytes:
+    """One panel per score: its histogram per class (normal class first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SCORES), figsize=(5 * len(SCORES), 3.2))
+    order = [normal] + [c for c in class_names if c != normal]
+    for ax, score in zip(axes, SCORES):
+        v = table[f"{score}_score"].to_numpy()
+        bins = np.histogram_bin_edges(v, 30)
+        for c in order:
+            sel = table["class_name"] == c
+            if sel.any():
+                ax.hist(v[sel.to_numpy()], bins=bins, alpha=0.5, density=True, label=f"{c} (n={int(sel.sum())})")
+        ax.set_title(f"{score} score"), ax.set_xlabel("score (higher = more anomalous)")
+    axes[0].legend(fontsize=7)
+    return _fig_png(fig)
+
+
+def _fig_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def auroc_table(table, class_names: list[str], normal: str) -> dict[str, Any]:
+    """AUROC (+ 95 % CI) of each score: all anomalies vs normal, and each anomaly class vs normal."""
+    from meddiff.analysis.reconstruct import auroc, auroc_ci
+
+    out: dict[str, Any] = {}
+    is_normal = (table["class_name"] == normal).to_numpy()
+    for score in SCORES:
+        v = table[f"{score}_score"].to_numpy()
+        rows = {"all anomalies": ~is_normal}
+        rows.update({c: (table["class_name"] == c).to_numpy() for c in class_names if c != normal})
+        out[score] = {}
+        for scope, pos in rows.items():
+            sel = pos | is_normal
+            if pos.sum() == 0:
+                continue
+            out[score][scope] = {"auroc": auroc(v[sel], pos[sel]), "ci": auroc_ci(v[sel], pos[sel]),
+                                 "n_anomalous": int(pos.sum()), "n_normal": int(is_normal.sum())}
+    return out
+
+
+def detect_anomalies(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, root: str | None = None
+                     ) -> dict[str, Any]:
+    """Score a real split with a model of the normal class; returns the ``anomaly.json`` record
+    (``uri`` = its folder). Reuses a finished folder of the same request."""
+    from meddiff.analysis.reconstruct import reconstruct
+    from meddiff.data.shards import open_dataset
+    from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
+    from meddiff.models.trained import load_model
+
+    cfg = cfg.check()
+    ds, model = open_dataset(dataset_uri), load_model(model_uri, cfg.device)
+    if (ds.image_size, ds.channels, ds.class_names) != (model.image_size, model.channels, model.class_names):
+        raise MeddiffError(f"{dataset_uri} does not match the model's images/classes ({model.class_names}, "
+                           f"{model.channels}×{model.image_size} px)")
+    normal_id = class_id(cfg.normal, ds.class_names)
+    normal = ds.class_names[normal_id]
+    key = content_hash({"model": model.checkpoint_sha256, "dataset": ds.version,
+                        "config": {**vars(replace(cfg, normal=normal)), "device": None}})
+    out_uri = storage.join(storage.storage_root(root), "anomaly", f"{ds.card.get('name', 'dataset')}-{key}")
+    if storage.exists(storage.join(out_uri, "anomaly.json")):
+        return storage.read_json(storage.join(out_uri, "anomaly.json"))
+    table, images, recon, heat = _score_split(ds, model, normal_id, cfg, reconstruct, load_or_train_domain,
+                                              DomainTrainConfig())
+    return _publish(out_uri, table, images, recon, heat, ds, model, normal, cfg)
+
+
+def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg):
+    import pandas as pd
+
+    from meddiff.data.shards import iter_shard
+    from meddiff.data.images import decode_png
+
+    samples = [(s["__key__"], decode_png(s["png"]), int(s["cls"])) for u in ds.shard_uris(cfg.split)
+               for s in iter_shard(u)]
+    if not samples:
+        raise MeddiffError(f"{ds.uri} has no {cfg.split} images; pick another --split")
+    if cfg.max_images is not None and len(samples) > cfg.max_images:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(samples), cfg.max_images, replace=False))
+        samples = [samples[i] for i in keep]
+    keys, images, labels = [s[0] for s in samples], np.stack([s[1] for s in samples]), np.array([s[2] for s in samples])
+    if not (labels == normal_id).any() or (labels == normal_id).all():
+        raise MeddiffError(f"the {cfg.split} split needs normal and anomalous images to compute an AUROC")
+    recon = reconstruct(model, images, normal_id, cfg.level, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size)
+    extractor = load_domain(ds, domain_cfg, str(next(next(iter(model.networks.values())).parameters()).device))
+    sc = scores_of(images, recon, extractor)
+    table = pd.DataFrame({"key": keys, "label": labels, "class_name": [ds.class_names[c] for c in labels],
+                          "anomalous": labels != normal_id, "pixel_score": sc["pixel"],
+                          "feature_score": sc["feature"]})
+    return table, images, recon, sc["heatmap"]
+
+
+def _publish(out_uri, table, images, recon, heat, ds, model, normal, cfg) -> dict[str, Any]:
+    top = np.argsort(-table["pixel_score"].to_numpy())[: cfg.heatmaps]
+    titles = [f"{table['class_name'][i][:18]}\n{table['pixel_score'][i]:.4f}" for i in top]
+    storage.write_bytes(storage.join(out_uri, "scores.parquet"), table.to_parquet(index=False))
+    storage.write_bytes(storage.join(out_uri, "heatmaps.png"), heatmap_png(images[top], recon[top], heat[top], titles))
+    storage.write_bytes(storage.join(out_uri, "distributions.png"), distributions_png(table, ds.class_names, normal))
+    record = make_record("anomaly", replace(cfg, normal=normal),
+                         {"model": model.uri, "checkpoint_sha256": model.checkpoint_sha256, "dataset": ds.uri,
+                          "dataset_version": ds.version},
+                         uri=out_uri, objective=model.objective, mode=model.mode,
+                         counts=table["class_name"].value_counts().to_dict(),
+                         auroc=auroc_table(table, ds.class_names, normal),
+                         notes="feature score: domain classifier trained with the training split's labels "
+                               "(anomaly classes included), so it is not label-free; pixel score is")
+    storage.write_json(storage.join(out_uri, "anomaly.json"), record)
+    return record

@@ -1,0 +1,204 @@
+"""Ablation sweeps: train one model per combination of a grid of training settings, judge every model
+with the same protocol, and write a comparison table naming the best combination.
+
+Protocol per combination (like with like: every model generates ``per_class`` images of every
+class and is compared with the same real splits, so the rows share their n; the real val-vs-train
+baseline has the val split's n, and KID, unbiased in n, is the default ranking): train
+(content-addressed, so finished runs are reused), generate a cohort (also reused), evaluate it
+with the domain extractor (KID, FID, label fidelity, SSIM to the nearest training image,
+intra-class SSIM, each beside the same real baseline) and, for DDPM models, bits/dim on the real test split (``meddiff.models.likelihood``).
+``<root>/sweeps/<dataset>-<hash>/`` holds ``sweep.parquet``, ``sweep.html`` and, last, ``sweep.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, get_args
+
+from meddiff import storage
+from meddiff.errors import MeddiffError
+from meddiff.records import content_hash, make_record
+
+RankBy = Literal["kid", "fid", "bits_per_dim", "label_fidelity"]
+HIGHER_IS_BETTER = {"label_fidelity"}
+# grid knob → TrainConfig field (and how a value string becomes the field's value)
+KNOBS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "schedule": ("schedule", str), "attention": ("attention_levels", str), "objective": ("objective", str),
+    "prediction": ("prediction", str), "min_snr_gamma": ("min_snr_gamma", float), "lr": ("lr", float),
+    "steps": ("steps", int), "batch_size": ("batch_size", int), "preset": ("preset", str), "mode": ("mode", str),
+    "channels": ("network_channels", lambda v: tuple(int(c) for c in v.split("-"))),  # "16-32" → (16, 32)
+}
+
+
+def parse_grid(items: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """["schedule=linear,cosine", "attention=none,coarse"] → (("schedule", ("linear", "cosine")), ...)."""
+    grid = []
+    for item in items:
+        name, _, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        vals = tuple(v.strip() for v in values.split(",") if v.strip())
+        if name not in KNOBS or not vals:
+            raise MeddiffError(f"--grid {item!r}: give KNOB=v1,v2 with KNOB one of {', '.join(KNOBS)} "
+                               "(channels values as 16-32-64)")
+        grid.append((name, vals))
+    if len({n for n, _ in grid}) != len(grid):
+        raise MeddiffError("--grid names a knob twice; put all its values in one --grid")
+    return tuple(grid)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    dataset_uri: str  # the dataset version every combination trains on
+    grid: tuple[tuple[str, tuple[str, ...]], ...]  # (knob, values) pairs; the sweep is their product
+    base: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every run (preset, steps, ...)
+    per_class: int = 50  # images generated per class by every model (matched n)
+    sample_steps: int = 25  # sampler steps of generation (the model's own sampler)
+    likelihood_images: int = 200  # test images for bits/dim (DDPM models); 0 = skip the likelihood
+    likelihood_timesteps: int = 50  # stratified KL timesteps per image (unbiased estimate)
+    rank_by: RankBy = "kid"  # the metric naming the best combination (KID/FID in domain features)
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    seed: int = 0  # training, generation and evaluation seed
+
+    def check(self) -> "SweepConfig":
+        if not self.grid:
+            raise MeddiffError("a sweep needs at least one --grid KNOB=v1,v2")
+        if self.rank_by not in get_args(RankBy):
+            raise MeddiffError(f"--rank-by must be one of {get_args(RankBy)}, not {self.rank_by!r}")
+        if self.per_class < 2 or self.sample_steps < 1 or self.likelihood_images < 0:
+            raise MeddiffError("--per-class must be ≥ 2, --sample-steps ≥ 1, --likelihood-images ≥ 0")
+        for combo in combinations(self):
+            train_config(self, combo).check()  # every run is valid before the first one trains
+        return self
+
+
+def combinations(cfg: SweepConfig) -> list[dict[str, str]]:
+    """Every combination of the grid's values, knob → value string, in grid order."""
+    names = [n for n, _ in cfg.grid]
+    return [dict(zip(names, vals)) for vals in itertools.product(*(v for _, v in cfg.grid))]
+
+
+def train_config(cfg: SweepConfig, combo: dict[str, str]):
+    """The TrainConfig of one combination."""
+    from meddiff.train.config import TrainConfig
+
+    over = {KNOBS[k][0]: KNOBS[k][1](v) for k, v in combo.items()}
+    return TrainConfig(cfg.dataset_uri, **{"device": cfg.device, "seed": cfg.seed, **cfg.base, **over})
+
+
+def _metric(report: dict[str, Any], metric: str, extractor: str) -> dict[str, Any] | None:
+    for r in report["metrics"]:
+        if r["metric"] == metric and r["extractor"] == extractor and r["scope"] == "overall":
+            return r
+    return None
+
+
+def report_row(report: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation numbers of one combination (synthetic value, CI and real baseline)."""
+    row: dict[str, Any] = {}
+    for metric, ext in (("kid", "domain"), ("fid", "domain"), ("label_fidelity", "domain"),
+                        ("ssim_to_nearest_train", "pixel"), ("intra_class_ssim", "pixel")):
+        r = _metric(report, metric, ext) or {}
+        row[metric] = r.get("value")
+        row[f"{metric}_ci"] = r.get("ci")
+        row[f"{metric}_baseline"] = (r.get("baseline") or {}).get("value")
+    row["n_synthetic"] = report["cohort"]["n"]
+    return row
+
+
+def run_combination(cfg: SweepConfig, combo: dict[str, str], root: str | None = None) -> dict[str, Any]:
+    """Train (or reuse), generate (or reuse), evaluate and score one combination; returns its table row."""
+    from meddiff.evaluate import EvalConfig, evaluate_cohort
+    from meddiff.generate import CohortSpec, generate
+    from meddiff.models.likelihood import LikelihoodConfig, likelihood
+    from meddiff.train import train
+
+    tcfg = train_config(cfg, combo)
+    model = train(tcfg, root)
+    cohort = generate(CohortSpec(model.uri, per_class=cfg.per_class, steps=cfg.sample_steps, seed=cfg.seed,
+                                 device=cfg.device), root)
+    ev = evaluate_cohort(cohort.uri, EvalConfig(features=("domain",), device=cfg.device, seed=cfg.seed))
+    row: dict[str, Any] = {**combo, "model_uri": model.uri, "cohort_uri": cohort.uri,
+                           "objective": tcfg.objective, **report_row(ev.report)}
+    row["bits_per_dim"] = row["bits_per_dim_ci"] = None
+    if tcfg.objective == "ddpm" and cfg.likelihood_images:
+        lk = likelihood(model.uri, cfg.dataset_uri, LikelihoodConfig(
+            split="test", max_images=cfg.likelihood_images, timesteps=cfg.likelihood_timesteps,
+            device=cfg.device, seed=cfg.seed))
+        row["bits_per_dim"], row["bits_per_dim_ci"] = lk["overall"]["bits_per_dim"], lk["overall"]["ci"]
+    return row
+
+
+def best_row(rows: list[dict[str, Any]], rank_by: str) -> int | None:
+    """Index of the best row by ``rank_by`` (rows without that metric are not ranked)."""
+    scored = [(r[rank_by], i) for i, r in enumerate(rows) if r.get(rank_by) is not None]
+    if not scored:
+        return None
+    pick = max if rank_by in HIGHER_IS_BETTER else min
+    return pick(scored)[1]
+
+
+def sweep_uri(cfg: SweepConfig, root: str | None = None) -> str:
+    from meddiff.data.shards import open_dataset
+
+    ds = open_dataset(cfg.dataset_uri)
+    key = content_hash({"dataset": ds.version, "config": {**dataclasses.asdict(cfg), "dataset_uri": None,
+                                                          "device": None}})
+    return storage.join(storage.storage_root(root), "sweeps", f"{ds.card.get('name', 'dataset')}-{key}")
+
+
+def table_html(rows: list[dict[str, Any]], knobs: list[str], best: int | None, rank_by: str) -> str:
+    """A self-contained HTML page: one row per combination, the best one marked."""
+    cols = knobs + ["kid", "fid", "label_fidelity", "ssim_to_nearest_train", "intra_class_ssim", "bits_per_dim"]
+
+    def cell(r: dict[str, Any], c: str) -> str:
+        v = r.get(c)
+        if isinstance(v, float):
+            ci = r.get(f"{c}_ci")
+            return f"{v:.4g}" + (f" <small>[{ci[0]:.3g}, {ci[1]:.3g}]</small>" if ci else "")
+        return html.escape("—" if v is None else str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(f"<tr{' class=best' if i == best else ''}>" + "".join(f"<td>{cell(r, c)}</td>" for c in cols)
+                   + "</tr>" for i, r in enumerate(rows))
+    base = rows[0] if rows else {}
+    baseline = ", ".join(f"{m} {base.get(f'{m}_baseline'):.4g}" for m in ("kid", "fid", "label_fidelity")
+                         if base.get(f"{m}_baseline") is not None)
+    return ("<!doctype html><meta charset=utf-8><title>sweep</title><style>td,th{padding:2px 8px;"
+            "border-bottom:1px solid #ccc} .best{background:#dfd}</style>"
+            f"<h1>Ablation sweep</h1><p>Best by {html.escape(rank_by)} (green). Real val-vs-train baseline: "
+            f"{html.escape(baseline)}. Brackets: 95 % CIs.</p><table><tr>{head}</tr>{body}</table>")
+
+
+def finish_sweep(cfg: SweepConfig, rows: list[dict[str, Any]], root: str | None = None) -> dict[str, Any]:
+    """Write sweep.parquet, sweep.html and sweep.json (last); returns the record."""
+    import pandas as pd
+
+    uri = sweep_uri(cfg, root)
+    knobs = [n for n, _ in cfg.grid]
+    best = best_row(rows, cfg.rank_by)
+    frame = pd.DataFrame(rows)
+    for c in [c for c in frame.columns if c.endswith("_ci")]:
+        frame[c] = frame[c].apply(lambda v: None if v is None else [float(x) for x in v])
+    storage.write_bytes(storage.join(uri, "sweep.parquet"), frame.to_parquet(index=False))
+    storage.write_bytes(storage.join(uri, "sweep.html"), table_html(rows, knobs, best, cfg.rank_by).encode())
+    record = make_record("sweep", cfg, {"dataset": cfg.dataset_uri}, uri=uri, rank_by=cfg.rank_by,
+                         best=None if best is None else {k: rows[best][k] for k in knobs},
+                         best_model_uri=None if best is None else rows[best]["model_uri"], rows=rows)
+    storage.write_json(storage.join(uri, "sweep.json"), record)
+    return record
+
+
+def run_sweep(cfg: SweepConfig, root: str | None = None,
+              call: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole sweep, combination after combination (``call(run_combination, cfg, combo, root)``
+    lets a flow run each as a task); a finished sweep is returned as recorded."""
+    cfg = cfg.check()
+    done = storage.join(sweep_uri(cfg, root), "sweep.json")
+    if storage.exists(done):
+        return storage.read_json(done)
+    call = call or (lambda fn, *a: fn(*a))
+    rows = [call(run_combination, cfg, combo, root) for combo in combinations(cfg)]
+    return finish_sweep(cfg, rows, root)

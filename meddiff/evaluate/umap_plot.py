@@ -1,0 +1,65 @@
+"""UMAP of real vs synthetic features, one panel per class (McInnes et al. 2018, umap-learn) → PNG bytes.
+
+One embedding is fitted on the real and synthetic features together (so the two sets share the
+map), then drawn per class: real images as grey dots, synthetic ones in colour. Overlapping clouds
+mean the generator covers that class's real feature distribution; a synthetic cloud off to one side,
+or collapsed into a point, is what FID/precision/recall summarise as one number.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+from meddiff.errors import MeddiffError
+
+
+def embed(features: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
+    """UMAP of features (N, D) → (N, 2), seeded (single-threaded, reproducible)."""
+    try:
+        import umap
+    except ImportError:
+        raise MeddiffError("the UMAP plot needs umap-learn: pip install 'umap-learn==0.5.12'") from None
+    if len(features) < 4:
+        raise MeddiffError(f"UMAP needs at least 4 feature vectors, got {len(features)}")
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(features) - 1), min_dist=min_dist, random_state=seed,
+                        n_jobs=1)
+    return reducer.fit_transform(np.asarray(features, np.float32))
+
+
+def umap_png(real: np.ndarray, real_labels: np.ndarray, syn: np.ndarray, syn_labels: np.ndarray,
+             class_names: list[str], title: str = "UMAP of features: real (grey) vs synthetic", seed: int = 0
+             ) -> bytes:
+    """PNG bytes: one panel per class (plus "all classes"); real (R, D) and synthetic (S, D) features
+    with their class ids (R,), (S,)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xy = embed(np.concatenate([real, syn]), seed=seed)  # (R+S, 2)
+    xy_real, xy_syn = xy[: len(real)], xy[len(real):]
+    panels = [("all classes", None)] + [(name, c) for c, name in enumerate(class_names)]
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, (name, c) in zip(axes.ravel(), panels):
+        ax.scatter(xy_real[:, 0], xy_real[:, 1], s=3, c="#dddddd")  # every real point: the map's outline
+        r = xy_real if c is None else xy_real[real_labels == c]
+        s = xy_syn if c is None else xy_syn[syn_labels == c]
+        ax.scatter(r[:, 0], r[:, 1], s=4, c="#777777", label=f"real ({len(r)})")
+        ax.scatter(s[:, 0], s[:, 1], s=5, color=colours((c or 0) % 10), label=f"synthetic ({len(s)})")
+        ax.set_title(name[:30], fontsize=8)
+        ax.legend(fontsize=6, loc="best")
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
