@@ -145,6 +145,19 @@ def user_errors() -> Iterator[None]:
         raise
 
 
+def phrased(fn):
+    """``fn`` with :func:`user_errors` around it: for task bodies, so the task's own failure log (the
+    first one, with the traceback) already reads right."""
+    import functools
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with user_errors():
+            return fn(*args, **kwargs)
+
+    return call
+
+
 class _OneTraceback(logging.Filter):
     """Drop the traceback from a log record whose exception was already logged with one."""
 

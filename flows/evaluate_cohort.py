@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import (explain_wait, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, link_url,
+from flows.common import (phrased, explain_wait, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, link_url,
                           one_traceback_per_failure, prefect_progress, publish_link, retry_transient, tag_run,
                           user_errors)
 from meddiff import storage
@@ -45,6 +45,7 @@ def describe_plan(cohort_uri: str, cfg: EvalConfig) -> str:
 
 
 @task(name="evaluate", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
+@phrased
 def evaluate_task(cohort_uri: str, cfg: EvalConfig, force: bool) -> EvalResult:
     logger = get_run_logger()
     logger.info(describe_plan(cohort_uri, cfg))

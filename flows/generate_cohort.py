@@ -10,7 +10,7 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import (explain_wait, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, link_url,
+from flows.common import (phrased, explain_wait, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, link_url,
                           one_traceback_per_failure, prefect_progress, publish_link, retry_transient, tag_run,
                           user_errors)
 from meddiff.devices import resolve_device
@@ -30,6 +30,7 @@ def run_name() -> str:
 
 
 @task(name="generate", retries=1, retry_delay_seconds=[10], retry_condition_fn=retry_transient)
+@phrased
 def generate_task(spec: CohortSpec, storage_root: str | None) -> CohortResult:
     progress = combine(prefect_progress(f"generate from {spec.model_uri}"),
                        LoggedProgress(get_run_logger(), "generate", " images"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import (explain_wait, MEDMNIST_ENV, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, from_env,
+from flows.common import (phrased, explain_wait, MEDMNIST_ENV, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, from_env,
                           one_traceback_per_failure, prefect_progress, publish_link, retry_transient, tag_run,
                           user_errors)
 from meddiff.data.ingest import IngestConfig, IngestResult, ingest
@@ -15,6 +15,7 @@ _D = IngestConfig("")  # the library's defaults: the flow restates them (tests/t
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
+@phrased
 def ingest_task(cfg: IngestConfig, storage_root: str | None) -> IngestResult:
     progress = combine(prefect_progress(f"ingest {cfg.source}"), LoggedProgress(get_run_logger(), "ingest", " images"))
     return ingest(cfg, storage_root, progress)

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import (explain_wait, MEDMNIST_ENV, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, from_env,
+from flows.common import (phrased, explain_wait, MEDMNIST_ENV, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, from_env,
                           link_url, one_traceback_per_failure, prefect_progress, publish_link, retry_transient,
                           tag_run, user_errors)
 from flows.generate_cohort import SamplerChoice
@@ -41,7 +41,7 @@ def run_as_task(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
 
         get_run_logger().info(describe_plan(args[0], args[1]))
     # no Prefect result caching: the stages' outputs are content-addressed and found by the library
-    return task(fn, name=stage, retries=retries, retry_delay_seconds=[5, 30][:retries] or 0,
+    return task(phrased(fn), name=stage, retries=retries, retry_delay_seconds=[5, 30][:retries] or 0,
                 retry_condition_fn=retry_transient, cache_policy=NO_CACHE)(*args)
 
 

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import (explain_wait, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, link_url,
+from flows.common import (phrased, explain_wait, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, link_url,
                           one_traceback_per_failure, prefect_progress, publish_link, retry_transient, tag_run,
                           user_errors)
 from meddiff import storage
@@ -39,6 +39,7 @@ def run_name() -> str:
 
 @task(name="train-part", retries=1, retry_delay_seconds=[10], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
+@phrased
 def train_part_task(cfg: TrainConfig, storage_root: str | None, class_id: int | None, bar: bool = True) -> dict:
     plan = plan_run(cfg, storage_root)
     what = f"train {plan.run_id}" + ("" if class_id is None else f" class {class_id}")
