@@ -37,6 +37,42 @@ def run_name() -> str:
     return f"train-{dataset_tag(p['dataset_uri']).split(':', 1)[1]}-{p.get('mode', _D.mode)}"
 
 
+def leave_resumable(flow, flow_run, state) -> None:
+    """On cancellation: keep a run folder that has checkpoints (the same request resumes from the latest)
+    and remove one without any (nothing to resume: it would only look like a model in progress)."""
+    import shutil
+    from pathlib import Path
+
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run, flow)
+    p = flow_run.parameters
+    try:
+        plan = plan_run(config_from(p), p.get("storage_root"))
+    except Exception as e:  # noqa: BLE001 - a run cancelled before its plan existed left nothing
+        logger.info("cancelled before training started (%s)", e)
+        return
+    if storage.is_remote(plan.uri) or storage.exists(storage.join(plan.uri, "model.json")):
+        logger.info("cancelled; %s keeps its checkpoints: the same request resumes from the latest", plan.uri)
+        return
+    folder = Path(plan.uri)
+    checkpoints = sorted(folder.rglob("checkpoints/*.pt"))
+    if checkpoints:
+        logger.info("cancelled; %s kept with %d checkpoint(s) (latest %s): the same request resumes there",
+                    plan.uri, len(checkpoints), checkpoints[-1].relative_to(folder))
+    elif folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.info("cancelled before the first checkpoint; removed %s (nothing to resume)", plan.uri)
+
+
+def config_from(p: dict) -> TrainConfig:
+    """The flow's TrainConfig from its parameters (a dict, as the hooks see them)."""
+    return TrainConfig(p["dataset_uri"], p.get("mode", _D.mode), p.get("preset", _D.preset), p.get("steps", _D.steps),
+                       p.get("batch_size", _D.batch_size), p.get("device", _D.device), p.get("seed", _D.seed),
+                       p.get("resume", _D.resume), p.get("objective", _D.objective), p.get("schedule", _D.schedule),
+                       p.get("prediction", _D.prediction), p.get("min_snr_gamma", _D.min_snr_gamma)).check()
+
+
 @task(name="train-part", retries=1, retry_delay_seconds=[10], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
 @phrased
@@ -68,7 +104,7 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-@flow(name="train-model", flow_run_name=run_name, **RESULT_OPTIONS)
+@flow(name="train-model", flow_run_name=run_name, on_cancellation=[leave_resumable], **RESULT_OPTIONS)
 def train_model(
     dataset_uri: str,
     mode: Literal["conditional", "per-class"] = _D.mode,
@@ -108,8 +144,9 @@ def train_model(
     logger = get_run_logger()
     tag_run(dataset_tag(dataset_uri))
     with user_errors():
-        cfg = TrainConfig(dataset_uri, mode, preset, steps, batch_size, device, seed, resume, objective, schedule,
-                          prediction, min_snr_gamma).check()
+        cfg = config_from(dict(dataset_uri=dataset_uri, mode=mode, preset=preset, steps=steps, batch_size=batch_size,
+                               device=device, seed=seed, resume=resume, objective=objective, schedule=schedule,
+                               prediction=prediction, min_snr_gamma=min_snr_gamma))
         plan = plan_run(cfg, storage_root)
         if storage.exists(storage.join(plan.uri, "model.json")):
             logger.info("found existing model %s", plan.uri)

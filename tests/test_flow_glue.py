@@ -93,3 +93,28 @@ def test_user_errors_speak_of_parameters_in_deployment_runs(monkeypatch):
             raise SourceError(msg)
     assert "--param medmnist_root=DIR (or MEDMNIST_ROOT in the worker's environment)" in str(info.value)
     assert "--medmnist-root" not in str(info.value)
+
+
+def test_cancelled_training_leaves_only_resumable_state(breastmnist_uri, tmp_path):
+    """The cancellation hook keeps a run folder with a checkpoint and removes one without any."""
+    from pathlib import Path
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    from flows.train_model import leave_resumable, train_model
+    from meddiff.train import TrainConfig, plan_run
+
+    params = dict(dataset_uri=breastmnist_uri, steps=5, batch_size=8, device="cpu", storage_root=str(tmp_path))
+    run = FlowRun(flow_id=uuid4(), parameters=params, name="cancelled-run")
+    folder = Path(plan_run(TrainConfig(breastmnist_uri, steps=5, batch_size=8, device="cpu"), str(tmp_path)).uri)
+    (folder / "samples").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # started, killed before its first checkpoint
+    with temporary_settings({PREFECT_LOGGING_TO_API_ENABLED: False}):
+        leave_resumable(train_model, run, None)
+        assert not folder.exists()
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "step-100.pt").write_bytes(b"x")
+        leave_resumable(train_model, run, None)
+    assert (folder / "checkpoints" / "step-100.pt").exists()
