@@ -85,3 +85,28 @@ def test_list_commands_print_whole_uris(bloodmnist_uri, tiny_conditional_model_u
         assert uri in res.output, res.output
     models = runner.invoke(app, ["models", "list", "--storage", session_storage]).output
     assert "complete" in models and "bloodmnist" in models
+
+
+def test_cli_defaults_equal_the_config_dataclass():
+    from meddiff.cli.cohorts_cmd import generate
+    from meddiff.cli.datasets_cmd import ingest
+    from meddiff.cli.pipeline_cmd import pipeline
+    from meddiff.cli.train_cmd import train
+    from meddiff.data.ingest import IngestConfig
+    from meddiff.generate import CohortSpec
+    from meddiff.pipeline import PipelineConfig
+    from meddiff.train import TrainConfig
+
+    # `meddiff pipeline --per-class` is None on the command line so that --total alone works; it means 50
+    allowed = {("pipeline", "per_class")}
+    for command, config in ((pipeline, PipelineConfig), (train, TrainConfig), (generate, CohortSpec),
+                            (ingest, IngestConfig)):
+        fields = {f.name: field_default(f) for f in dataclasses.fields(config)
+                  if not (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)}
+        shared = 0
+        for name, p in inspect.signature(command).parameters.items():
+            default = getattr(p.default, "default", p.default)
+            if name in fields and (command.__name__, name) not in allowed:
+                assert default == fields[name], f"meddiff {command.__name__} --{name}: {default!r} ≠ {fields[name]!r}"
+                shared += 1
+        assert shared >= 4, (command.__name__, shared)
