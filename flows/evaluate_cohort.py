@@ -9,9 +9,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import (phrased, explain_wait, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, link_url,
-                          one_traceback_per_failure, prefect_progress, publish_link, retry_transient, tag_run,
-                          user_errors)
+from flows.common import (RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, link_url, LoggedProgress,
+                          one_traceback_per_failure, phrased, prefect_progress, publish_link, retry_transient,
+                          tag_run, user_errors)
 from meddiff import storage
 from meddiff.evaluate import EvalConfig, EvalResult, evaluate_cohort as run_evaluation, headline_rows, per_class_table
 from meddiff.progress import combine

@@ -10,9 +10,9 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import (phrased, explain_wait, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, link_url,
-                          one_traceback_per_failure, prefect_progress, publish_link, retry_transient, tag_run,
-                          user_errors)
+from flows.common import (RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, link_url, LoggedProgress,
+                          one_traceback_per_failure, phrased, prefect_progress, publish_link, retry_transient,
+                          tag_run, user_errors)
 from meddiff.devices import resolve_device
 from meddiff.generate import CohortResult, CohortSpec, generate
 from meddiff.models.samplers import Sampler
@@ -84,7 +84,7 @@ def generate_cohort(
         allow_cpu_fallback: With device=cuda on a worker without a GPU: run on the CPU instead of failing.
         shard_size: Images per shard (the resumable chunk).
         name: Cohort id; empty = <model run>-<content hash of the spec>.
-        evaluate: Run evaluate-cohort on the new cohort (its quality report).
+        evaluate: Run evaluate-cohort on the new cohort (its quality report, with the pipeline's evaluation settings).
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
     one_traceback_per_failure()
@@ -101,7 +101,10 @@ def generate_cohort(
     publish_link("cohort", result.uri, result.card["cohort_id"], target=f"{result.uri}/cohort.json")
     if evaluate:
         from flows.evaluate_cohort import evaluate_cohort_flow
+        from meddiff.pipeline import PipelineConfig
 
-        evaluate_cohort_flow(cohort_uri=result.uri, device=spec.device)
+        p = PipelineConfig()  # the pipeline's evaluation: pipeline/default then finds this report up to date
+        evaluate_cohort_flow(cohort_uri=result.uri, features=",".join(p.resolved_eval_features()),
+                             max_images=p.eval_max_images, device=spec.device)
     logger.info("result: %s", result.uri)
     return result.uri

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import (phrased, explain_wait, MEDMNIST_ENV, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, from_env,
-                          one_traceback_per_failure, prefect_progress, publish_link, retry_transient, tag_run,
-                          user_errors)
+from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, from_env,
+                          LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
+                          retry_transient, tag_run, user_errors)
 from meddiff.data.ingest import IngestConfig, IngestResult, ingest
 from meddiff.progress import combine
 

@@ -13,9 +13,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import (phrased, explain_wait, MEDMNIST_ENV, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, from_env,
-                          link_url, one_traceback_per_failure, prefect_progress, publish_link, retry_transient,
-                          tag_run, user_errors)
+from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, from_env, link_url,
+                          LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
+                          retry_transient, tag_run, user_errors)
 from flows.generate_cohort import SamplerChoice
 from flows.train_model import PresetName
 from meddiff.pipeline import PipelineConfig, PipelineResult, run_pipeline

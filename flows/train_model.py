@@ -16,9 +16,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import (phrased, explain_wait, RESULT_OPTIONS, LoggedProgress, artifact_key, dataset_tag, link_url,
-                          one_traceback_per_failure, prefect_progress, publish_link, retry_transient, tag_run,
-                          user_errors)
+from flows.common import (RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, link_url, LoggedProgress,
+                          one_traceback_per_failure, phrased, prefect_progress, publish_link, retry_transient,
+                          tag_run, user_errors)
 from meddiff import storage
 from meddiff.devices import part_device
 from meddiff.progress import combine, rich_progress
