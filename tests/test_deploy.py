@@ -296,4 +296,4 @@ def test_interval_schedule_fires_and_a_worker_runs_it(deployed, medmnist_dir, tm
         data = r["state"]["data"] or {}
         stored = Path(data.get("storage_key", ""))
         assert stored.is_file(), r["state"]  # the persisted result (JSON), readable by run_deployment callers
-        assert json.loads(stored.read_text())["result"] == uri
+        assert json.loads(stored.read_text()) == uri  # the flow's return value, as JSON
