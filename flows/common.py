@@ -200,10 +200,9 @@ def retry_transient(task, task_run, state) -> bool:
 
 
 def explain_wait(min_wait_s: float = 20.0) -> None:
-    """Say in the run logger how long this run waited past its scheduled start, and why it showed as
-    "Late" meanwhile: a work pool slot (e.g. the gpu pool's concurrency limit) or no worker polling."""
-    from datetime import datetime, timezone
-
+    """Say in the run logger how long this run sat scheduled before a worker took it, and why it showed
+    as "Late" meanwhile: a work pool slot (e.g. the gpu pool's concurrency limit) or no worker polling.
+    The wait ends when the run turned Pending (picked up), so the worker's process start is not counted."""
     from prefect import get_run_logger, runtime
     from prefect.client.orchestration import get_client
 
@@ -211,13 +210,14 @@ def explain_wait(min_wait_s: float = 20.0) -> None:
         return
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(runtime.flow_run.id)
-        if run.expected_start_time is None:
+        picked = [s.timestamp for s in client.read_flow_run_states(runtime.flow_run.id) if s.type.value == "PENDING"]
+        if run.expected_start_time is None or not picked or not run.work_pool_name:
             return
-        waited = (datetime.now(timezone.utc) - run.expected_start_time).total_seconds()
-        if waited < min_wait_s or not run.work_pool_name:
+        waited = (min(picked) - run.expected_start_time).total_seconds()
+        if waited < min_wait_s:
             return
         limit = client.read_work_pool(run.work_pool_name).concurrency_limit
     reason = (f"its concurrency limit of {limit} concurrent run(s) was taken by other runs" if limit else
               "no worker had picked it up (is one polling the pool?)")
-    get_run_logger().info("started %s after its scheduled time (shown as Late meanwhile): waited for a slot in "
-                          "work pool %r — %s", _duration(waited), run.work_pool_name, reason)
+    get_run_logger().info("waited %s after its scheduled time for a slot in work pool %r (shown as Late meanwhile): "
+                          "%s", _duration(waited), run.work_pool_name, reason)

@@ -20,7 +20,7 @@ from flows.common import (RESULT_OPTIONS, artifact_key, dataset_tag, explain_wai
                           one_traceback_per_failure, phrased, prefect_progress, publish_link, retry_transient,
                           tag_run, user_errors)
 from meddiff import storage
-from meddiff.devices import part_device
+from meddiff.devices import part_device, resolve_device
 from meddiff.progress import combine, rich_progress
 from meddiff.train import TrainConfig, finish_group, plan_run, train_part
 from meddiff.train.presets import PRESETS
@@ -81,7 +81,7 @@ def train_part_task(cfg: TrainConfig, storage_root: str | None, class_id: int | 
     what = f"train {plan.run_id}" + ("" if class_id is None else f" class {class_id}")
     logger = get_run_logger()
     logger.info("%s: %d steps of batch %d on %s → %s", what, plan.cfg.steps, plan.cfg.batch_size,
-                plan.cfg.device, plan.part_uri(class_id))
+                resolve_device(plan.cfg.device), plan.part_uri(class_id))
     logged = LoggedProgress(logger, "train" + ("" if class_id is None else f" class {class_id}"))
     with rich_progress(what) if bar else nullcontext(None) as terminal:  # one rich bar at a time
         return train_part(plan, class_id, combine(prefect_progress(what), logged, terminal))
