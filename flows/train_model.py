@@ -39,10 +39,8 @@ def run_name() -> str:
 
 def leave_resumable(flow, flow_run, state) -> None:
     """On cancellation: keep a run folder that has checkpoints (the same request resumes from the latest)
-    and remove one without any (nothing to resume: it would only look like a model in progress)."""
-    import shutil
-    from pathlib import Path
-
+    and remove one without any (see :func:`tidy_interrupted`; the flow itself also calls it when the
+    worker's SIGTERM interrupts training, as Prefect 3.8's process worker may not run this hook)."""
     from prefect.logging.loggers import flow_run_logger
 
     logger = flow_run_logger(flow_run, flow)
@@ -52,10 +50,19 @@ def leave_resumable(flow, flow_run, state) -> None:
     except Exception as e:  # noqa: BLE001 - a run cancelled before its plan existed left nothing
         logger.info("cancelled before training started (%s)", e)
         return
-    if storage.is_remote(plan.uri) or storage.exists(storage.join(plan.uri, "model.json")):
+    tidy_interrupted(plan, logger)
+
+
+def tidy_interrupted(plan, logger) -> None:
+    """Keep a run folder that has checkpoints (the same request resumes from the latest) and remove
+    one without any (nothing to resume: it would only look like a model in progress)."""
+    import shutil
+    from pathlib import Path
+
+    if storage.is_remote(plan.uri) or storage.exists(storage.join(plan.uri, "model.json")):  # nothing to tidy
         logger.info("cancelled; %s keeps its checkpoints: the same request resumes from the latest", plan.uri)
         return
-    folder = Path(plan.uri)
+    folder = Path(plan.uri)  # local root: a half-started folder with nothing to resume is removed
     checkpoints = sorted(folder.rglob("checkpoints/*.pt"))
     if checkpoints:
         logger.info("cancelled; %s kept with %d checkpoint(s) (latest %s): the same request resumes there",
@@ -152,7 +159,12 @@ def train_model(
             logger.info("found existing model %s", plan.uri)
             card = storage.read_json(storage.join(plan.uri, "model.json"))
         else:
-            card = _train(cfg, plan, storage_root, parallel_classes)
+            try:
+                card = _train(cfg, plan, storage_root, parallel_classes)
+            except BaseException as e:
+                if not isinstance(e, Exception):  # cancelled (the worker's SIGTERM) or interrupted
+                    tidy_interrupted(plan, logger)
+                raise
     create_markdown_artifact(card_markdown(card), key=artifact_key("model", plan.run_id), description="model card")
     publish_link("model", plan.uri, plan.run_id, target=storage.join(plan.uri, "model.json"))
     logger.info("result: %s", plan.uri)
