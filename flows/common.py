@@ -55,13 +55,16 @@ class LoggedProgress:
     def __init__(self, logger, stage: str, unit: str = "", every_s: float = LOG_EVERY_S):
         self.logger, self.stage, self.unit, self.every_s = logger, stage, unit, every_s
         self.start = self.last = None
-        self.first_done = 0
+        self.first_done = self.last_done = 0
         self.notes: dict[str, float] = {}
 
     def note(self, **metrics: float) -> None:
         self.notes.update(metrics)
 
     def __call__(self, done: int, total: int) -> None:
+        if self.last is not None and done == total == self.last_done:
+            return  # the end already said
+        self.last_done = done
         now = time.monotonic()
         if self.start is None:
             self.start, self.first_done = now, done
@@ -176,6 +179,15 @@ class _OneTraceback(logging.Filter):
 
 
 _ONE_TRACEBACK = _OneTraceback()
+
+
+def required(value: str, name: str, made_by: str) -> str:
+    """A URI parameter that must not be empty (the server accepts "" for a str): one clear line."""
+    lists = {"ingest-dataset": "datasets", "train-model": "models", "generate-cohort": "cohorts"}
+    if not value or not value.strip():
+        raise MeddiffError(f"{name} is empty: pass --param {name}=<URI>, the result of an earlier {made_by} run "
+                           f"(`meddiff {lists.get(made_by, 'datasets')} list` shows them)")
+    return value
 
 
 def one_traceback_per_failure() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import (RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, link_url, LoggedProgress,
+from flows.common import (required, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, link_url, LoggedProgress,
                           one_traceback_per_failure, phrased, prefect_progress, publish_link, retry_transient,
                           tag_run, user_errors)
 from meddiff import storage
@@ -105,6 +105,7 @@ def evaluate_cohort_flow(
     logger = get_run_logger()
     tag_run(dataset_tag(cohort_uri))
     with user_errors():
+        required(cohort_uri, "cohort_uri", "generate-cohort")
         cfg = EvalConfig(real_uri=real_uri, features=tuple(f.strip() for f in features.split(",") if f.strip()),
                          tstr=tstr, tstr_epochs=tstr_epochs, tstr_max_images=tstr_max_images,
                          drop_flagged=drop_flagged, max_images=max_images, device=device).check()

@@ -10,7 +10,7 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import (RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, link_url, LoggedProgress,
+from flows.common import (required, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, link_url, LoggedProgress,
                           one_traceback_per_failure, phrased, prefect_progress, publish_link, retry_transient,
                           tag_run, user_errors)
 from meddiff.devices import resolve_device
@@ -92,6 +92,7 @@ def generate_cohort(
     logger = get_run_logger()
     tag_run(dataset_tag(model_uri))
     with user_errors():
+        required(model_uri, "model_uri", "train-model")
         spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size,
                           str(resolve_device(device, allow_cpu_fallback=allow_cpu_fallback)), shard_size, name).check()
         result = generate_task(spec, storage_root)

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import (RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, link_url, LoggedProgress,
+from flows.common import (required, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, link_url, LoggedProgress,
                           one_traceback_per_failure, phrased, prefect_progress, publish_link, retry_transient,
                           tag_run, user_errors)
 from meddiff import storage
@@ -151,6 +151,7 @@ def train_model(
     logger = get_run_logger()
     tag_run(dataset_tag(dataset_uri))
     with user_errors():
+        required(dataset_uri, "dataset_uri", "ingest-dataset")
         cfg = config_from(dict(dataset_uri=dataset_uri, mode=mode, preset=preset, steps=steps, batch_size=batch_size,
                                device=device, seed=seed, resume=resume, objective=objective, schedule=schedule,
                                prediction=prediction, min_snr_gamma=min_snr_gamma))

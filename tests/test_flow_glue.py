@@ -118,3 +118,21 @@ def test_cancelled_training_leaves_only_resumable_state(breastmnist_uri, tmp_pat
         (folder / "checkpoints" / "step-100.pt").write_bytes(b"x")
         leave_resumable(train_model, run, None)
     assert (folder / "checkpoints" / "step-100.pt").exists()
+
+
+def test_empty_uri_parameters_fail_with_one_clear_line():
+    from flows.common import required
+    from meddiff.errors import MeddiffError
+
+    with pytest.raises(MeddiffError, match=r"model_uri is empty: pass --param model_uri=<URI>.*meddiff models list"):
+        required(" ", "model_uri", "train-model")
+    assert required("storage/models/x", "model_uri", "train-model") == "storage/models/x"
+
+
+def test_logged_progress_says_the_end_once(logger):
+    log, lines = logger
+    p = LoggedProgress(log, "ingest", " images")
+    p(500, 1000)
+    p(1000, 1000)
+    p(1000, 1000)  # ingest reports its total twice
+    assert len(lines) == 2 and lines[-1].startswith("ingest: 1000/1000 images (100%)")
