@@ -12,11 +12,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /app
 RUN useradd --create-home --uid 1000 meddiff
 
-# dependencies first (cached layer): torch from the chosen index, then the project's pins
+# dependencies first (cached layer): torch from the chosen index, then the project's pins (SQLAlchemy
+# restated: prefect 3.8.8's scheduler needs < 2.1, and the server image must not drift from pyproject)
 COPY pyproject.toml README.md ./
 RUN pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple torch torchvision \
  && mkdir -p meddiff flows && touch meddiff/__init__.py flows/__init__.py \
- && pip install . && pip uninstall -y meddiff && rm -rf meddiff flows build
+ && pip install . 'sqlalchemy>=2.0,<2.1' && pip uninstall -y meddiff && rm -rf meddiff flows build
 
 # the source: workers run deployments from /app (prefect.yaml's pull step: MEDDIFF_REPO)
 COPY meddiff ./meddiff

@@ -5,13 +5,20 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.common import artifact_key, prefect_progress, retry_transient
+from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, from_env,
+                          LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
+                          retry_transient, tag_run, user_errors)
 from meddiff.data.ingest import IngestConfig, IngestResult, ingest
+from meddiff.progress import combine
+
+_D = IngestConfig("")  # the library's defaults: the flow restates them (tests/test_flow_defaults.py)
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_transient)
+@phrased
 def ingest_task(cfg: IngestConfig, storage_root: str | None) -> IngestResult:
-    return ingest(cfg, storage_root, prefect_progress(f"ingest {cfg.source}"))
+    progress = combine(prefect_progress(f"ingest {cfg.source}"), LoggedProgress(get_run_logger(), "ingest", " images"))
+    return ingest(cfg, storage_root, progress)
 
 
 def card_markdown(card: dict) -> str:
@@ -25,24 +32,46 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-@flow(name="ingest-dataset")
+@flow(name="ingest-dataset", flow_run_name="ingest-{source}", **RESULT_OPTIONS)
 def ingest_dataset(
     source: str,
-    size: int | None = None,
-    name: str | None = None,
-    classes: str | None = None,
-    split_seed: int = 0,
-    val_frac: float = 0.1,
-    test_frac: float = 0.2,
-    shard_size: int = 10_000,
-    medmnist_root: str | None = None,
+    size: int | None = _D.size,
+    name: str | None = _D.name,
+    classes: str | None = _D.classes,
+    split_seed: int = _D.split_seed,
+    val_frac: float = _D.val_frac,
+    test_frac: float = _D.test_frac,
+    shard_size: int = _D.shard_size,
+    medmnist_root: str | None = _D.medmnist_root,
     storage_root: str | None = None,
 ) -> str:
-    """Ingest a dataset source into a versioned WebDataset copy; returns its URI."""
+    """Ingest a dataset source into a versioned WebDataset copy; returns its URI (the run's persisted result).
+
+    Args:
+        source: medmnist:<flag> (e.g. medmnist:bloodmnist), kaggle:<owner>/<slug>, zip:<path> or folder:<path>.
+        size: Output side in px; empty = 28 for MedMNIST, 64 for image folders.
+        name: Dataset name; empty = derived from the source.
+        classes: zip/folder: "glob[=name],..." selecting and renaming class folders, e.g. 'Original/*'.
+        split_seed: Seed of the stratified train/val/test split (zip/folder).
+        val_frac: Validation fraction per class (zip/folder).
+        test_frac: Test fraction per class (zip/folder).
+        shard_size: Maximum samples per shard.
+        medmnist_root: Folder with already-downloaded MedMNIST .npz files; empty = the worker's MEDMNIST_ROOT, else download from zenodo.
+        storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+    """
+    one_traceback_per_failure()
+    explain_wait()
     logger = get_run_logger()
-    cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root)
-    result = ingest_task(cfg.check(), storage_root)
+    tag_run(dataset_tag(source))
+    with user_errors():
+        if source.startswith("medmnist:"):  # the worker's MEDMNIST_ROOT, as the CLI reads it
+            medmnist_root = from_env(medmnist_root, MEDMNIST_ENV)
+        cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size,
+                           medmnist_root).check()
+        result = ingest_task(cfg, storage_root)
     logger.info("%s dataset version %s", "found existing" if result.existed else "wrote", result.uri)
     create_markdown_artifact(card_markdown(result.card), key=artifact_key("dataset", result.card["name"]),
                              description="dataset summary")
+    publish_link("dataset", result.uri, result.card["name"], target=f"{result.uri}/dataset.json")
+    logger.info("result: %s", result.uri)
     return result.uri

@@ -1,8 +1,8 @@
 """Prefect flow ``pipeline``: ingest → train → generate → evaluate, each stage a task with retries.
 
 The stages are :func:`meddiff.pipeline.run_pipeline`'s; this flow only runs each one as a Prefect
-task (retried on transient I/O errors), with a progress artifact per stage and log lines in the
-run logger. Stages whose output already exists are skipped (content-addressed outputs).
+task (retried on transient I/O errors), with a progress artifact per stage and progress lines in
+the run logger. Stages whose output already exists are skipped (content-addressed outputs).
 """
 
 from __future__ import annotations
@@ -10,73 +10,121 @@ from __future__ import annotations
 from typing import Any, Callable, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, prefect_progress, retry_transient
+from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, from_env, link_url,
+                          LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
+                          retry_transient, tag_run, user_errors)
+from flows.generate_cohort import SamplerChoice
+from flows.train_model import PresetName
 from meddiff.pipeline import PipelineConfig, PipelineResult, run_pipeline
 from meddiff.progress import combine
 
+_D = PipelineConfig()  # the library's defaults: the flow restates them (tests/test_flow_defaults.py)
 # object storage and downloads are retried with backoff; training is not (it resumes from checkpoints)
 RETRIES = {"ingest": 2, "train": 1, "generate": 2, "evaluate": 2}
+UNITS = {"ingest": " images", "train": "", "generate": " images", "evaluate": " stages"}
 
 
-def log_progress(logger, stage: str, min_interval_s: float = 15.0) -> Callable[[int, int], None]:
-    """A progress callback that logs ``stage: done/total`` at most every ``min_interval_s``."""
-    from meddiff.progress import throttled
+def run_name() -> str:
+    """``pipeline-<dataset>``."""
+    from prefect.runtime import flow_run
 
-    return throttled(lambda done, total: logger.info("%s: %d/%d", stage, done, total), min_interval_s)
+    return f"pipeline-{dataset_tag(flow_run.parameters.get('dataset', _D.dataset)).split(':', 1)[1]}"
 
 
 def run_as_task(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
     retries = RETRIES.get(stage, 0)
+    if stage == "evaluate":
+        from flows.evaluate_cohort import describe_plan
+
+        get_run_logger().info(describe_plan(args[0], args[1]))
     # no Prefect result caching: the stages' outputs are content-addressed and found by the library
-    return task(fn, name=stage, retries=retries, retry_delay_seconds=[5, 30][:retries] or 0,
+    return task(phrased(fn), name=stage, retries=retries, retry_delay_seconds=[5, 30][:retries] or 0,
                 retry_condition_fn=retry_transient, cache_policy=NO_CACHE)(*args)
 
 
 def result_markdown(result: PipelineResult) -> str:
     lines = ["# Pipeline", "", "| stage | output | skipped |", "|---|---|---|"]
-    lines += [f"| {s.stage} | `{s.uri}` | {'yes' if s.existed else 'no'} |" for s in result.stages]
+    lines += [f"| {s.stage} | [{s.uri}]({link_url(s.uri)}) | {'yes' if s.existed else 'no'} |" for s in result.stages]
     return "\n".join(lines)
 
 
-@flow(name="pipeline")
+@flow(name="pipeline", flow_run_name=run_name, **RESULT_OPTIONS)
 def pipeline(
-    dataset: str = "medmnist:bloodmnist",
-    size: int | None = None,
-    medmnist_root: str | None = None,
-    mode: Literal["conditional", "per-class"] = "conditional",
-    preset: str = "tiny",
-    steps: int | None = 800,
-    batch_size: int | None = None,
-    preview_steps: int | None = None,
-    per_class: int | None = 50,
-    total: int | None = None,
-    sampler: Literal["auto", "ddim", "ddpm", "dpmpp2m", "rflow", "heun"] = "auto",
-    sample_steps: int = 25,
-    guidance: float | None = None,
-    device: Literal["auto", "cpu", "cuda"] = "auto",
-    allow_cpu_fallback: bool = False,
-    seed: int = 0,
-    evaluate: bool = True,
-    eval_features: list[str] | None = None,
-    eval_max_images: int | None = 300,
-    domain_steps: int | None = None,
-    objective: Literal["ddpm", "rflow"] = "rflow",
+    dataset: str = _D.dataset,
+    size: int | None = _D.size,
+    medmnist_root: str | None = _D.medmnist_root,
+    mode: Literal["conditional", "per-class"] = _D.mode,
+    preset: PresetName = _D.preset,
+    steps: int | None = _D.steps,
+    batch_size: int | None = _D.batch_size,
+    preview_steps: int | None = _D.preview_steps,
+    per_class: int | None = _D.per_class,
+    total: int | None = _D.total,
+    sampler: SamplerChoice = _D.sampler,
+    sample_steps: int = _D.sample_steps,
+    guidance: float | None = _D.guidance,
+    device: Literal["auto", "cpu", "cuda"] = _D.device,
+    allow_cpu_fallback: bool = _D.allow_cpu_fallback,
+    seed: int = _D.seed,
+    evaluate: bool = _D.evaluate,
+    eval_features: list[Literal["inception", "domain"]] | None = _D.eval_features,
+    eval_max_images: int | None = _D.eval_max_images,
+    domain_steps: int | None = _D.domain_steps,
+    objective: Literal["ddpm", "rflow"] = _D.objective,
     storage_root: str | None = None,
 ) -> dict:
-    """The whole job: a dataset source in, a synthetic cohort and its quality report out."""
+    """The whole job: a dataset source in, a synthetic cohort and its quality report out.
+
+    Returns (and persists) ``{"dataset_uri", "model_uri", "cohort_uri", "report_uri", "stages"}``.
+
+    Args:
+        dataset: Ingest source: medmnist:<flag> (e.g. medmnist:bloodmnist), kaggle:<owner>/<slug>, zip:<path>, folder:<path>.
+        size: Image side in px; empty = the source's default (28 for MedMNIST).
+        medmnist_root: Folder with already-downloaded MedMNIST .npz files; empty = the worker's MEDMNIST_ROOT, else download from zenodo.
+        mode: One class-conditional model, or one model per class.
+        preset: Model/training size: tiny fits a 2-core CPU in minutes.
+        steps: Training steps; empty = the preset's default.
+        batch_size: Training batch size; empty = the preset's default.
+        preview_steps: Sampler steps of training's preview grids; empty = training's default.
+        per_class: Images generated per class (give this or total).
+        total: Total images, split evenly over the classes (give this or per_class).
+        sampler: Generation sampler; auto = the measured best for the model's objective (dpmpp2m for DDPM, heun for rectified flow); or ddim, ddpm, dpmpp2m, rflow, heun.
+        sample_steps: Denoising steps per generated image.
+        guidance: Classifier-free guidance scale; empty = the model's default (2.0).
+        device: auto = a GPU when the worker has one, else CPU; cuda without a GPU fails.
+        allow_cpu_fallback: With device=cuda and no GPU: run on the CPU instead of failing.
+        seed: Seed of training and of generation.
+        evaluate: Run the evaluation stage (quality report) after generation.
+        eval_features: Feature extractors of the evaluation; empty = inception + domain when the Inception weights are installed, else domain.
+        eval_max_images: Images per set (synthetic/train/val) through Inception; empty = all.
+        domain_steps: Optimizer steps of the evaluation's domain classifier; empty = its default.
+        objective: rflow (rectified flow: recognisable cells from tiny on a CPU) or ddpm.
+        storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+    """
+    one_traceback_per_failure()
+    explain_wait()
     logger = get_run_logger()
+    tag_run(dataset_tag(dataset))
+    if dataset.startswith("medmnist:"):  # the worker's MEDMNIST_ROOT, as the CLI reads it
+        medmnist_root = from_env(medmnist_root, MEDMNIST_ENV)
     cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, preview_steps, per_class, total,
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
                          tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective)
 
     def progress(stage: str):
-        return combine(prefect_progress(f"{stage} ({dataset})"), log_progress(logger, stage))
+        return combine(prefect_progress(f"{stage} ({dataset})"), LoggedProgress(logger, stage, UNITS[stage]))
 
-    result = run_pipeline(cfg, storage_root, progress, call=run_as_task, log=logger.info)
+    with user_errors():
+        result = run_pipeline(cfg, storage_root, progress, call=run_as_task, log=logger.info)
     create_markdown_artifact(result_markdown(result), key=artifact_key("pipeline", dataset),
                              description="pipeline outputs")
+    name = result.cohort_uri.rstrip("/").rsplit("/", 1)[-1]
+    for kind, uri in (("dataset", result.dataset_uri), ("model", result.model_uri), ("cohort", result.cohort_uri)):
+        publish_link(kind, uri, uri.rstrip("/").rsplit("/", 1)[-1])
+    if result.report_uri:
+        publish_link("report", result.report_uri.rsplit("/", 1)[0] + "/report.html", name)
     logger.info("report: %s", result.report_uri)
     return result.to_dict()

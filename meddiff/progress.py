@@ -1,6 +1,8 @@
 """Progress reporting: library functions take a ``progress(done, total)`` callback.
 
-The CLI passes a rich progress bar; flows pass a Prefect progress artifact (see flows/common.py).
+The CLI passes a rich progress bar; flows pass a Prefect progress artifact and a run-logger line
+(see flows/common.py). A callback may also take named metrics (the training loss, images/s) through
+an optional ``note(**metrics)`` method; libraries call :func:`note`, which is a no-op otherwise.
 """
 
 from __future__ import annotations
@@ -27,15 +29,27 @@ def rich_progress(description: str) -> Iterator[Progress]:
         yield update
 
 
+def note(progress: Progress | None, **metrics: float) -> None:
+    """Hand named metrics (e.g. ``loss=0.03``) to a progress callback that takes them (``.note``)."""
+    take = getattr(progress, "note", None)
+    if take is not None:
+        take(**metrics)
+
+
+def _with_note(update: Progress, *targets: Progress | None) -> Progress:
+    update.note = lambda **metrics: [note(t, **metrics) for t in targets]  # type: ignore[attr-defined]
+    return update
+
+
 def combine(*callbacks: Progress | None) -> Progress:
-    """One callback that forwards to several (None entries ignored)."""
+    """One callback that forwards to several (None entries ignored), notes included."""
     live = [c for c in callbacks if c is not None]
 
     def update(done: int, total: int) -> None:
         for c in live:
             c(done, total)
 
-    return update
+    return _with_note(update, *live)
 
 
 def throttled(callback: Progress, min_interval_s: float) -> Progress:
@@ -51,4 +65,4 @@ def throttled(callback: Progress, min_interval_s: float) -> Progress:
         last[0] = now
         callback(done, total)
 
-    return update
+    return _with_note(update, callback)

@@ -110,6 +110,19 @@ def write_faults(where: str | Path) -> Iterator[None]:
         raise StorageError(f"cannot write {e.filename or where}: {e.strerror or e}; {WRITE_FAULTS[e.errno]}") from e
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it (Linux ``/proc``; else set-and-restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_file(dest: Path) -> Iterator[BinaryIO]:
     """Write a local file atomically: a temp file beside ``dest``, fsynced, then renamed over it.
@@ -121,6 +134,7 @@ def atomic_file(dest: Path) -> Iterator[BinaryIO]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         try:
+            os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 → what a plain open() would give
             with os.fdopen(fd, "wb") as f:
                 yield f
                 f.flush()
@@ -184,6 +198,7 @@ def publish_dir(staging: Path, dest_uri: str, last: Iterable[str] = ()) -> None:
             trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
             os.replace(dest, trash)
             shutil.rmtree(trash, ignore_errors=True)
+        staging.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 → readable like a plain mkdir
         os.replace(staging, dest)
         return
     fs, path = filesystem(dest_uri)

@@ -124,8 +124,33 @@ def test_prefect_yaml_deployments_pools_and_schedule(prefect_yaml):
     assert len(nightly) == 1 and nightly[0]["entrypoint"] == "flows/pipeline.py:pipeline"
     crons = [s["cron"] for s in nightly[0]["schedules"]]
     assert len(crons) == 1 and len(crons[0].split()) == 5
-    pull = prefect_yaml["pull"][0]["prefect.deployments.steps.set_working_directory"]
-    assert pull["directory"] == "{{ $MEDDIFF_REPO }}"
+    # issue 17: the worker's own MEDDIFF_REPO, read when the run starts (not templated at deploy time)
+    assert prefect_yaml["pull"] == [{"meddiff.ops.pull.worker_repo": {"variable": "MEDDIFF_REPO"}}]
+    assert "{{" not in (REPO / "prefect.yaml").read_text()
+    from meddiff.ops.pull import worker_repo
+
+    assert worker_repo.__name__ == "worker_repo"  # importable on the worker
+
+
+def test_pull_step_reads_the_workers_environment(monkeypatch, tmp_path):
+    from meddiff.errors import MeddiffError
+    from meddiff.ops.pull import worker_repo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEDDIFF_REPO", str(REPO))
+    assert worker_repo() == {"directory": str(REPO.resolve())} and Path.cwd() == REPO.resolve()
+    monkeypatch.setenv("MEDDIFF_REPO", str(tmp_path))
+    with pytest.raises(MeddiffError, match="MEDDIFF_REPO=.* holds no flows/ folder"):
+        worker_repo()
+
+
+def test_sqlalchemy_pinned_below_2_1():
+    """prefect 3.8.8's scheduler fails on SQLAlchemy 2.1 (no scheduled run ever): pinned, in the image too."""
+    from importlib.metadata import version
+
+    text = (REPO / "pyproject.toml").read_text()
+    assert '"sqlalchemy>=2.0,<2.1"' in text and "'sqlalchemy>=2.0,<2.1'" in (REPO / "Dockerfile").read_text()
+    assert tuple(int(x) for x in version("sqlalchemy").split(".")[:2]) < (2, 1), version("sqlalchemy")
 
 
 @pytest.mark.parametrize("d", DEPLOYMENTS, ids=[f"{Path(d['entrypoint']).stem}-{d['name']}" for d in DEPLOYMENTS])

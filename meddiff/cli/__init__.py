@@ -20,6 +20,7 @@ from meddiff.cli import pipeline_cmd, deploy_cmd  # noqa: E402,F401  (registers 
 from meddiff.cli import evaluate_cmd  # noqa: E402,F401  (registers evaluate)
 from meddiff.cli import calibrate_cmd  # noqa: E402,F401  (registers calibrate)
 from meddiff.cli import likelihood_cmd, analysis_cmd  # noqa: E402,F401  (registers likelihood, sweep, anomaly)
+from meddiff.cli import models_cmd  # noqa: E402,F401  (registers models)
 
 
 def main() -> None:

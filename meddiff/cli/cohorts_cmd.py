@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meddiff.cli import app
+from meddiff.cli.tables import print_table
 from meddiff import storage
 from meddiff.data.cohorts import open_cohort, verify as verify_cohort
 from meddiff.errors import MeddiffError
@@ -71,7 +72,7 @@ def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=s
             continue
         c = open_cohort(uri).card
         t.add_row(cid, "complete", str(c["total"]), f"{c['sampler']}×{c['steps']}", Path(c["model_uri"]).name, uri)
-    console.print(t)
+    print_table(t)
 
 
 @cohorts.command()

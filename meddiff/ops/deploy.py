@@ -18,9 +18,6 @@ import yaml
 
 from meddiff.errors import MeddiffError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 class DeployError(MeddiffError):
     """The deployments could not be applied."""
 
@@ -34,7 +31,7 @@ class WorkPoolSpec:
 
 @dataclass(frozen=True)
 class DeployConfig:
-    prefect_file: str = str(REPO_ROOT / "prefect.yaml")  # the deployments to apply
+    prefect_file: str = "prefect.yaml"  # the deployments to apply: the project's, in the current folder
     api_url: str | None = None  # Prefect API; None = $PREFECT_API_URL (must be set: no ephemeral server)
     names: tuple[str, ...] = ()  # 'flow-name/deployment-name' to apply; empty = all of them
     gpu_concurrency: int = 1  # concurrent flow runs on the gpu pool (one GPU per worker)
@@ -49,7 +46,8 @@ class DeployConfig:
             raise DeployError("PREFECT_API_URL is not set: start a server (`docker compose up -d` or "
                               "`prefect server start`) and export PREFECT_API_URL=http://127.0.0.1:4200/api")
         if not Path(self.prefect_file).is_file():
-            raise DeployError(f"no prefect.yaml at {self.prefect_file}")
+            raise DeployError(f"no {self.prefect_file} in {Path.cwd()}: run `meddiff deploy` in the meddiff project "
+                              "folder (the repository checkout), or pass --file PATH/prefect.yaml")
         for limit in (self.gpu_concurrency, self.cpu_concurrency):
             if limit is not None and limit < 1:
                 raise DeployError(f"work pool concurrency limits must be positive, got {limit}")

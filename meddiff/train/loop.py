@@ -29,7 +29,7 @@ from meddiff import storage
 from meddiff.devices import resolve_device
 from meddiff.errors import MeddiffError
 from meddiff.models.diffusion import build_scheduler
-from meddiff.progress import Progress
+from meddiff.progress import Progress, note
 from meddiff.records import make_record, to_jsonable
 from meddiff.train.batches import DataSpec, batches
 from meddiff.train.cards import finish_group, finish_part
@@ -251,8 +251,10 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
         is_ckpt = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps
         if run.step % cfg.log_every == 0 or is_ckpt:
             now = time.perf_counter()
-            _log(run, float(mean_across(loss_sum / n_sum, info)),
-                 (run.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9))
+            loss, images_per_s = float(mean_across(loss_sum / n_sum, info)), \
+                (run.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+            _log(run, loss, images_per_s)
+            note(progress, loss=loss, images_per_s=images_per_s)
             loss_sum.zero_()
             n_sum, t_last, step_last = 0, now, run.step
         if info.is_main and (run.step % cfg.sample_every == 0 or run.step == cfg.steps):

@@ -1,0 +1,15 @@
+"""List tables that never cut a URI: as wide as their content, whatever the terminal's width."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+
+def print_table(table: Table) -> None:
+    """Print ``table`` at its natural width (long lines wrap in the terminal, but nothing is cut:
+    a URI copied from the output is whole)."""
+    console = Console(width=100_000)
+    width = Measurement.get(console, console.options, table).maximum
+    Console(width=max(width, 1), soft_wrap=False).print(table)

@@ -1,0 +1,112 @@
+"""One source of truth for defaults: flow signatures restate their config dataclasses' defaults, the
+stage deployments of prefect.yaml ask for what the pipeline does, every flow parameter has a
+description for the UI, and the list commands print whole URIs however narrow the terminal."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def flows_and_configs():
+    from flows.evaluate_cohort import evaluate_cohort_flow
+    from flows.generate_cohort import generate_cohort
+    from flows.ingest_dataset import ingest_dataset
+    from flows.pipeline import pipeline
+    from flows.train_model import train_model
+    from meddiff.data.ingest import IngestConfig
+    from meddiff.evaluate import EvalConfig
+    from meddiff.generate import CohortSpec
+    from meddiff.pipeline import PipelineConfig
+    from meddiff.train import TrainConfig
+
+    return [(ingest_dataset, IngestConfig), (train_model, TrainConfig), (generate_cohort, CohortSpec),
+            (evaluate_cohort_flow, EvalConfig), (pipeline, PipelineConfig)]
+
+
+def field_default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+@pytest.mark.parametrize("flow, config", flows_and_configs(), ids=lambda x: getattr(x, "name", x.__name__))
+def test_flow_defaults_equal_the_config_dataclass(flow, config):
+    fields = {f.name: field_default(f) for f in dataclasses.fields(config)
+              if not (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)}
+    shared = 0
+    for name, p in inspect.signature(flow.fn).parameters.items():
+        if name in fields and p.default is not inspect.Parameter.empty:
+            want = fields[name]
+            got = tuple(p.default.split(",")) if isinstance(want, tuple) and isinstance(p.default, str) else p.default
+            assert got == want, f"{flow.name}: {name} defaults to {p.default!r}, {config.__name__} to {want!r}"
+            shared += 1
+    assert shared >= 5, f"{flow.name} shares only {shared} parameters with {config.__name__}"
+
+
+def test_stage_deployments_ask_for_what_the_pipeline_does():
+    """Ingest → train → generate → evaluate by hand (the default deployments) reaches the same
+    outputs as pipeline/default: same objective and steps, same request, same evaluation size."""
+    from meddiff.pipeline import PipelineConfig
+
+    p = PipelineConfig()
+    deps = {d["entrypoint"].split(":")[1]: d.get("parameters") or {}
+            for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"] if d["name"] == "default"}
+    assert deps["ingest_dataset"]["source"] == p.dataset
+    assert deps["train_model"] == {"objective": p.objective, "steps": p.steps}
+    assert deps["generate_cohort"] == {"per_class": p.per_class}
+    assert deps["evaluate_cohort"] == {"max_images": p.eval_max_images}
+    assert deps["pipeline"] == {}  # the flow's defaults are the pipeline's
+
+
+@pytest.mark.parametrize("flow, _", flows_and_configs(), ids=lambda x: getattr(x, "name", ""))
+def test_every_flow_parameter_is_described_and_choices_are_listed(flow, _):
+    props = flow.parameters.model_dump()["properties"]
+    assert all(p.get("description") for p in props.values()), [k for k, p in props.items() if not p.get("description")]
+    for choice in ("mode", "objective", "sampler", "preset", "schedule", "prediction"):
+        if choice in props:
+            assert props[choice].get("enum"), f"{flow.name}.{choice} is free text"
+
+
+def test_list_commands_print_whole_uris(bloodmnist_uri, tiny_conditional_model_uri, session_storage, monkeypatch):
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal used to cut URIs at the right edge
+    runner = CliRunner()
+    for args, uri in ((["datasets", "list"], bloodmnist_uri), (["models", "list"], tiny_conditional_model_uri)):
+        res = runner.invoke(app, [*args, "--storage", session_storage])
+        assert res.exit_code == 0, res.output
+        assert uri in res.output, res.output
+    models = runner.invoke(app, ["models", "list", "--storage", session_storage]).output
+    assert "complete" in models and "bloodmnist" in models
+
+
+def test_cli_defaults_equal_the_config_dataclass():
+    from meddiff.cli.cohorts_cmd import generate
+    from meddiff.cli.datasets_cmd import ingest
+    from meddiff.cli.pipeline_cmd import pipeline
+    from meddiff.cli.train_cmd import train
+    from meddiff.data.ingest import IngestConfig
+    from meddiff.generate import CohortSpec
+    from meddiff.pipeline import PipelineConfig
+    from meddiff.train import TrainConfig
+
+    # `meddiff pipeline --per-class` is None on the command line so that --total alone works; it means 50
+    allowed = {("pipeline", "per_class")}
+    for command, config in ((pipeline, PipelineConfig), (train, TrainConfig), (generate, CohortSpec),
+                            (ingest, IngestConfig)):
+        fields = {f.name: field_default(f) for f in dataclasses.fields(config)
+                  if not (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)}
+        shared = 0
+        for name, p in inspect.signature(command).parameters.items():
+            default = getattr(p.default, "default", p.default)
+            if name in fields and (command.__name__, name) not in allowed:
+                assert default == fields[name], f"meddiff {command.__name__} --{name}: {default!r} ≠ {fields[name]!r}"
+                shared += 1
+        assert shared >= 4, (command.__name__, shared)

@@ -1,0 +1,138 @@
+"""The flows' glue without a server: progress lines a user can follow (loss, rate, ETA), metrics
+handed through combined/throttled callbacks from the training loop, dataset tags, and user errors
+phrased for deployment users."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from flows.common import LoggedProgress, dataset_tag, user_errors
+from meddiff.errors import SourceError
+from meddiff.progress import combine, note, throttled
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture()
+def logger():
+    log = logging.getLogger("test-flow-glue")
+    handler = Lines()
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield log, handler.lines
+    log.removeHandler(handler)
+
+
+def test_logged_progress_has_loss_rate_and_eta_and_is_throttled(logger, monkeypatch):
+    log, lines = logger
+    clock = iter([0.0, 1.0, 10.0, 40.0, 41.0])
+    monkeypatch.setattr("flows.common.time.monotonic", lambda: next(clock))
+    p = LoggedProgress(log, "train", every_s=30)
+    callback = combine(p, None)
+    callback(0, 100)            # t=0: first line
+    note(callback, loss=0.5, images_per_s=320.0)
+    callback(10, 100)           # t=1: throttled away
+    callback(20, 100)           # t=10: throttled away
+    callback(40, 100)           # t=40: 40 steps in 40 s → 1 step/s, 60 s left
+    callback(100, 100)          # the end is always logged
+    assert len(lines) == 3, lines
+    assert lines[0] == "train: 0/100 (0%)"
+    assert lines[1] == "train: 40/100 (40%), loss 0.5, images per s 320, 1 steps/s, ETA 1 min 00 s"
+    assert lines[2].startswith("train: 100/100 (100%)") and "ETA" not in lines[2]
+
+
+def test_training_loop_notes_reach_the_flow_callback(breastmnist_uri, tmp_path):
+    """A real (tiny) training run hands its loss and images/s to the callback at its log cadence."""
+    from meddiff.train import TrainConfig, train
+
+    seen = []
+
+    class Recorder:
+        def __call__(self, done, total):
+            pass
+
+        def note(self, **metrics):
+            seen.append(metrics)
+
+    cfg = TrainConfig(breastmnist_uri, preset="tiny", steps=10, batch_size=8, device="cpu", preview_steps=2)
+    train(cfg, str(tmp_path), combine(throttled(Recorder(), 60.0)))
+    assert len(seen) == 1  # log_every=10 for tiny: step 10
+    assert all(m["loss"] > 0 and m["images_per_s"] > 0 for m in seen)
+
+
+@pytest.mark.parametrize("uri, tag", [
+    ("medmnist:bloodmnist", "dataset:bloodmnist"),
+    ("/x/storage/datasets/bloodmnist/abc123", "dataset:bloodmnist"),
+    ("s3://b/p/datasets/leukemia/v1", "dataset:leukemia"),
+    ("/x/storage/models/bloodmnist-conditional-tiny-1a2b", "dataset:bloodmnist"),
+    ("/x/storage/cohorts/breastmnist-per-class-tiny-1a2b-9f", "dataset:breastmnist"),
+])
+def test_dataset_tag(uri, tag):
+    assert dataset_tag(uri) == tag
+
+
+def test_user_errors_speak_of_parameters_in_deployment_runs(monkeypatch):
+    from prefect import runtime
+
+    msg = "bloodmnist.npz: Offline? Put it in a folder and pass --medmnist-root DIR"
+    with pytest.raises(SourceError, match="pass --medmnist-root DIR"):  # the CLI (no deployment): unchanged
+        with user_errors():
+            raise SourceError(msg)
+    monkeypatch.setattr(runtime.deployment, "id", "d1b0c0de")
+    with pytest.raises(SourceError) as info:
+        with user_errors():
+            raise SourceError(msg)
+    assert "--param medmnist_root=DIR (or MEDMNIST_ROOT in the worker's environment)" in str(info.value)
+    assert "--medmnist-root" not in str(info.value)
+
+
+def test_cancelled_training_leaves_only_resumable_state(breastmnist_uri, tmp_path):
+    """The cancellation hook keeps a run folder with a checkpoint and removes one without any."""
+    from pathlib import Path
+    from uuid import uuid4
+
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    from flows.train_model import leave_resumable, train_model
+    from meddiff.train import TrainConfig, plan_run
+
+    params = dict(dataset_uri=breastmnist_uri, steps=5, batch_size=8, device="cpu", storage_root=str(tmp_path))
+    run = FlowRun(flow_id=uuid4(), parameters=params, name="cancelled-run")
+    folder = Path(plan_run(TrainConfig(breastmnist_uri, steps=5, batch_size=8, device="cpu"), str(tmp_path)).uri)
+    (folder / "samples").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # started, killed before its first checkpoint
+    with temporary_settings({PREFECT_LOGGING_TO_API_ENABLED: False}):
+        leave_resumable(train_model, run, None)
+        assert not folder.exists()
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "step-100.pt").write_bytes(b"x")
+        leave_resumable(train_model, run, None)
+    assert (folder / "checkpoints" / "step-100.pt").exists()
+
+
+def test_empty_uri_parameters_fail_with_one_clear_line():
+    from flows.common import required
+    from meddiff.errors import MeddiffError
+
+    with pytest.raises(MeddiffError, match=r"model_uri is empty: pass --param model_uri=<URI>.*meddiff models list"):
+        required(" ", "model_uri", "train-model")
+    assert required("storage/models/x", "model_uri", "train-model") == "storage/models/x"
+
+
+def test_logged_progress_says_the_end_once(logger):
+    log, lines = logger
+    p = LoggedProgress(log, "ingest", " images")
+    p(500, 1000)
+    p(1000, 1000)
+    p(1000, 1000)  # ingest reports its total twice
+    assert len(lines) == 2 and lines[-1].startswith("ingest: 1000/1000 images (100%)")
