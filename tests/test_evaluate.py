@@ -238,3 +238,22 @@ def test_cohort_generated_by_a_tiny_model(tiny_per_class_model_uri, breastmnist_
     df = open_cohort(cohort.uri).manifest()
     assert df["flagged"].notna().all() and df["oracle_prob"].between(0, 1).all()
     assert report["headline"]["fid"]["value"] > report["headline"]["fid"]["baseline"]  # 4 denoising steps: noise
+
+
+def test_tstr_real_only_accuracy_agrees_with_medmnist_evaluator(breast, medmnist_dir):
+    """Same predictions, two scorers: our TSTR accuracy/AUC on the real test split equal what the
+    official ``medmnist.Evaluator`` computes (the ingested test split keeps the official order)."""
+    import torch
+    from medmnist import Evaluator
+
+    from meddiff.evaluate.tstr import run_setting
+
+    ds, (xtr, ytr), (xte, yte) = breast
+    xva, yva = ds.load_split("val")
+    result, probs = run_setting("real", torch.from_numpy(xtr), torch.as_tensor(ytr), torch.from_numpy(xte),
+                                torch.as_tensor(yte), ds.num_classes, 30, (torch.from_numpy(xva), torch.as_tensor(yva)))
+    official = Evaluator("breastmnist", "test", root=str(medmnist_dir)).evaluate(probs.numpy())
+    assert result.steps == 30 and result.n_test == len(yte) == len(probs)
+    assert result.accuracy == pytest.approx(official.ACC, abs=1e-6)  # same count of correct predictions (1/156 apart otherwise)
+    assert result.auc == pytest.approx(official.AUC, abs=1e-6)
+    assert result.ci[0] <= result.accuracy <= result.ci[1]

@@ -165,6 +165,39 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _memorization_section(m: dict[str, Any], syn, train, nn_syn, order: np.ndarray) -> list[str]:
+    parts: list[str] = []
+    parts += ['<h2 id="memorization">Memorization</h2>',
+              f"<p>Mirrored training images count as copies: {m.get('mirror_copies')}. Nearest training image of every synthetic image in {m['feature_extractor']} feature space and "
+              f"pixel space ({m['pixel_distance']}). Flag rule <code>{m['rule']}</code>: closer than the "
+              f"{html.escape(m['threshold_source'])} — feature ≤ {m['thresholds']['feature']:.4g}, "
+              f"pixel ≤ {m['thresholds']['pixel']:.4g}. <span class='flag'>{m['flagged']} of {m['n']} flagged.</span></p>",
+              _table(["class", "flagged"], [[html.escape(k), str(v)] for k, v in m["flagged_by_class"].items()]),
+              "<h3>Closest pairs (flagged first)</h3>",
+              pairs_figure(syn, train, nn_syn, order, m["closest_pairs"]) if m["closest_pairs"] else "",
+              _table(["sample", "class", "train key", "mirrored", "pixel RMSE", "feature dist", "flagged"],
+                     [[str(p.get("sample_id", p["index"])), html.escape(p["class_name"]), html.escape(p["real_key"]),
+                       "yes" if p["mirrored"] else "no", f"{p['pixel_rmse']:.4f}", f"{p['feature_distance']:.4g}",
+                       "<span class='flag'>yes</span>" if p["flagged"] else "no"] for p in m["closest_pairs"]])]
+    return parts
+
+
+def _tstr_section(t: dict[str, Any] | None) -> list[str]:
+    parts: list[str] = []
+    parts.append('<h2 id="tstr">Utility: train on synthetic, test on real (TSTR)</h2>')
+    if t:
+        parts += [f"<p>{html.escape(t['model'])}, {t['steps']} optimizer steps for every setting, checkpoint "
+                  f"chosen on the real val split, tested on the {t['test_split']} split"
+                  f"{'; flagged images excluded' if t['synthetic_excludes_flagged'] else ''}.</p>",
+                  _table(["trained on", "N train", "N test", "accuracy", "macro AUC"],
+                         [[s["setting"], str(s["n_train"]), str(s["n_test"]), _fmt(s["accuracy"]) + _ci(s.get("ci")),
+                           _fmt(s["auc"])]
+                          for s in t["settings"]])]
+    else:
+        parts.append("<p>Not run (enable with <code>--tstr</code>).</p>")
+    return parts
+
+
 def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, class_names: list[str],
                 per_class: int, model_uri: str | None) -> bytes:
 
@@ -205,31 +238,8 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
                        (_fmt((r.get("difference") or {}).get("value")) + _ci((r.get("difference") or {}).get("ci"))),
                        f"<span class='warn'>{html.escape(r.get('warning') or r.get('note') or '')}</span>"]
                       for r in report["metrics"]])]
-    m = report["memorization"]
-    parts += ['<h2 id="memorization">Memorization</h2>',
-              f"<p>Mirrored training images count as copies: {m.get('mirror_copies')}. Nearest training image of every synthetic image in {m['feature_extractor']} feature space and "
-              f"pixel space ({m['pixel_distance']}). Flag rule <code>{m['rule']}</code>: closer than the "
-              f"{html.escape(m['threshold_source'])} — feature ≤ {m['thresholds']['feature']:.4g}, "
-              f"pixel ≤ {m['thresholds']['pixel']:.4g}. <span class='flag'>{m['flagged']} of {m['n']} flagged.</span></p>",
-              _table(["class", "flagged"], [[html.escape(k), str(v)] for k, v in m["flagged_by_class"].items()]),
-              "<h3>Closest pairs (flagged first)</h3>",
-              pairs_figure(syn, train, nn_syn, order, m["closest_pairs"]) if m["closest_pairs"] else "",
-              _table(["sample", "class", "train key", "mirrored", "pixel RMSE", "feature dist", "flagged"],
-                     [[str(p.get("sample_id", p["index"])), html.escape(p["class_name"]), html.escape(p["real_key"]),
-                       "yes" if p["mirrored"] else "no", f"{p['pixel_rmse']:.4f}", f"{p['feature_distance']:.4g}",
-                       "<span class='flag'>yes</span>" if p["flagged"] else "no"] for p in m["closest_pairs"]])]
-    t = report.get("tstr")
-    parts.append('<h2 id="tstr">Utility: train on synthetic, test on real (TSTR)</h2>')
-    if t:
-        parts += [f"<p>{html.escape(t['model'])}, {t['steps']} optimizer steps for every setting, checkpoint "
-                  f"chosen on the real val split, tested on the {t['test_split']} split"
-                  f"{'; flagged images excluded' if t['synthetic_excludes_flagged'] else ''}.</p>",
-                  _table(["trained on", "N train", "N test", "accuracy", "macro AUC"],
-                         [[s["setting"], str(s["n_train"]), str(s["n_test"]), _fmt(s["accuracy"]) + _ci(s.get("ci")),
-                           _fmt(s["auc"])]
-                          for s in t["settings"]])]
-    else:
-        parts.append("<p>Not run (enable with <code>--tstr</code>).</p>")
+    parts += _memorization_section(report["memorization"], syn, train, nn_syn, order)
+    parts += _tstr_section(report.get("tstr"))
     parts += ['<h2 id="loss-curve">Model loss curve</h2>', loss_curve(model_uri)]
     notes = [f"MS-SSIM: {html.escape(report['ms_ssim'].get('reason', 'computed'))}"]
     notes += [f"Extractor <b>{html.escape(k)}</b>: {html.escape(json.dumps(v, default=str))}"
