@@ -158,7 +158,8 @@ def finish_cohort(plan: CohortPlan, generated: int = 0, seconds: float = 0.0) ->
     if table.column("sample_id").to_pylist() != list(range(n_total)):
         raise ArtifactError(f"cohort {plan.uri} parts do not add up to {n_total} samples; delete {work} and re-run")
     storage.write_bytes(str(work / "manifest.parquet"), parquet_bytes(table))
-    write_pictures(model, spec, plan.guidance, plan.device, table.to_pandas(), work)
+    write_pictures(model, spec, plan.guidance, plan.device, table.to_pandas(), work,
+                   shards_at=plan.uri if storage.is_remote(plan.uri) else None)  # remote: shards published
     dataset_uri = (model.card.get("dataset") or {}).get("uri")  # the real data the model learned from
     card = make_record(
         "cohort", spec, inputs={"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256,
