@@ -1,4 +1,5 @@
-"""Fan a cohort's shards out over the workers of a Prefect server (one ``generate-shard`` run per shard).
+"""Fan work out over the workers of a Prefect server: cohort shards (one ``generate-shard`` run each) and
+per-class training parts (one ``train-part`` run each).
 
 ``generate-cohort`` calls :func:`generate_fanned_out`: when it runs from a deployment on a worker and
 a ``generate-shard`` deployment exists on a pool that can hold the parent and a child at once, each
@@ -20,19 +21,20 @@ from meddiff.errors import MeddiffError
 from meddiff.generate import CohortResult, CohortSpec
 
 SHARD_DEPLOYMENT = "generate-shard/default"  # the deployment every shard runs on
+PART_DEPLOYMENT = "train-part/default"  # the deployment every per-class training part runs on
 ENV_SWITCH = "MEDDIFF_FANOUT"  # "off": never fan out (e.g. while debugging a worker); anything else: auto
 
 
 @dataclass(frozen=True)
 class FanoutConfig:
-    deployment: str = SHARD_DEPLOYMENT  # 'flow/deployment' of the shard flow
+    deployment: str = SHARD_DEPLOYMENT  # 'flow/deployment' of the child flow (shards; PART_DEPLOYMENT: training)
     attempts: int = 3  # runs per shard before the cohort fails (a failed run is re-submitted: any worker)
     poll_s: float = 5.0  # how often the parent reads its shard runs' states
     job_variables: dict | None = None  # passed to every shard run (e.g. {"env": {...}}); None = the pool's
 
 
 class ShardFailed(MeddiffError):
-    """A shard's flow run failed on every attempt."""
+    """A child flow run (shard or class part) failed on every attempt."""
 
 
 def shard_parameters(spec: CohortSpec, k: int, storage_root: str | None) -> dict:
@@ -40,8 +42,8 @@ def shard_parameters(spec: CohortSpec, k: int, storage_root: str | None) -> dict
     return {**asdict(spec), "shard": k, "storage_root": storage_root}
 
 
-def fan_out_reason(spec: CohortSpec, cfg: FanoutConfig) -> str | None:
-    """None when shards can go to other workers; else why they run in this process."""
+def fan_out_reason(deployment: str) -> str | None:
+    """None when this flow run can hand work to ``deployment``'s workers; else why it cannot."""
     if os.environ.get(ENV_SWITCH, "").lower() == "off":
         return f"{ENV_SWITCH}=off"
     from prefect.context import FlowRunContext
@@ -53,36 +55,34 @@ def fan_out_reason(spec: CohortSpec, cfg: FanoutConfig) -> str | None:
 
     with get_client(sync_client=True) as client:
         try:
-            dep = client.read_deployment_by_name(cfg.deployment)
+            dep = client.read_deployment_by_name(deployment)
         except Exception:  # noqa: BLE001 - ObjectNotFound and friends
-            return f"no {cfg.deployment} deployment on this server (run `meddiff deploy`)"
+            return f"no {deployment} deployment on this server (run `meddiff deploy`)"
         if dep.work_pool_name:
             pool = client.read_work_pool(dep.work_pool_name)
             if pool.concurrency_limit is not None and pool.concurrency_limit < 2:
                 return (f"work pool {pool.name} has a concurrency limit of {pool.concurrency_limit}: this run "
-                        "holds it, so shard runs could never start (raise it, e.g. meddiff deploy --gpu-concurrency 3)")
+                        "holds it, so child runs could never start (raise it: meddiff deploy --gpu-concurrency 3)")
     return None
 
 
-def submit_shard(spec: CohortSpec, cohort_id: str, k: int, storage_root: str | None, cfg: FanoutConfig,
-                 attempt: int):
-    """Start shard ``k``'s flow run and return at once (``timeout=0``); the key makes a re-submit a no-op."""
-    from prefect.deployments import run_deployment
+def submit(deployment: str, parameters: dict, key: str, attempt: int, run_name: str, job_variables: dict | None):
+    """Start one child flow run and return at once (``timeout=0``).
 
+    Attempt 0 uses ``key`` itself, so a retried parent finds its children instead of starting new
+    ones; re-submits are keyed by this parent run, so a later parent is not handed an old failed run."""
+    from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
 
-    # attempt 0: the issue's key, so a retried parent finds its shard runs instead of starting new ones;
-    # re-submits are keyed by this parent run, so a later parent is not handed an old failed run again
-    key = f"{cohort_id}-{k}" if attempt == 0 else f"{cohort_id}-{k}-{flow_run.id}-retry{attempt}"
-    return run_deployment(name=cfg.deployment, parameters=shard_parameters(spec, k, storage_root), timeout=0,
-                          idempotency_key=key, flow_run_name=f"{cohort_id}-shard-{k}",
-                          job_variables=cfg.job_variables, as_subflow=True)
+    idem = key if attempt == 0 else f"{key}-{flow_run.id}-retry{attempt}"
+    return run_deployment(name=deployment, parameters=parameters, timeout=0, idempotency_key=idem,
+                          flow_run_name=run_name, job_variables=job_variables, as_subflow=True)
 
 
-def wait_for_shards(spec: CohortSpec, cohort_id: str, runs: dict, storage_root: str | None, cfg: FanoutConfig,
-                    done: Callable[[int], bool], log: Callable[[str], None]) -> dict:
-    """Poll the shard runs until each completed with its shard committed (``done(k)``); re-submit
-    failed/crashed ones (and completed ones whose shard is missing) up to ``cfg.attempts`` runs."""
+def wait_for_runs(runs: dict, resubmit: Callable[[object, int], object], done: Callable[[object], bool],
+                  cfg: FanoutConfig, what: str, log: Callable[[str], None]) -> None:
+    """Poll child runs until each completed with its output committed (``done(k)``); re-submit failed or
+    crashed ones (and completed ones whose output is missing) up to ``cfg.attempts`` runs each."""
     from prefect.client.orchestration import get_client
 
     tries = {k: 1 for k in runs}
@@ -98,18 +98,17 @@ def wait_for_shards(spec: CohortSpec, cohort_id: str, runs: dict, storage_root: 
                     del pending[k]
                     continue
                 if tries[k] >= cfg.attempts:
-                    raise ShardFailed(f"shard {k} of cohort {cohort_id} ended {state.name} {tries[k]} times; "
-                                      "see its flow run logs, fix the cause and re-run (done shards are kept)")
-                log(f"shard {k} ended {state.name}; re-submitting (attempt {tries[k] + 1} of {cfg.attempts})")
-                pending[k] = runs[k] = submit_shard(spec, cohort_id, k, storage_root, cfg, tries[k])
+                    raise ShardFailed(f"{what} {k} ended {state.name} {tries[k]} times; see its flow run "
+                                      "logs, fix the cause and re-run (finished parts are kept)")
+                log(f"{what} {k} ended {state.name}; re-submitting (attempt {tries[k] + 1} of {cfg.attempts})")
+                pending[k] = resubmit(k, tries[k])
                 tries[k] += 1
-    return runs
 
 
 def generate_fanned_out(spec: CohortSpec, storage_root: str | None, run_in_process: Callable[[], CohortResult],
                         cfg: FanoutConfig = FanoutConfig(), log: Callable[[str], None] = print) -> CohortResult:
     """The cohort of ``spec``: shards fanned out over the workers when possible, else ``run_in_process()``."""
-    reason = fan_out_reason(spec, cfg)
+    reason = fan_out_reason(cfg.deployment)
     if reason is not None:
         log(f"generating every shard in this flow run: {reason}")
         return run_in_process()
@@ -122,7 +121,30 @@ def generate_fanned_out(spec: CohortSpec, storage_root: str | None, run_in_proce
     todo = [k for k in range(len(plan.shard_names)) if not plan.shard_done(k)]
     log(f"cohort {plan.cohort_id}: {len(plan.shard_names)} shards, {len(todo)} to generate on "
         f"{cfg.deployment} workers")
-    runs = {k: submit_shard(spec, plan.cohort_id, k, storage_root, cfg, 0) for k in todo}
-    wait_for_shards(spec, plan.cohort_id, runs, storage_root, cfg, plan.shard_done, log)
+
+    def start(k: int, attempt: int):
+        return submit(cfg.deployment, shard_parameters(spec, k, storage_root), f"{plan.cohort_id}-{k}", attempt,
+                      f"{plan.cohort_id}-shard-{k}", cfg.job_variables)
+
+    wait_for_runs({k: start(k, 0) for k in todo}, start, plan.shard_done, cfg, "shard", log)
     generated = sum(len(plan.shard_ids(k)) for k in todo)
     return finish_cohort(plan, generated, time.time() - t0)
+
+
+def train_parts_fanned_out(params: dict, run_id: str, parts: list[int], part_done: Callable[[int], bool],
+                           cfg: FanoutConfig, log: Callable[[str], None] = print) -> bool:
+    """Per-class training: one ``train-part`` run per unfinished class on the gpu pool's workers (each
+    worker's own GPU). False (nothing started) when this run cannot fan out; the caller trains in-process."""
+    reason = fan_out_reason(cfg.deployment)
+    if reason is not None:
+        log(f"training the class parts in this flow run: {reason}")
+        return False
+    todo = [c for c in parts if not part_done(c)]
+    log(f"model {run_id}: {len(parts)} class parts, {len(todo)} to train on {cfg.deployment} workers")
+
+    def start(c: int, attempt: int):
+        return submit(cfg.deployment, {**params, "class_id": c}, f"{run_id}-class-{c}", attempt,
+                      f"{run_id}-class-{c}", cfg.job_variables)
+
+    wait_for_runs({c: start(c, 0) for c in todo}, start, part_done, cfg, "class part", log)
+    return True

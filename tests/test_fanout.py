@@ -72,3 +72,99 @@ def test_finish_refuses_a_cohort_with_missing_shards(single_process, tiny_condit
     with pytest.raises(ArtifactError, match=r"shards \[1, 2, 3\] are not committed"):
         finish_cohort(plan)
     assert not (Path(plan.uri) / "cohort.json").exists() and not (Path(plan.uri) / "manifest.parquet").exists()
+
+
+# --- the production topology for real: Postgres + Prefect server + SeaweedFS + two gpu workers ------
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """The Docker-free stack with two process workers on the gpu pool; stopped (and its data deleted)
+    after the module, whatever happens."""
+    from meddiff.ops.devstack import DevStackConfig, running_stack
+    from meddiff.ops.services import missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip("the real stack cannot run here, missing: " + "; ".join(missing))
+    cfg = DevStackConfig(state_dir=str(tmp_path_factory.mktemp("stack")), gpu_workers=2, cpu_workers=0,
+                         poll_s=2, ui=False, deployments=("generate-cohort/default", "generate-shard/default"))
+    with running_stack(cfg) as state:
+        yield cfg, state
+
+
+def prefect_cli(stack, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The ``prefect`` command as a user of the stack runs it (its exported environment)."""
+    cfg, state = stack
+    env = {**os.environ, **state.env, "PREFECT_HOME": str(cfg.home / "prefect-home"), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_generate_cohort_deployment_spreads_shards_over_two_workers(stack, single_process,
+                                                                    tiny_conditional_model_uri, monkeypatch):
+    cfg, state = stack
+    params = {"model_uri": tiny_conditional_model_uri, **{k: v for k, v in SPEC.items()}, "evaluate": "false"}
+    argv = ["deployment", "run", "generate-cohort/default", "--watch", "--watch-timeout", "540"]
+    argv += [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
+    run = prefect_cli(stack, *argv)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    logs = {k: (cfg.home / "logs" / f"gpu-{k}.log").read_text(errors="replace") for k in (0, 1)}
+    made = {k: log.count(" generated on ") for k, log in logs.items()}
+    assert made[0] >= 1 and made[1] >= 1 and made[0] + made[1] == 4, made  # both workers made shards
+    assert sum("fan" in log or "to generate on generate-shard/default" in log for log in logs.values()) == 1
+    for k, v in state.env.items():
+        monkeypatch.setenv(k, v)
+    uri = f"{state.env['MEDDIFF_STORAGE']}/cohorts/{Path(single_process).name}"
+    assert verify(uri).ok, verify(uri).problems
+    assert cohort_bytes(uri) == cohort_bytes(single_process)
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: records every POSTed JSON body."""
+
+    def __init__(self):
+        import http.server
+        import json
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/alert"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.mark.slow
+def test_failed_generate_run_fires_the_failure_webhook(stack, tmp_path):
+    import time
+
+    from meddiff.ops.automations import AlertConfig, apply_automations
+
+    cfg, state = stack
+    receiver = Receiver()
+    try:
+        watched = apply_automations(AlertConfig(receiver.url), state.env["PREFECT_API_URL"])
+        assert watched == ["generate-cohort/default", "generate-shard/default"]  # those applied on this server
+        time.sleep(5)  # the triggers service loads new automations periodically
+        run = prefect_cli(stack, "deployment", "run", "generate-cohort/default", "--param",
+                          f"model_uri={tmp_path / 'no-such-model'}", "--param", "per_class=1", "--watch",
+                          "--watch-timeout", "300")
+        assert run.returncode != 0  # the run failed (no such model) ...
+        deadline = time.time() + 120
+        while not receiver.received and time.time() < deadline:
+            time.sleep(1)
+        assert receiver.received, "no notification within 120 s"  # ... and the webhook heard of it
+        msg = receiver.received[0]
+        assert "generate-cohort" in msg["subject"] and "Failed" in msg["subject"], msg
+    finally:
+        receiver.server.shutdown()
