@@ -83,9 +83,15 @@ def stack(tmp_path_factory):
     from meddiff.ops.devstack import DevStackConfig, running_stack
     from meddiff.ops.services import missing_binaries
 
+    from meddiff.ops.devstack import read_state
+
     missing = missing_binaries()
     if missing:
         pytest.skip("the real stack cannot run here, missing: " + "; ".join(missing))
+    if os.environ.get("MEDDIFF_TEST_STACK"):  # a running `meddiff dev-stack start --state-dir DIR` (debugging)
+        cfg = DevStackConfig(state_dir=os.environ["MEDDIFF_TEST_STACK"])
+        yield cfg, read_state(cfg)
+        return
     cfg = DevStackConfig(state_dir=str(tmp_path_factory.mktemp("stack")), gpu_workers=2, cpu_workers=0,
                          poll_s=2, ui=False, deployments=("generate-cohort/default", "generate-shard/default"))
     with running_stack(cfg) as state:
@@ -154,7 +160,7 @@ def test_failed_generate_run_fires_the_failure_webhook(stack, tmp_path):
     receiver = Receiver()
     try:
         watched = apply_automations(AlertConfig(receiver.url), state.env["PREFECT_API_URL"])
-        assert watched == ["generate-cohort/default", "generate-shard/default"]  # those applied on this server
+        assert {"generate-cohort/default", "generate-shard/default"} <= set(watched)  # those on this server
         time.sleep(5)  # the triggers service loads new automations periodically
         run = prefect_cli(stack, "deployment", "run", "generate-cohort/default", "--param",
                           f"model_uri={tmp_path / 'no-such-model'}", "--param", "per_class=1", "--watch",
