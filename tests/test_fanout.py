@@ -115,10 +115,12 @@ def test_generate_cohort_deployment_spreads_shards_over_two_workers(stack, singl
     argv += [a for k, v in params.items() for a in ("--param", f"{k}={v}")]
     run = prefect_cli(stack, *argv)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    cohort_id = Path(single_process).name
     logs = {k: (cfg.home / "logs" / f"gpu-{k}.log").read_text(errors="replace") for k in (0, 1)}
-    made = {k: log.count(" generated on ") for k, log in logs.items()}
-    assert made[0] >= 1 and made[1] >= 1 and made[0] + made[1] == 4, made  # both workers made shards
-    assert sum("fan" in log or "to generate on generate-shard/default" in log for log in logs.values()) == 1
+    made = {k: log.count(f"of {cohort_id}: generated on") for k, log in logs.items()}
+    tails = "\n".join(f"--- gpu-{k}:\n{log[-2000:]}" for k, log in logs.items())
+    assert made[0] >= 1 and made[1] >= 1 and made[0] + made[1] == 4, f"{made}\n{tails}"  # both made shards
+    assert sum(f"{cohort_id}: 4 shards, 4 to generate on generate-shard/default" in log for log in logs.values()) == 1
     for k, v in state.env.items():
         monkeypatch.setenv(k, v)
     uri = f"{state.env['MEDDIFF_STORAGE']}/cohorts/{Path(single_process).name}"
