@@ -119,6 +119,9 @@ def generate_fanned_out(spec: CohortSpec, storage_root: str | None, run_in_proce
     if isinstance(plan, CohortResult):
         return plan
     todo = [k for k in range(len(plan.shard_names)) if not plan.shard_done(k)]
+    if len(todo) < 2:  # one shard: a child run would only add its overhead
+        log(f"cohort {plan.cohort_id}: {len(todo)} shard to generate; generating it in this flow run")
+        return run_in_process()
     log(f"cohort {plan.cohort_id}: {len(plan.shard_names)} shards, {len(todo)} to generate on "
         f"{cfg.deployment} workers")
 
