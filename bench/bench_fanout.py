@@ -87,7 +87,7 @@ def main() -> None:
     model = args.model or tiny_model(args.medmnist_root, str(work / "storage"))
     t_local = in_process(model, args, str(work / "storage"))
     cfg = DevStackConfig(state_dir=str(work / "stack"), gpu_workers=0, cpu_workers=0, ui=False,
-                         poll_s=args.poll_s, deployments=("generate-cohort/default", "generate-shard/default"))
+                         poll_s=args.poll_s)
     with running_stack(cfg) as state:
         worker_env = {**state.env, "MEDDIFF_REPO": str(Path(__file__).resolve().parents[1])}
         home, logs = cfg.home / "prefect-home", cfg.home / "logs"

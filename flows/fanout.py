@@ -56,8 +56,8 @@ def fan_out_reason(deployment: str) -> str | None:
     with get_client(sync_client=True) as client:
         try:
             dep = client.read_deployment_by_name(deployment)
-        except Exception:  # noqa: BLE001 - ObjectNotFound and friends
-            return f"no {deployment} deployment on this server (run `meddiff deploy`)"
+        except Exception as e:  # noqa: BLE001 - ObjectNotFound and friends
+            return f"no {deployment} deployment on this server (run `meddiff deploy`): {type(e).__name__}: {e}"
         if dep.work_pool_name:
             pool = client.read_work_pool(dep.work_pool_name)
             if pool.concurrency_limit is not None and pool.concurrency_limit < 2:

@@ -93,7 +93,7 @@ def stack(tmp_path_factory):
         yield cfg, read_state(cfg)
         return
     cfg = DevStackConfig(state_dir=str(tmp_path_factory.mktemp("stack")), gpu_workers=2, cpu_workers=0,
-                         poll_s=2, ui=False, deployments=("generate-cohort/default", "generate-shard/default"))
+                         poll_s=2, ui=False)  # every deployment, as `meddiff deploy` applies them
     with running_stack(cfg) as state:
         yield cfg, state
 
