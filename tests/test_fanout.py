@@ -176,3 +176,17 @@ def test_failed_generate_run_fires_the_failure_webhook(stack, tmp_path):
         assert "generate-cohort" in msg["subject"] and "Failed" in msg["subject"], msg
     finally:
         receiver.server.shutdown()
+
+
+def test_kubernetes_template_requests_gpus_and_declares_every_placeholder():
+    import json
+    import re
+
+    doc = json.loads((Path(__file__).resolve().parents[1] / "deploy/k8s/gpu-base-job-template.json").read_text())
+    declared = set(doc["variables"]["properties"])
+    used = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(doc["job_configuration"])))
+    assert used <= declared, used - declared  # prefect work-pool create would reject an unknown one
+    pod = doc["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert doc["variables"]["properties"]["gpus"]["default"] == 1
