@@ -15,7 +15,8 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 
-from meddiff.generate import CohortResult, CohortSpec, generate_shard, plan_cohort
+import meddiff.generate as gen
+from meddiff.generate import CohortResult, CohortSpec, plan_cohort
 
 SHARD_TIMEOUT_S = 6 * 3600  # a shard is minutes of GPU time; hours means a hung worker
 
@@ -37,7 +38,7 @@ def clean_partial_writes(flow, flow_run, state) -> None:
 
 @flow(name="generate-shard", timeout_seconds=SHARD_TIMEOUT_S, on_failure=[clean_partial_writes],
       on_crashed=[clean_partial_writes])
-def generate_shard_flow(
+def generate_shard(  # named like the flow: `prefect deploy --name generate-shard/...` matches it
     model_uri: str,
     shard: int,
     per_class: int | None = None,
@@ -66,7 +67,7 @@ def generate_shard_flow(
         from meddiff.errors import MeddiffError
 
         raise MeddiffError(f"shard {shard} is out of range: cohort {plan.cohort_id} has {len(plan.shard_names)} shards")
-    made = generate_shard(plan, shard)
+    made = gen.generate_shard(plan, shard)
     logger.info("shard %d of %s: %s on %s (worker %s)", shard, plan.cohort_id, "generated" if made else
                 "already committed", plan.device, worker or "?")
     return {"cohort_uri": plan.uri, "shard": shard, "generated": made, "worker": worker}

@@ -13,7 +13,8 @@ from typing import Literal
 from prefect import flow, get_run_logger
 
 from flows.common import prefect_progress
-from meddiff.train import TrainConfig, plan_run, train_part
+import meddiff.train as tr
+from meddiff.train import TrainConfig, plan_run
 
 PART_TIMEOUT_S = 24 * 3600  # one class model; a day means a hung worker
 
@@ -27,7 +28,7 @@ def log_interrupted(flow, flow_run, state) -> None:
 
 
 @flow(name="train-part", timeout_seconds=PART_TIMEOUT_S, on_failure=[log_interrupted], on_crashed=[log_interrupted])
-def train_part_flow(
+def train_part(  # named like the flow: `prefect deploy --name train-part/...` matches it
     dataset_uri: str,
     class_id: int,
     mode: Literal["per-class"] = "per-class",
@@ -51,6 +52,6 @@ def train_part_flow(
         from meddiff.errors import MeddiffError
 
         raise MeddiffError(f"class {class_id} is not a part of {plan.run_id} (parts: {plan.parts})")
-    train_part(plan, class_id, prefect_progress(f"train {plan.run_id} class {class_id}"))
+    tr.train_part(plan, class_id, prefect_progress(f"train {plan.run_id} class {class_id}"))
     get_run_logger().info("class %d of %s trained", class_id, plan.run_id)
     return plan.part_uri(class_id)

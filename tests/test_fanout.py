@@ -190,3 +190,19 @@ def test_kubernetes_template_requests_gpus_and_declares_every_placeholder():
     resources = pod["containers"][0]["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "{{ gpus }}"
     assert doc["variables"]["properties"]["gpus"]["default"] == 1
+
+
+def test_every_deployment_can_be_picked_by_name():
+    """`prefect deploy --name flow/deployment` (and so `meddiff deploy --name`) finds an entry only when its
+    entrypoint function is the flow name with '-' → '_'; generate-shard and train-part were missed once."""
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    repo = Path(__file__).resolve().parents[1]
+    entries = yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"]
+    for d in entries:
+        path, func = d["entrypoint"].split(":")
+        if (repo / path).is_file():
+            assert load_flow_from_entrypoint(str(repo / d["entrypoint"])).name.replace("-", "_") == func, d
+    names = {d["entrypoint"].split(":")[1] for d in entries}
+    assert {"generate_shard", "train_part"} <= names
