@@ -95,7 +95,9 @@ def generate_cohort(
         required(model_uri, "model_uri", "train-model")
         spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size,
                           str(resolve_device(device, allow_cpu_fallback=allow_cpu_fallback)), shard_size, name).check()
-        result = generate_task(spec, storage_root)
+        from flows.fanout import generate_fanned_out  # shards over the workers when served, else in-process
+
+        result = generate_fanned_out(spec, storage_root, lambda: generate_task(spec, storage_root), log=logger.info)
     logger.info("%s cohort %s: %s", "found complete" if result.existed else "wrote", result.uri, result.counts)
     create_markdown_artifact(cohort_markdown(result), key=artifact_key("cohort", result.card["cohort_id"]),
                              description="synthetic cohort summary")

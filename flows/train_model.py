@@ -94,6 +94,20 @@ def train_part_task(cfg: TrainConfig, storage_root: str | None, class_id: int | 
         return train_part(plan, class_id, combine(prefect_progress(what), logged, terminal))
 
 
+def fan_out_parts(cfg: TrainConfig, plan, storage_root: str | None, logger) -> bool:
+    """Under a server with a train-part deployment: one flow run per class part (see flows/fanout.py)."""
+    from dataclasses import asdict
+
+    from flows.fanout import PART_DEPLOYMENT, FanoutConfig, train_parts_fanned_out
+
+    names = ("dataset_uri", "mode", "preset", "steps", "batch_size", "resume", "device", "objective", "schedule",
+             "prediction", "min_snr_gamma", "seed")
+    params = {k: v for k, v in asdict(cfg).items() if k in names} | {"storage_root": storage_root}
+    return train_parts_fanned_out(params, plan.run_id, list(plan.parts),
+                                  lambda c: storage.exists(storage.join(plan.part_uri(c), "model.json")),
+                                  FanoutConfig(deployment=PART_DEPLOYMENT, poll_s=15.0), logger.info)
+
+
 @task(name="finish-group", cache_policy=NO_CACHE)
 def finish_group_task(cfg: TrainConfig, storage_root: str | None) -> dict:
     return finish_group(plan_run(cfg, storage_root))
@@ -175,7 +189,9 @@ def train_model(
 def _train(cfg: TrainConfig, plan, storage_root: str | None, parallel_classes: bool) -> dict:
     if plan.cfg.mode == "conditional":
         return train_part_task(cfg, storage_root, None)
-    if parallel_classes:  # side by side in this process: part k on GPU k mod (visible GPUs)
+    if parallel_classes and fan_out_parts(cfg, plan, storage_root, get_run_logger()):
+        pass  # each part was its own train-part run on a gpu worker (its own GPU)
+    elif parallel_classes:  # side by side in this process: part k on GPU k mod (visible GPUs)
         futures = [train_part_task.submit(replace(cfg, device=part_device(cfg.device, k)), storage_root, c,
                                           bar=False) for k, c in enumerate(plan.parts)]
         for fut in futures:

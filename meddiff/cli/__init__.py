@@ -21,6 +21,7 @@ from meddiff.cli import evaluate_cmd  # noqa: E402,F401  (registers evaluate)
 from meddiff.cli import calibrate_cmd  # noqa: E402,F401  (registers calibrate)
 from meddiff.cli import likelihood_cmd, analysis_cmd  # noqa: E402,F401  (registers likelihood, sweep, anomaly)
 from meddiff.cli import models_cmd  # noqa: E402,F401  (registers models)
+from meddiff.cli import devstack_cmd  # noqa: E402,F401  (registers dev-stack start|stop|status)
 
 
 def main() -> None:

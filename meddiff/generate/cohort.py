@@ -7,6 +7,7 @@ so a killed run, re-run, generates only what is missing. ``cohort.json`` is writ
 
 from __future__ import annotations
 
+import io
 import shutil
 import time
 import warnings
@@ -83,9 +84,16 @@ class CohortPlan:
         return self.order[k * self.spec.shard_size:(k + 1) * self.spec.shard_size].tolist()
 
     def part_path(self, k: int) -> Path:
-        return self.work / "parts" / self.shard_names[k].replace(".tar", ".parquet")
+        return self.work / "parts" / self.part_name(k)
+
+    def part_name(self, k: int) -> str:
+        return self.shard_names[k].replace(".tar", ".parquet")
 
     def shard_done(self, k: int) -> bool:
+        """Shard k and its part are committed: locally, or (remote roots) at the cohort URI, part last."""
+        if storage.is_remote(self.uri):
+            return (storage.exists(storage.join(self.uri, "parts", self.part_name(k)))
+                    and storage.exists(storage.join(self.uri, self.shard_names[k])))
         return self.part_path(k).exists() and (self.work / self.shard_names[k]).exists()
 
 
@@ -125,18 +133,39 @@ def generate_shard(plan: CohortPlan, k: int, on_batch: Callable[[int], Any] = la
     rows = _generate_shard(plan.spec, plan.model, plan.guidance, plan.device, plan.shard_ids(k), plan.class_of,
                            plan.work / plan.shard_names[k], on_batch)
     storage.write_bytes(str(plan.part_path(k)), parquet_bytes(manifest_table(rows)))
+    if storage.is_remote(plan.uri):  # publish per shard, so another worker's finish can merge it
+        _upload(plan.work / plan.shard_names[k], storage.join(plan.uri, plan.shard_names[k]))
+        _upload(plan.part_path(k), storage.join(plan.uri, "parts", plan.part_name(k)))  # the part last
     return True
+
+
+def _upload(local: Path, uri: str) -> None:
+    """Upload one finished local file to ``uri`` (a single PUT: atomic on S3), then delete the local copy."""
+    fs, path = storage.filesystem(uri)
+    storage.with_retries(lambda: fs.put_file(str(local), path), what=f"upload to {uri}")
+    local.unlink()
+
+
+def _read_part(plan: CohortPlan, k: int) -> pa.Table:
+    if storage.is_remote(plan.uri):
+        return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(plan.uri, "parts", plan.part_name(k)))))
+    return pq.read_table(plan.part_path(k))
 
 
 def finish_cohort(plan: CohortPlan, generated: int = 0, seconds: float = 0.0) -> CohortResult:
     """Merge the manifest parts, draw the pictures, write ``cohort.json`` last (and publish remote roots)."""
     n_total, work, model, spec = len(plan.class_of), plan.work, plan.model, plan.spec
-    table = pa.concat_tables([pq.read_table(plan.part_path(k)) for k in range(len(plan.shard_names))])
+    missing = [k for k in range(len(plan.shard_names)) if not plan.shard_done(k)]
+    if missing:
+        raise ArtifactError(f"cohort {plan.uri}: shards {missing[:10]} are not committed yet; "
+                            "generate them (re-run the same request) before finishing")
+    table = pa.concat_tables([_read_part(plan, k) for k in range(len(plan.shard_names))])
     table = table.sort_by("sample_id")
     if table.column("sample_id").to_pylist() != list(range(n_total)):
         raise ArtifactError(f"cohort {plan.uri} parts do not add up to {n_total} samples; delete {work} and re-run")
     storage.write_bytes(str(work / "manifest.parquet"), parquet_bytes(table))
-    write_pictures(model, spec, plan.guidance, plan.device, table.to_pandas(), work)
+    write_pictures(model, spec, plan.guidance, plan.device, table.to_pandas(), work,
+                   shards_at=plan.uri if storage.is_remote(plan.uri) else None)  # remote: shards published
     dataset_uri = (model.card.get("dataset") or {}).get("uri")  # the real data the model learned from
     card = make_record(
         "cohort", spec, inputs={"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256,

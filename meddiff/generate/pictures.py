@@ -20,12 +20,13 @@ from meddiff.plots import image_grid, save_gif
 
 def write_pictures(model: TrainedModel, spec: CohortSpec, guidance: float | None, device: torch.device,
                    manifest: pd.DataFrame, work: Path, per_class: int = 16, strip_samples: int = 4,
-                   strip_frames: int = 8) -> None:
-    """grids/class-<i>.png (first images of each class) and reverse_diffusion.png/.gif."""
+                   strip_frames: int = 8, shards_at: str | None = None) -> None:
+    """grids/class-<i>.png (first images of each class) and reverse_diffusion.png/.gif, written into
+    ``work``; shards are read from ``shards_at`` (a folder or URI) when given, else from ``work``."""
     wanted = {cid: set(g["key"].head(per_class)) for cid, g in manifest.groupby("class_id")}
     found: dict[int, list[np.ndarray]] = {cid: [] for cid in wanted}
     for shard in sorted(manifest["shard"].unique()):
-        for s in iter_shard(str(work / shard)):
+        for s in iter_shard(f"{shards_at}/{shard}" if shards_at else str(work / shard)):
             cid = int(s["cls"])
             if s["__key__"] in wanted.get(cid, ()):
                 found[cid].append(decode_png(s["png"]))

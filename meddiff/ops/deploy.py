@@ -101,4 +101,11 @@ def deploy(cfg: DeployConfig, log=print) -> DeployResult:
     applied = tuple(re.findall(r"Deployment '([^']+)' successfully", out))
     for name in applied:
         log(f"deployment {name}")
+    from meddiff.ops.automations import WEBHOOK_ENV, alert_config_from_env, apply_automations
+
+    alerts = alert_config_from_env()  # failure notifications (issue 14): only when a webhook is configured
+    if alerts:
+        log(f"failure alerts to {alerts.webhook_url} for {', '.join(apply_automations(alerts, env['PREFECT_API_URL']))}")
+    else:
+        log(f"failure alerts off: set {WEBHOOK_ENV} to a webhook URL and re-run to enable them")
     return DeployResult(env["PREFECT_API_URL"], cfg.pools(), applied)

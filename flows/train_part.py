@@ -1,0 +1,57 @@
+"""Prefect flow ``train-part``: one class model of a per-class training run (deployment ``train-part/default``
+on the gpu pool, one worker per GPU, so each part trains on its worker's own GPU).
+
+``train-model`` with ``parallel_classes=True`` under a server starts one run per unfinished class
+and writes the group ``model.json`` once all are complete. A finished part is found, not retrained;
+an interrupted one resumes from its latest checkpoint (checkpoints are written atomically).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from prefect import flow, get_run_logger
+
+from flows.common import prefect_progress
+import meddiff.train as tr
+from meddiff.train import TrainConfig, plan_run
+
+PART_TIMEOUT_S = 24 * 3600  # one class model; a day means a hung worker
+
+
+def log_interrupted(flow, flow_run, state) -> None:
+    """on_failure/on_crashed hook: checkpoints and cards are written atomically (temp file + rename),
+    so storage is consistent as it stands; the next run of the same part resumes from its latest
+    checkpoint. Say so in the run's log, where the operator looks."""
+    get_run_logger().warning("train-part %s ended %s: finished checkpoints are kept and the next run of the same "
+                             "request resumes from the latest one", flow_run.name, state.name)
+
+
+@flow(name="train-part", timeout_seconds=PART_TIMEOUT_S, on_failure=[log_interrupted], on_crashed=[log_interrupted])
+def train_part(  # named like the flow: `prefect deploy --name train-part/...` matches it
+    dataset_uri: str,
+    class_id: int,
+    mode: Literal["per-class"] = "per-class",
+    preset: str = "tiny",
+    steps: int | None = None,
+    batch_size: int | None = None,
+    resume: bool = True,
+    device: str = "auto",
+    objective: str = "ddpm",
+    schedule: str = "linear",
+    prediction: str = "epsilon",
+    min_snr_gamma: float | None = None,
+    seed: int = 0,
+    storage_root: str | None = None,
+) -> str:
+    """Train (or resume, or find) class ``class_id``'s model of a per-class run; returns the part's URI."""
+    cfg = TrainConfig(dataset_uri, mode, preset, steps, batch_size, device, seed, resume, objective, schedule,
+                      prediction, min_snr_gamma).check()
+    plan = plan_run(cfg, storage_root)
+    if class_id not in plan.parts:
+        from meddiff.errors import MeddiffError
+
+        raise MeddiffError(f"class {class_id} is not a part of {plan.run_id} (parts: {plan.parts})")
+    tr.train_part(plan, class_id, prefect_progress(f"train {plan.run_id} class {class_id}"))
+    get_run_logger().info("class %d of %s trained", class_id, plan.run_id)
+    return plan.part_uri(class_id)
