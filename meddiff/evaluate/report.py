@@ -18,6 +18,7 @@ import torch
 from meddiff import storage
 from meddiff.data.cohorts import Cohort, open_cohort, write_quality
 from meddiff.devices import check_device, resolve_device
+from meddiff.threads import configure_threads
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.data.images import decode_png
 from meddiff.evaluate import bootstrap, fidelity, memorization, similarity
@@ -256,6 +257,7 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
         if old.get("config_hash") == chash and storage.exists(storage.join(cohort.uri, REPORT_HTML)):
             return EvalResult(report_uri, old, existed=True)
 
+    configure_threads()  # CPU threads that fit the machine now (meddiff.threads)
     stages = 8 + (1 if cfg.tstr else 0)
     done = [0]
 

@@ -23,6 +23,7 @@ from meddiff import __version__, storage
 from meddiff.data.images import encode_png
 from meddiff.data.shards import encode_sample, write_shard
 from meddiff.devices import resolve_device
+from meddiff.threads import configure_threads
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.data.cohorts import SHARD_PREFIX, manifest_table, open_cohort, parquet_bytes
 from meddiff.generate.pictures import write_pictures
@@ -154,6 +155,7 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
     plan = plan_cohort(spec, root)
     if isinstance(plan, CohortResult):
         return plan
+    configure_threads()  # CPU threads that fit the machine now (meddiff.threads)
     t0, n_total, done, generated = time.time(), len(plan.class_of), 0, 0
     for k in range(len(plan.shard_names)):
         base = done

@@ -38,6 +38,7 @@ from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
 from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
 from meddiff.train.records import (append_metrics, preview_samples, truncate_metrics, write_grid,
                                    write_loss_curve)
+from meddiff.threads import configure_threads
 from meddiff.train.run_folder import RunFolder
 from meddiff.train.step import TrainingState, build_training_state, drop_labels, train_step
 
@@ -53,9 +54,9 @@ def process_device(requested: str, info: DistInfo | None = None) -> torch.device
 
 
 def _set_cpu_threads(cfg: TrainConfig, device: torch.device, info: DistInfo) -> None:
-    if device.type == "cpu" and (cfg.cpu_threads or info.world > 1):
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world))
-        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
+    """Size the CPU thread pool for this machine now (meddiff.threads); ranks on one host share it."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world)) if device.type == "cpu" else 1
+    configure_threads(cfg.cpu_threads, local_world)
 
 
 def rng_state() -> dict[str, Any]:
