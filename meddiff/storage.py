@@ -123,11 +123,14 @@ def write_json(uri: str, obj: Any) -> None:
 
 
 def listdir(uri: str) -> list[str]:
-    """Names (not paths) directly under a folder URI; [] when it does not exist."""
+    """Names (not paths) directly under a folder URI; [] when it does not exist.
+
+    Hidden names (``.locks``, ``.staging``, ``.<file>.tmp``) are bookkeeping, never artifacts: left out."""
     fs, path = filesystem(uri)
     if not fs.exists(path):
         return []
-    return sorted(Path(p.rstrip("/")).name for p in fs.ls(path, detail=False))
+    names = (Path(p.rstrip("/")).name for p in fs.ls(path, detail=False))
+    return sorted(n for n in names if not n.startswith("."))
 
 
 def local_staging(root: str, kind: str) -> Path:
@@ -148,20 +151,32 @@ def local_staging(root: str, kind: str) -> Path:
 def publish_dir(staging: Path, dest_uri: str, last: Iterable[str] = ()) -> None:
     """Move a finished staging folder to ``dest_uri``; files named in ``last`` land last.
 
-    Local: one atomic rename (an existing destination is replaced only if it is incomplete,
-    i.e. lacks its record file; callers check completeness first). Remote: upload every file,
-    then the ``last`` files (the record), so readers never see a complete-looking partial upload.
+    Local: compare-and-swap by one atomic rename, which fails while ``dest`` exists: a complete
+    ``dest`` (its ``last`` record present, published by a concurrent builder of the same content)
+    wins and the staging folder is dropped; an incomplete leftover is moved aside and the rename
+    retried. Remote: upload every file, then the ``last`` files (the record), so readers never see a
+    complete-looking partial upload.
     """
     last = set(last)
     if not is_remote(dest_uri):
         dest = Path(dest_uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
+        while True:
+            try:
+                os.rename(staging, dest)
+                return
+            except OSError:
+                if not dest.exists():
+                    raise
+            if last and all((dest / name).exists() for name in last):
+                shutil.rmtree(staging, ignore_errors=True)
+                return
             trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, trash)
+            try:
+                os.rename(dest, trash)
+            except FileNotFoundError:
+                continue
             shutil.rmtree(trash, ignore_errors=True)
-        os.replace(staging, dest)
-        return
     fs, path = filesystem(dest_uri)
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     for group in ([p for p in files if p.name not in last], [p for p in files if p.name in last]):
@@ -240,3 +255,4 @@ def check_reachable(root: str | None = None, attempts: int = 3, backoff_s: float
     with_retries(lambda: fs.ls(bucket, refresh=True), attempts=attempts, backoff_s=backoff_s,
                  what=f"reaching storage {root} at {endpoint} (check MEDDIFF_STORAGE, AWS_ENDPOINT_URL and the keys)")
     return root
+

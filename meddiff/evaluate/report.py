@@ -18,6 +18,7 @@ import torch
 from meddiff import storage
 from meddiff.data.cohorts import Cohort, open_cohort, write_quality
 from meddiff.devices import check_device, resolve_device
+from meddiff.locks import artifact_lock
 from meddiff.threads import configure_threads
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.data.images import decode_png
@@ -241,8 +242,14 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
                     force: bool = False) -> EvalResult:
     """Evaluate a cohort; writes ``report.html``, the manifest quality columns, then ``report.json``.
 
-    An up-to-date report (same config and dataset) is reused unless ``force``.
+    An up-to-date report (same config and dataset) is reused unless ``force``. One evaluation of a
+    cohort at a time: a concurrent one waits (meddiff.locks), then reuses the report just written.
     """
+    with artifact_lock(storage.join(cohort_uri.rstrip("/"), "report")):
+        return _evaluate_locked(cohort_uri, cfg, progress, force)
+
+
+def _evaluate_locked(cohort_uri: str, cfg: EvalConfig | None, progress: Progress | None, force: bool) -> EvalResult:
     cfg = (cfg or EvalConfig()).check()
     device = str(resolve_device(cfg.device))
     cohort = open_cohort(cohort_uri)

@@ -19,6 +19,7 @@ import os
 import resource
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
 from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
 from meddiff.train.records import (append_metrics, preview_samples, truncate_metrics, write_grid,
                                    write_loss_curve)
+from meddiff.locks import artifact_lock
 from meddiff.threads import configure_threads
 from meddiff.train.run_folder import RunFolder
 from meddiff.train.step import TrainingState, build_training_state, drop_labels, train_step
@@ -276,6 +278,12 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
 def train(cfg: TrainConfig, root: str | None = None, progress: Progress | None = None) -> TrainResult:
     """Train the model ``cfg`` asks for (resuming or skipping what exists); returns its URI and card."""
     plan = plan_run(cfg, root)
+    # one builder per run folder (rank 0 holds it for its torchrun job; other ranks follow at barriers)
+    with artifact_lock(plan.uri) if env_info().rank == 0 else nullcontext():
+        return _train_locked(plan, progress)
+
+
+def _train_locked(plan: RunPlan, progress: Progress | None) -> TrainResult:
     card_uri = storage.join(plan.uri, "model.json")
     if storage.exists(card_uri):
         return TrainResult(plan.uri, storage.read_json(card_uri), existed=True)
