@@ -146,7 +146,7 @@ def test_artifact_lock_s3_two_processes_and_a_killed_owner(tmp_path, moto_s3):
 _GENERATE = """
 import json, sys
 from meddiff.generate import CohortSpec, generate
-r = generate(CohortSpec(sys.argv[1], per_class=12, steps=10, device="cpu", shard_size=8), sys.argv[2])
+r = generate(CohortSpec(sys.argv[1], per_class=6, steps=10, device="cpu", shard_size=8), sys.argv[2])
 print(json.dumps({"uri": r.uri, "existed": r.existed}))
 """
 
