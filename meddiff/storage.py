@@ -92,10 +92,12 @@ def read_json(uri: str) -> Any:
 def atomic_file(dest: Path) -> Iterator[BinaryIO]:
     """Write a local file atomically: a temp file beside ``dest``, fsynced, then renamed over it.
 
-    A writer killed mid-way leaves only a hidden ``.<name>.*.tmp`` file, never a partial ``dest``.
+    A writer killed mid-way leaves only a hidden ``.<name>.<pid>.*.tmp`` file, never a partial ``dest``;
+    the next writer of ``dest`` removes such files of dead processes (this host's).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    sweep_dead(dest.parent, f".{dest.name}.", ".tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -105,6 +107,30 @@ def atomic_file(dest: Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead(folder: Path, prefix: str, suffix: str = "") -> None:
+    """Remove ``<prefix><pid>.*<suffix>`` temp files/folders in ``folder`` whose writer process is gone."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        rest = p.name[len(prefix):]
+        if not (p.name.startswith(prefix) and p.name.endswith(suffix)) or not rest.split(".")[0].split("-")[0].isdigit():
+            continue
+        if not pid_alive(int(rest.split(".")[0].split("-")[0])):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -142,7 +168,8 @@ def local_staging(root: str, kind: str) -> Path:
     base = Path(root) / ".staging" if not is_remote(root) else Path(tempfile.gettempdir()) / "meddiff-staging"
     try:
         base.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
+        sweep_dead(base, f"{kind}-")  # staging of a killed run of the same artifact (callers hold its lock)
+        return Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=base))
     except OSError as e:
         raise StorageError(f"cannot write under storage root {root}: {e}; choose a writable "
                            f"folder with --storage or {ENV_VAR}") from e
@@ -161,6 +188,8 @@ def publish_dir(staging: Path, dest_uri: str, last: Iterable[str] = ()) -> None:
     if not is_remote(dest_uri):
         dest = Path(dest_uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        for old in dest.parent.glob(f".trash-{dest.name}-*"):  # a publisher killed while clearing it
+            shutil.rmtree(old, ignore_errors=True)
         while True:
             try:
                 os.rename(staging, dest)

@@ -190,3 +190,19 @@ def test_chaos_every_stage_survives_sigkill_at_random_moments(medmnist_dir, tmp_
     assert set(table) == set(chaos.STAGES)
     assert all(ok == n == 2 for ok, n, _ in table.values()), table
     assert sum(killed for _, _, killed in table.values()) >= 5  # the kills really landed mid-work
+
+
+def test_a_killed_writers_temp_files_and_staging_are_swept_by_the_next_writer(tmp_path):
+    from meddiff import storage
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    (tmp_path / f".card.json.{dead.pid}.k3j2.tmp").write_bytes(b"half")
+    alive = tmp_path / f".card.json.{os.getpid()}.zz.tmp"  # a live writer's (ours): kept
+    alive.write_bytes(b"in progress")
+    storage.write_bytes(str(tmp_path / "card.json"), b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["card.json", alive.name])
+    stale = tmp_path / ".staging" / f"dataset-x-v1-{dead.pid}-abcd"
+    (stale / "sub").mkdir(parents=True)
+    fresh = storage.local_staging(str(tmp_path), "dataset-x-v1")
+    assert not stale.exists() and fresh.is_dir() and fresh.name.startswith(f"dataset-x-v1-{os.getpid()}-")
