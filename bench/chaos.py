@@ -10,8 +10,8 @@ own storage root, ``HOME`` and ``TMPDIR``), waits until it has imported and star
 its process group with SIGKILL after a uniform random delay within the reference's working time,
 re-runs it to completion, and checks:
 
-* ingest, generate, evaluate: every file equals the reference's (bytes; JSON/Parquet equal after the
-  storage root is written as ``<root>`` and time fields — ``created_at``, ``seconds``, throughput,
+* ingest, generate, evaluate: every file equals the reference's (bytes; JSON/Parquet/HTML equal after
+  the storage root is written as ``<root>`` and time fields — ``created_at``, ``seconds``, throughput,
   ``resumed_samples`` — are dropped); the cohort verifies (``meddiff.data.cohorts.verify``);
 * train (the documented guarantee, a resumed run continues on a fresh data order): the card says the
   final step, ``metrics.jsonl`` steps are strictly increasing up to it with no gap over ``log_every``,
@@ -32,6 +32,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -276,7 +277,9 @@ def normalized(data: bytes, rel: str, roots: list[str]) -> object:
     text = data.decode()
     for root in sorted(roots, key=len, reverse=True):
         text = text.replace(root, "<root>")
-    return text if rel.endswith(".html") else _strip(json.loads(text))
+    if rel.endswith(".html"):  # the page shows the report's creation time
+        return re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d)?", "<time>", text)
+    return _strip(json.loads(text))
 
 
 def _strip(obj, parent: str = ""):
