@@ -169,6 +169,8 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
         if info.is_main:
             set_rng_state(state["rng"])  # rank 0 continues its exact random stream
             truncate_metrics(folder.local, run.step)
+    elif info.is_main and (folder.local / "metrics.jsonl").exists():
+        truncate_metrics(folder.local, 0)  # rows of a session killed before its first checkpoint (chaos)
     if not (ckpts and info.is_main):
         torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 2 + 7919 * info.rank + run.step)
     barrier(info)
