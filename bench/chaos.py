@@ -305,7 +305,7 @@ def compare_tree(backend, ref_uri: str, uri: str, roots: list[str], skip=()) -> 
     return problems
 
 
-def check_model(uri: str, s: Tiny) -> list[str]:
+def check_model(uri: str, s: Tiny, log_every: int | None = None) -> list[str]:
     from meddiff import storage
     from meddiff.models import load_model
 
@@ -317,7 +317,7 @@ def check_model(uri: str, s: Tiny) -> list[str]:
         problems.append(f"the card does not name the final checkpoint step-{s.train_steps:07d}.pt")
     if not steps or steps[-1] != s.train_steps:
         problems.append(f"metrics end at step {steps[-1] if steps else None}, not {s.train_steps}")
-    if any(b <= a or b - a > s.log_every for a, b in zip(steps, steps[1:])):
+    if any(b <= a or b - a > (log_every or s.log_every) for a, b in zip(steps, steps[1:])):
         problems.append(f"metrics steps not continuous: {steps}")
     try:
         load_model(uri, "cpu")
@@ -403,7 +403,9 @@ def check(stage: str, result: dict, ref: Reference, backend, root: str, s: Tiny)
     from meddiff import storage
 
     problems = compare_tree(backend, ref.pipeline["dataset"], result["dataset"], roots)
-    problems += check_model(result["model"], s) + check_cohort(result["cohort"])
+    from meddiff.train.presets import get_preset
+
+    problems += check_model(result["model"], s, get_preset("tiny").log_every) + check_cohort(result["cohort"])
     metrics = lambda uri: sorted({(m.get("metric"), m.get("scope")) for m in storage.read_json(uri).get("metrics", [])})
     if metrics(result["uri"]) != metrics(ref.pipeline["uri"]):
         problems.append("report metrics differ from the reference's")
