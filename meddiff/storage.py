@@ -127,12 +127,14 @@ def process_umask() -> int:
 def atomic_file(dest: Path) -> Iterator[BinaryIO]:
     """Write a local file atomically: a temp file beside ``dest``, fsynced, then renamed over it.
 
-    A writer killed mid-way leaves only a hidden ``.<name>.*.tmp`` file, never a partial ``dest``;
-    a disk-full / permission / read-only fault removes it and raises a StorageError naming ``dest``.
+    A writer killed mid-way leaves only a hidden ``.<name>.<pid>.*.tmp`` file, never a partial ``dest``;
+    the next writer of ``dest`` removes such files of dead processes (this host's). A disk-full /
+    permission / read-only fault removes the temp file and raises a StorageError naming ``dest``.
     """
     with write_faults(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        sweep_dead(dest.parent, f".{dest.name}.", ".tmp")
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp", dir=dest.parent)
         try:
             os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 → what a plain open() would give
             with os.fdopen(fd, "wb") as f:
@@ -143,6 +145,30 @@ def atomic_file(dest: Path) -> Iterator[BinaryIO]:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead(folder: Path, prefix: str, suffix: str = "") -> None:
+    """Remove ``<prefix><pid>.*<suffix>`` temp files/folders in ``folder`` whose writer process is gone."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        rest = p.name[len(prefix):]
+        if not (p.name.startswith(prefix) and p.name.endswith(suffix)) or not rest.split(".")[0].split("-")[0].isdigit():
+            continue
+        if not pid_alive(int(rest.split(".")[0].split("-")[0])):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -161,11 +187,14 @@ def write_json(uri: str, obj: Any) -> None:
 
 
 def listdir(uri: str) -> list[str]:
-    """Names (not paths) directly under a folder URI; [] when it does not exist."""
+    """Names (not paths) directly under a folder URI; [] when it does not exist.
+
+    Hidden names (``.locks``, ``.staging``, ``.<file>.tmp``) are bookkeeping, never artifacts: left out."""
     fs, path = filesystem(uri)
     if not fs.exists(path):
         return []
-    return sorted(Path(p.rstrip("/")).name for p in fs.ls(path, detail=False))
+    names = (Path(p.rstrip("/")).name for p in fs.ls(path, detail=False))
+    return sorted(n for n in names if not n.startswith("."))
 
 
 def local_staging(root: str, kind: str) -> Path:
@@ -177,7 +206,8 @@ def local_staging(root: str, kind: str) -> Path:
     base = Path(root) / ".staging" if not is_remote(root) else Path(tempfile.gettempdir()) / "meddiff-staging"
     try:
         base.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
+        sweep_dead(base, f"{kind}-")  # staging of a killed run of the same artifact (callers hold its lock)
+        return Path(tempfile.mkdtemp(prefix=f"{kind}-{os.getpid()}-", dir=base))
     except OSError as e:
         raise StorageError(f"cannot write under storage root {root}: {e}; choose a writable "
                            f"folder with --storage or {ENV_VAR}") from e
@@ -186,21 +216,35 @@ def local_staging(root: str, kind: str) -> Path:
 def publish_dir(staging: Path, dest_uri: str, last: Iterable[str] = ()) -> None:
     """Move a finished staging folder to ``dest_uri``; files named in ``last`` land last.
 
-    Local: one atomic rename (an existing destination is replaced only if it is incomplete,
-    i.e. lacks its record file; callers check completeness first). Remote: upload every file,
-    then the ``last`` files (the record), so readers never see a complete-looking partial upload.
+    Local: compare-and-swap by one atomic rename, which fails while ``dest`` exists: a complete
+    ``dest`` (its ``last`` record present, published by a concurrent builder of the same content)
+    wins and the staging folder is dropped; an incomplete leftover is moved aside and the rename
+    retried. Remote: upload every file, then the ``last`` files (the record), so readers never see a
+    complete-looking partial upload.
     """
     last = set(last)
     if not is_remote(dest_uri):
         dest = Path(dest_uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(dest, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        for old in dest.parent.glob(f".trash-{dest.name}-*"):  # a publisher killed while clearing it
+            shutil.rmtree(old, ignore_errors=True)
         staging.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 → readable like a plain mkdir
-        os.replace(staging, dest)
-        return
+        while True:
+            try:
+                os.rename(staging, dest)
+                return
+            except OSError:
+                if not dest.exists():
+                    raise
+            if last and all((dest / name).exists() for name in last):
+                shutil.rmtree(staging, ignore_errors=True)
+                return
+            trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(dest, trash)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
     fs, path = filesystem(dest_uri)
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     for group in ([p for p in files if p.name not in last], [p for p in files if p.name in last]):
@@ -279,3 +323,4 @@ def check_reachable(root: str | None = None, attempts: int = 3, backoff_s: float
     with_retries(lambda: fs.ls(bucket, refresh=True), attempts=attempts, backoff_s=backoff_s,
                  what=f"reaching storage {root} at {endpoint} (check MEDDIFF_STORAGE, AWS_ENDPOINT_URL and the keys)")
     return root
+

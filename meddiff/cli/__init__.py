@@ -13,6 +13,18 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Medical image datasets → diffusion models → synthetic cohorts → quality reports.")
 
+
+
+@app.callback()
+def _options(threads: int = typer.Option(None, "--threads", min=1, envvar="MEDDIFF_THREADS",
+                                         help="CPU threads per process (default: the CPUs free right now).")) -> None:
+    """Options for every command (before the command name: ``meddiff --threads 1 train ...``)."""
+    import os
+
+    if threads is not None:
+        os.environ["MEDDIFF_THREADS"] = str(threads)
+
+
 from meddiff.cli import datasets_cmd  # noqa: E402,F401  (registers ingest, datasets)
 from meddiff.cli import cohorts_cmd  # noqa: E402,F401  (registers generate, cohorts)
 from meddiff.cli import train_cmd  # noqa: E402,F401  (registers train)

@@ -23,6 +23,7 @@ from PIL import Image
 import pyarrow.parquet as pq
 
 from meddiff import storage
+from meddiff.locks import artifact_lock
 from meddiff.errors import SourceError
 from meddiff.data.images import HIGH_BIT_MODES, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
 from meddiff.records import content_hash, make_record, sha256_bytes
@@ -151,6 +152,12 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
     name = cfg.name or src.name
     version = content_hash({"checksums": src.checksums, "config": cfg.identity()})
     uri = storage.join(root, "datasets", name, version)
+    with artifact_lock(uri):  # a concurrent ingest of the same version waits here, then finds it
+        return _build_version(cfg, src, root, name, version, uri, t0, progress)
+
+
+def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, version: str, uri: str, t0: float,
+                   progress: Progress | None) -> IngestResult:
     if storage.exists(storage.join(uri, "dataset.json")):
         from meddiff.data.shards import open_dataset
 

@@ -22,6 +22,8 @@ from meddiff.devices import resolve_device
 from meddiff.errors import MeddiffError
 from meddiff.evaluate.config import EvalConfig
 from meddiff.evaluate.features import domain_cache_uri, load_inception, load_or_train_domain
+from meddiff.locks import artifact_lock
+from meddiff.threads import configure_threads
 from meddiff.evaluate.html import render_html
 from meddiff.evaluate.loading import Images, RealSplits, check_compatible, load_cohort_images, load_real
 from meddiff.evaluate.scoring import Evaluation, evaluate_images
@@ -111,7 +113,14 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
                     force: bool = False) -> EvalResult:
     """Evaluate a cohort; writes ``report.html``, the manifest quality columns, then ``report.json``.
 
-    An up-to-date report (same config and dataset) is reused unless ``force``."""
+    An up-to-date report (same config and dataset) is reused unless ``force``. One evaluation of a
+    cohort at a time: a concurrent one waits (meddiff.locks), then reuses the report just written.
+    """
+    with artifact_lock(storage.join(cohort_uri.rstrip("/"), "report")):
+        return _evaluate_locked(cohort_uri, cfg, progress, force)
+
+
+def _evaluate_locked(cohort_uri: str, cfg: EvalConfig | None, progress: Progress | None, force: bool) -> EvalResult:
     cfg = (cfg or EvalConfig()).check()
     device = str(resolve_device(cfg.device))
     cohort = open_cohort(cohort_uri)
@@ -121,6 +130,7 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
     old = None if force else _existing(report_uri, cohort.uri, chash)
     if old is not None:
         return EvalResult(report_uri, old, existed=True)
+    configure_threads()  # CPU threads that fit the machine now (meddiff.threads)
     stages, done = 6 + (1 if cfg.tstr else 0), [0]
 
     def step() -> None:

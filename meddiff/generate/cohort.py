@@ -25,6 +25,8 @@ from meddiff import __version__, storage
 from meddiff.data.images import encode_png
 from meddiff.data.shards import encode_sample, write_shard
 from meddiff.devices import cuda_count, resolve_device
+from meddiff.locks import artifact_lock
+from meddiff.threads import configure_threads
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.data.cohorts import SHARD_PREFIX, WRITE_ORDER, manifest_table, open_cohort, parquet_bytes, write_order
 from meddiff.generate.pictures import write_pictures
@@ -189,6 +191,15 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
     plan = plan_cohort(spec, root)
     if isinstance(plan, CohortResult):
         return plan
+    with artifact_lock(plan.uri):  # a concurrent run of the same cohort waits here, then finds it done
+        if storage.exists(storage.join(plan.uri, "cohort.json")):
+            card = storage.read_json(storage.join(plan.uri, "cohort.json"))
+            return CohortResult(plan.uri, card, existed=True, counts=card["counts"])
+        return _generate_missing(plan, progress)
+
+
+def _generate_missing(plan: CohortPlan, progress: Progress | None) -> CohortResult:
+    configure_threads()  # CPU threads that fit the machine now (meddiff.threads)
     t0, n_total, done, generated = time.time(), len(plan.class_of), 0, 0
     for k in range(len(plan.shard_names)):
         base = done

@@ -56,7 +56,7 @@ class TrainConfig:
     keep: int = 2  # checkpoints kept per run folder (older ones are deleted)
     compile: bool = False  # torch.compile the network
     num_workers: int = 0  # DataLoader worker processes per rank for shard decoding (0 = in the training process)
-    cpu_threads: int | None = None  # CPU intra-op threads per process; None = torch's default (÷ ranks under torchrun)
+    cpu_threads: int | None = None  # CPU intra-op threads per process; None = the CPUs free now (meddiff.threads; ÷ ranks under torchrun)
     preview_steps: int = 25  # sampler steps of the preview grids (DDIM or rectified-flow Euler)
     run_name: str | None = None  # fixed run id instead of the content hash (e.g. to extend a run's steps)
     # network overrides of the preset (ablations); they enter the run id through the resolved network

@@ -19,6 +19,7 @@ import os
 import resource
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
 from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
 from meddiff.train.records import (append_metrics, preview_samples, truncate_metrics, write_grid,
                                    write_loss_curve)
+from meddiff.locks import artifact_lock
+from meddiff.threads import configure_threads
 from meddiff.train.run_folder import RunFolder
 from meddiff.train.step import TrainingState, build_training_state, drop_labels, train_step
 
@@ -53,9 +56,9 @@ def process_device(requested: str, info: DistInfo | None = None) -> torch.device
 
 
 def _set_cpu_threads(cfg: TrainConfig, device: torch.device, info: DistInfo) -> None:
-    if device.type == "cpu" and (cfg.cpu_threads or info.world > 1):
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world))
-        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local_world))
+    """Size the CPU thread pool for this machine now (meddiff.threads); ranks on one host share it."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world)) if device.type == "cpu" else 1
+    configure_threads(cfg.cpu_threads, local_world)
 
 
 def rng_state() -> dict[str, Any]:
@@ -166,6 +169,8 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
         if info.is_main:
             set_rng_state(state["rng"])  # rank 0 continues its exact random stream
             truncate_metrics(folder.local, run.step)
+    elif info.is_main and (folder.local / "metrics.jsonl").exists():
+        truncate_metrics(folder.local, 0)  # rows of a session killed before its first checkpoint (chaos)
     if not (ckpts and info.is_main):
         torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 2 + 7919 * info.rank + run.step)
     barrier(info)
@@ -277,6 +282,12 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
 def train(cfg: TrainConfig, root: str | None = None, progress: Progress | None = None) -> TrainResult:
     """Train the model ``cfg`` asks for (resuming or skipping what exists); returns its URI and card."""
     plan = plan_run(cfg, root)
+    # one builder per run folder (rank 0 holds it for its torchrun job; other ranks follow at barriers)
+    with artifact_lock(plan.uri) if env_info().rank == 0 else nullcontext():
+        return _train_locked(plan, progress)
+
+
+def _train_locked(plan: RunPlan, progress: Progress | None) -> TrainResult:
     card_uri = storage.join(plan.uri, "model.json")
     if storage.exists(card_uri):
         return TrainResult(plan.uri, storage.read_json(card_uri), existed=True)

@@ -1,0 +1,205 @@
+"""One builder per artifact: a lock that a second process building the same artifact waits on.
+
+Local roots use ``flock`` (dropped by the kernel when its owner dies, so a killed run never leaves a
+stale lock); S3-compatible roots use a lock object created with a conditional PUT, kept alive by a
+heartbeat and taken over once expired or once its owner's process is gone. See :func:`artifact_lock`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from meddiff.errors import StorageError
+from meddiff.storage import _fs_options, is_remote
+
+LOCK_TTL_ENV = "MEDDIFF_LOCK_TTL_S"
+LOCK_TTL_S = 60.0  # object-storage locks expire this long after their owner's last heartbeat
+LOCK_POLL_S = 1.0  # how often a waiter looks at an object-storage lock
+
+
+def lock_uri(uri: str) -> str:
+    """Where the lock of artifact ``uri`` lives: ``<parent>/.locks/<name>.lock`` (hidden from listings)."""
+    parent, name = uri.rstrip("/").rsplit("/", 1)
+    return f"{parent}/.locks/{name}.lock"
+
+
+def _owner() -> dict[str, Any]:
+    return {"host": os.uname().nodename, "pid": os.getpid(), "boot": _boot_id(), "since": time.time()}
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _owner_dead(owner: dict[str, Any]) -> bool:
+    """True when the owner ran on this machine (same host and boot) and its process is gone."""
+    if owner.get("host") != os.uname().nodename or owner.get("boot") != _boot_id():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False
+
+
+@contextmanager
+def artifact_lock(uri: str, on_wait=None) -> Iterator[None]:
+    """Hold the exclusive right to build artifact ``uri``; a second builder waits here until it is free.
+
+    Callers re-check whether the artifact exists once they hold the lock (it may have been finished
+    while they waited). Local roots: ``flock`` on ``<parent>/.locks/<name>.lock``; the kernel drops
+    it when its owner dies, so a killed run never leaves a stale lock. Object storage: a lock object
+    created with a conditional PUT (``If-None-Match: *``), refreshed by a heartbeat, taken over when
+    it expired (``MEDDIFF_LOCK_TTL_S``, default 60 s) or its owner's process is gone (same host).
+    ``on_wait(owner)`` is called once if the lock is busy.
+    """
+    lock = _S3Lock(lock_uri(uri)) if is_remote(uri) else _LocalLock(Path(lock_uri(uri)))
+    lock.acquire(on_wait or (lambda owner: None))
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class _LocalLock:
+    def __init__(self, path: Path):
+        self.path, self.fd = path, -1
+
+    def acquire(self, on_wait) -> None:
+        import fcntl
+
+        waited = False
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the .locks folder was just removed by a releasing owner
+                continue
+            except OSError as e:
+                raise StorageError(f"cannot create lock file {self.path}: {e}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    waited = True
+                    on_wait(_read_owner(self.path))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # the file we locked must still be the one at the path (a releasing owner unlinks it)
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_owner()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)  # while still locked: waiters notice and re-open
+        os.close(self.fd)
+        try:
+            self.path.parent.rmdir()
+        except OSError:
+            pass
+
+
+def _read_owner(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+class _S3Lock:
+    """A lock object on S3-compatible storage: conditional create, heartbeat, expiry, take-over."""
+
+    def __init__(self, uri: str):
+        import threading
+
+        self.uri = uri
+        self.bucket, self.key = uri.split("://", 1)[1].split("/", 1)
+        self.ttl = float(os.environ.get(LOCK_TTL_ENV) or LOCK_TTL_S)
+        self.etag: str | None = None
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+
+        endpoint = (_fs_options(self.uri).get("client_kwargs") or {}).get("endpoint_url")
+        return boto3.client("s3", endpoint_url=endpoint,
+                            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5))
+
+    def _body(self) -> bytes:
+        return json.dumps({**_owner(), "expires": time.time() + self.ttl}).encode()
+
+    def acquire(self, on_wait) -> None:
+        from botocore.exceptions import ClientError
+
+        s3, waited = self.client(), False
+        while True:
+            try:
+                self.etag = s3.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), IfNoneMatch="*")["ETag"]
+                break
+            except ClientError as e:
+                if e.response["Error"]["Code"] not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    raise StorageError(f"cannot create lock {self.uri}: {e}") from e
+            try:
+                got = s3.get_object(Bucket=self.bucket, Key=self.key)
+                owner, etag = json.loads(got["Body"].read() or b"{}"), got["ETag"]
+            except ClientError:
+                continue  # released between our PUT and GET: try again
+            if owner.get("expires", 0) < time.time() or _owner_dead(owner):
+                if self._take_over(s3, etag):
+                    break
+                continue
+            if not waited:
+                waited = True
+                on_wait(owner)
+            time.sleep(LOCK_POLL_S)
+        self._start_heartbeat(s3)
+
+    def _take_over(self, s3, etag: str) -> bool:
+        """Replace a stale lock object, only if it is still the one we judged stale."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.etag = s3.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=etag)["ETag"]
+            return True
+        except ClientError:
+            return False
+
+    def _start_heartbeat(self, s3) -> None:
+        import threading
+
+        def beat() -> None:
+            while not self.stop.wait(self.ttl / 3):
+                try:
+                    self.etag = s3.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(),
+                                              IfMatch=self.etag)["ETag"]
+                except Exception:  # noqa: BLE001 - a missed beat is retried; expiry is ttl, 3 beats away
+                    pass
+
+        self.thread = threading.Thread(target=beat, name="meddiff-lock-heartbeat", daemon=True)
+        self.thread.start()
+
+    def release(self) -> None:
+        self.stop.set()
+        if self.thread:
+            self.thread.join()
+        try:
+            self.client().delete_object(Bucket=self.bucket, Key=self.key)
+        except Exception:  # noqa: BLE001 - an undeleted lock expires after its ttl
+            pass

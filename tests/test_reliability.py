@@ -1,0 +1,208 @@
+"""Reliability under load, kills and concurrency (issue 16): thread sizing, artifact locks with two real
+processes, concurrent runs of one stage, and a CI-sized chaos run (SIGKILL at random moments)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meddiff import threads
+from meddiff.errors import MeddiffError
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+# --------------------------------------------------------------------------- threads
+
+def test_wait_policy_is_set_before_torch_loads_openmp_and_user_values_win():
+    code = ("import os, meddiff, torch; torch.ones(64, 64) @ torch.ones(64, 64); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('KMP_BLOCKTIME'))")
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "MEDDIFF_THREAD_TUNING")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["PASSIVE", "0"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split() == ["ACTIVE", "0"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "MEDDIFF_THREAD_TUNING": "off"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "None"]
+
+
+def test_auto_threads_leave_the_cores_other_processes_use(monkeypatch):
+    monkeypatch.setattr(threads, "available_cpus", lambda: 2.0)
+    assert threads.auto_threads(busy=0.0) == 2
+    assert threads.auto_threads(busy=0.3) == 2  # noise is not a competitor
+    assert threads.auto_threads(busy=1.0) == 1
+    assert threads.auto_threads(busy=3.5) == 1  # never below one
+    assert threads.auto_threads(local_world=2, busy=0.0) == 1  # torchrun ranks on one host share the cores
+    monkeypatch.setattr(threads, "available_cpus", lambda: 8.0)
+    assert threads.auto_threads(busy=2.2) == 6
+
+
+def test_cgroup_quota_caps_the_cpus(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert threads.cgroup_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads.cgroup_quota(tmp_path) is None
+    assert threads.cgroup_quota(tmp_path / "absent") is None
+
+
+def test_others_busy_sees_a_cpu_bound_competitor_and_not_ourselves():
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert threads.others_busy(0.5) >= 0.6
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_explicit_threads_win_over_the_environment_and_auto(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("MEDDIFF_THREADS", "1")
+        assert threads.configure_threads(2).threads == 2 and torch.get_num_threads() == 2  # --cpu-threads
+        plan = threads.configure_threads()
+        assert (plan.source, plan.threads, torch.get_num_threads()) == ("MEDDIFF_THREADS", 1, 1)
+        monkeypatch.setenv("MEDDIFF_THREADS", "two")
+        with pytest.raises(MeddiffError, match="MEDDIFF_THREADS must be a whole number"):
+            threads.plan_threads()
+        monkeypatch.delenv("MEDDIFF_THREADS")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert threads.plan_threads().source == "OMP_NUM_THREADS"
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        plan = threads.plan_threads()
+        assert plan.source == "auto" and 1 <= plan.threads <= len(os.sched_getaffinity(0)) and plan.busy is not None
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- locks with real processes
+
+_HOLD = """
+import json, sys, time
+from meddiff.locks import artifact_lock
+uri, hold_s, log = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+with artifact_lock(uri, on_wait=lambda owner: print("waiting for", owner.get("pid"), flush=True)):
+    print("acquired", flush=True)
+    t0 = time.time()
+    time.sleep(hold_s)
+    with open(log, "a") as f:
+        f.write(json.dumps([t0, time.time()]) + "\\n")
+"""
+
+
+def _holder(uri: str, hold_s: float, log: Path, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _HOLD, uri, str(hold_s), str(log)], stdout=subprocess.PIPE,
+                            text=True, env=env or ENV, cwd=REPO)
+
+
+def _lock_semantics(uri: str, tmp_path: Path, env=None) -> None:
+    log = tmp_path / "log.jsonl"
+    a = _holder(uri, 10.0, log, env)  # long enough for B to start (imports) while A holds it
+    assert a.stdout.readline().strip() == "acquired"
+    b = _holder(uri, 0.1, log, env)
+    assert b.stdout.readline().startswith("waiting for")  # B sees A's lock and waits
+    assert a.wait(60) == 0 and b.wait(60) == 0
+    (a0, a1), (b0, b1) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert b0 >= a1  # B held it only after A let go
+    # a holder killed with SIGKILL leaves no stale lock behind
+    k = _holder(uri, 60.0, log, env)
+    assert k.stdout.readline().strip() == "acquired"
+    k.send_signal(signal.SIGKILL)
+    k.wait()
+    c = _holder(uri, 0.0, log, env)
+    assert c.wait(60) == 0 and "acquired" in c.stdout.read()
+
+
+def test_artifact_lock_local_two_processes_and_a_killed_owner(tmp_path):
+    root = tmp_path / "root"
+    _lock_semantics(str(root / "cohorts" / "c1"), tmp_path)
+    assert not any(root.rglob("*.lock"))  # released locks are removed, killed ones taken over and removed
+
+
+def test_artifact_lock_s3_two_processes_and_a_killed_owner(tmp_path, moto_s3):
+    env = {**ENV, **{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                 "AWS_DEFAULT_REGION")}}
+    _lock_semantics("s3://meddiff/lock-test/cohorts/c1", tmp_path, env)
+    import boto3
+
+    keys = boto3.client("s3").list_objects_v2(Bucket="meddiff", Prefix="lock-test/").get("KeyCount", 0)
+    assert keys == 0
+
+
+# --------------------------------------------------------------------------- two processes, one stage
+
+_GENERATE = """
+import json, sys
+from meddiff.generate import CohortSpec, generate
+r = generate(CohortSpec(sys.argv[1], per_class=6, steps=10, device="cpu", shard_size=8), sys.argv[2])
+print(json.dumps({"uri": r.uri, "existed": r.existed}))
+"""
+
+
+def test_two_processes_generating_the_same_cohort_share_the_work(tiny_conditional_model_uri, tmp_path):
+    from meddiff.data.cohorts import verify
+
+    root = tmp_path / "root"
+    procs = [subprocess.Popen([sys.executable, "-c", _GENERATE, tiny_conditional_model_uri, str(root)],
+                              stdout=subprocess.PIPE, text=True, env=ENV, cwd=REPO) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0]["uri"] == outs[1]["uri"]
+    assert sorted(o["existed"] for o in outs) == [False, True]  # one generated, the other waited and found it
+    assert verify(outs[0]["uri"]).ok
+    hidden = [p for p in root.rglob("*") if any(s.startswith(".") for s in p.relative_to(root).parts) and p.is_file()]
+    assert hidden == []
+    # ... and equals a single run in a fresh root, shard for shard
+    alone = tmp_path / "alone"
+    out = subprocess.run([sys.executable, "-c", _GENERATE, tiny_conditional_model_uri, str(alone)], env=ENV, cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    single = Path(json.loads(out.strip().splitlines()[-1])["uri"])
+    shared = Path(outs[0]["uri"])
+    tars = sorted(p.name for p in single.glob("*.tar"))
+    assert tars and tars == sorted(p.name for p in shared.glob("*.tar"))
+    assert all((single / t).read_bytes() == (shared / t).read_bytes() for t in tars)
+
+
+# --------------------------------------------------------------------------- chaos, CI-sized
+
+@pytest.mark.slow
+def test_chaos_every_stage_survives_sigkill_at_random_moments(medmnist_dir, tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import chaos
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    results = chaos.main(["--medmnist-root", str(medmnist_dir), "--trials", "2", "--backends", "local",
+                          "--scratch", str(tmp_path), "--seed", "1"])
+    table = results["local"]
+    assert set(table) == set(chaos.STAGES)
+    assert all(ok == n == 2 for ok, n, _ in table.values()), table
+    assert sum(killed for _, _, killed in table.values()) >= 3  # kills really landed mid-work (most of the 10)
+
+
+def test_a_killed_writers_temp_files_and_staging_are_swept_by_the_next_writer(tmp_path):
+    from meddiff import storage
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    (tmp_path / f".card.json.{dead.pid}.k3j2.tmp").write_bytes(b"half")
+    alive = tmp_path / f".card.json.{os.getpid()}.zz.tmp"  # a live writer's (ours): kept
+    alive.write_bytes(b"in progress")
+    storage.write_bytes(str(tmp_path / "card.json"), b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["card.json", alive.name])
+    stale = tmp_path / ".staging" / f"dataset-x-v1-{dead.pid}-abcd"
+    (stale / "sub").mkdir(parents=True)
+    fresh = storage.local_staging(str(tmp_path), "dataset-x-v1")
+    assert not stale.exists() and fresh.is_dir() and fresh.name.startswith(f"dataset-x-v1-{os.getpid()}-")
