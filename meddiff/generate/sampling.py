@@ -9,6 +9,7 @@ import dataclasses
 import torch
 
 from meddiff.errors import MeddiffError
+from meddiff.generate import latent
 from meddiff.generate.spec import CohortSpec
 from meddiff.models.diffusion import build_scheduler
 from meddiff.models.samplers import (Sampler, classifier_free_guidance, initial_noise, sample_ddim, sample_rflow,
@@ -49,8 +50,8 @@ def generate_images(model: TrainedModel, class_ids: list[int], seeds: list[int],
 
     Per-class models need a single class per batch (the caller groups them).
     """
-    shape = (model.channels, model.image_size, model.image_size)
-    x_T = initial_noise(seeds, shape, device)  # (B, C, H, W)
+    shape = model.sample_shape  # (C, H, W), or (C_lat, h, w) for latent models
+    x_T = initial_noise(seeds, shape, device)  # (B, *shape)
     if model.mode == "conditional":
         y = torch.tensor(class_ids, device=device)
         denoise = classifier_free_guidance(model.networks[None], y, model.null_class, guidance)
@@ -59,14 +60,14 @@ def generate_images(model: TrainedModel, class_ids: list[int], seeds: list[int],
         net = model.networks[cid]
         denoise = lambda x, t: net(x, timesteps=t, class_labels=None)  # noqa: E731
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    scheduler = build_sampler_scheduler(model, sampler)
+    scheduler = latent.unclipped(build_sampler_scheduler(model, sampler), model)
     with autocast:
         if sampler == "rflow":
             x0 = sample_rflow(denoise, x_T, scheduler, steps, trace)
         else:
             x0 = sample_ddim(denoise, x_T, scheduler, steps, 1.0 if sampler == "ddpm" else 0.0,
                              step_generators(seeds, device), trace)
-    return to_uint8(x0).cpu()
+    return to_uint8(latent.decode(model, x0)).cpu()  # latent models: decoded through their autoencoder
 
 
 def build_sampler_scheduler(model: TrainedModel, sampler: Sampler):

@@ -215,12 +215,13 @@ class TrainedAutoencoder:
     @torch.no_grad()
     def to_latent(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [-1, 1] → scaled latents (B, C_lat, h, w)."""
-        return self.net.encode(x) * self.scale_factor
+        return self.net.encode(x.to(next(self.net.parameters()).device)) * self.scale_factor
 
     @torch.no_grad()
     def from_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C_lat, h, w) → images (B, C, H, W), clamped to [-1, 1]."""
-        return self.net.decode(z.float() / self.scale_factor, self.image_size).clamp(-1, 1)
+        z = z.to(next(self.net.parameters()).device, torch.float32)
+        return self.net.decode(z / self.scale_factor, self.image_size).clamp(-1, 1)
 
 
 def load_autoencoder(uri: str, device: str | torch.device = "cpu", expected_sha256: str | None = None

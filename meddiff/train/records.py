@@ -63,8 +63,10 @@ def write_loss_curve(run_dir: Path, title: str) -> None:
 
 @torch.no_grad()
 def preview_samples(net: torch.nn.Module, scheduler_config: dict[str, Any], labels: torch.Tensor | None, n: int,
-                    channels: int, size: int, device: torch.device, seed: int, steps: int = 50) -> torch.Tensor:
+                    channels: int, size: int, device: torch.device, seed: int, steps: int = 50,
+                    latent: bool = False) -> torch.Tensor:
     """n preview images (n, C, H, W) in [0, 1] from the EMA net: DDIM (η=0) or rectified-flow Euler steps.
+    ``latent``: raw latents (n, C_lat, h, w) instead, never clipped (scaled latents are not in [-1, 1]).
 
     labels: (n,) class ids for a conditional net (no guidance), None for an unconditional one.
 
@@ -77,7 +79,8 @@ def preview_samples(net: torch.nn.Module, scheduler_config: dict[str, Any], labe
     y = None if labels is None else labels.to(device)
     if scheduler_config["objective"] == "ddpm":
         sch = DDIMScheduler(num_train_timesteps=scheduler_config["num_train_timesteps"],
-                            schedule=scheduler_config["schedule"], prediction_type=scheduler_config["prediction_type"])
+                            schedule=scheduler_config["schedule"], prediction_type=scheduler_config["prediction_type"],
+                            clip_sample=not latent)
         sch.set_timesteps(steps, device=device)
         for t in sch.timesteps:
             out = net(x, timesteps=torch.full((n,), int(t), device=device), class_labels=y)
@@ -89,7 +92,7 @@ def preview_samples(net: torch.nn.Module, scheduler_config: dict[str, Any], labe
         for t, t_next in zip(ts[:-1], ts[1:]):
             out = net(x, timesteps=t.float().expand(n).to(device), class_labels=y)
             x, _ = sch.step(out, t, x, t_next)
-    return x.clamp(-1, 1).add(1).div(2)
+    return x if latent else x.clamp(-1, 1).add(1).div(2)
 
 
 def write_grid(images: torch.Tensor, path: Path) -> None:
