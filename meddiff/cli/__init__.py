@@ -18,6 +18,7 @@ from meddiff.cli import cohorts_cmd  # noqa: E402,F401  (registers generate, coh
 from meddiff.cli import train_cmd  # noqa: E402,F401  (registers train)
 from meddiff.cli import pipeline_cmd, deploy_cmd  # noqa: E402,F401  (registers pipeline, deploy)
 from meddiff.cli import evaluate_cmd  # noqa: E402,F401  (registers evaluate)
+from meddiff.cli import autoencoder_cmd  # noqa: E402,F401  (registers train-autoencoder, encode)
 
 
 def main() -> None:

@@ -39,6 +39,8 @@ def train(
     cpu_threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: torch's)."),
     preview_steps: int = typer.Option(25, help="Sampler steps of the preview grids."),
     num_workers: int = typer.Option(0, help="Data-loading worker processes per rank (capped at the shard count)."),
+    latent: Optional[str] = typer.Option(None, help="Autoencoder URI: train on its latents (latent diffusion)."),
+    conditioning: str = typer.Option("embedding", help="Conditional: embedding | cross-attention"),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Train a diffusion model on a dataset version; prints the model URI (last line)."""
@@ -49,7 +51,8 @@ def train(
                       prediction, min_snr_gamma, lr=lr, label_dropout=label_dropout, hflip=hflip, vflip=vflip,
                       checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every,
                       keep=keep, compile=compile, run_name=run_name, cpu_threads=cpu_threads,
-                      preview_steps=preview_steps, num_workers=num_workers).check()
+                      preview_steps=preview_steps, num_workers=num_workers, latent=latent,
+                      conditioning=conditioning).check()  # type: ignore[arg-type]
     main = env_rank() == 0
     with (rich_progress(f"train {mode} {preset}") if main else nullcontext(None)) as progress:
         result = run_train(cfg, storage_root, progress)

@@ -32,6 +32,21 @@ def open_autoencoder(ref: dict[str, Any], device: torch.device) -> TrainedAutoen
     return load_autoencoder(ref["uri"], device, expected_sha256=ref["sha256"])
 
 
+def latent_data(plan, data: Iterator[tuple[torch.Tensor, torch.Tensor]], class_id: int | None, batch_size: int,
+                start_step: int, rank: int, world: int, device: torch.device
+                ) -> tuple[TrainedAutoencoder, Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+    """The autoencoder and the training batches as scaled latents: read from latent shards made by this
+    autoencoder (``meddiff encode``) when they exist, else ``data`` encoded on the fly."""
+    from meddiff.train.latent_shards import find_latents, latent_shard_batches, load_latents
+
+    ae = open_autoencoder(plan.autoencoder, device)
+    uri = find_latents(plan.dataset, plan.autoencoder)
+    if uri is None:
+        return ae, latent_batches(data, ae, device)
+    z, y = load_latents(uri, "train", ae)
+    return ae, latent_shard_batches(z, y, class_id, batch_size, plan.cfg.seed, start_step, rank, world)
+
+
 def latent_batches(data: Iterator[tuple[torch.Tensor, torch.Tensor]], ae: TrainedAutoencoder,
                    device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Encode on the fly: x (B, C, H, W) in [-1, 1] → z = scale · E(x) (B, C_lat, h, w), labels unchanged."""

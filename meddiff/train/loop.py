@@ -242,10 +242,10 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
     data = batches(plan.dataset, spec, cfg.batch_size // info.world, cfg.seed, run.step, info.rank, info.world)
     ae = None
     if plan.autoencoder is not None:  # latent diffusion: the same loop on z = scale · E(x)
-        from meddiff.train.latent import latent_batches, open_autoencoder
+        from meddiff.train.latent import latent_data
 
-        ae = open_autoencoder(plan.autoencoder, device)
-        data = latent_batches(data, ae, device)
+        ae, data = latent_data(plan, data, class_id, cfg.batch_size // info.world, run.step, info.rank, info.world,
+                               device)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss_sum, n_sum = torch.zeros((), device=device), 0
     t_last, step_last = time.perf_counter(), run.step
