@@ -61,9 +61,10 @@ def _load_ae_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - zip/pickle/EOF errors all mean "corrupt"
         raise ArtifactError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); delete it to "
                             "resume from the previous one, or re-run with --no-resume") from e
+    have = state.get("identity") or {}
     for key, want in identity.items():
-        if to_jsonable(state.get(key)) != to_jsonable(want):
-            raise MeddiffError(f"checkpoint {path} has a different {key} ({state.get(key)} ≠ {want}); "
+        if to_jsonable(have.get(key)) != to_jsonable(want):
+            raise MeddiffError(f"checkpoint {path} has a different {key} ({have.get(key)} ≠ {want}); "
                                "use another --run-name or --no-resume")
     return state
 
@@ -144,7 +145,7 @@ def _log(folder: RunFolder, st: AEState, step: int, sums: dict[str, float], n: i
 
 def _save(plan: AERunPlan, folder: RunFolder, st: AEState, step: int, wall: float) -> None:
     path = save_checkpoint(folder.local, step, {**st.state_dict(), "rng": rng_state(), "wall_time_s": wall,
-                                                "config": plan.config_record(), **_identity(plan)},
+                                                "config": plan.config_record(), "identity": _identity(plan)},
                            keep=plan.cfg.keep)
     write_ae_curve(folder.local, plan.run_id)
     folder.push(["metrics.jsonl", "config.json", "loss_curve.png", f"checkpoints/{path.name}"])
