@@ -18,7 +18,7 @@ from meddiff.pipeline import PipelineConfig, PipelineResult, run_pipeline
 from meddiff.progress import combine
 
 # object storage and downloads are retried with backoff; training is not (it resumes from checkpoints)
-RETRIES = {"ingest": 2, "train": 1, "generate": 2, "evaluate": 2}
+RETRIES = {"ingest": 2, "train-autoencoder": 1, "encode": 2, "train": 1, "generate": 2, "evaluate": 2}
 
 
 def log_progress(logger, stage: str, min_interval_s: float = 15.0) -> Callable[[int, int], None]:
@@ -65,12 +65,17 @@ def pipeline(
     domain_steps: int | None = None,
     objective: Literal["ddpm", "rflow"] = "rflow",
     storage_root: str | None = None,
+    latent: Literal["vae", "vqvae"] | None = None,
+    ae_preset: str = "tiny",
+    ae_steps: int | None = None,
+    latent_umap: bool = True,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out."""
     logger = get_run_logger()
     cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, preview_steps, per_class, total,
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
-                         tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective)
+                         tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective,
+                         latent, ae_preset, ae_steps, latent_umap)
 
     def progress(stage: str):
         return combine(prefect_progress(f"{stage} ({dataset})"), log_progress(logger, stage))
