@@ -62,11 +62,13 @@ def train_model(
     seed: int = 0,
     storage_root: str | None = None,
     parallel_classes: bool = False,
+    latent: str | None = None,
+    conditioning: str = "embedding",
 ) -> str:
     """Train (or resume, or find) a conditional or per-class diffusion model; returns its URI."""
     logger = get_run_logger()
     cfg = TrainConfig(dataset_uri, mode, preset, steps, batch_size, device, seed, resume, objective, schedule,
-                      prediction, min_snr_gamma).check()
+                      prediction, min_snr_gamma, latent=latent, conditioning=conditioning).check()  # type: ignore[arg-type]
     plan = plan_run(cfg, storage_root)
     if storage.exists(storage.join(plan.uri, "model.json")):
         logger.info("found existing model %s", plan.uri)

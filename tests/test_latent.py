@@ -154,6 +154,20 @@ def test_autoencoder_of_another_dataset_is_refused(bloodmnist_uri, vae_uri, tmp_
     assert not (Path(bloodmnist_uri) / "latents").exists()
 
 
+@pytest.mark.parametrize("change,message", [({"image_size": 64}, "takes 1-channel 64 px images"),
+                                            ({"channels": 3}, "takes 3-channel 28 px images")])
+def test_autoencoder_of_another_size_or_channel_count_is_refused(breastmnist_uri, vae_uri, tmp_path, change, message):
+    from meddiff.train import TrainConfig, train
+
+    ae = tmp_path / "autoencoders" / "other"
+    shutil.copytree(vae_uri, ae)
+    card = json.loads((ae / "model.json").read_text())
+    (ae / "model.json").write_text(json.dumps({**card, **change}))
+    with pytest.raises(MeddiffError, match=message):
+        train(TrainConfig(breastmnist_uri, steps=2, device="cpu", latent=str(ae)), str(tmp_path))
+    assert not (tmp_path / "models").exists()
+
+
 def test_latent_model_without_or_with_a_corrupt_autoencoder(latent_conditional_uri, vae_uri, tmp_path):
     from meddiff.generate import CohortSpec, generate
 
