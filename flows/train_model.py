@@ -68,7 +68,8 @@ def train_model(
     """Train (or resume, or find) a conditional or per-class diffusion model; returns its URI."""
     logger = get_run_logger()
     cfg = TrainConfig(dataset_uri, mode, preset, steps, batch_size, device, seed, resume, objective, schedule,
-                      prediction, min_snr_gamma, latent=latent, conditioning=conditioning).check()  # type: ignore[arg-type]
+                      prediction, min_snr_gamma, latent=latent,
+                      conditioning=conditioning).check()  # type: ignore[arg-type]
     plan = plan_run(cfg, storage_root)
     if storage.exists(storage.join(plan.uri, "model.json")):
         logger.info("found existing model %s", plan.uri)

@@ -104,8 +104,9 @@ class PipelineConfig:
     def autoencoder_config(self, dataset_uri: str, device: str):
         from meddiff.train.ae_config import AETrainConfig
 
-        return AETrainConfig(dataset_uri, kind=self.latent, preset=self.ae_preset, steps=self.ae_steps,  # type: ignore[arg-type]
-                             device=device, seed=self.seed)
+        kind: Any = self.latent
+        return AETrainConfig(dataset_uri, kind=kind, preset=self.ae_preset, steps=self.ae_steps, device=device,
+                             seed=self.seed)
 
     def cohort_spec(self, model_uri: str, device: str):
         from meddiff.generate import CohortSpec

@@ -117,7 +117,8 @@ def test_latent_conditional_generate_verify_regenerate(latent_conditional_uri, v
     ae_sha = load_autoencoder(vae_uri).sha256
     res = generate(CohortSpec(latent_conditional_uri, per_class=2, steps=2, device="cpu"), session_storage)
     assert verify(res.uri).ok
-    assert res.card["autoencoder"]["uri"] == vae_uri and res.card["inputs"]["checkpoint_sha256"]["autoencoder"] == ae_sha
+    assert res.card["autoencoder"]["uri"] == vae_uri
+    assert res.card["inputs"]["checkpoint_sha256"]["autoencoder"] == ae_sha
     manifest = open_cohort(res.uri).manifest()
     row = manifest.iloc[3]
     png = regenerate(res.uri, int(row["sample_id"]), "cpu")

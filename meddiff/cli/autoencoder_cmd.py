@@ -37,8 +37,8 @@ def train_autoencoder(
     from meddiff.train.ae_config import AETrainConfig
     from meddiff.train.autoencoder import train_autoencoder as run
 
-    cfg = AETrainConfig(dataset_uri, kind, preset, steps, batch_size, lr, kl_weight, adv_weight,  # type: ignore[arg-type]
-                        adv_warmup_steps, perceptual_weights, perceptual_weight, device, seed, resume,
+    cfg = AETrainConfig(dataset_uri, kind, preset, steps, batch_size, lr, kl_weight,  # type: ignore[arg-type]
+                        adv_weight, adv_warmup_steps, perceptual_weights, perceptual_weight, device, seed, resume,
                         checkpoint_every=checkpoint_every, log_every=log_every, run_name=run_name).check()
     with rich_progress(f"train-autoencoder {kind} {preset}") as progress:
         result = run(cfg, storage_root, progress)

@@ -50,7 +50,8 @@ class AutoencoderDef:
             raise MeddiffError(f"autoencoder kind must be one of {', '.join(get_args(AEKind))}, not {self.kind!r}")
         bad = [c for c in self.channels if c % self.norm_num_groups]
         if self.kind == "vae" and bad:
-            raise MeddiffError(f"autoencoder channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+            raise MeddiffError(f"autoencoder channels {bad} are not divisible by "
+                               f"norm_num_groups={self.norm_num_groups}")
         return self
 
 

@@ -7,24 +7,30 @@ from typing import Any, Iterator
 
 import torch
 
+from meddiff import storage
 from meddiff.data.shards import DatasetVersion
 from meddiff.errors import MeddiffError
 from meddiff.models.autoencoders import TrainedAutoencoder, load_autoencoder
 
 
 def autoencoder_ref(ae_uri: str, ds: DatasetVersion) -> dict[str, Any]:
-    """What a latent denoiser records about its autoencoder; raises when the AE does not fit ``ds``."""
+    """What a latent denoiser records about its autoencoder; raises when the AE does not fit ``ds``
+    (checked on its card first, then its weights are loaded and verified)."""
+    from meddiff.data.shards import read_card
+
+    card = read_card(ae_uri.rstrip("/"), "model.json") if storage.exists(ae_uri) else {}
+    if card.get("kind") == "autoencoder":
+        ae_ds = card.get("dataset") or {}
+        if ae_ds.get("name") != ds.card.get("name"):
+            raise MeddiffError(f"autoencoder {ae_uri} was trained on dataset {ae_ds.get('name')!r}, not "
+                               f"{ds.card.get('name')!r}; train one on this dataset with 'meddiff train-autoencoder'")
+        if card.get("image_size") != ds.image_size or card.get("channels") != ds.channels:
+            raise MeddiffError(f"autoencoder {ae_uri} takes {card.get('channels')}-channel {card.get('image_size')} px "
+                               f"images, but {ds.uri} has {ds.channels}-channel {ds.image_size} px images; train one "
+                               "at this size")
     ae = load_autoencoder(ae_uri)  # missing / corrupt / not an autoencoder → ArtifactError
-    card = ae.card
-    ae_ds = card.get("dataset") or {}
-    if ae_ds.get("name") != ds.card.get("name"):
-        raise MeddiffError(f"autoencoder {ae.uri} was trained on dataset {ae_ds.get('name')!r}, not "
-                           f"{ds.card.get('name')!r}; train one on this dataset with 'meddiff train-autoencoder'")
-    if ae.image_size != ds.image_size or ae.channels != ds.channels:
-        raise MeddiffError(f"autoencoder {ae.uri} takes {ae.channels}-channel {ae.image_size} px images, but "
-                           f"{ds.uri} has {ds.channels}-channel {ds.image_size} px images; train one at this size")
     return {"uri": ae.uri, "sha256": ae.sha256, "scale_factor": ae.scale_factor,
-            "latent_shape": list(ae.latent), "kind": card["ae_kind"], "factor": int(card["factor"])}
+            "latent_shape": list(ae.latent), "kind": ae.card["ae_kind"], "factor": int(ae.card["factor"])}
 
 
 def open_autoencoder(ref: dict[str, Any], device: torch.device) -> TrainedAutoencoder:

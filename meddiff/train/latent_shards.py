@@ -130,7 +130,8 @@ def latent_shard_batches(z: torch.Tensor, y: torch.Tensor, class_id: int | None,
         keep = y == class_id
         z, y = z[keep], y[keep]
     if len(z) < batch_size * world:
-        raise MeddiffError(f"only {len(z)} latents for a batch of {batch_size} × {world} processes; lower --batch-size")
+        raise MeddiffError(f"only {len(z)} latents for a batch of {batch_size} × {world} processes; "
+                           "lower --batch-size")
     for epoch in itertools.count():
         g = torch.Generator().manual_seed(hash((seed, start_step, epoch)) & 0x7FFFFFFF)
         order = torch.randperm(len(z), generator=g)[rank::world]
