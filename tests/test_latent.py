@@ -228,3 +228,20 @@ def test_train_autoencoder_flow_finds_the_trained_run(prefect_harness, breastmni
 
     assert train_autoencoder(breastmnist_uri, kind="vae", steps=6, batch_size=8, adv_warmup_steps=3, device="cpu",
                              storage_root=session_storage) == vae_uri
+
+
+def test_perceptual_loss_reads_local_backbone_weights_only(tmp_path):
+    import torchvision
+
+    from meddiff.models.perceptual import PerceptualLoss
+
+    torch.manual_seed(0)
+    feats = torchvision.models.alexnet(weights=None).features.state_dict()
+    torch.save({f"features.{k}": v for k, v in feats.items()}, tmp_path / "alexnet.pt")
+    loss = PerceptualLoss(str(tmp_path / "alexnet.pt"))
+    x = torch.rand(2, 1, 64, 64) * 2 - 1  # grey images are replicated to RGB
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(x, x.flip(-1)).item() > 0
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(MeddiffError, match="AlexNet or VGG16"):
+        PerceptualLoss(str(tmp_path / "other.pt"))

@@ -33,7 +33,10 @@ class PerceptualLoss(torch.nn.Module):
             raise MeddiffError(f"--perceptual-weights {path}: expected a torchvision AlexNet or VGG16 state dict")
         self.arch = "alexnet" if first.shape[-1] == 11 else "vgg16"
         net = getattr(torchvision.models, self.arch)(weights=None)
-        net.load_state_dict(state)
+        try:  # the backbone only: a full torchvision state dict or just its ``features.*`` entries
+            net.features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+        except RuntimeError as e:
+            raise MeddiffError(f"--perceptual-weights {path} does not fit torchvision's {self.arch}: {e}") from e
         self.features = net.features[: TAPS[self.arch][-1] + 1].eval().requires_grad_(False)
         self.register_buffer("shift", SHIFT)
         self.register_buffer("scale", SCALE)
