@@ -34,7 +34,8 @@ class PerceptualLoss(torch.nn.Module):
         self.arch = "alexnet" if first.shape[-1] == 11 else "vgg16"
         net = getattr(torchvision.models, self.arch)(weights=None)
         try:  # the backbone only: a full torchvision state dict or just its ``features.*`` entries
-            net.features.load_state_dict({k[len("features."):]: v for k, v in state.items() if k.startswith("features.")})
+            net.features.load_state_dict({k[len("features."):]: v for k, v in state.items()
+                                          if k.startswith("features.")})
         except RuntimeError as e:
             raise MeddiffError(f"--perceptual-weights {path} does not fit torchvision's {self.arch}: {e}") from e
         self.features = net.features[: TAPS[self.arch][-1] + 1].eval().requires_grad_(False)
