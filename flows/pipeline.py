@@ -23,7 +23,7 @@ from meddiff.progress import combine
 
 _D = PipelineConfig()  # the library's defaults: the flow restates them (tests/test_flow_defaults.py)
 # object storage and downloads are retried with backoff; training is not (it resumes from checkpoints)
-RETRIES = {"ingest": 2, "train": 1, "generate": 2, "evaluate": 2}
+RETRIES = {"ingest": 2, "train-autoencoder": 1, "encode": 2, "train": 1, "generate": 2, "evaluate": 2}
 UNITS = {"ingest": " images", "train": "", "generate": " images", "evaluate": " stages"}
 
 
@@ -75,6 +75,10 @@ def pipeline(
     domain_steps: int | None = _D.domain_steps,
     objective: Literal["ddpm", "rflow"] = _D.objective,
     storage_root: str | None = None,
+    latent: Literal["vae", "vqvae"] | None = None,
+    ae_preset: str = "tiny",
+    ae_steps: int | None = None,
+    latent_umap: bool = True,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out.
 
@@ -112,7 +116,8 @@ def pipeline(
         medmnist_root = from_env(medmnist_root, MEDMNIST_ENV)
     cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, preview_steps, per_class, total,
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
-                         tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective)
+                         tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective,
+                         latent, ae_preset, ae_steps, latent_umap)
 
     def progress(stage: str):
         return combine(prefect_progress(f"{stage} ({dataset})"), LoggedProgress(logger, stage, UNITS[stage]))

@@ -77,7 +77,8 @@ def config_from(p: dict) -> TrainConfig:
     return TrainConfig(p["dataset_uri"], p.get("mode", _D.mode), p.get("preset", _D.preset), p.get("steps", _D.steps),
                        p.get("batch_size", _D.batch_size), p.get("device", _D.device), p.get("seed", _D.seed),
                        p.get("resume", _D.resume), p.get("objective", _D.objective), p.get("schedule", _D.schedule),
-                       p.get("prediction", _D.prediction), p.get("min_snr_gamma", _D.min_snr_gamma)).check()
+                       p.get("prediction", _D.prediction), p.get("min_snr_gamma", _D.min_snr_gamma),
+                       latent=p.get("latent", _D.latent), conditioning=p.get("conditioning", _D.conditioning)).check()
 
 
 @task(name="train-part", retries=1, retry_delay_seconds=[10], retry_condition_fn=retry_transient,
@@ -141,6 +142,8 @@ def train_model(
     seed: int = _D.seed,
     storage_root: str | None = None,
     parallel_classes: bool = False,
+    latent: str | None = _D.latent,
+    conditioning: Literal["embedding", "cross-attention"] = _D.conditioning,
 ) -> str:
     """Train (or resume, or find) a conditional or per-class diffusion model; returns its URI (the run's persisted result).
 
@@ -159,6 +162,8 @@ def train_model(
         seed: Seeds weights, noise, timesteps, label dropout and data order.
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
         parallel_classes: Per-class mode: train the classes side by side (class k on GPU k mod the visible GPUs).
+        latent: Autoencoder URI (train-autoencoder's result): train on its latents (latent diffusion); empty = pixels.
+        conditioning: Conditional mode: class embedding, or a learned label embedding through cross-attention.
     """
     one_traceback_per_failure()
     explain_wait()
@@ -168,7 +173,8 @@ def train_model(
         required(dataset_uri, "dataset_uri", "ingest-dataset")
         cfg = config_from(dict(dataset_uri=dataset_uri, mode=mode, preset=preset, steps=steps, batch_size=batch_size,
                                device=device, seed=seed, resume=resume, objective=objective, schedule=schedule,
-                               prediction=prediction, min_snr_gamma=min_snr_gamma))
+                               prediction=prediction, min_snr_gamma=min_snr_gamma, latent=latent,
+                               conditioning=conditioning))
         plan = plan_run(cfg, storage_root)
         if storage.exists(storage.join(plan.uri, "model.json")):
             logger.info("found existing model %s", plan.uri)

@@ -20,7 +20,7 @@ from meddiff.progress import Progress
 Mode = Literal["conditional", "per-class"]
 Device = Literal["auto", "cpu", "cuda"]
 SamplerName = Literal["auto", "ddim", "ddpm", "dpmpp2m", "rflow", "heun"]  # meddiff.models.samplers.Sampler + auto
-STAGES = ("ingest", "train", "generate", "evaluate")
+STAGES = ("ingest", "train-autoencoder", "encode", "train", "generate", "evaluate")  # the latent ones with --latent
 
 # (stage name, function, *args) -> the function's result; the flow wraps each stage in a task
 StageCall = Callable[..., Any]
@@ -60,6 +60,10 @@ class PipelineConfig:
     eval_max_images: int | None = 300
     domain_steps: int | None = None  # optimizer steps of the evaluation's domain classifier; None = its default
     objective: Literal["ddpm", "rflow"] = "rflow"  # rectified flow: recognisable cells from `tiny` on a CPU
+    latent: Literal["vae", "vqvae"] | None = None  # latent diffusion: train this autoencoder, encode, train on latents
+    ae_preset: str = "tiny"  # autoencoder preset (meddiff.models.autoencoders.AE_PRESETS)
+    ae_steps: int | None = None  # autoencoder training steps; None = the preset's default
+    latent_umap: bool = True  # the encode stage's UMAP of the latents (umap-learn's first call compiles: ~1 min)
 
     def check(self) -> "PipelineConfig":
         if self.objective not in ("ddpm", "rflow"):
@@ -80,6 +84,10 @@ class PipelineConfig:
             raise PipelineError(f"domain-steps must be positive, got {self.domain_steps}")
         if self.sampler not in get_args(SamplerName):
             raise PipelineError(f"sampler must be one of {', '.join(get_args(SamplerName))}, got {self.sampler!r}")
+        if self.latent not in (None, "vae", "vqvae"):
+            raise PipelineError(f"latent must be vae or vqvae, got {self.latent!r}")
+        if self.ae_steps is not None and self.ae_steps < 1:
+            raise PipelineError(f"ae-steps must be positive, got {self.ae_steps}")
         if self.sample_steps < 1:
             raise PipelineError(f"sample-steps must be positive, got {self.sample_steps}")
         return self
@@ -89,13 +97,20 @@ class PipelineConfig:
 
         return IngestConfig(self.dataset, size=self.size, medmnist_root=self.medmnist_root)
 
-    def train_config(self, dataset_uri: str, device: str):
+    def train_config(self, dataset_uri: str, device: str, latent: str | None = None):
         from meddiff.train import TrainConfig
 
         extra = {} if self.preview_steps is None else {"preview_steps": self.preview_steps}
         return TrainConfig(dataset_uri, mode=self.mode, preset=self.preset, steps=self.steps,
                            batch_size=self.batch_size, device=device, seed=self.seed, objective=self.objective,
-                           **extra)
+                           latent=latent, **extra)
+
+    def autoencoder_config(self, dataset_uri: str, device: str):
+        from meddiff.train.ae_config import AETrainConfig
+
+        kind: Any = self.latent
+        return AETrainConfig(dataset_uri, kind=kind, preset=self.ae_preset, steps=self.ae_steps, device=device,
+                             seed=self.seed)
 
     def cohort_spec(self, model_uri: str, device: str):
         from meddiff.generate import CohortSpec
@@ -125,7 +140,7 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class StageOutcome:
-    stage: str  # ingest | train | generate | evaluate
+    stage: str  # ingest | train-autoencoder | encode | train | generate | evaluate
     uri: str  # the stage's output: dataset, model, cohort, or report location
     existed: bool | None  # True: found complete and skipped; None: the stage does not say
 
@@ -150,6 +165,21 @@ class PipelineResult:
 
 def _direct(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
+
+
+def _latent_stages(cfg: PipelineConfig, dataset_uri: str, root: str, device: str, call: StageCall,
+                   progress: ProgressFactory, record: Callable[[str, str, bool | None], None]) -> str:
+    """train-autoencoder, then encode (latent shards + reconstruction report); returns the AE URI."""
+    from meddiff.evaluate.reconstruction import encode_with_report
+    from meddiff.train.autoencoder import train_autoencoder
+
+    ae = call("train-autoencoder", train_autoencoder, cfg.autoencoder_config(dataset_uri, device), root,
+              progress("train-autoencoder"))
+    record("train-autoencoder", ae.uri, ae.existed)
+    enc = call("encode", encode_with_report, dataset_uri, ae.uri, device, 1000, root, cfg.domain_steps,
+               cfg.latent_umap)
+    record("encode", enc["uri"], enc["existed"])
+    return ae.uri
 
 
 def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: ProgressFactory | None = None,
@@ -178,7 +208,8 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
 
     ds = call("ingest", ingest, cfg.ingest_config().check(), root, progress("ingest"))
     record("ingest", ds.uri, ds.existed)
-    model = call("train", train, cfg.train_config(ds.uri, device), root, progress("train"))
+    ae_uri = _latent_stages(cfg, ds.uri, root, device, call, progress, record) if cfg.latent else None
+    model = call("train", train, cfg.train_config(ds.uri, device, ae_uri), root, progress("train"))
     record("train", model.uri, model.existed)
     cohort = call("generate", generate, cfg.cohort_spec(model.uri, device), root, progress("generate"))
     record("generate", cohort.uri, cohort.existed)

@@ -34,6 +34,7 @@ from meddiff.cli import calibrate_cmd  # noqa: E402,F401  (registers calibrate)
 from meddiff.cli import likelihood_cmd, analysis_cmd  # noqa: E402,F401  (registers likelihood, sweep, anomaly)
 from meddiff.cli import models_cmd  # noqa: E402,F401  (registers models)
 from meddiff.cli import devstack_cmd  # noqa: E402,F401  (registers dev-stack start|stop|status)
+from meddiff.cli import autoencoder_cmd  # noqa: E402,F401  (registers train-autoencoder, encode)
 
 
 def main() -> None:

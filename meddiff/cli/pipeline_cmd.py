@@ -61,6 +61,10 @@ def pipeline(
     domain_steps: Optional[int] = typer.Option(None, help="Optimizer steps of the evaluation's domain classifier."),
     medmnist_root: Optional[str] = typer.Option(None, envvar="MEDMNIST_ROOT",
                                                 help="Folder with already-downloaded MedMNIST .npz files."),
+    latent: Optional[str] = typer.Option(None, help="Latent diffusion: vae | vqvae (adds train-autoencoder + encode)."),
+    ae_preset: str = typer.Option("tiny", help="Autoencoder preset (with --latent)."),
+    ae_steps: Optional[int] = typer.Option(None, help="Autoencoder training steps (default: the preset's)."),
+    latent_umap: bool = typer.Option(True, help="UMAP of the latents in the encode stage's report."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Run the whole pipeline; stages whose output exists are skipped. Prints where the report is."""
@@ -75,14 +79,16 @@ def pipeline(
                    preview_steps, per_class, total, sample_steps=sample_steps, guidance=guidance, device=device,  # type: ignore[arg-type]
                    allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
                    eval_features=features, eval_max_images=eval_max_images, domain_steps=domain_steps,
-                   objective=objective).check()  # type: ignore[arg-type]
+                   objective=objective, latent=latent, ae_preset=ae_preset, ae_steps=ae_steps,  # type: ignore[arg-type]
+                   latent_umap=latent_umap).check()
     with _patient_ephemeral_server():
         out = pipeline_flow(storage_root=storage_root, dataset=dataset, size=size, medmnist_root=medmnist_root,
                    mode=mode, preset=preset, steps=steps, batch_size=batch_size, preview_steps=preview_steps,
                    per_class=per_class, total=total, sample_steps=sample_steps, guidance=guidance, device=device,
                    allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
                    eval_features=list(features) if features else None, eval_max_images=eval_max_images,
-                   domain_steps=domain_steps, objective=objective)
+                   domain_steps=domain_steps, objective=objective, latent=latent, ae_preset=ae_preset,
+                   ae_steps=ae_steps, latent_umap=latent_umap)
     for s in out["stages"]:
         typer.echo(f"{s['stage']:>9}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
     typer.echo(f"report: {out['report_uri']}" if out["report_uri"] else f"cohort: {out['cohort_uri']}")

@@ -52,6 +52,8 @@ def train(
     num_workers: int = typer.Option(0, help="Data-loading worker processes per rank (capped at the shard count)."),
     channels: Optional[str] = typer.Option(None, help="U-Net channels per level, e.g. 64,128,256; default: preset."),
     attention_levels: Optional[str] = typer.Option(None, help="none | coarse | coarsest | all | 0/1 per level."),
+    latent: Optional[str] = typer.Option(None, help="Autoencoder URI: train on its latents (latent diffusion)."),
+    conditioning: str = typer.Option("embedding", help="Conditional: embedding | cross-attention"),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Train a diffusion model on a dataset version; prints the model URI (last line)."""
@@ -63,7 +65,8 @@ def train(
                       checkpoint_every=checkpoint_every, sample_every=sample_every, log_every=log_every,
                       keep=keep, compile=compile, run_name=run_name, cpu_threads=cpu_threads,
                       preview_steps=preview_steps, num_workers=num_workers,
-                      network_channels=parse_channels(channels), attention_levels=attention_levels).check()
+                      network_channels=parse_channels(channels), attention_levels=attention_levels, latent=latent,
+                      conditioning=conditioning).check()  # type: ignore[arg-type]
     main = env_rank() == 0
     with (rich_progress(f"train {mode} {preset}") if main else nullcontext(None)) as progress:
         result = run_train(cfg, storage_root, progress)

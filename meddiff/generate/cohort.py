@@ -173,6 +173,7 @@ def finish_cohort(plan: CohortPlan, generated: int = 0, seconds: float = 0.0) ->
         "cohort", spec, inputs={"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256,
                                 "dataset_uri": dataset_uri},
         cohort_id=plan.cohort_id, uri=plan.uri, model_uri=model.uri, dataset_uri=dataset_uri,
+        autoencoder=model.card.get("latent"),  # latent models: AE uri, sha256, scale factor
         model_mode=model.mode, class_names=model.class_names, counts=plan.quotas, total=n_total,
         shards=plan.shard_names, sampler=spec.sampler, steps=spec.steps, guidance_scale=plan.guidance,
         seed=spec.seed, device=str(plan.device), **precision(plan.device), seconds=round(seconds, 2),

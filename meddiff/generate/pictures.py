@@ -11,7 +11,7 @@ import torch
 from meddiff import storage
 from meddiff.data.images import decode_png
 from meddiff.data.shards import iter_shard
-from meddiff.models.samplers import to_uint8
+from meddiff.generate.latent import trace_frames
 from meddiff.generate.sampling import generate_images
 from meddiff.generate.spec import CohortSpec
 from meddiff.models.trained import TrainedModel
@@ -41,7 +41,7 @@ def write_pictures(model: TrainedModel, spec: CohortSpec, guidance: float | None
         trace: list[torch.Tensor] = []
         generate_images(model, [int(row.class_id)], [int(row.seed)], spec.sampler, spec.steps, guidance, device, trace)
         picks = np.linspace(0, len(trace) - 1, strip_frames).round().astype(int)
-        frames.append(np.stack([to_uint8(trace[i])[0].numpy() for i in picks]))  # (F, C, H, W)
+        frames.append(trace_frames(model, trace, picks))  # (F, C, H, W); latent models: latent | decoded
     if frames:
         strip = np.stack(frames)  # (S, F, C, H, W): a row per sample, noise → image left to right
         s, f = strip.shape[:2]

@@ -9,6 +9,7 @@ import dataclasses
 import torch
 
 from meddiff.errors import MeddiffError
+from meddiff.generate import latent
 from meddiff.generate.spec import CohortSpec
 from meddiff.models.diffusion import parameterization, sampling_grid
 from meddiff.models.samplers import (AUTO_SAMPLER, DDPM_SAMPLERS, RFLOW_SAMPLERS, Sampler, StackedNoise, classifier_free_guidance,
@@ -73,9 +74,9 @@ def generate_images(model: TrainedModel, class_ids: list[int], seeds: list[int],
     under bf16 autocast on CUDA; guidance and the sampler maths stay float32. DDPM models clip x̂₀
     to the data range [-1, 1] (as the DDIM sampler did with ``clip_sample``); rectified flow does not.
     """
-    shape = (model.channels, model.image_size, model.image_size)
+    shape = model.sample_shape  # (C, H, W), or (C_lat, h, w) for latent models
     noise = StackedNoise(seeds)
-    x_T = noise.randn(shape, device)  # (B, C, H, W) from each sample's own CPU generator
+    x_T = noise.randn(shape, device)  # (B, *shape) from each sample's own CPU generator
     if model.mode == "conditional":
         y = torch.tensor(class_ids, device=device)
         net_denoise = classifier_free_guidance(model.networks[None], y, model.null_class, guidance)
@@ -90,6 +91,7 @@ def generate_images(model: TrainedModel, class_ids: list[int], seeds: list[int],
             return net_denoise(x, t).float()
 
     grid = sampling_grid(model.scheduler_config, steps)
-    predict = predictor(denoise, grid, parameterization(model.scheduler_config), clip=model.objective == "ddpm")
+    clip = model.objective == "ddpm" and model.autoencoder is None  # scaled latents are not in [-1, 1]
+    predict = predictor(denoise, grid, parameterization(model.scheduler_config), clip=clip)
     x0 = run_sampler(sampler, predict, grid, x_T, noise, trace)
-    return to_uint8(x0).cpu()
+    return to_uint8(latent.decode(model, x0)).cpu()  # latent models: decoded through their autoencoder

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 
 from meddiff.errors import MeddiffError
+
+Conditioning = Literal["embedding", "cross-attention"]  # class embedding added to the time embedding, or
+# a learned label embedding read through cross-attention (MONAI ``with_conditioning``; the ADNI design)
 
 
 @dataclass(frozen=True)
@@ -42,30 +46,40 @@ class PaddedUNet(torch.nn.Module):
     x: (B, C, H, W), t: (B,), y: (B,) long or None; returns (B, C, H, W).
     """
 
-    def __init__(self, unet: DiffusionModelUNet, levels: int):
+    def __init__(self, unet: DiffusionModelUNet, levels: int, label_embed: torch.nn.Embedding | None = None):
         super().__init__()
         self.unet = unet
         self.multiple = 2 ** (levels - 1)
+        self.label_embed = label_embed  # cross-attention conditioning: labels → (B, 1, D) context
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None):
         h, w = x.shape[-2:]
         ph, pw = -h % self.multiple, -w % self.multiple
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))  # (B, C, H, W) → (B, C, H+ph, W+pw)
-        out = self.unet(x, timesteps=timesteps, class_labels=class_labels)
+        if self.label_embed is not None:
+            context = self.label_embed(class_labels)[:, None]  # (B,) → (B, 1, D)
+            out = self.unet(x, timesteps=timesteps, context=context)
+        else:
+            out = self.unet(x, timesteps=timesteps, class_labels=class_labels)
         return out[..., :h, :w] if (ph or pw) else out
 
 
-def build_network(net: NetworkConfig, channels: int, num_class_embeds: int | None) -> PaddedUNet:
-    """A fresh denoiser for ``channels``-channel images; ``num_class_embeds`` = classes + 1 (null) or None."""
+def build_network(net: NetworkConfig, channels: int, num_class_embeds: int | None,
+                  conditioning: Conditioning = "embedding") -> PaddedUNet:
+    """A fresh denoiser for ``channels``-channel images (or latents); ``num_class_embeds`` = classes + 1
+    (null) or None. ``cross-attention``: the labels enter as a (B, 1, D) context, D = the widest level."""
+    cross = conditioning == "cross-attention" and num_class_embeds is not None
+    dim = max(net.channels)
     unet = DiffusionModelUNet(
         spatial_dims=2, in_channels=channels, out_channels=channels,
         num_res_blocks=net.num_res_blocks, channels=net.channels, attention_levels=net.attention_levels,
         norm_num_groups=net.norm_num_groups, num_head_channels=net.num_head_channels,
-        resblock_updown=net.resblock_updown, num_class_embeds=num_class_embeds,
+        resblock_updown=net.resblock_updown, num_class_embeds=None if cross else num_class_embeds,
         use_flash_attention=net.use_flash_attention,
+        **({"with_conditioning": True, "cross_attention_dim": dim} if cross else {}),
     )
-    return PaddedUNet(unet, len(net.channels))
+    return PaddedUNet(unet, len(net.channels), torch.nn.Embedding(num_class_embeds, dim) if cross else None)
 
 
 def param_count(module: torch.nn.Module) -> int:

@@ -64,6 +64,14 @@ class TrainedModel:
     networks: dict[int | None, torch.nn.Module]  # EMA weights, eval(), on device
     checkpoint_sha256: dict[str, str]  # "model" (conditional) or class name (per-class) → sha256
     null_class: int | None  # conditional: reserved null label (= num_classes); per-class: None
+    autoencoder: Any = None  # latent diffusion: the TrainedAutoencoder the networks' outputs decode through
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """What the networks denoise: (C_lat, h, w) latents, or (C, H, W) images."""
+        if self.autoencoder is not None:
+            return tuple(self.card["latent"]["latent_shape"])
+        return (self.channels, self.image_size, self.image_size)
 
 
 def load_network(run_uri: str, part: dict[str, Any], device: str) -> tuple[torch.nn.Module, str]:
@@ -77,9 +85,11 @@ def load_network(run_uri: str, part: dict[str, Any], device: str) -> tuple[torch
         raise ArtifactError(f"checkpoint {ckpt_uri} is corrupt: sha256 {digest[:12]}… does not match the "
                             f"model card ({part['checkpoint_sha256'][:12]}…)")
     state = load_checkpoint(path)
+    latent = part.get("latent")
     net = build_network(NetworkConfig(**{k: tuple(v) if isinstance(v, list) else v
                                          for k, v in part["network"].items()}),
-                        part["channels"], part["num_class_embeds"])
+                        latent["latent_shape"][0] if latent else part["channels"], part["num_class_embeds"],
+                        part.get("conditioning", "embedding"))
     try:
         net.load_state_dict(ema_state_dict(state))
     except RuntimeError as e:  # shapes/keys of another network: torch's message is pages long
@@ -109,7 +119,13 @@ def load_model(uri: str, device: str = "cpu") -> TrainedModel:
             part_uri = storage.join(uri, part_rel)
             part = read_card(part_uri, "model.json")
             networks[cid], sha[names[cid]] = load_network(part_uri, part, device)
+    autoencoder = None
+    if card.get("latent"):  # latent diffusion: the autoencoder it was trained with, checked by sha256
+        from meddiff.models.autoencoders import load_autoencoder
+
+        autoencoder = load_autoencoder(card["latent"]["uri"], device, expected_sha256=card["latent"]["sha256"])
+        sha["autoencoder"] = autoencoder.sha256
     return TrainedModel(uri=uri, card=card, mode=card["mode"], class_names=names, channels=int(card["channels"]),
                         image_size=int(card["image_size"]), objective=card["objective"],
                         scheduler_config=dict(card["scheduler_config"]), networks=networks,
-                        checkpoint_sha256=sha, null_class=null_class)
+                        checkpoint_sha256=sha, null_class=null_class, autoencoder=autoencoder)

@@ -17,7 +17,7 @@ from meddiff.data.shards import DatasetVersion, open_dataset
 from meddiff.devices import check_device, resolve_device
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.models.diffusion import Objective, Prediction, Schedule, scheduler_config
-from meddiff.models.networks import NetworkConfig
+from meddiff.models.networks import Conditioning, NetworkConfig
 from meddiff.records import content_hash, to_jsonable
 from meddiff.train.presets import get_preset
 
@@ -62,6 +62,8 @@ class TrainConfig:
     # network overrides of the preset (ablations); they enter the run id through the resolved network
     network_channels: tuple[int, ...] | None = None  # feature channels per U-Net level, e.g. (64, 128, 256); None = preset
     attention_levels: str | None = None  # none | coarse | coarsest | all | 0/1 per level ("0,1,1"); None = preset
+    latent: str | None = None  # autoencoder URI: train on its latents (latent diffusion); None = pixels
+    conditioning: Conditioning = "embedding"  # conditional mode: class embedding, or labels via cross-attention
 
     # fields that do not change the trained weights: left out of the run id
     OPERATIONAL = ("device", "resume", "checkpoint_every", "sample_every", "log_every", "keep", "compile",
@@ -69,7 +71,7 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         for name, allowed in (("mode", Mode), ("objective", Objective), ("schedule", Schedule),
-                              ("prediction", Prediction)):
+                              ("prediction", Prediction), ("conditioning", Conditioning)):
             if getattr(self, name) not in get_args(allowed):
                 raise MeddiffError(f"{name} must be one of {', '.join(get_args(allowed))}, not {getattr(self, name)!r}")
         get_preset(self.preset)
@@ -84,6 +86,8 @@ class TrainConfig:
             raise MeddiffError(f"label_dropout must be in [0, 1), not {self.label_dropout}")
         if self.min_snr_gamma is not None and (self.objective != "ddpm" or self.min_snr_gamma <= 0):
             raise MeddiffError("min_snr_gamma applies to the ddpm objective only and must be > 0")
+        if self.conditioning != "embedding" and self.mode != "conditional":
+            raise MeddiffError("--conditioning applies to conditional models; per-class models are unconditional")
         check_device(self.device)
         self.network(get_preset(self.preset).network)
         return self
@@ -144,6 +148,17 @@ class RunPlan:
     uri: str  # <root>/models/<run-id>
     root: str
     scheduler_config: dict[str, Any]
+    autoencoder: dict[str, Any] | None = None  # latent diffusion: uri, sha256, scale_factor, latent_shape, kind
+
+    @property
+    def net_channels(self) -> int:
+        """Channels the denoiser sees: the latent's or the image's."""
+        return self.autoencoder["latent_shape"][0] if self.autoencoder else self.dataset.channels
+
+    @property
+    def net_size(self) -> int:
+        """Side the denoiser sees: the latent's or the image's."""
+        return self.autoencoder["latent_shape"][1] if self.autoencoder else self.dataset.image_size
 
     @property
     def parts(self) -> list[int | None]:
@@ -169,7 +184,12 @@ def plan_run(cfg: TrainConfig, root: str | None = None) -> RunPlan:
         if not storage.exists(shard):
             raise ArtifactError(f"{ds.uri} is incomplete: shard {shard} is missing; re-run the ingest")
     preset = get_preset(cfg.preset)
-    if ds.image_size not in preset.image_sizes:
+    autoencoder = None
+    if cfg.latent is not None:
+        from meddiff.train.latent import autoencoder_ref
+
+        autoencoder = autoencoder_ref(cfg.latent, ds)
+    elif ds.image_size not in preset.image_sizes:
         raise MeddiffError(f"preset {cfg.preset!r} takes image sizes {list(preset.image_sizes)}, "
                            f"but {ds.uri} is {ds.image_size} px; re-ingest with --size")
     if ds.channels not in preset.channels:
@@ -180,11 +200,19 @@ def plan_run(cfg: TrainConfig, root: str | None = None) -> RunPlan:
     if empty and cfg.mode == "per-class":
         raise MeddiffError(f"per-class training needs training images of every class; none for {empty}")
     network = cfg.network(preset.network)
-    sched = scheduler_config(cfg.objective, cfg.schedule, cfg.prediction, cfg.num_train_timesteps, ds.image_size)
+    sched = scheduler_config(cfg.objective, cfg.schedule, cfg.prediction, cfg.num_train_timesteps,
+                             autoencoder["latent_shape"][1] if autoencoder else ds.image_size)
     weights_cfg = {k: v for k, v in to_jsonable(cfg).items()
                    if k not in TrainConfig.OPERATIONAL + ("network_channels", "attention_levels")}  # → network
     weights_cfg["dataset_uri"] = None  # the dataset is identified by its version hash instead
+    if cfg.latent is None:  # pixel runs keep the ids they had before latent diffusion
+        del weights_cfg["latent"]
+    else:  # the autoencoder is identified by its weights
+        weights_cfg["latent"] = autoencoder["sha256"]
+    if cfg.conditioning == "embedding":
+        del weights_cfg["conditioning"]
     digest = content_hash({"dataset": ds.version, "config": weights_cfg, "network": network})
-    run_id = cfg.run_name or f"{ds.card.get('name', 'dataset')}-{cfg.mode}-{cfg.preset}-{digest}"
+    kind = f"latent-{autoencoder['kind']}-" if autoencoder else ""
+    run_id = cfg.run_name or f"{ds.card.get('name', 'dataset')}-{kind}{cfg.mode}-{cfg.preset}-{digest}"
     root = storage.storage_root(root)
-    return RunPlan(cfg, network, ds, run_id, storage.join(root, "models", run_id), root, sched)
+    return RunPlan(cfg, network, ds, run_id, storage.join(root, "models", run_id), root, sched, autoencoder)

@@ -95,8 +95,10 @@ def _check_compatible(state: dict[str, Any], part: dict[str, Any], path: Path) -
     if state.get("num_classes") != part["num_classes"]:
         raise MeddiffError(f"checkpoint {path} was trained on {state.get('num_classes')} classes but the dataset "
                            f"has {part['num_classes']}; use another run name or --no-resume")
-    for key in ("network", "channels", "image_size", "class_id", "num_class_embeds", "scheduler_config"):
-        if to_jsonable(state.get(key)) != to_jsonable(part[key]):
+    for key in ("network", "channels", "image_size", "class_id", "num_class_embeds", "scheduler_config", "latent",
+                "conditioning"):
+        default = "embedding" if key == "conditioning" else None  # checkpoints from before latent diffusion
+        if to_jsonable(state.get(key, default)) != to_jsonable(part.get(key, default)):
             raise MeddiffError(f"checkpoint {path} has a different {key} ({state.get(key)} ≠ {part[key]}); "
                                f"use another run name or --no-resume")
 
@@ -107,7 +109,8 @@ def part_identity(plan: RunPlan, class_id: int | None) -> dict[str, Any]:
     return {"class_id": class_id, "num_classes": ds.num_classes, "channels": ds.channels,
             "image_size": ds.image_size, "network": to_jsonable(plan.network),
             "num_class_embeds": ds.num_classes + 1 if class_id is None else None,
-            "scheduler_config": plan.scheduler_config}
+            "scheduler_config": plan.scheduler_config, "latent": plan.autoencoder,
+            "conditioning": plan.cfg.conditioning if class_id is None else "embedding"}
 
 
 @dataclass
@@ -156,8 +159,8 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
         _prepare_folder(plan, folder, identity)
     barrier(info)
     torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 1)  # same initial weights on every rank
-    st = build_training_state(plan.network, plan.dataset.channels, identity["num_class_embeds"], device, cfg.lr,
-                              cfg.weight_decay, cfg.warmup_steps, cfg.ema_decay)
+    st = build_training_state(plan.network, plan.net_channels, identity["num_class_embeds"], device, cfg.lr,
+                              cfg.weight_decay, cfg.warmup_steps, cfg.ema_decay, identity["conditioning"])
     run = PartRun(plan, class_id, folder, identity, info, device, st, started=time.time())
     ckpts = list_checkpoints(folder.local) if cfg.resume else []
     if ckpts:
@@ -210,14 +213,17 @@ def _log(run: PartRun, mean_loss: float, images_per_s: float) -> None:
             "class_id": run.class_id})
 
 
-def _write_previews(run: PartRun) -> None:
+def _write_previews(run: PartRun, ae=None) -> None:
     plan, ds, n = run.plan, run.plan.dataset, PREVIEW_PER_CLASS
     classes = [run.class_id] if run.class_id is not None else list(range(ds.num_classes))
     labels = None if run.class_id is not None else torch.arange(ds.num_classes).repeat_interleave(n)  # (K·n,)
     ema_net = run.st.ema.module
     ema_net.eval()
-    imgs = preview_samples(ema_net, plan.scheduler_config, labels, n * len(classes), ds.channels, ds.image_size,
-                           run.device, seed=plan.cfg.seed, steps=plan.cfg.preview_steps)
+    imgs = preview_samples(ema_net, plan.scheduler_config, labels, n * len(classes), plan.net_channels,
+                           plan.net_size, run.device, seed=plan.cfg.seed, steps=plan.cfg.preview_steps,
+                           latent=ae is not None)
+    if ae is not None:  # latents (n, C_lat, h, w) → decoded images (n, C, H, W) in [0, 1]
+        imgs = ae.from_latent(imgs).add(1).div(2)
     for i, cid in enumerate(classes):
         write_grid(imgs[i * n:(i + 1) * n], run.folder.local / "samples" / f"step-{run.step:07d}" / f"class-{cid}.png")
     ema_net.train()
@@ -239,6 +245,12 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
     model, scheduler = _wrap(run), build_scheduler(plan.scheduler_config)
     spec = DataSpec(class_id=class_id, hflip=cfg.hflip, vflip=cfg.vflip, num_workers=cfg.num_workers)
     data = batches(plan.dataset, spec, cfg.batch_size // info.world, cfg.seed, run.step, info.rank, info.world)
+    ae = None
+    if plan.autoencoder is not None:  # latent diffusion: the same loop on z = scale · E(x)
+        from meddiff.train.latent import latent_data
+
+        ae, data = latent_data(plan, data, class_id, cfg.batch_size // info.world, run.step, info.rank, info.world,
+                               device)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss_sum, n_sum = torch.zeros((), device=device), 0
     t_last, step_last = time.perf_counter(), run.step
@@ -263,7 +275,7 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
             loss_sum.zero_()
             n_sum, t_last, step_last = 0, now, run.step
         if info.is_main and (run.step % cfg.sample_every == 0 or run.step == cfg.steps):
-            _write_previews(run)
+            _write_previews(run, ae)
         if is_ckpt:
             _save(run)
         if progress is not None and info.is_main:

@@ -64,9 +64,11 @@ def write_loss_curve(run_dir: Path, title: str) -> None:
 
 @torch.no_grad()
 def preview_samples(net: torch.nn.Module, scheduler_config: dict[str, Any], labels: torch.Tensor | None, n: int,
-                    channels: int, size: int, device: torch.device, seed: int, steps: int = 50) -> torch.Tensor:
+                    channels: int, size: int, device: torch.device, seed: int, steps: int = 50,
+                    latent: bool = False) -> torch.Tensor:
     """n preview images (n, C, H, W) in [0, 1] from the EMA net, with the objective's ``auto`` sampler
-    of ``meddiff.models.samplers`` (the one generation uses; no guidance).
+    of ``meddiff.models.samplers`` (the one generation uses; no guidance). ``latent``: raw latents
+    (n, C_lat, h, w) instead, never clipped (scaled latents are not in [-1, 1]).
 
     labels: (n,) class ids for a conditional net, None for an unconditional one. Noise comes from its
     own per-image generators (seeds seed, seed + 1, ...), so it never disturbs the training RNG.
@@ -77,9 +79,9 @@ def preview_samples(net: torch.nn.Module, scheduler_config: dict[str, Any], labe
     grid = sampling_grid(scheduler_config, steps)
     denoise = lambda x_t, t: net(x_t, timesteps=t, class_labels=y)  # noqa: E731
     objective = scheduler_config["objective"]
-    predict = predictor(denoise, grid, parameterization(scheduler_config), clip=objective == "ddpm")
+    predict = predictor(denoise, grid, parameterization(scheduler_config), clip=objective == "ddpm" and not latent)
     x = run_sampler(AUTO_SAMPLER[objective], predict, grid, x, noise)
-    return x.clamp(-1, 1).add(1).div(2)
+    return x if latent else x.clamp(-1, 1).add(1).div(2)
 
 
 def write_grid(images: torch.Tensor, path: Path) -> None:

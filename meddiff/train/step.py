@@ -10,7 +10,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from meddiff.models.diffusion import Prediction, diffusion_loss
 from meddiff.models.networks import build_network
-from meddiff.models.networks import NetworkConfig
+from meddiff.models.networks import Conditioning, NetworkConfig
 
 
 @dataclass
@@ -43,9 +43,10 @@ def ema_with_warmup(decay: float):
 
 
 def build_training_state(network: NetworkConfig, channels: int, num_class_embeds: int | None, device: torch.device,
-                         lr: float, weight_decay: float, warmup_steps: int, ema_decay: float) -> TrainingState:
+                         lr: float, weight_decay: float, warmup_steps: int, ema_decay: float,
+                         conditioning: Conditioning = "embedding") -> TrainingState:
     """Fresh weights (from the current torch seed) on ``device``; channels-last on CUDA."""
-    net = build_network(network, channels, num_class_embeds).to(device)
+    net = build_network(network, channels, num_class_embeds, conditioning).to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     ema = AveragedModel(net, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)

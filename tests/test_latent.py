@@ -1,0 +1,247 @@
+"""Latent diffusion on real BreastMNIST (1 channel, 28 px, 2 classes) with CPU-sized settings:
+autoencoder training + resume, encode (latent shards + reconstruction report), latent conditional
+(cross-attention) and per-class denoisers, generation + verify + regenerate, and bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meddiff.errors import ArtifactError, MeddiffError
+
+AE_KW = dict(steps=6, batch_size=8, adv_warmup_steps=3, checkpoint_every=3, log_every=3, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def vae_uri(breastmnist_uri: str, session_storage: str) -> str:
+    from meddiff.train.ae_config import AETrainConfig
+    from meddiff.train.autoencoder import train_autoencoder
+
+    return train_autoencoder(AETrainConfig(breastmnist_uri, kind="vae", **AE_KW), session_storage).uri
+
+
+@pytest.fixture(scope="module")
+def vqvae_uri(breastmnist_uri: str, session_storage: str) -> str:
+    from meddiff.train.ae_config import AETrainConfig
+    from meddiff.train.autoencoder import train_autoencoder
+
+    return train_autoencoder(AETrainConfig(breastmnist_uri, kind="vqvae", **AE_KW), session_storage).uri
+
+
+@pytest.fixture(scope="module")
+def latent_conditional_uri(breastmnist_uri: str, vae_uri: str, session_storage: str) -> str:
+    from meddiff.train import TrainConfig, train
+
+    cfg = TrainConfig(breastmnist_uri, steps=4, batch_size=8, device="cpu", preview_steps=2, objective="rflow",
+                      latent=vae_uri, conditioning="cross-attention")
+    return train(cfg, session_storage).uri
+
+
+def _rows(uri: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(uri) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_autoencoder_card_scale_factor_and_records(vae_uri, breastmnist_uri):
+    from meddiff.data.shards import open_dataset
+    from meddiff.models.autoencoders import load_autoencoder
+
+    ae = load_autoencoder(vae_uri)
+    card = ae.card
+    assert card["latent_shape"] == [4, 7, 7] and card["factor"] == 4
+    assert card["compression_ratio"] == pytest.approx(28 * 28 / (2 * 4 * 7 * 7))  # uint8 pixels vs fp16 latents
+    # the recorded scale factor whitens latents of images it was not estimated on (val split)
+    x, _ = open_dataset(breastmnist_uri).load_split("val")
+    z = ae.to_latent(torch.from_numpy(x[:64]).float().div(127.5).sub(1))
+    assert 0.6 < float(z.std()) < 1.6, float(z.std())
+    rows = _rows(vae_uri)
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(r["l1"] > 0 and r["val_l1"] > 0 and "kl" in r for r in rows)
+    assert "disc" not in rows[0] and rows[1]["disc"] > 0  # discriminator on after the warm-up (step 3)
+    for rel in ("loss_curve.png", "samples/step-0000006/reconstructions.png", "weights.pt", "config.json"):
+        assert (Path(vae_uri) / rel).is_file(), rel
+
+
+def test_autoencoder_resumes_from_its_checkpoint(breastmnist_uri, tmp_path, monkeypatch):
+    from meddiff.train import autoencoder as ae_train
+    from meddiff.train.ae_config import AETrainConfig
+
+    cfg = AETrainConfig(breastmnist_uri, kind="vqvae", **AE_KW)
+    first = ae_train.train_autoencoder(cfg, str(tmp_path))
+    run = Path(first.uri)
+    (run / "model.json").unlink()  # as if killed after the step-3 checkpoint
+    (run / "checkpoints" / "step-0000006.pt").unlink()
+    steps_done = []
+    real_step = ae_train.ae_step
+    monkeypatch.setattr(ae_train, "ae_step", lambda st, x, step: steps_done.append(step) or real_step(st, x, step))
+    second = ae_train.train_autoencoder(cfg, str(tmp_path))
+    assert steps_done == [3, 4, 5]  # continued after step 3, not from scratch
+    assert [r["step"] for r in _rows(second.uri)] == [3, 6]
+    assert second.card["steps"] == 6 and not second.existed
+    again = ae_train.train_autoencoder(cfg, str(tmp_path))
+    assert again.existed and again.card == second.card
+
+
+def test_encode_writes_codes_shards_and_report(breastmnist_uri, vqvae_uri, session_storage):
+    from meddiff.data.shards import iter_shard, open_dataset
+    from meddiff.evaluate.reconstruction import encode_with_report
+
+    out = encode_with_report(breastmnist_uri, vqvae_uri, "cpu", max_images=40, root=session_storage,
+                             domain_steps=5, with_umap=False)
+    card, ds = out["card"], open_dataset(breastmnist_uri)
+    assert card["counts"] == {s: sum(ds.card["counts"][s].values()) for s in card["counts"]}
+    sample = next(iter_shard(str(Path(out["uri"]) / card["shards"]["train"][0])))
+    codes = np.load(io.BytesIO(sample["npy"]))
+    assert codes.dtype == np.uint16 and codes.shape == (7, 7) and codes.max() < 128
+    assert card["bytes_saved"] == card["pixel_bytes_total"] - card["latent_bytes_total"] > 0
+    rec = card["reconstruction"]
+    assert rec["n"] == 40 and 5 < rec["psnr_db"]["mean"] < 60 and -1 <= rec["ssim"]["mean"] <= 1
+    assert rec["ms_ssim"] is None  # 28 px < 161 px
+    assert rec["features"]["fid"] >= 0 and "baseline" in rec["features"]
+    assert encode_with_report(breastmnist_uri, vqvae_uri, "cpu", root=session_storage)["existed"]
+
+
+def test_latent_conditional_generate_verify_regenerate(latent_conditional_uri, vae_uri, session_storage):
+    from PIL import Image
+
+    from meddiff.data.cohorts import open_cohort, verify
+    from meddiff.generate import CohortSpec, generate, regenerate
+    from meddiff.models.autoencoders import load_autoencoder
+
+    ae_sha = load_autoencoder(vae_uri).sha256
+    res = generate(CohortSpec(latent_conditional_uri, per_class=2, steps=2, device="cpu"), session_storage)
+    assert verify(res.uri).ok
+    assert res.card["autoencoder"]["uri"] == vae_uri
+    assert res.card["inputs"]["checkpoint_sha256"]["autoencoder"] == ae_sha
+    manifest = open_cohort(res.uri).manifest()
+    row = manifest.iloc[3]
+    png = regenerate(res.uri, int(row["sample_id"]), "cpu")
+    assert hashlib.sha256(png).hexdigest() == row["image_sha256"]
+    assert np.asarray(Image.open(io.BytesIO(png))).shape == (28, 28)  # decoded to the dataset's images
+    gif = Image.open(Path(res.uri) / "reverse_diffusion.gif")
+    assert gif.size[0] > gif.size[1]  # latent | decoded side by side
+
+
+def test_latent_per_class_trains_from_latent_shards(breastmnist_uri, vqvae_uri, session_storage, monkeypatch):
+    from meddiff.evaluate.reconstruction import encode_with_report
+    from meddiff.generate import CohortSpec, generate
+    from meddiff.train import TrainConfig, latent, train
+
+    encode_with_report(breastmnist_uri, vqvae_uri, "cpu", max_images=40, root=session_storage, domain_steps=5,
+                       with_umap=False)
+    monkeypatch.setattr(latent, "latent_batches", lambda *a: pytest.fail("encoded on the fly despite shards"))
+    res = train(TrainConfig(breastmnist_uri, mode="per-class", steps=3, batch_size=8, device="cpu", preview_steps=2,
+                            latent=vqvae_uri), session_storage)
+    assert res.card["latent"]["kind"] == "vqvae" and set(res.card["parts"]) == {"0", "1"}
+    cohort = generate(CohortSpec(res.uri, per_class=1, steps=2, device="cpu"), session_storage)
+    assert cohort.counts == {"malignant": 1, "normal, benign": 1}
+
+
+def test_autoencoder_of_another_dataset_is_refused(bloodmnist_uri, vae_uri, tmp_path):
+    from meddiff.evaluate.reconstruction import encode_with_report
+    from meddiff.train import TrainConfig, train
+
+    with pytest.raises(MeddiffError, match="trained on dataset 'breastmnist'"):
+        train(TrainConfig(bloodmnist_uri, steps=2, device="cpu", latent=vae_uri), str(tmp_path))
+    with pytest.raises(MeddiffError, match="trained on dataset 'breastmnist'"):
+        encode_with_report(bloodmnist_uri, vae_uri, "cpu", root=str(tmp_path))
+    assert not (tmp_path / "models").exists()
+    assert not (Path(bloodmnist_uri) / "latents").exists()
+
+
+@pytest.mark.parametrize("change,message", [({"image_size": 64}, "takes 1-channel 64 px images"),
+                                            ({"channels": 3}, "takes 3-channel 28 px images")])
+def test_autoencoder_of_another_size_or_channel_count_is_refused(breastmnist_uri, vae_uri, tmp_path, change, message):
+    from meddiff.train import TrainConfig, train
+
+    ae = tmp_path / "autoencoders" / "other"
+    shutil.copytree(vae_uri, ae)
+    card = json.loads((ae / "model.json").read_text())
+    (ae / "model.json").write_text(json.dumps({**card, **change}))
+    with pytest.raises(MeddiffError, match=message):
+        train(TrainConfig(breastmnist_uri, steps=2, device="cpu", latent=str(ae)), str(tmp_path))
+    assert not (tmp_path / "models").exists()
+
+
+def test_latent_model_without_or_with_a_corrupt_autoencoder(latent_conditional_uri, vae_uri, tmp_path):
+    from meddiff.generate import CohortSpec, generate
+
+    model = tmp_path / "models" / "m"
+    shutil.copytree(latent_conditional_uri, model)
+    ae_copy = tmp_path / "autoencoders" / "a"
+    shutil.copytree(vae_uri, ae_copy)
+    card = json.loads((model / "model.json").read_text())
+    for ae_uri, message in ((str(tmp_path / "gone"), "not a finished autoencoder"), (str(ae_copy), "corrupt")):
+        card["latent"]["uri"] = ae_uri
+        (model / "model.json").write_text(json.dumps(card))
+        (ae_copy / "weights.pt").write_bytes(b"not a checkpoint")
+        with pytest.raises(ArtifactError, match=message):
+            generate(CohortSpec(str(model), per_class=1, steps=2, device="cpu"), str(tmp_path))
+    assert not (tmp_path / "cohorts").exists()
+
+
+def test_cross_attention_only_for_conditional_models(breastmnist_uri):
+    from meddiff.train import TrainConfig
+
+    with pytest.raises(MeddiffError, match="--conditioning applies to conditional"):
+        TrainConfig(breastmnist_uri, mode="per-class", conditioning="cross-attention").check()
+    with pytest.raises(MeddiffError, match="conditioning must be one of"):
+        TrainConfig(breastmnist_uri, conditioning="film").check()
+
+
+def test_cli_train_autoencoder_finds_the_trained_run(breastmnist_uri, vae_uri, session_storage):
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    res = CliRunner().invoke(app, ["train-autoencoder", breastmnist_uri, "--kind", "vae", "--steps", "6",
+                                   "--batch-size", "8", "--adv-warmup-steps", "3", "--device", "cpu",
+                                   "--storage", session_storage])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[-1] == vae_uri
+
+
+@pytest.mark.slow
+def test_latent_pipeline_runs_then_skips_every_stage(medmnist_dir, tmp_path):
+    from meddiff.pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir), steps=3, batch_size=8,
+                         preview_steps=2, per_class=2, sample_steps=2, device="cpu", evaluate=False, domain_steps=5,
+                         latent="vae", ae_steps=3, latent_umap=False)
+    first = run_pipeline(cfg, str(tmp_path))
+    assert [s.stage for s in first.stages] == ["ingest", "train-autoencoder", "encode", "train", "generate"]
+    assert not any(s.existed for s in first.stages[1:])
+    card = json.loads((Path(first.model_uri) / "model.json").read_text())
+    assert card["latent"]["uri"] == first.stages[1].uri
+    second = run_pipeline(cfg, str(tmp_path))
+    assert second.all_skipped and second.cohort_uri == first.cohort_uri
+
+
+def test_train_autoencoder_flow_finds_the_trained_run(prefect_harness, breastmnist_uri, vae_uri, session_storage):
+    from flows.train_autoencoder import train_autoencoder
+
+    assert train_autoencoder(breastmnist_uri, kind="vae", steps=6, batch_size=8, adv_warmup_steps=3, device="cpu",
+                             storage_root=session_storage) == vae_uri
+
+
+def test_perceptual_loss_reads_local_backbone_weights_only(tmp_path):
+    import torchvision
+
+    from meddiff.models.perceptual import PerceptualLoss
+
+    torch.manual_seed(0)
+    feats = torchvision.models.alexnet(weights=None).features.state_dict()
+    torch.save({f"features.{k}": v for k, v in feats.items()}, tmp_path / "alexnet.pt")
+    loss = PerceptualLoss(str(tmp_path / "alexnet.pt"))
+    x = torch.rand(2, 1, 64, 64) * 2 - 1  # grey images are replicated to RGB
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(x, x.flip(-1)).item() > 0
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(MeddiffError, match="AlexNet or VGG16"):
+        PerceptualLoss(str(tmp_path / "other.pt"))
