@@ -95,7 +95,7 @@ def pipeline(
         preview_steps: Sampler steps of training's preview grids; empty = training's default.
         per_class: Images generated per class (give this or total).
         total: Total images, split evenly over the classes (give this or per_class).
-        sampler: Generation sampler; auto = the measured best for the model's objective (dpmpp2m for DDPM, heun for rectified flow); or ddim, ddpm, dpmpp2m, rflow, heun.
+        sampler: Generation sampler; auto = the measured best for the model's objective (ddim for DDPM, heun for rectified flow); or ddim, ddpm, dpmpp2m, rflow, heun.
         sample_steps: Denoising steps per generated image.
         guidance: Classifier-free guidance scale; empty = the model's default (2.0).
         device: auto = a GPU when the worker has one, else CPU; cuda without a GPU fails.

@@ -35,7 +35,7 @@ def generate(
     per_class: Optional[int] = typer.Option(None, help="N images of every class."),
     total: Optional[int] = typer.Option(None, help="N images split evenly, or by --ratios."),
     ratios: Optional[str] = typer.Option(None, help="Prevalence ratios of --total: 'name=p,...' (or class ids)."),
-    sampler: str = typer.Option("auto", help="auto (dpmpp2m for DDPM models, heun for rectified flow) | "
+    sampler: str = typer.Option("auto", help="auto (ddim for DDPM models, heun for rectified flow) | "
                                 "ddim | ddpm | dpmpp2m (DDPM ε/v models) | rflow | heun (rectified flow)."),
     steps: int = typer.Option(25, help="Reverse-diffusion steps (heun: 2·steps − 1 network calls)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (conditional models; "

@@ -19,7 +19,7 @@ class CohortSpec:
     per_class: int | None = None  # N images of every class
     total: int | None = None  # N images: split evenly over classes, or by `ratios` when given
     ratios: str | None = None  # prevalence ratios "name=p,..." of `total` (unlisted classes get 0)
-    sampler: Sampler | Literal["auto"] = "auto"  # auto = measured best: dpmpp2m for ε/v models, heun for
+    sampler: Sampler | Literal["auto"] = "auto"  # auto = measured best: ddim for ε/v models, heun for
     # rectified flow; ddim (η=0), ddpm (ancestral, η=1) and dpmpp2m serve ε/v models, rflow (Euler) and heun rflow
     steps: int = 25  # reverse-diffusion steps (heun: 2·steps − 1 network calls); 25 = near-converged for the
     # auto samplers (bench/bench_samplers.py, README "Generate")
