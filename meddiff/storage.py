@@ -213,6 +213,26 @@ def local_staging(root: str, kind: str) -> Path:
                            f"folder with --storage or {ENV_VAR}") from e
 
 
+def _rename_into_place(staging: Path, dest: Path, last: set[str]) -> None:
+    """Compare-and-swap publish of a local folder (see ``publish_dir``)."""
+    while True:
+        try:
+            os.rename(staging, dest)
+            return
+        except OSError:
+            if not dest.exists():
+                raise
+        if last and all((dest / name).exists() for name in last):
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(dest, trash)
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 def publish_dir(staging: Path, dest_uri: str, last: Iterable[str] = ()) -> None:
     """Move a finished staging folder to ``dest_uri``; files named in ``last`` land last.
 
@@ -229,22 +249,9 @@ def publish_dir(staging: Path, dest_uri: str, last: Iterable[str] = ()) -> None:
         for old in dest.parent.glob(f".trash-{dest.name}-*"):  # a publisher killed while clearing it
             shutil.rmtree(old, ignore_errors=True)
         staging.chmod(0o777 & ~process_umask())  # mkdtemp's 0700 → readable like a plain mkdir
-        while True:
-            try:
-                os.rename(staging, dest)
-                return
-            except OSError:
-                if not dest.exists():
-                    raise
-            if last and all((dest / name).exists() for name in last):
-                shutil.rmtree(staging, ignore_errors=True)
-                return
-            trash = dest.parent / f".trash-{dest.name}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(dest, trash)
-            except FileNotFoundError:
-                continue
-            shutil.rmtree(trash, ignore_errors=True)
+        with write_faults(dest):
+            _rename_into_place(staging, dest, last)
+        return
     fs, path = filesystem(dest_uri)
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     for group in ([p for p in files if p.name not in last], [p for p in files if p.name in last]):

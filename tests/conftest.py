@@ -59,21 +59,9 @@ def moto_s3(monkeypatch):
     """An S3 server (moto) on loopback with bucket ``meddiff``; AWS variables set for this test only.
 
     Yields the endpoint URL."""
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(k, v)
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="meddiff")
+    pytest.importorskip("moto.server")
+    for endpoint, _ in _moto_server(monkeypatch):
         yield endpoint
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

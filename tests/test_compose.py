@@ -17,7 +17,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICES = {"postgres", "prefect-server", "minio", "minio-init", "worker-cpu", "worker-gpu"}
-FLOWS = {"ingest-dataset", "train-model", "generate-cohort", "evaluate-cohort", "pipeline"}
+FLOWS = {"ingest-dataset", "train-model", "generate-cohort", "evaluate-cohort", "pipeline", "train-autoencoder",
+         "generate-shard", "train-part"}
 DEPLOYMENTS = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
 
 
@@ -115,7 +116,8 @@ def test_prefect_yaml_deployments_pools_and_schedule(prefect_yaml):
                  "flows/evaluate_cohort.py", "flows/pipeline.py"):
         assert path in by_file
     expected_pool = {"ingest_dataset": "cpu", "evaluate_cohort": "cpu", "train_model": "gpu",
-                     "generate_cohort": "gpu", "pipeline": "gpu"}
+                     "generate_cohort": "gpu", "pipeline": "gpu", "train_autoencoder": "gpu", "generate_shard": "gpu",
+                     "train_part": "gpu"}
     for d in deployments:
         stem = Path(d["entrypoint"].split(":")[0]).stem
         assert d["work_pool"]["name"] == expected_pool[stem] and d["work_pool"]["name"] in pools

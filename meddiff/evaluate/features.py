@@ -62,12 +62,7 @@ def _as_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 N×C×H×W (array or tensor) → float32 N×C×H×W in [0, 1]."""
-    t = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
-    if t.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 images, got {t.dtype}")
-    if t.ndim != 4:
-        raise ValueError(f"expected N×C×H×W images, got shape {tuple(t.shape)}")
-    return t.float().div_(255.0)
+    return _as_uint8(images).float().div_(255.0)
 
 
 # --------------------------------------------------------------------------- inception
