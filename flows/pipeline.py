@@ -75,10 +75,10 @@ def pipeline(
     domain_steps: int | None = _D.domain_steps,
     objective: Literal["ddpm", "rflow"] = _D.objective,
     storage_root: str | None = None,
-    latent: Literal["vae", "vqvae"] | None = None,
-    ae_preset: str = "tiny",
-    ae_steps: int | None = None,
-    latent_umap: bool = True,
+    latent: Literal["vae", "vqvae"] | None = _D.latent,
+    ae_preset: str = _D.ae_preset,
+    ae_steps: int | None = _D.ae_steps,
+    latent_umap: bool = _D.latent_umap,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out.
 
@@ -106,6 +106,10 @@ def pipeline(
         eval_max_images: Images per set (synthetic/train/val) through Inception; empty = all.
         domain_steps: Optimizer steps of the evaluation's domain classifier; empty = its default.
         objective: rflow (rectified flow: recognisable cells from tiny on a CPU) or ddpm.
+        latent: Latent diffusion: train this autoencoder (vae or vqvae), encode the dataset, train on its latents; empty = pixels.
+        ae_preset: Autoencoder preset (tiny, small, base) when latent is set.
+        ae_steps: Autoencoder training steps; empty = the preset's default.
+        latent_umap: Draw the encode stage's UMAP of the latents (umap-learn's first call compiles for ~1 min).
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
     one_traceback_per_failure()

@@ -242,7 +242,8 @@ def test_cohort_generated_by_a_tiny_model(tiny_per_class_model_uri, breastmnist_
 
 def test_tstr_real_only_accuracy_agrees_with_medmnist_evaluator(breast, medmnist_dir):
     """Same predictions, two scorers: our TSTR accuracy/AUC on the real test split equal what the
-    official ``medmnist.Evaluator`` computes (the ingested test split keeps the official order)."""
+    official ``medmnist.Evaluator`` computes (predictions put back in the npz order through each test
+    image's ``source_id``: ingest writes splits in a seeded random order)."""
     import torch
     from medmnist import Evaluator
 
@@ -252,7 +253,11 @@ def test_tstr_real_only_accuracy_agrees_with_medmnist_evaluator(breast, medmnist
     xva, yva = ds.load_split("val")
     result, probs = run_setting("real", torch.from_numpy(xtr), torch.as_tensor(ytr), torch.from_numpy(xte),
                                 torch.as_tensor(yte), ds.num_classes, 30, (torch.from_numpy(xva), torch.as_tensor(yva)))
-    official = Evaluator("breastmnist", "test", root=str(medmnist_dir)).evaluate(probs.numpy())
+    test_index = ds.index().query("split == 'test'")  # load_split order
+    npz_pos = test_index.source_id.map(lambda sid: int(sid.rsplit("/", 1)[1])).to_numpy()
+    in_npz_order = np.empty_like(probs.numpy())
+    in_npz_order[npz_pos] = probs.numpy()
+    official = Evaluator("breastmnist", "test", root=str(medmnist_dir)).evaluate(in_npz_order)
     assert result.steps == 30 and result.n_test == len(yte) == len(probs)
     assert result.accuracy == pytest.approx(official.ACC, abs=1e-6)  # same count of correct predictions (1/156 apart otherwise)
     assert result.auc == pytest.approx(official.AUC, abs=1e-6)
