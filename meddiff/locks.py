@@ -86,7 +86,8 @@ class _LocalLock:
             except FileNotFoundError:  # the .locks folder was just removed by a releasing owner
                 continue
             except OSError as e:
-                raise StorageError(f"cannot create lock file {self.path}: {e}") from e
+                raise StorageError(f"cannot write the lock file {self.path} ({e.strerror or e}); choose a writable "
+                                   "storage root with --storage or MEDDIFF_STORAGE") from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
