@@ -124,8 +124,12 @@ class ThreadPlan:
         return f"{self.threads} CPU thread(s) ({self.source}; {self.available:g} CPUs available{busy})"
 
 
-def plan_threads(requested: int | None = None, local_world: int = 1) -> ThreadPlan:
-    """How many intra-op threads this process should use (see the module docstring for precedence)."""
+def plan_threads(requested: int | None = None, local_world: int = 1, load_aware: bool = True) -> ThreadPlan:
+    """How many intra-op threads this process should use (see the module docstring for precedence).
+
+    ``load_aware=False`` (generation): the CPUs available (affinity, quota), never the current load, so
+    the thread count — which moves CPU kernels' last bits — is a property of the machine, not of the
+    moment: a shard made by a fan-out worker equals the one a single process makes."""
     from meddiff.errors import MeddiffError
 
     avail = available_cpus()
@@ -145,15 +149,17 @@ def plan_threads(requested: int | None = None, local_world: int = 1) -> ThreadPl
 
         return ThreadPlan(torch.get_num_threads(), "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS")
                           else "torch default", avail, None)
+    if not load_aware:
+        return ThreadPlan(max(1, math.floor(avail / max(1, local_world) + 0.5)), "auto (machine)", avail, None)
     busy = others_busy()
     return ThreadPlan(auto_threads(local_world, busy), "auto", avail, busy)
 
 
-def configure_threads(requested: int | None = None, local_world: int = 1) -> ThreadPlan:
+def configure_threads(requested: int | None = None, local_world: int = 1, load_aware: bool = True) -> ThreadPlan:
     """Size torch's intra-op pool (and, once per process, its inter-op pool) for this machine now."""
     import torch
 
-    plan = plan_threads(requested, local_world)
+    plan = plan_threads(requested, local_world, load_aware)
     if plan.source == "torch default":
         return plan
     if torch.get_num_threads() != plan.threads:

@@ -132,6 +132,7 @@ def generate_shard(plan: CohortPlan, k: int, on_batch: Callable[[int], Any] = la
     """Generate shard ``k`` and its manifest part (each written atomically); False when it was done."""
     if plan.shard_done(k):
         return False
+    configure_threads(load_aware=False)  # the machine's CPUs, not the moment's load: same bits on every worker
     rows = _generate_shard(plan.spec, plan.model, plan.guidance, plan.device, plan.shard_ids(k), plan.class_of,
                            plan.work / plan.shard_names[k], on_batch)
     storage.write_bytes(str(plan.part_path(k)), parquet_bytes(manifest_table(rows)))
@@ -200,7 +201,6 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
 
 
 def _generate_missing(plan: CohortPlan, progress: Progress | None) -> CohortResult:
-    configure_threads()  # CPU threads that fit the machine now (meddiff.threads)
     t0, n_total, done, generated = time.time(), len(plan.class_of), 0, 0
     for k in range(len(plan.shard_names)):
         base = done
@@ -277,6 +277,7 @@ def regenerate(cohort_uri: str, sample_id: int, device: str | None = None, alone
     so the image then matches up to the last bits (at most ±1 grey level on rare pixels).
     """
 
+    configure_threads(load_aware=False)  # as generation did (thread count moves kernels' last bits)
     cohort = open_cohort(cohort_uri)
     card = cohort.card
     manifest = cohort.manifest().set_index("sample_id")
