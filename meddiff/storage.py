@@ -48,7 +48,10 @@ def storage_root(root: str | None = None) -> str:
 def _fs_options(uri: str) -> dict[str, Any]:
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"},
+        # no listings cache: several processes (workers, a concurrent run) write the same prefixes, and a
+        # cached listing would answer exists() with what was there when this process first looked
+        opts: dict[str, Any] = {"use_listings_cache": False,
+                                "config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"},
                                                   "connect_timeout": 5, "read_timeout": 60}}
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
