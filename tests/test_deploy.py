@@ -235,6 +235,28 @@ def api(api_url: str, path: str, body: dict | None = None, attempts: int = 3):
             time.sleep(5)
 
 
+def run_log_messages(api_url: str, run_id: str, page: int = 200) -> list[str]:
+    """Every log message of one flow run, in time order (the API answers 200 at most per call)."""
+    messages: list[str] = []
+    while True:
+        batch = api(api_url, "logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}},
+                                             "limit": page, "offset": len(messages)})
+        messages += [entry["message"] for entry in batch]
+        if len(batch) < page:
+            return messages
+
+
+def wait_for_log(api_url: str, run_id: str, text: str, timeout: float = 90) -> list[str]:
+    """A run's logs once one message contains `text`. A run's state can reach the server before its last log
+    batch (the process ships logs every couple of seconds and at exit), so a finished run's logs are polled."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = run_log_messages(api_url, run_id)
+        if any(text in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(2)
+
+
 def deployment_runs(api_url: str, name: str) -> list[dict]:
     dep = api(api_url, f"deployments/name/{name}")
     return api(api_url, "flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}})
@@ -252,8 +274,7 @@ def test_ingest_deployment_error_names_the_parameter_with_one_traceback(deployed
     assert proc.returncode != 0, proc.stdout + proc.stderr
     (failed,) = [r for r in deployment_runs(api_url, "ingest-dataset/default")
                  if r["parameters"].get("medmnist_root") == str(empty)]
-    logs = "\n".join(e["message"] for e in api(api_url, "logs/filter",
-                                                  {"logs": {"flow_run_id": {"any_": [failed["id"]]}}}))
+    logs = "\n".join(wait_for_log(api_url, failed["id"], "medmnist_root parameter"))
     assert "medmnist_root parameter" in logs and "--medmnist-root" not in logs, logs[-3000:]
     assert logs.count("Traceback (most recent call last)") == 1, logs[-6000:]
     assert not list((tmp_path / "storage").rglob("dataset.json"))
@@ -291,8 +312,8 @@ def test_interval_schedule_fires_and_a_worker_runs_it(deployed, medmnist_dir, tm
     uri = str(cards[0].parent)
     for r in done[:2]:
         assert r["name"] == "ingest-medmnist:bloodmnist" and "dataset:bloodmnist" in r["tags"], r
-        logs = api(api_url, "logs/filter", {"logs": {"flow_run_id": {"any_": [r["id"]]}}})
-        assert f"result: {uri}" in [entry["message"] for entry in logs]
+        messages = wait_for_log(api_url, r["id"], f"result: {uri}")
+        assert f"result: {uri}" in messages, messages[-20:]
         data = r["state"]["data"] or {}
         stored = Path(data.get("storage_key", ""))
         assert stored.is_file(), r["state"]  # the persisted result (JSON), readable by run_deployment callers
