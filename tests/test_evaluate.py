@@ -87,7 +87,12 @@ def test_report_html_has_every_section(planted):
     html = Path(uri, "report.html").read_text()
     for section in SECTIONS:
         assert f'id="{section}"' in html
-    assert html.count("data:image/png;base64,") >= 3  # sample grid, memorization pairs, loss curve
+    assert html.count("data:image/png;base64,") >= 4  # sample grid, UMAP, memorization pairs, loss curve
+    umap = result.report["umap"]  # the UMAP of domain features: every synthetic image beside the held-out ones
+    assert "skipped" not in umap, umap
+    assert umap["n_synthetic"] == result.report["cohort"]["n"] and umap["n_real"] == result.report["real"]["test"]
+    section = html.split('id="umap"')[1].split("<h2")[0]
+    assert "data:image/png;base64," in section and f"{umap['n_real']} real images" in section
     assert "metrics.jsonl" in html  # the loss curve was plotted from the model folder
     assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained
     assert result.report["html"]["sha256"]

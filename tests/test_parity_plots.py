@@ -28,6 +28,21 @@ def test_umap_png_draws_one_panel_per_class():
     assert Image.open(io.BytesIO(png)).size[0] > 300
 
 
+def test_report_umap_step_records_why_it_drew_nothing():
+    """The report's UMAP never fails an evaluation: switched off, or too few points, it says why."""
+    from meddiff.evaluate.config import EvalConfig
+    from meddiff.evaluate.scoring import umap_step
+
+    f, y = torch.randn(2, 8), np.array([0, 1])
+    png, rec = umap_step(f, y, f, y, ["a", "b"], EvalConfig(umap_points=0))
+    assert png is None and rec == {"skipped": "umap_points = 0"}
+    if pytest.importorskip("umap"):
+        png, rec = umap_step(f, y, f[:1], y[:1], ["a", "b"], EvalConfig())  # 3 points: too few for a map
+        assert png is None and "at least 4" in rec["skipped"] and rec["n_synthetic"] == 2 and rec["n_real"] == 1
+    with pytest.raises(Exception, match="umap_points"):
+        EvalConfig(umap_points=3).check()
+
+
 def test_val_probe_is_fixed_and_tracks_the_network():
     from meddiff.models.diffusion import build_scheduler, scheduler_config
     from meddiff.models.networks import NetworkConfig, build_network

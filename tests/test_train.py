@@ -100,6 +100,10 @@ def test_tiny_conditional_bloodmnist(blood_conditional, bloodmnist_uri):
     assert card["mode"] == "conditional" and card["null_class"] == 8 and card["num_class_embeds"] == 9
     assert card["dataset"]["uri"] == bloodmnist_uri and len(card["class_names"]) == 8 and card["channels"] == 3
     assert loss_went_down(metrics(run)), metrics(run)
+    # the EMA network's loss on fixed val-split draws, on every checkpoint's row (and only there)
+    val = {r["step"]: r["val_loss"] for r in metrics(run) if "val_loss" in r}
+    assert sorted(val) == [20, 40] and all(0 < v < 10 for v in val.values()), val
+    assert val[40] < val[20], val  # 20 more steps of a network far from converged: the EMA has moved down
     assert len(list_checkpoints(run)) == 2  # step 20 and 40, keep=2
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000020", "step-0000040"]  # every K
 
@@ -115,6 +119,7 @@ def test_tiny_per_class_bloodmnist(bloodmnist_uri, tmp_path):
         assert part["class_id"] == c and part["num_class_embeds"] is None
         assert card["checkpoint_sha256"][card["class_names"][c]] == part["checkpoint_sha256"]
         assert {r["class_id"] for r in metrics(group / f"class-{c}")} == {c}
+        assert [r["step"] for r in metrics(group / f"class-{c}") if "val_loss" in r] == [10, 20]  # its class's val images
     assert all(loss_went_down(metrics(group / f"class-{c}")) for c in range(8))
     model = load_model(str(group))
     assert sorted(model.networks) == list(range(8)) and model.null_class is None

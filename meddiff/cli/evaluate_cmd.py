@@ -41,6 +41,7 @@ def evaluate(
     tstr_max_images: Optional[int] = typer.Option(None, help="Cap on each TSTR training set (CPU budget)."),
     drop_flagged: bool = typer.Option(False, "--drop-flagged", help="Consumers skip memorization-flagged images."),
     max_images: Optional[int] = typer.Option(1000, help="Images per set for Inception features (0 = all)."),
+    umap_points: int = typer.Option(1000, help="Real and synthetic points in the report's UMAP (0 = none)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     force: bool = typer.Option(False, "--force", help="Recompute even if an up-to-date report exists."),
 ) -> None:
@@ -49,7 +50,7 @@ def evaluate(
 
     cfg = EvalConfig(real_uri=real, features=tuple(f.strip() for f in features.split(",") if f.strip()),
                      tstr=tstr, tstr_protocol=tstr_protocol, tstr_steps=tstr_steps, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,
-                     max_images=max_images or None, device=device)
+                     max_images=max_images or None, umap_points=umap_points, device=device)
     with rich_progress(f"evaluate {cohort_uri}") as progress:
         result = evaluate_cohort(cohort_uri, cfg, progress, force=force)
     console.print(result.report["verdict"]["sentence"])

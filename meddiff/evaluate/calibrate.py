@@ -129,7 +129,7 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
               force: bool = False) -> tuple[str, dict[str, Any]]:
     """Score the three reference generators; returns (calibration.json URI, its content)."""
     cfg = cfg or CalibrationConfig()
-    ecfg = cfg.eval.check()
+    ecfg = replace(cfg.eval, umap_points=0).check()  # calibration.html draws no per-generator UMAP
     out = calibration_uri(dataset_uri, cfg, root)
     json_uri = storage.join(out, "calibration.json")
     if not force and storage.exists(json_uri) and storage.exists(storage.join(out, "calibration.html")):

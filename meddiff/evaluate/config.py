@@ -42,6 +42,9 @@ class EvalConfig:
     domain: DomainTrainConfig = field(default_factory=DomainTrainConfig)  # domain classifier training
     cache_root: str | None = None  # where the domain classifier is cached; None → <storage root>/cache
     grid_per_class: int = 8  # images per class in the report's sample grids
+    # real (held-out) and synthetic points each in report.html's UMAP of domain features (seeded subsample;
+    # umap-learn, ~10 s on 2 CPU cores); 0 = no UMAP section
+    umap_points: int = 1000
     closest_pairs: int = 12  # closest synthetic/training pairs shown in the report
     device: str = "auto"  # auto | cpu | cuda[:N]
     seed: int = 0  # subsampling, interval and TSTR seed
@@ -64,6 +67,8 @@ class EvalConfig:
         if self.heldout_split in ("val", "train"):
             raise MeddiffError(f"heldout_split must be 'test' (val is the baseline, train the generator's data), "
                                f"got {self.heldout_split!r}")
+        if self.umap_points < 0 or 0 < self.umap_points < 8:
+            raise MeddiffError(f"umap_points must be 0 (no UMAP) or ≥ 8, got {self.umap_points}")
         if self.tstr_steps < 1 or self.knn_k < 1 or self.min_n < 2 or self.interval_resamples < 0:
             raise MeddiffError("tstr_steps and knn_k must be ≥ 1, min_n ≥ 2, interval_resamples ≥ 0")
         if 0 < self.interval_resamples < 100:

@@ -1,6 +1,6 @@
 """The evaluation report as ONE self-contained HTML file (matplotlib PNGs embedded as base64).
 
-Sections (element ids): summary, samples, metrics, memorization, tstr, loss-curve, notes.
+Sections (element ids): summary, samples, umap, metrics, memorization, tstr, loss-curve, notes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from meddiff import storage
 from meddiff.evaluate.summary import headline_rows, per_class_table
 
-SECTIONS = ("summary", "samples", "metrics", "memorization", "tstr", "loss-curve", "notes")
+SECTIONS = ("summary", "samples", "umap", "metrics", "memorization", "tstr", "loss-curve", "notes")
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.warn{color:#a60}.verdict{font-size:16px;padding:.5em;border-radius:4px}.pass{background:#e6f4e6}
@@ -182,6 +182,19 @@ def _memorization_section(m: dict[str, Any], syn, train, nn_syn, order: np.ndarr
     return parts
 
 
+def _umap_section(rec: dict[str, Any], png: bytes | None) -> list[str]:
+    out = ['<h2 id="umap">Feature map: real vs synthetic (UMAP)</h2>']
+    if png is None:
+        return out + [f"<p>Not drawn: {html.escape(str(rec.get('skipped', 'no UMAP in this report')))}.</p>"]
+    return out + [f"<p>One UMAP (McInnes et al. 2018) of the domain classifier's features, fitted on "
+                  f"{rec.get('n_real')} real images of the {html.escape(str(rec.get('real')))} (grey) and "
+                  f"{rec.get('n_synthetic')} synthetic ones (colour) together, drawn per class. Overlapping clouds: "
+                  f"the cohort covers that class's real images; a synthetic cloud off to one side or shrunk to a "
+                  f"point is what precision, recall and coverage summarise. Distances on a UMAP are not metric: "
+                  f"read it as a picture, the numbers are in the tables.</p>",
+                  f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}">']
+
+
 def _tstr_section(t: dict[str, Any] | None) -> list[str]:
     parts: list[str] = []
     parts.append('<h2 id="tstr">Utility: train on synthetic, test on real (TSTR)</h2>')
@@ -199,7 +212,7 @@ def _tstr_section(t: dict[str, Any] | None) -> list[str]:
 
 
 def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, class_names: list[str],
-                per_class: int, model_uri: str | None) -> bytes:
+                per_class: int, model_uri: str | None, umap_png: bytes | None = None) -> bytes:
 
     inp = report["inputs"]
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>meddiff evaluation</title>"
@@ -222,6 +235,7 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
               _table(["metric", "synthetic [95 % CI]", "real baseline [95 % CI]", "n", "verdict"],
                      [[html.escape(c) for c in row] for row in headline_rows(report)])]
     parts += ['<h2 id="samples">Samples per class</h2>', sample_grid(syn, train, class_names, per_class)]
+    parts += _umap_section(report.get("umap") or {}, umap_png)
 
     pc = per_class_table(report)
     cols = list(dict.fromkeys(k for r in pc for k in r))

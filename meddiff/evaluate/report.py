@@ -164,7 +164,7 @@ def write_report(cohort: Cohort, dataset: DatasetVersion, manifest: pd.DataFrame
         report_schema_version=REPORT_SCHEMA_VERSION, config_hash=chash, device=device,
         drop_flagged=cfg.drop_flagged, **ev.body)
     html = render_html(report, syn, real.train, ev.nearest_index, ev.order, dataset.class_names,
-                       cfg.grid_per_class, model_uri)
+                       cfg.grid_per_class, model_uri, ev.umap_png)
     report["html"] = {"file": REPORT_HTML, "sha256": sha256_bytes(html)}
     quality = pd.DataFrame({
         "nearest_real_distance": ev.nearest_feature.double().numpy(),

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from meddiff.errors import MeddiffError
 from meddiff.evaluate import bootstrap, matched, memorization, similarity
 from meddiff.evaluate.config import EvalConfig
 from meddiff.evaluate.features import PREPROCESSING, DomainExtractor
@@ -32,6 +33,7 @@ class Evaluation:
     oracle_prob: torch.Tensor  # N: the domain classifier's probability of the intended class
     flags: torch.Tensor  # N bool: flagged as a copy
     order: np.ndarray  # the closest pairs shown in the report (flagged first)
+    umap_png: bytes | None = None  # report.html's UMAP of real (held-out) vs synthetic domain features
 
 
 def _scopes(syn: Images, class_names: list[str]) -> list[tuple[str, int | None]]:
@@ -295,9 +297,32 @@ def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names:
                         "intra-class SSIM: pairs of real training images of the same class",
             "references": {"train": "the generator's training split",
                            "heldout": f"the real {cfg.heldout_split} split (never seen by the generator)"}}
+    png, body["umap"] = umap_step(d["syn"], syn.y, d["heldout"], real.heldout.y, class_names, cfg)
+    if body["umap"].get("skipped"):
+        warnings.append(f"UMAP plot skipped: {body['umap']['skipped']}")
     probs = aux["probs"]["syn"]
     return Evaluation(body, mem["fd_syn"], mem["pd_syn"], mem["pi_syn"],
-                      probs[torch.arange(len(syn)), torch.as_tensor(syn.y)], mem["flags"], order)
+                      probs[torch.arange(len(syn)), torch.as_tensor(syn.y)], mem["flags"], order, png)
+
+
+def umap_step(f_syn: torch.Tensor, y_syn: np.ndarray, f_real: torch.Tensor, y_real: np.ndarray,
+              class_names: list[str], cfg: EvalConfig) -> tuple[bytes | None, dict[str, Any]]:
+    """UMAP of domain features (N, D): at most ``cfg.umap_points`` synthetic and as many held-out real images
+    (seeded subsamples), one panel per class; (PNG, record). A failure is recorded, never raised."""
+    if cfg.umap_points == 0:
+        return None, {"skipped": "umap_points = 0"}
+    from meddiff.evaluate.umap_plot import umap_png  # umap-learn (numba) loads only when asked
+
+    rng = np.random.default_rng(cfg.seed)
+    i_syn, i_real = _subsample(len(f_syn), cfg.umap_points, rng), _subsample(len(f_real), cfg.umap_points, rng)
+    rec = {"features": "domain", "real": f"{cfg.heldout_split} split", "n_synthetic": int(len(i_syn)),
+           "n_real": int(len(i_real))}
+    try:
+        png = umap_png(f_real[i_real].numpy(), y_real[i_real], f_syn[i_syn].numpy(), y_syn[i_syn], class_names,
+                       title=f"UMAP of domain features: real {cfg.heldout_split} (grey) vs synthetic", seed=cfg.seed)
+    except MeddiffError as e:  # umap-learn missing, too few points: the report still renders
+        return None, {**rec, "skipped": str(e)}
+    return png, rec
 
 
 def _grouped_warnings(metrics: list[dict[str, Any]]) -> list[str]:

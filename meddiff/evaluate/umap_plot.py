@@ -34,18 +34,19 @@ def umap_png(real: np.ndarray, real_labels: np.ndarray, syn: np.ndarray, syn_lab
              ) -> bytes:
     """PNG bytes: one panel per class (plus "all classes"); real (R, D) and synthetic (S, D) features
     with their class ids (R,), (S,)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global figure state (flows run tasks in threads)
 
     xy = embed(np.concatenate([real, syn]), seed=seed)  # (R+S, 2)
     xy_real, xy_syn = xy[: len(real)], xy[len(real):]
     panels = [("all classes", None)] + [(name, c) for c, name in enumerate(class_names)]
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-    colours = plt.get_cmap("tab10")
+    fig = Figure(figsize=(3.2 * cols, 3.0 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colours = colormaps["tab10"]
     for ax, (name, c) in zip(axes.ravel(), panels):
         ax.scatter(xy_real[:, 0], xy_real[:, 1], s=3, c="#dddddd")  # every real point: the map's outline
         r = xy_real if c is None else xy_real[real_labels == c]
@@ -61,5 +62,4 @@ def umap_png(real: np.ndarray, real_labels: np.ndarray, syn: np.ndarray, syn_lab
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     return buf.getvalue()

@@ -43,6 +43,7 @@ from meddiff.locks import artifact_lock
 from meddiff.threads import configure_threads
 from meddiff.train.run_folder import RunFolder
 from meddiff.train.step import TrainingState, build_training_state, drop_labels, train_step
+from meddiff.train.val_loss import ValProbe, load_probe
 
 PREVIEW_PER_CLASS = 8  # images per class in each preview grid
 
@@ -202,7 +203,7 @@ def _save(run: PartRun) -> None:
     barrier(run.info)
 
 
-def _log(run: PartRun, mean_loss: float, images_per_s: float) -> None:
+def _log(run: PartRun, mean_loss: float, images_per_s: float, val_loss: float | None = None) -> None:
     if not math.isfinite(mean_loss):
         raise MeddiffError(f"the loss became {mean_loss} by step {run.step}; lower --lr or use another "
                            f"schedule; the last good checkpoint is kept (step {max(run.last_saved, 0)})")
@@ -210,7 +211,16 @@ def _log(run: PartRun, mean_loss: float, images_per_s: float) -> None:
         append_metrics(run.folder.local, {
             "step": run.step, "loss": mean_loss, "lr": run.st.lr_sched.get_last_lr()[0],
             "images_per_s": images_per_s, "peak_mem_mb": round(_peak_memory_mb(run.device), 1),
-            "class_id": run.class_id})
+            "class_id": run.class_id, **({} if val_loss is None else {"val_loss": val_loss})})
+
+
+def _val_probe(run: PartRun, scheduler, ae) -> ValProbe | None:
+    """Rank 0's fixed val-split draws for this part (None without a val split): the val loss of the EMA
+    network on them is logged with every checkpoint (meddiff.train.val_loss)."""
+    if not run.info.is_main:
+        return None
+    encode = None if ae is None else (lambda x: ae.to_latent(x.to(run.device)))  # (n, C, H, W) → latents
+    return load_probe(run.plan.dataset, run.class_id, scheduler, seed=run.plan.cfg.seed, encode=encode)
 
 
 def _write_previews(run: PartRun, ae=None) -> None:
@@ -252,6 +262,7 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
         ae, data = latent_data(plan, data, class_id, cfg.batch_size // info.world, run.step, info.rank, info.world,
                                device)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    probe = _val_probe(run, scheduler, ae)
     loss_sum, n_sum = torch.zeros((), device=device), 0
     t_last, step_last = time.perf_counter(), run.step
 
@@ -270,7 +281,8 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
             now = time.perf_counter()
             loss, images_per_s = float(mean_across(loss_sum / n_sum, info)), \
                 (run.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
-            _log(run, loss, images_per_s)
+            val_loss = probe.loss(run.st.ema.module, scheduler, cfg.prediction) if probe and is_ckpt else None
+            _log(run, loss, images_per_s, val_loss)
             note(progress, loss=loss, images_per_s=images_per_s)
             loss_sum.zero_()
             n_sum, t_last, step_last = 0, now, run.step

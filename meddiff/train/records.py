@@ -50,9 +50,13 @@ def write_loss_curve(run_dir: Path, title: str) -> None:
 
     rows = read_metrics(run_dir)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train loss")
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if val:  # the EMA network on fixed val draws (meddiff.train.val_loss), at every checkpoint
+        ax.plot(*zip(*val), "o-", ms=3, lw=1, label="val loss (EMA, fixed draws)")
+        ax.legend(fontsize=8)
     ax.set(xlabel="step", ylabel="loss", title=title)
-    if rows and min(r["loss"] for r in rows) > 0:
+    if rows and min(min(r["loss"] for r in rows), min((v for _, v in val), default=1)) > 0:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
