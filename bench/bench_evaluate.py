@@ -96,19 +96,26 @@ def main() -> None:
     cfg = EvalConfig(features=tuple(args.features.split(",")), max_images=args.max_images or None, device=device)
     marks: list[float] = []
     t0 = time.perf_counter()
-    result = evaluate_cohort(cohort, cfg, lambda done, total: marks.append(time.perf_counter()), force=True)
+    import resource
+
+    def max_rss_gib() -> float:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)  # Linux: KiB
+
+    rss_before, rss_marks = max_rss_gib(), []
+    result = evaluate_cohort(cohort, cfg, lambda done, total: (marks.append(time.perf_counter()),
+                                                               rss_marks.append(max_rss_gib())), force=True)
     total = time.perf_counter() - t0
     stages = {name: round(b - a, 2) for name, a, b in zip(STAGES, [t0] + marks, marks)}
     rep = result.report
-    import resource
-
-    peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+    peak_rss_gib = max_rss_gib()
     print(json.dumps({
         "device": dev_name, "peak_rss_gib (whole process, cohort build included)": round(peak_rss_gib, 2), "cohort_images": args.n, "real_train": rep["real"]["train"], "real_val": rep["real"]["val"],
         "features": list(cfg.features), "inception_images_per_set": rep["extractors"].get("inception", {}).get("images"),
         "domain_classifier_training_s (one-off, cached)": round(domain_train_s, 1),
         "cohort_build_s (not part of evaluation)": round(build_s, 1),
         "evaluate_s": round(total, 1), "stages_s": stages,
+        "peak_rss_gib_before_evaluation": rss_before,  # ingest, domain classifier, cohort build
+        "peak_rss_gib_after_each_stage": dict(zip(STAGES, rss_marks)),  # the process peak so far (monotonic)
         "verdict": rep["verdict"]["sentence"],
         "headline": {k: (v or {}).get("value") for k, v in rep["headline"].items()},
     }, indent=2, default=str))

@@ -173,6 +173,14 @@ def gather_nearest(train_x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return out
 
 
+def ssim_to_nearest(x: np.ndarray, train_x: np.ndarray, idx: np.ndarray, chunk: int = 4096) -> torch.Tensor:
+    """SSIM of each uint8 image (N, C, H, W) with its nearest training image (``gather_nearest``), gathered
+    chunk by chunk: a 100k-image cohort never holds a second full copy of itself. → (N,)"""
+    out = [similarity.ssim_pairs(x[i:i + chunk], gather_nearest(train_x, idx[i:i + chunk]))
+           for i in range(0, len(x), chunk)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def memorization_records(mem: dict[str, Any], syn: Images, real: RealSplits,
                          scopes: list[tuple[str, int | None]], cfg: EvalConfig) -> list[dict[str, Any]]:
     syn_r = [mean_record("flagged_fraction", "domain+pixel", s, mem["flags"][_mask(syn.y, c)], cfg,
@@ -187,8 +195,8 @@ def memorization_records(mem: dict[str, Any], syn: Images, real: RealSplits,
 def pixel_metrics(syn: Images, real: RealSplits, mem: dict[str, Any], scopes: list[tuple[str, int | None]],
                   cfg: EvalConfig) -> list[dict[str, Any]]:
     """SSIM to the nearest training image (syn vs val baseline) and intra-class SSIM (syn vs train pairs)."""
-    ssim_syn = similarity.ssim_pairs(syn.x, gather_nearest(real.train.x, mem["pi_syn"]))
-    ssim_va = similarity.ssim_pairs(real.val.x, gather_nearest(real.train.x, mem["pi_va"]))
+    ssim_syn = ssim_to_nearest(syn.x, real.train.x, mem["pi_syn"])
+    ssim_va = ssim_to_nearest(real.val.x, real.train.x, mem["pi_va"])
     near_s = [mean_record("ssim_to_nearest_train", "pixel", s, ssim_syn[_mask(syn.y, c)], cfg) for s, c in scopes]
     near_b = [mean_record("ssim_to_nearest_train", "pixel", s, ssim_va[_mask(real.val.y, c)], cfg) for s, c in scopes]
     div_s, div_t = [], []

@@ -16,8 +16,11 @@ from torchmetrics.functional.image import (multiscale_structural_similarity_inde
 MS_SSIM_MIN_SIZE = (11 - 1) * 2 ** 4 + 1  # Gaussian window 11, 5 scales (4 downsamplings)
 
 
-def ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """SSIM of each pair (a_i, b_i): a, b N×C×H×W, float in [0, 1] or uint8 (converted per batch) → N values."""
+def ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    """SSIM of each pair (a_i, b_i): a, b N×C×H×W, float in [0, 1] or uint8 (converted per batch) → N values.
+
+    Batches of 128: torchmetrics' SSIM holds ~1 MiB of intermediates per 28 px RGB pair (measured: batch
+    1024 → +0.86 GiB peak, 128 → +0.13 GiB, and no slower)."""
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
     out = [structural_similarity_index_measure(_f(a[i:i + batch]), _f(b[i:i + batch]), data_range=1.0,
