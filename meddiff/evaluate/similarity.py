@@ -16,13 +16,18 @@ from torchmetrics.functional.image import (multiscale_structural_similarity_inde
 MS_SSIM_MIN_SIZE = (11 - 1) * 2 ** 4 + 1  # Gaussian window 11, 5 scales (4 downsamplings)
 
 
-def ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch: int = 128) -> torch.Tensor:
+SSIM_BATCH_ELEMENTS = 2**18  # pixel values per SSIM batch (~100 MiB of torchmetrics intermediates)
+
+
+def ssim_pairs(a: torch.Tensor, b: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     """SSIM of each pair (a_i, b_i): a, b N×C×H×W, float in [0, 1] or uint8 (converted per batch) → N values.
 
-    Batches of 128: torchmetrics' SSIM holds ~1 MiB of intermediates per 28 px RGB pair (measured: batch
-    1024 → +0.86 GiB peak, 128 → +0.13 GiB, and no slower)."""
+    Batches of ``SSIM_BATCH_ELEMENTS`` pixel values (batch 111 at 28 px RGB, 8 at 128 px): torchmetrics'
+    SSIM holds ~400 bytes of intermediates per pixel value of a pair (measured at 28 px RGB: batch 1024 →
+    +0.86 GiB peak, 128 → +0.13 GiB, and no slower), so the batch shrinks as images grow."""
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
+    batch = batch or max(8, SSIM_BATCH_ELEMENTS // max(1, int(np.prod(a.shape[1:]))))
     out = [structural_similarity_index_measure(_f(a[i:i + batch]), _f(b[i:i + batch]), data_range=1.0,
                                                reduction="none") for i in range(0, len(a), batch)]
     return torch.cat(out).reshape(-1) if out else torch.zeros(0)
