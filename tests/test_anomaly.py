@@ -60,13 +60,34 @@ def test_breastmnist_anomaly_scores_are_written_and_reused(breast_anomaly, breas
     assert again["created_at"] == rec["created_at"]
 
 
+@pytest.fixture(scope="module")
+def breast_conditional_model(breastmnist_uri: str, session_storage: str) -> str:
+    """A tiny class-conditional DDPM on all BreastMNIST training images (10 % label dropout: a null label)."""
+    from meddiff.train import TrainConfig, train
+
+    cfg = TrainConfig(breastmnist_uri, mode="conditional", preset="tiny", steps=1500, batch_size=32, device="cpu",
+                      preview_steps=2, seed=0)
+    return train(cfg, session_storage).uri
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured here: malignant BreastMNIST images are reconstructed CLOSER than "
-                   "normal/benign ones by tiny models (pixel AUROC 0.41 [0.32, 0.50] after 60 and after 200 steps "
-                   "per class); issue 15's 'above chance' is not met yet")
-def test_breastmnist_malignant_scores_above_chance(breast_anomaly):
-    pixel = breast_anomaly["auroc"]["pixel"]["all anomalies"]
-    assert pixel["auroc"] > 0.5 and pixel["ci"][0] > 0.5, breast_anomaly["auroc"]
+def test_breastmnist_malignant_scores_above_chance(breast_conditional_model, breastmnist_uri, session_storage):
+    """The ratio score (error toward "normal, benign" / error of the unconditional reconstruction from the same
+    noise), its noise level chosen on the val split, ranks malignant test images above normal/benign ones.
+    (The plain pixel error does not: malignant masses are darker and smoother, so they are reconstructed
+    closer by any model; measured 0.38–0.42 on the test split.)"""
+    from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies
+
+    def run(split: str, level: float) -> dict:
+        cfg = AnomalyConfig(normal="normal, benign", split=split, level=level, steps=10, max_images=None,
+                            heatmaps=4, device="cpu")
+        return detect_anomalies(breast_conditional_model, breastmnist_uri, cfg, session_storage)["auroc"]
+
+    val = {level: run("val", level)["ratio"]["all anomalies"]["auroc"] for level in (0.1, 0.5)}
+    test = run("test", max(val, key=val.get))  # model selection on val, the verdict on test
+    ratio, pixel = test["ratio"]["all anomalies"], test["pixel"]["all anomalies"]
+    assert ratio["n_anomalous"] == 42 and ratio["n_normal"] == 114
+    assert ratio["auroc"] > 0.55 and ratio["auroc"] > pixel["auroc"] + 0.1, (val, test)
 
 
 def test_unknown_normal_class_is_a_clear_error(tiny_per_class_model_uri, breastmnist_uri, session_storage):

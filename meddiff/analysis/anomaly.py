@@ -4,7 +4,12 @@ how much a partial noise-and-denoise toward "normal" changes it, and report imag
 Scores (higher = more anomalous): ``pixel`` — mean squared error between the image and its
 reconstruction (label-free); ``feature`` — Euclidean distance between their domain-classifier features
 (``meddiff.evaluate.features``; that classifier was trained with the training split's labels, the
-anomaly classes included, so this score is not label-free). Results live in
+anomaly classes included, so this score is not label-free); ``ratio`` (conditional models with a null
+label) — the pixel error toward the normal label divided by the error of the unconditional (null-label)
+reconstruction from the same noise, a likelihood-ratio score in the spirit of Ren et al. 2019
+("Likelihood Ratios for Out-of-Distribution Detection"): how an image is reconstructed depends on its
+texture and brightness as much as on its normality, and the ratio cancels what both models share.
+Results live in
 ``<root>/anomaly/<id>/``: ``scores.parquet`` (one row per image), ``heatmaps.png`` (the most anomalous
 images, their reconstructions and |x − x̂|), ``distributions.png`` (scores per class) and, last,
 ``anomaly.json`` (config, inputs, AUROC with 95 % bootstrap CIs). Same request → same folder, reused.
@@ -22,7 +27,7 @@ from meddiff import storage
 from meddiff.errors import MeddiffError
 from meddiff.records import content_hash, make_record
 
-SCORES = ("pixel", "feature")
+SCORES = ("pixel", "feature", "ratio")  # "ratio" only for conditional models with a null label
 
 
 @dataclass(frozen=True)
@@ -101,9 +106,11 @@ def distributions_png(table, class_names: list[str], normal: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SCORES), figsize=(5 * len(SCORES), 3.2))
+    scores = [sc for sc in SCORES if f"{sc}_score" in table]
+    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.2), squeeze=False)
+    axes = axes[0]
     order = [normal] + [c for c in class_names if c != normal]
-    for ax, score in zip(axes, SCORES):
+    for ax, score in zip(axes, scores):
         v = table[f"{score}_score"].to_numpy()
         bins = np.histogram_bin_edges(v, 30)
         for c in order:
@@ -131,7 +138,7 @@ def auroc_table(table, class_names: list[str], normal: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     is_normal = (table["class_name"] == normal).to_numpy()
-    for score in SCORES:
+    for score in [sc for sc in SCORES if f"{sc}_score" in table]:
         v = table[f"{score}_score"].to_numpy()
         rows = {"all anomalies": ~is_normal}
         rows.update({c: (table["class_name"] == c).to_numpy() for c in class_names if c != normal})
@@ -176,6 +183,7 @@ def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg
 
     from meddiff.data.shards import iter_shard
     from meddiff.data.images import decode_png
+    from meddiff.generate.sampling import label_dropout
 
     samples = [(s["__key__"], decode_png(s["png"]), int(s["cls"])) for u in ds.shard_uris(cfg.split)
                for s in iter_shard(u)]
@@ -193,6 +201,11 @@ def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg
     table = pd.DataFrame({"key": keys, "label": labels, "class_name": [ds.class_names[c] for c in labels],
                           "anomalous": labels != normal_id, "pixel_score": sc["pixel"],
                           "feature_score": sc["feature"]})
+    if model.mode == "conditional" and model.null_class is not None and label_dropout(model) != 0:
+        # the same noise, the null label (trained by label dropout): reconstruction under p(x) vs p(x | normal)
+        recon_null = reconstruct(model, images, model.null_class, cfg.level, cfg.steps, 1.0, cfg.seed, cfg.batch_size)
+        err_null = ((images.astype(np.float32) / 255 - recon_null) ** 2).reshape(len(images), -1).mean(1)
+        table["ratio_score"] = sc["pixel"] / np.maximum(err_null, 1e-12)
     return table, images, recon, sc["heatmap"]
 
 
@@ -209,6 +222,8 @@ def _publish(out_uri, table, images, recon, heat, ds, model, normal, cfg) -> dic
                          counts=table["class_name"].value_counts().to_dict(),
                          auroc=auroc_table(table, ds.class_names, normal),
                          notes="feature score: domain classifier trained with the training split's labels "
-                               "(anomaly classes included), so it is not label-free; pixel score is")
+                               "(anomaly classes included), so it is not label-free; pixel score is; ratio score "
+                               "(conditional models): normal-label vs null-label reconstruction error (the model "
+                               "saw every training label, the score asks only for the normal and the null one)")
     storage.write_json(storage.join(out_uri, "anomaly.json"), record)
     return record
