@@ -1,6 +1,6 @@
 """The evaluation report as ONE self-contained HTML file (matplotlib PNGs embedded as base64).
 
-Sections (element ids): summary, samples, umap, metrics, memorization, tstr, loss-curve, notes.
+Sections (element ids): summary, samples, reverse-diffusion, umap, metrics, memorization, tstr, loss-curve, notes.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from meddiff import storage
 from meddiff.evaluate.summary import headline_rows, per_class_table
 
-SECTIONS = ("summary", "samples", "umap", "metrics", "memorization", "tstr", "loss-curve", "notes")
+SECTIONS = ("summary", "samples", "reverse-diffusion", "umap", "metrics", "memorization", "tstr", "loss-curve", "notes")
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.warn{color:#a60}.verdict{font-size:16px;padding:.5em;border-radius:4px}.pass{background:#e6f4e6}
@@ -182,6 +182,17 @@ def _memorization_section(m: dict[str, Any], syn, train, nn_syn, order: np.ndarr
     return parts
 
 
+def _reverse_diffusion_section(cohort_uri: str) -> list[str]:
+    """The cohort's progressive-generation GIF (generate/pictures.py: noise → image, a few classes)."""
+    out = ['<h2 id="reverse-diffusion">Progressive generation</h2>']
+    gif = storage.join(cohort_uri, "reverse_diffusion.gif")
+    if not storage.exists(gif):
+        return out + ["<p>No reverse_diffusion.gif in the cohort folder (made by <code>meddiff generate</code>).</p>"]
+    return out + ["<p>The first image of a few classes regenerated with its trajectory recorded, noise to image "
+                  "(latent models: latent | decoded).</p>",
+                  f'<img src="data:image/gif;base64,{base64.b64encode(storage.read_bytes(gif)).decode()}">']
+
+
 def _umap_section(rec: dict[str, Any], png: bytes | None) -> list[str]:
     out = ['<h2 id="umap">Feature map: real vs synthetic (UMAP)</h2>']
     if png is None:
@@ -235,6 +246,7 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
               _table(["metric", "synthetic [95 % CI]", "real baseline [95 % CI]", "n", "verdict"],
                      [[html.escape(c) for c in row] for row in headline_rows(report)])]
     parts += ['<h2 id="samples">Samples per class</h2>', sample_grid(syn, train, class_names, per_class)]
+    parts += _reverse_diffusion_section(report["inputs"]["cohort_uri"])
     parts += _umap_section(report.get("umap") or {}, umap_png)
 
     pc = per_class_table(report)
