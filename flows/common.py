@@ -23,6 +23,12 @@ DEPLOYMENT_WORDS = {
     "--medmnist-root DIR": f"--param medmnist_root=DIR (or {MEDMNIST_ENV} in the worker's environment)",
     "--medmnist-root": "the medmnist_root parameter",
     "--storage or MEDDIFF_STORAGE": "--param storage_root=... or MEDDIFF_STORAGE in the worker's environment",
+    # the deployments set per_class=50: a run asking for a total must clear it
+    "give exactly one of --per-class N or --total N (with optional --ratios)":
+        "give exactly one of per_class and total (the deployment sets per_class=50: with --param total=N "
+        "also pass --param per_class=null)",
+    "give exactly one of --per-class and --total":
+        "give exactly one of per_class and total (with --param total=N also pass --param per_class=null)",
 }
 RESULT_OPTIONS = dict(persist_result=True, result_serializer="json")  # small results: URIs and cards
 

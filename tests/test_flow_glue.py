@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from flows.common import LoggedProgress, dataset_tag, user_errors
-from meddiff.errors import SourceError
+from meddiff.errors import MeddiffError, SourceError
 from meddiff.progress import combine, note, throttled
 
 
@@ -93,6 +93,12 @@ def test_user_errors_speak_of_parameters_in_deployment_runs(monkeypatch):
             raise SourceError(msg)
     assert "--param medmnist_root=DIR (or MEDMNIST_ROOT in the worker's environment)" in str(info.value)
     assert "--medmnist-root" not in str(info.value)
+    from meddiff.generate import CohortSpec
+
+    with pytest.raises(MeddiffError) as info:  # per_class from the deployment's defaults + total from the user
+        with user_errors():
+            CohortSpec("s3://b/models/m", per_class=50, total=1000).check()
+    assert "--param per_class=null" in str(info.value) and "--per-class" not in str(info.value)
 
 
 def test_cancelled_training_leaves_only_resumable_state(breastmnist_uri, tmp_path):
