@@ -7,8 +7,11 @@ time slice waiting. Both are fixed here:
 
 * :func:`quiet_wait_policy` sets ``OMP_WAIT_POLICY=PASSIVE`` (libgomp: spin count 0, threads sleep at
   barriers; ``KMP_BLOCKTIME=0`` is the Intel-OpenMP spelling) *before torch loads libgomp*, which
-  reads it once, at load time. ``import meddiff`` calls it, so every entry point (CLI, ``python -m
-  meddiff.train``, flows, bench scripts) gets it; a value the user set is kept.
+  reads it once, at load time — but only when other processes already keep CPUs busy (a 0.1 s look
+  at ``/proc/stat``): on a quiet machine sleeping threads cost 20–70 % (measured: bench_busy, 2
+  threads), so OpenMP's default spin stays. ``import meddiff`` calls it, so every entry point (CLI,
+  ``python -m meddiff.train``, flows, bench scripts) gets it; a value the user set is kept. A
+  competitor that starts after this process did meets spinning threads (then ``--threads 1``).
 * :func:`configure_threads` sets ``torch.set_num_threads`` to the CPUs left free: the CPUs in this
   process's affinity mask, capped by a cgroup CPU quota, minus what other processes are using right
   now (measured from ``/proc/stat`` over a short window, our own CPU time subtracted; the 1-minute
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +34,23 @@ WAIT_POLICY_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}  # libgom
 THREADS_ENV = "MEDDIFF_THREADS"  # explicit thread count for every stage (the CLI's --threads sets it)
 TUNING_ENV = "MEDDIFF_THREAD_TUNING"  # "off": torch's own defaults, no wait policy (bench_busy's "before")
 SAMPLE_WINDOW_S = 0.2  # how long /proc/stat is watched to see how busy the CPUs are
+IMPORT_WINDOW_S = 0.1  # the same look at import time (every process pays it once)
+BUSY_AT_START = 0.5  # CPUs kept busy by other processes at import from which OpenMP threads sleep at barriers
 
 
-def quiet_wait_policy() -> None:
-    """Make OpenMP threads sleep, not spin, at barriers (must run before ``import torch``)."""
-    if tuning_off():
-        return
-    for k, v in WAIT_POLICY_ENV.items():
+def quiet_wait_policy(busy: float | None = None) -> bool:
+    """On CPUs other processes already use, make OpenMP threads sleep, not spin, at barriers; on a quiet
+    machine keep OpenMP's default. Must run before ``import torch``. ``busy``: CPUs in use by others
+    (default: measured now). Returns whether the sleeping policy was set."""
+    if tuning_off() or "torch" in sys.modules:  # off, or too late: libgomp read its policy when torch loaded
+        return False
+    if os.environ.get("OMP_WAIT_POLICY") is None:
+        busy = others_busy(IMPORT_WINDOW_S) if busy is None else busy
+        if busy < BUSY_AT_START:
+            return False
+    for k, v in WAIT_POLICY_ENV.items():  # a value the user set is kept
         os.environ.setdefault(k, v)
+    return os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
 
 
 def tuning_off() -> bool:

@@ -22,11 +22,28 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED":
 
 # --------------------------------------------------------------------------- threads
 
+def test_wait_policy_sleeps_only_on_busy_cpus(monkeypatch):
+    for k in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "MEDDIFF_THREAD_TUNING"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # as if torch were not loaded yet (it reads the policy once)
+    assert not threads.quiet_wait_policy(busy=0.1) and "OMP_WAIT_POLICY" not in os.environ  # quiet: spin
+    assert threads.quiet_wait_policy(busy=1.0) and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["KMP_BLOCKTIME"] == "0"
+
+
 def test_wait_policy_is_set_before_torch_loads_openmp_and_user_values_win():
     code = ("import os, meddiff, torch; torch.ones(64, 64) @ torch.ones(64, 64); "
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('KMP_BLOCKTIME'))")
     env = {k: v for k, v in ENV.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "MEDDIFF_THREAD_TUNING")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:  # every CPU busy: the process that imports meddiff now must get sleeping OpenMP threads
+        time.sleep(0.5)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
     assert out.split() == ["PASSIVE", "0"]
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, capture_output=True,
                          text=True, check=True).stdout
@@ -206,3 +223,34 @@ def test_a_killed_writers_temp_files_and_staging_are_swept_by_the_next_writer(tm
     (stale / "sub").mkdir(parents=True)
     fresh = storage.local_staging(str(tmp_path), "dataset-x-v1")
     assert not stale.exists() and fresh.is_dir() and fresh.name.startswith(f"dataset-x-v1-{os.getpid()}-")
+
+
+def test_s3_run_killed_while_publishing_its_checkpoint_resumes_from_its_own(moto_s3, tmp_path, monkeypatch):
+    """Chaos find (S3): a run killed while pushing its final checkpoint left a newer checkpoint locally
+    than on S3; the re-run must keep the local metrics that match it (it used to pull S3's older
+    metrics.jsonl over them, and the published run ended its metrics 10 steps early)."""
+    import json as _json
+
+    from meddiff import storage
+    from meddiff.train.run_folder import RunFolder
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = RunFolder.for_uri("s3://meddiff/models/run-x")
+    rows = lambda n: "".join(_json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5, n + 1, 5))  # noqa: E731
+    storage.write_bytes(storage.join(folder.uri, "metrics.jsonl"), rows(30).encode())
+    storage.write_bytes(storage.join(folder.uri, "checkpoints", "step-0000030.pt"), b"30")
+    (folder.local / "checkpoints").mkdir(parents=True)
+    for s in (30, 40):
+        (folder.local / "checkpoints" / f"step-{s:07d}.pt").write_bytes(str(s).encode())
+    (folder.local / "metrics.jsonl").write_text(rows(40))
+    folder.pull_latest()
+    assert (folder.local / "metrics.jsonl").read_text() == rows(40)  # matches the local step-40 checkpoint
+    # a fresh machine (nothing local) pulls S3's metrics and newest checkpoint
+    (folder.local / "metrics.jsonl").unlink()
+    for p in (folder.local / "checkpoints").iterdir():
+        p.unlink()
+    folder.pull_latest()
+    assert (folder.local / "metrics.jsonl").read_text() == rows(30)
+    assert (folder.local / "checkpoints" / "step-0000030.pt").read_bytes() == b"30"

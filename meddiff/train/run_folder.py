@@ -30,16 +30,21 @@ class RunFolder:
         return storage.is_remote(self.uri)
 
     def pull_latest(self) -> None:
-        """Remote: fetch config/metrics and the newest checkpoint into the local folder."""
+        """Remote: fetch metrics and the newest checkpoint into the local folder — unless this folder
+        already holds a newer checkpoint (a run killed while publishing it): then its own metrics,
+        which match that checkpoint, are kept and it resumes from there."""
         if not self.remote:
             return
         fs, path = storage.filesystem(self.uri)
         self.local.mkdir(parents=True, exist_ok=True)
+        names = sorted(storage.listdir(storage.join(self.uri, "checkpoints")))
+        names = [n for n in names if n.startswith("step-") and n.endswith(".pt")]
+        local = list_checkpoints(self.local)
+        if local and (not names or local[-1].name > names[-1]):  # step-XXXXXXX.pt: zero-padded, ordered as text
+            return
         for name in ("metrics.jsonl",):
             if fs.exists(f"{path}/{name}"):
                 fs.get_file(f"{path}/{name}", str(self.local / name))
-        names = sorted(storage.listdir(storage.join(self.uri, "checkpoints")))
-        names = [n for n in names if n.startswith("step-") and n.endswith(".pt")]
         if names and not (self.local / "checkpoints" / names[-1]).exists():
             (self.local / "checkpoints").mkdir(exist_ok=True)
             tmp = self.local / "checkpoints" / f".{names[-1]}.download"
