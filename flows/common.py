@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from meddiff.errors import MeddiffError, StorageError
+from meddiff.errors import COUNT_FORMS, MeddiffError, StorageError
 
 MEDMNIST_ENV = "MEDMNIST_ROOT"  # the same variable the CLI reads for --medmnist-root
 LOG_EVERY_S = 30.0  # seconds between progress lines in the run logger (the first and last always)
@@ -23,12 +23,10 @@ DEPLOYMENT_WORDS = {
     "--medmnist-root DIR": f"--param medmnist_root=DIR (or {MEDMNIST_ENV} in the worker's environment)",
     "--medmnist-root": "the medmnist_root parameter",
     "--storage or MEDDIFF_STORAGE": "--param storage_root=... or MEDDIFF_STORAGE in the worker's environment",
-    # the deployments set per_class=50: a run asking for a total must clear it
-    "give exactly one of --per-class N or --total N (with optional --ratios)":
-        "give exactly one of per_class and total (the deployment sets per_class=50: with --param total=N "
-        "also pass --param per_class=null)",
-    "give exactly one of --per-class and --total":
-        "give exactly one of per_class and total (with --param total=N also pass --param per_class=null)",
+    # the deployments set per_class=50: a run asking for a total must clear it (the library's own message)
+    COUNT_FORMS: "give exactly one of per_class and total (the deployment sets per_class=50: with --param total=N "
+                 "also pass --param per_class=null)",
+    "--unconditional": "unconditional=true",
 }
 RESULT_OPTIONS = dict(persist_result=True, result_serializer="json")  # small results: URIs and cards
 

@@ -65,6 +65,7 @@ def generate_cohort(
     allow_cpu_fallback: bool = False,
     shard_size: int = _D.shard_size,
     name: str | None = _D.name,
+    unconditional: bool = _D.unconditional,
     evaluate: bool = True,
     storage_root: str | None = None,
 ) -> str:
@@ -84,6 +85,8 @@ def generate_cohort(
         allow_cpu_fallback: With device=cuda on a worker without a GPU: run on the CPU instead of failing.
         shard_size: Images per shard (the resumable chunk).
         name: Cohort id; empty = <model run>-<content hash of the spec>.
+        unconditional: Conditional models trained with label dropout: sample through the null label, no class asked
+            (needs total; the manifest's class is "(unknown)", the evaluation records the oracle's class).
         evaluate: Run evaluate-cohort on the new cohort (its quality report, with the pipeline's evaluation settings).
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
@@ -94,7 +97,8 @@ def generate_cohort(
     with user_errors():
         required(model_uri, "model_uri", "train-model")
         spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size,
-                          str(resolve_device(device, allow_cpu_fallback=allow_cpu_fallback)), shard_size, name).check()
+                          str(resolve_device(device, allow_cpu_fallback=allow_cpu_fallback)), shard_size, name,
+                          unconditional).check()
         from flows.fanout import generate_fanned_out  # shards over the workers when served, else in-process
 
         result = generate_fanned_out(spec, storage_root, lambda: generate_task(spec, storage_root), log=logger.info)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
-
 from prefect import flow, get_run_logger
 
 import meddiff.generate as gen
+from flows.generate_cohort import SamplerChoice
 from meddiff.generate import CohortResult, CohortSpec, plan_cohort
 
 SHARD_TIMEOUT_S = 6 * 3600  # a shard is minutes of GPU time; hours means a hung worker
@@ -44,20 +43,21 @@ def generate_shard(  # named like the flow: `prefect deploy --name generate-shar
     per_class: int | None = None,
     total: int | None = None,
     ratios: str | None = None,
-    sampler: Literal["auto", "ddpm", "ddim", "rflow"] = "auto",
-    steps: int = 50,
+    sampler: SamplerChoice = "auto",
+    steps: int = 25,
     guidance: float | None = None,
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",
     shard_size: int = 1000,
     name: str | None = None,
+    unconditional: bool = False,
     storage_root: str | None = None,
 ) -> dict:
     """Generate shard ``shard`` of the cohort these parameters describe (skipped when committed)."""
     logger = get_run_logger()
     spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size, device,
-                      shard_size, name).check()
+                      shard_size, name, unconditional).check()
     plan = plan_cohort(spec, storage_root)
     worker = os.environ.get("MEDDIFF_WORKER", "")
     if isinstance(plan, CohortResult):

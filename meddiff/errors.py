@@ -19,3 +19,8 @@ class ArtifactError(MeddiffError):
 
 class StorageError(MeddiffError):
     """The storage root cannot be reached or written."""
+
+
+# Messages that the Prefect flows rephrase in parameter terms (flows/common.DEPLOYMENT_WORDS): one
+# definition, so the rephrasing cannot drift from the text it replaces.
+COUNT_FORMS = "give exactly one of --per-class N or --total N (with optional --ratios)"

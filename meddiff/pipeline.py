@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal, get_args
 
 from meddiff import storage
 from meddiff.devices import DeviceUnavailableError, resolve_device  # noqa: F401  (re-exported)
-from meddiff.errors import MeddiffError
+from meddiff.errors import COUNT_FORMS, MeddiffError
 from meddiff.progress import Progress
 
 Mode = Literal["conditional", "per-class"]
@@ -73,7 +73,7 @@ class PipelineConfig:
         if self.device not in get_args(Device):
             raise PipelineError(f"device must be one of {', '.join(get_args(Device))}, got {self.device!r}")
         if (self.per_class is None) == (self.total is None):
-            raise PipelineError("give exactly one of --per-class and --total")
+            raise PipelineError(COUNT_FORMS)
         for name in ("per_class", "total", "steps", "batch_size", "preview_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:

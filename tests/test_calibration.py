@@ -31,16 +31,28 @@ def check_expected(record: dict) -> None:
     for k in ("recall", "coverage", "intra_class_ssim"):
         assert collapsed["headline"][k]["verdict"]["verdict"] == "fail", (k, collapsed["headline"][k])
     assert collapsed["verdict"] == "fail"
+    # TSTR: each generator beside a classifier trained on as many real training images of its class mix
+    t = record["tstr"]
+    assert t["real_equal_size"]["n_train"] == perfect["n"] and t["generators"]["perfect"]["n_train"] == perfect["n"]
+    assert perfect["tstr"]["real_accuracy"] == t["real_equal_size"]["accuracy"]
+
+
+def check_tstr_matches_real(record: dict, within: float = 0.03) -> None:
+    """The issue's bar: a perfect generator's TSTR accuracy within 0.03 of real at equal size."""
+    d = record["tstr"]["generators"]["perfect"]["difference"]
+    assert abs(d) <= within, record["tstr"]
 
 
 def test_calibrate_breastmnist_via_cli(breastmnist_uri):
     from meddiff.cli import app
 
-    out = CliRunner().invoke(app, ["calibrate", breastmnist_uri, "--domain-steps", "150", "--device", "cpu"])
+    out = CliRunner().invoke(app, ["calibrate", breastmnist_uri, "--domain-steps", "150", "--device", "cpu",
+                                       "--tstr-steps", "100"])
     assert out.exit_code == 0, out.output
     json_uri = out.output.strip().splitlines()[-1]
     assert json_uri.endswith("calibration.json") and Path(json_uri).with_name("calibration.html").is_file()
     assert "Fit for use" in out.output and "Not fit for use" in out.output  # the three verdict sentences
+    assert "TSTR accuracy on the held-out half" in out.output
     record = json.loads(Path(json_uri).read_text())
     assert record["kind"] == "calibration" and record["perfect"]["n"] == 78  # half of the 156 test images
     check_expected(record)
@@ -54,5 +66,6 @@ def test_calibrate_bloodmnist(bloodmnist_uri, tmp_path):
     assert json_uri == f"{calibration_uri(bloodmnist_uri, cfg, str(tmp_path))}/calibration.json"
     assert record["perfect"]["n"] == 400
     check_expected(record)
+    check_tstr_matches_real(record)
     again_uri, again = calibrate(bloodmnist_uri, cfg, root=str(tmp_path))  # content-addressed: reused
     assert again_uri == json_uri and again["created_at"] == record["created_at"]

@@ -270,3 +270,29 @@ def test_tstr_real_only_accuracy_agrees_with_medmnist_evaluator(breast, medmnist
     assert result.accuracy == pytest.approx(official.ACC, abs=1e-6)  # same count of correct predictions (1/156 apart otherwise)
     assert result.auc == pytest.approx(official.AUC, abs=1e-6)
     assert result.ci[0] <= result.accuracy <= result.ci[1]
+
+
+def test_unconditional_cohort_is_scored_by_the_oracles_classes(breastmnist_uri, session_storage, cfg, tmp_path):
+    """generate --unconditional → evaluate: scopes by the oracle's predicted class, recorded per image;
+    no label fidelity (it would be circular) and no TSTR (no intended labels)."""
+    from meddiff.generate import CohortSpec, generate
+    from meddiff.train import TrainConfig, train
+
+    model = train(TrainConfig(breastmnist_uri, mode="conditional", preset="tiny", steps=10, batch_size=16,
+                              device="cpu", preview_steps=2), session_storage).uri
+    cohort = generate(CohortSpec(model, total=30, steps=4, device="cpu", unconditional=True), str(tmp_path))
+    report = evaluate_cohort(cohort.uri, replace(cfg, tstr=True, tstr_steps=5)).report
+    df = open_cohort(cohort.uri).manifest()
+    oracle = df["oracle_class_id"]
+    assert oracle.notna().all() and oracle.isin([0, 1]).all()
+    names = open_dataset(breastmnist_uri).class_names
+    counts = {names[c]: int(n) for c, n in oracle.value_counts().items()}
+    assert report["cohort"]["counts"] == counts and sum(counts.values()) == 30
+    assert report["labels"].startswith("oracle")
+    assert {r["class"] for r in report["class_mix"]} == set(names)
+    assert sum(r["synthetic"] for r in report["class_mix"]) == pytest.approx(1, abs=1e-3)
+    assert not any(r["metric"] == "label_fidelity" for r in report["metrics"])
+    assert report["tstr"] is None and any("TSTR not run" in w for w in report["warnings"])
+    assert report["headline"]["kid"]["value"] is not None
+    html = Path(cohort.uri, "report.html").read_text()
+    assert "Unconditional cohort" in html and "Class mix" in html

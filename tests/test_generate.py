@@ -237,3 +237,50 @@ def test_regenerate_warns_when_the_recorded_device_cannot_be_matched(tiny_condit
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert regenerate_device(_open(r.uri).card, None).type == "cpu"  # recorded cpu: silent
+
+
+def test_unconditional_cohort_of_a_conditional_model(tiny_conditional_model_uri, tmp_path):
+    """--unconditional: the null label, no class asked; the manifest says "(unknown)"; regenerate stays exact."""
+    from meddiff.data.cohorts import UNKNOWN_CLASS
+    from meddiff.data.images import decode_png
+    from meddiff.generate.sampling import generate_images
+    from meddiff.models.trained import load_model
+
+    r = generate(spec(tiny_conditional_model_uri, total=12, shard_size=5, unconditional=True), str(tmp_path))
+    assert r.counts == {UNKNOWN_CLASS: 12} and r.card["unconditional"] is True and r.card["guidance_scale"] is None
+    assert verify(r.uri).ok
+    df = open_cohort(r.uri).manifest()
+    assert (df["class_id"] == -1).all() and (df["class_name"] == UNKNOWN_CLASS).all()
+    assert df["guidance_scale"].isna().all() and df["seed"].is_unique
+    assert (Path(r.uri) / "grids" / "unconditional.png").stat().st_size > 0
+    row = df.set_index("sample_id").loc[7]
+    stored = next(s["png"] for s in iter_shard(f"{r.uri}/{row['shard']}") if s["__key__"] == row["key"])
+    assert regenerate(r.uri, 7, device="cpu") == stored
+    # the images are the null label's, not some class's: same seeds with class 0 give other pixels
+    model = load_model(tiny_conditional_model_uri, "cpu")
+    import torch
+    seeds = df.sort_values("sample_id")["seed"].head(4).astype(int).tolist()
+    null = generate_images(model, [-1] * 4, seeds, "ddim", STEPS, None, torch.device("cpu"))
+    cls0 = generate_images(model, [0] * 4, seeds, "ddim", STEPS, 1.0, torch.device("cpu"))
+    assert not torch.equal(null, cls0)
+    first = df.sort_values("sample_id").head(4)
+    for (_, m), img in zip(first.iterrows(), null):
+        png = next(s["png"] for s in iter_shard(f"{r.uri}/{m['shard']}") if s["__key__"] == m["key"])
+        assert np.abs(decode_png(png).astype(int) - img.numpy().astype(int)).max() <= 1  # other batch, same image
+    again = generate(spec(tiny_conditional_model_uri, total=12, shard_size=5, unconditional=True), str(tmp_path))
+    assert again.existed and again.uri == r.uri
+    plain = generate(spec(tiny_conditional_model_uri, total=12, shard_size=5), str(tmp_path))
+    assert plain.uri != r.uri  # a different cohort identity
+
+
+@pytest.mark.parametrize("kw, fixture, message", [
+    ({"per_class": 2}, "tiny_conditional_model_uri", "give --total N"),
+    ({"total": 4, "ratios": "0=1"}, "tiny_conditional_model_uri", "give --total N"),
+    ({"total": 4, "guidance": 3.0}, "tiny_conditional_model_uri", "nothing to guide"),
+    ({"total": 4}, "tiny_per_class_model_uri", "it is per-class"),
+    ({"total": 4, "sampler": "rflow"}, "tiny_rflow_model_uri", "label_dropout 0.0"),
+])
+def test_unconditional_refused_where_it_cannot_apply(kw, fixture, message, request, tmp_path):
+    with pytest.raises(MeddiffError, match=message):
+        generate(spec(request.getfixturevalue(fixture), unconditional=True, **kw), str(tmp_path))
+    assert not (tmp_path / "cohorts").exists() or not any((tmp_path / "cohorts").iterdir())

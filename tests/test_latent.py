@@ -245,3 +245,24 @@ def test_perceptual_loss_reads_local_backbone_weights_only(tmp_path):
     torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(MeddiffError, match="AlexNet or VGG16"):
         PerceptualLoss(str(tmp_path / "other.pt"))
+
+
+def test_reconstruction_lpips_with_local_weights_on_28px_images(breastmnist_uri, tmp_path):
+    """LPIPS in the reconstruction report exists only with local weights; 28 px images are up-sampled
+    for AlexNet's pooling (a 28 px input used to crash it)."""
+    import torchvision
+
+    from meddiff.data.shards import open_dataset
+    from meddiff.evaluate.reconstruction import perceptual_metrics
+
+    torch.manual_seed(0)
+    feats = torchvision.models.alexnet(weights=None).features.state_dict()
+    torch.save({f"features.{k}": v for k, v in feats.items()}, tmp_path / "alexnet.pt")
+    x, _ = open_dataset(breastmnist_uri).load_split("val")
+    x = x[:20]
+    same = perceptual_metrics(x, x, str(tmp_path / "alexnet.pt"), "cpu")
+    assert same["lpips"]["mean"] == pytest.approx(0.0, abs=1e-6) and "alexnet" in same["lpips_note"]
+    noisy = np.clip(x.astype(int) + np.random.default_rng(0).integers(-40, 41, x.shape), 0, 255).astype(np.uint8)
+    worse = perceptual_metrics(x, noisy, str(tmp_path / "alexnet.pt"), "cpu")
+    assert worse["lpips"]["mean"] > 0 and worse["lpips"]["n"] == 20
+    assert perceptual_metrics(x, x, None, "cpu")["lpips"] is None

@@ -63,16 +63,19 @@ def class_id(name: str, class_names: list[str]) -> int:
     raise MeddiffError(f"unknown normal class {name!r}; classes are {class_names} (names or 0-based ids)")
 
 
+def pixel_error(images: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """Mean squared error (N,) between uint8 images and their [0, 1] reconstructions (N, C, H, W)."""
+    return ((images.astype(np.float32) / 255 - recon) ** 2).reshape(len(images), -1).mean(1)
+
+
 def scores_of(images: np.ndarray, recon: np.ndarray, extractor: Any) -> dict[str, np.ndarray]:
     """uint8 images and [0, 1] reconstructions (N, C, H, W) → score arrays (N,) and the heatmaps (N, H, W)."""
     import torch
 
-    x = images.astype(np.float32) / 255
-    diff = np.abs(x - recon)  # (N, C, H, W)
     f_x = extractor(torch.from_numpy(images))
     f_r = extractor((torch.from_numpy(recon) * 255).round().to(torch.uint8))
-    return {"pixel": (diff ** 2).reshape(len(x), -1).mean(1), "feature": (f_x - f_r).norm(dim=1).numpy(),
-            "heatmap": diff.mean(1)}
+    return {"pixel": pixel_error(images, recon), "feature": (f_x - f_r).norm(dim=1).numpy(),
+            "heatmap": np.abs(images.astype(np.float32) / 255 - recon).mean(1)}  # (N, H, W)
 
 
 def heatmap_png(images: np.ndarray, recon: np.ndarray, heat: np.ndarray, titles: list[str]) -> bytes:
@@ -204,8 +207,7 @@ def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg
     if model.mode == "conditional" and model.null_class is not None and label_dropout(model) != 0:
         # the same noise, the null label (trained by label dropout): reconstruction under p(x) vs p(x | normal)
         recon_null = reconstruct(model, images, model.null_class, cfg.level, cfg.steps, 1.0, cfg.seed, cfg.batch_size)
-        err_null = ((images.astype(np.float32) / 255 - recon_null) ** 2).reshape(len(images), -1).mean(1)
-        table["ratio_score"] = sc["pixel"] / np.maximum(err_null, 1e-12)
+        table["ratio_score"] = sc["pixel"] / np.maximum(pixel_error(images, recon_null), 1e-12)
     return table, images, recon, sc["heatmap"]
 
 

@@ -56,12 +56,15 @@ def encode(
     autoencoder_uri: str = typer.Argument(..., help="An autoencoder URI (printed by 'meddiff train-autoencoder')."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:<i>"),
     max_images: int = typer.Option(1000, help="Val images the reconstruction report is computed on."),
+    perceptual_weights: Optional[str] = typer.Option(None, help="A local torchvision AlexNet/VGG16 state dict: "
+                                                     "the report adds an LPIPS distance (unit layer weights)."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Encode a dataset into latent shards (float16 or VQ codes) + reconstruction report; prints their URI."""
     from meddiff.evaluate.reconstruction import encode_with_report
 
-    out = encode_with_report(dataset_uri, autoencoder_uri, device, max_images, storage_root)
+    out = encode_with_report(dataset_uri, autoencoder_uri, device, max_images, storage_root,
+                             perceptual_weights=perceptual_weights)
     card = out["card"]
     typer.echo(f"{card['total_images']} images: {card['pixel_bytes_total']:,} → {card['latent_bytes_total']:,} bytes "
                f"(saved {card['bytes_saved']:,})", err=True)

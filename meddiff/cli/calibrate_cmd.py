@@ -22,6 +22,8 @@ def calibrate(
     domain_steps: Optional[int] = typer.Option(None, help="Domain classifier training steps (default: its own)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     seed: int = typer.Option(0, help="Which images the generators draw."),
+    tstr: bool = typer.Option(True, help="TSTR of each generator beside equal-size real training images."),
+    tstr_steps: int = typer.Option(300, help="TSTR optimizer steps per classifier (the same for every setting)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if calibration.json exists."),
 ) -> None:
     """Write calibration.json + calibration.html under <storage root>/calibration/ and print the table."""
@@ -33,8 +35,9 @@ def calibrate(
 
     domain = DomainTrainConfig() if domain_steps is None else replace(DomainTrainConfig(), steps=domain_steps)
     ecfg = EvalConfig(features=tuple(f.strip() for f in features.split(",") if f.strip()), domain=domain,
-                      device=device, seed=seed)
-    uri, record = run(dataset_uri, CalibrationConfig(cohort_size=cohort_size, seed=seed, eval=ecfg), force=force)
+                      device=device, seed=seed, tstr_steps=tstr_steps)
+    uri, record = run(dataset_uri, CalibrationConfig(cohort_size=cohort_size, seed=seed, tstr=tstr, eval=ecfg),
+                      force=force)
     t = Table(title=f"calibration of {dataset_uri}")
     for col in ("metric", *GENERATORS):
         t.add_column(col, justify="left" if col == "metric" else "right")
@@ -43,5 +46,10 @@ def calibrate(
     console.print(t)
     for g in GENERATORS:
         console.print(f"{g}: {record[g]['sentence']}")
+    if record.get("tstr"):
+        t = record["tstr"]
+        console.print(f"TSTR accuracy on the held-out half ({t['n_test']} images, {t['steps']} steps each): real "
+                      f"training images at equal size {t['real_equal_size']['accuracy']:.3f}; " +
+                      ", ".join(f"{g} {t['generators'][g]['accuracy']:.3f}" for g in GENERATORS))
     print(uri.rsplit("/", 1)[0] + "/calibration.html")
     print(uri)

@@ -45,13 +45,16 @@ def generate(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     shard_size: int = typer.Option(1000, help="Images per shard (= per resumable chunk)."),
     name: Optional[str] = typer.Option(None, help="Cohort id (default: derived from the model and spec)."),
+    unconditional: bool = typer.Option(False, "--unconditional", help="Conditional models trained with label "
+                                       "dropout: sample p(x) through the null label, no class asked (needs --total; "
+                                       "manifest class '(unknown)', evaluate records the oracle's class)."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Generate a class-balanced synthetic cohort; prints per-class counts and the cohort URI."""
     from meddiff.generate import CohortSpec, generate as run_generate  # torch/MONAI load only when used
 
     spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size, device,
-                      shard_size, name)  # type: ignore[arg-type]
+                      shard_size, name, unconditional)  # type: ignore[arg-type]
     with rich_progress("generate") as progress:
         result = run_generate(spec, storage_root, progress)
     console.print(counts_table(f"cohort {Path(result.uri).name}", result.counts))

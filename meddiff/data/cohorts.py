@@ -31,6 +31,7 @@ from meddiff.records import sha256_bytes
 from meddiff.data.shards import iter_shard, read_card
 
 SHARD_PREFIX = "synthetic"
+UNKNOWN_CLASS = "(unknown)"  # class_name of an unconditional cohort's images (class_id -1): no class was asked
 WRITE_ORDER = "interleaved"  # recorded on cohort.json; cohorts without it were written class-major
 
 
@@ -68,10 +69,13 @@ MANIFEST_SCHEMA = pa.schema([
     ("nearest_real_distance", pa.float64()),  # feature-space distance to the closest real training image
     ("nearest_real_pixel_distance", pa.float64()),  # pixel-space (RMSE in [0,1]) distance to the closest
     ("nearest_real_key", pa.string()),  # key of that closest real training image
-    ("oracle_prob", pa.float64()),  # domain classifier's probability of the intended class
+    ("oracle_prob", pa.float64()),  # domain classifier's probability of the intended class (unconditional: of its own)
     ("flagged", pa.bool_()),  # memorization flag: too close to a training image
+    ("oracle_class_id", pa.int64()),  # the domain classifier's predicted class (unconditional cohorts: the only one)
 ])
-QUALITY_COLUMNS = ("nearest_real_distance", "nearest_real_pixel_distance", "nearest_real_key", "oracle_prob", "flagged")
+QUALITY_COLUMNS = ("nearest_real_distance", "nearest_real_pixel_distance", "nearest_real_key", "oracle_prob", "flagged",
+                   "oracle_class_id")
+ADDED_COLUMNS = ("oracle_class_id",)  # quality columns newer than some stored manifests: read as null when absent
 
 
 def manifest_table(rows: list[dict[str, Any]]) -> pa.Table:
@@ -112,8 +116,16 @@ class Cohort:
     def dataset_uri(self) -> str:
         return self.card["dataset_uri"]
 
+    @property
+    def unconditional(self) -> bool:
+        """Sampled with the null label: no image has an intended class (class_id -1, ``UNKNOWN_CLASS``)."""
+        return bool(self.card.get("unconditional"))
+
     def manifest(self) -> pd.DataFrame:
         df = read_parquet(storage.join(self.uri, "manifest.parquet"))
+        for col in ADDED_COLUMNS:
+            if col not in df.columns:
+                df[col] = pd.Series([pd.NA] * len(df), dtype="Int64")
         missing = [f.name for f in MANIFEST_SCHEMA if f.name not in df.columns]
         if missing:
             raise ArtifactError(f"{self.uri}/manifest.parquet is missing columns {missing}")

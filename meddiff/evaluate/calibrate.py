@@ -9,6 +9,10 @@ memorization and collapse look like on this dataset.
 - ``collapsed``: each class drawn from ``collapsed_sources`` training images plus small noise.
   Should fail recall / coverage / diversity.
 
+With ``tstr``, a classifier trained on each generator's images is compared with one trained on as
+many real training images of the same class mix (same steps, tested on the held-out half): the
+perfect generator's accuracy should match real at equal size.
+
 Writes ``calibration.json`` then ``calibration.html`` under
 ``<storage root>/calibration/<dataset>/<version>/<config hash>/`` (content-addressed: a re-run
 with the same config reuses them).
@@ -45,6 +49,7 @@ class CalibrationConfig:
     jpeg_quality: int = 95  # the memorizer's JPEG-recompressed group
     collapsed_sources: int = 5  # training images per class behind the collapsed generator
     seed: int = 0  # which images are drawn
+    tstr: bool = True  # TSTR of each generator beside real training images of the same size and class mix
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(features=("domain",)))  # the normal evaluation
 
 
@@ -117,6 +122,40 @@ class _SameRealFeatures:
         return self._get("mirror", x, self.domain.mirrored)
 
 
+def equal_size_real(train: Images, like: Images, seed: int) -> Images:
+    """Training images with ``like``'s class counts (seeded, without replacement where a class allows)."""
+    rng = np.random.default_rng([seed, 0x7577])
+    idx = [rng.choice(np.flatnonzero(train.y == c), int((like.y == c).sum()),
+                      replace=int((like.y == c).sum()) > int((train.y == c).sum())) for c in np.unique(like.y)]
+    return train.take(np.sort(np.concatenate(idx)))
+
+
+def calibration_tstr(gens: dict[str, Images], real: RealSplits, num_classes: int, ecfg: EvalConfig, seed: int,
+                     device: str) -> dict[str, Any]:
+    """Train on each generator's images and on as many real training images of the same class mix
+    (equal steps, checkpoint chosen on real val), test on the held-out half: a perfect generator's
+    accuracy should match real at equal size, within the test set's noise."""
+    import torch
+
+    from meddiff.evaluate.tstr import run_setting
+
+    val = (torch.from_numpy(real.val.x), torch.as_tensor(real.val.y))
+    test_x, test_y = torch.from_numpy(real.heldout.x), torch.as_tensor(real.heldout.y)
+
+    def acc(imgs: Images, name: str) -> dict[str, Any]:
+        r, _ = run_setting(name, torch.from_numpy(imgs.x), torch.as_tensor(imgs.y), test_x, test_y, num_classes,
+                           ecfg.tstr_steps, val, ecfg.tstr_protocol, ecfg.seed, device)
+        return {"accuracy": r.accuracy, "ci": r.ci, "auc": r.auc, "n_train": r.n_train}
+
+    base = acc(equal_size_real(real.train, gens["perfect"], seed), "real (equal size)")
+    out = {}
+    for name, imgs in gens.items():
+        r = acc(imgs, name)
+        out[name] = {**r, "real_accuracy": base["accuracy"], "difference": r["accuracy"] - base["accuracy"]}
+    return {"protocol": ecfg.tstr_protocol, "steps": ecfg.tstr_steps, "n_test": len(test_y),
+            "test": "the held-out half of the test split", "real_equal_size": base, "generators": out}
+
+
 def calibration_uri(dataset_uri: str, cfg: CalibrationConfig, root: str | None = None) -> str:
     """``<root>/calibration/<dataset>/<version>/<config hash>`` (root: the dataset's storage root)."""
     parts = dataset_uri.rstrip("/").split("/")
@@ -145,7 +184,10 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
         results[name] = {"verdict": body["verdict"]["verdict"], "sentence": body["verdict"]["sentence"],
                          "n": len(imgs), "headline": body["headline"], "metrics": body["metrics"],
                          "flagged_fraction": body["memorization"]["flagged"] / max(len(imgs), 1)}
-    record = make_record("calibration", cfg, {"dataset_uri": dataset.uri}, device=device, **results,
+    tstr = calibration_tstr(gens, real, dataset.num_classes, ecfg, cfg.seed, device) if cfg.tstr else None
+    for name in GENERATORS:
+        results[name]["tstr"] = tstr and tstr["generators"][name]
+    record = make_record("calibration", cfg, {"dataset_uri": dataset.uri}, device=device, **results, tstr=tstr,
                          references={"heldout": f"half of the {ecfg.heldout_split} split ({len(real.heldout)} images)",
                                      "perfect": f"the other half ({len(gens['perfect'])} images)"})
     storage.write_json(json_uri, record)
@@ -161,6 +203,11 @@ def calibration_table(record: dict[str, Any]) -> list[tuple[str, ...]]:
             ("flagged fraction", *(f"{record[g]['flagged_fraction']:.3f}" for g in GENERATORS))]
     for m in names:
         rows.append((m, *(" ".join(rows_by[g].get(m, ("—", ""))).strip() for g in GENERATORS)))
+    if record.get("tstr"):
+        t = record["tstr"]
+        rows.append((f"TSTR accuracy (Δ vs real at equal size, {t['real_equal_size']['accuracy']:.3f})",
+                     *(f"{t['generators'][g]['accuracy']:.3f} ({t['generators'][g]['difference']:+.3f})"
+                       for g in GENERATORS)))
     return rows
 
 

@@ -245,7 +245,18 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
               "materially worse beyond the 95 % interval. KID is n-robust; FID depends on n.</p>",
               _table(["metric", "synthetic [95 % CI]", "real baseline [95 % CI]", "n", "verdict"],
                      [[html.escape(c) for c in row] for row in headline_rows(report)])]
-    parts += ['<h2 id="samples">Samples per class</h2>', sample_grid(syn, train, class_names, per_class)]
+    parts += ['<h2 id="samples">Samples per class</h2>']
+    if report.get("labels", "").startswith("oracle"):
+        parts.append("<p><b>Unconditional cohort:</b> no class was asked for; images are grouped by the class the "
+                     "domain classifier predicts, and label fidelity and TSTR are not computed.</p>")
+    parts += [sample_grid(syn, train, class_names, per_class)]
+    if report.get("class_mix"):
+        parts += ["<h3>Class mix</h3><p>Each class's share of the cohort (by "
+                  f"{'the oracle' if report.get('labels', '').startswith('oracle') else 'intended class'}) beside "
+                  "its share of the real training split.</p>",
+                  _table(["class", "synthetic share", "real train share"],
+                         [[html.escape(r["class"]), _fmt(r["synthetic"]), _fmt(r["real_train"])]
+                          for r in report["class_mix"]])]
     parts += _reverse_diffusion_section(report["inputs"]["cohort_uri"])
     parts += _umap_section(report.get("umap") or {}, umap_png)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from meddiff import storage
-from meddiff.data.cohorts import Cohort
+from meddiff.data.cohorts import UNKNOWN_CLASS, Cohort
 from meddiff.data.images import decode_png
 from meddiff.data.shards import DatasetVersion, iter_shard
 from meddiff.errors import ArtifactError, MeddiffError
@@ -106,11 +106,16 @@ def check_compatible(cohort: Cohort, manifest: pd.DataFrame, dataset: DatasetVer
         raise MeddiffError(f"cohort classes {cohort.class_names} do not match the real dataset's "
                            f"{dataset.class_names} ({dataset.uri}); pass the dataset the model was trained on")
     ids = manifest["class_id"].to_numpy()
-    if ids.min() < 0 or ids.max() >= dataset.num_classes:
+    if cohort.unconditional:
+        if (ids != -1).any() or (manifest["class_name"] != UNKNOWN_CLASS).any():
+            raise ArtifactError(f"{cohort.uri}: an unconditional cohort's manifest must have class_id -1 and "
+                                f"class_name {UNKNOWN_CLASS!r} on every row")
+    elif ids.min() < 0 or ids.max() >= dataset.num_classes:
         raise ArtifactError(f"{cohort.uri}: manifest class ids outside 0..{dataset.num_classes - 1}")
-    names = np.asarray(dataset.class_names, dtype=object)[ids]
-    if (names != manifest["class_name"].to_numpy(dtype=object)).any():
-        raise ArtifactError(f"{cohort.uri}: manifest class_name disagrees with class_id")
+    else:
+        names = np.asarray(dataset.class_names, dtype=object)[ids]
+        if (names != manifest["class_name"].to_numpy(dtype=object)).any():
+            raise ArtifactError(f"{cohort.uri}: manifest class_name disagrees with class_id")
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
     if tuple(syn.x.shape[1:]) != shape:
         raise MeddiffError(f"cohort images are {tuple(syn.x.shape[1:])} (C×H×W), the real dataset's {shape}")

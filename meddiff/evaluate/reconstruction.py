@@ -4,7 +4,8 @@ Metrics on the first ``max_images`` val images x and their reconstructions x̂ =
 the stored latent format: float16 latents or VQ codes), each with a 95 % bootstrap CI:
 PSNR (dB, [0, 1] range), SSIM, MS-SSIM (≥ 161 px only), and reconstruction FID / KID in the
 domain classifier's feature space at matched n (x̂ vs x), beside the like-with-like baseline of the
-same n of train images vs those val images. LPIPS only with local backbone weights. A UMAP of the
+same n of train images vs those val images. LPIPS (unit layer weights) only with local backbone
+weights (``perceptual_weights``). A UMAP of the
 latents coloured by class; the compression ratio from the autoencoder card.
 """
 
@@ -85,6 +86,25 @@ def feature_metrics(ds, x: np.ndarray, x_hat: np.ndarray, device: str, domain_st
     return out
 
 
+@torch.no_grad()
+def perceptual_metrics(x: np.ndarray, x_hat: np.ndarray, weights: str | None, device: str,
+                       batch: int = 64) -> dict[str, Any]:
+    """LPIPS-style distance of each (x, x̂) pair (uint8 N×C×H×W) on a local backbone (``weights``: a
+    torchvision AlexNet/VGG16 state dict), unit layer weights; without weights, the reason it is absent."""
+    if not weights:
+        return {"lpips": None, "lpips_note": "not computed: pass --perceptual-weights PATH (a local torchvision "
+                                              "AlexNet/VGG16 state dict; nothing is downloaded)"}
+    from meddiff.models.perceptual import PerceptualLoss
+    from meddiff.records import sha256_file
+
+    net = PerceptualLoss(storage.fetch_local(weights)).to(device)
+    f = lambda a: torch.from_numpy(a).float().div(127.5).sub(1).to(device)  # noqa: E731  uint8 → [-1, 1]
+    d = torch.cat([net.distances(f(x[i:i + batch]), f(x_hat[i:i + batch])).cpu() for i in range(0, len(x), batch)])
+    return {"lpips": _stat(d), "lpips_note": f"LPIPS distance (Zhang et al. 2018, eq. 1) with unit layer weights on "
+            f"a local {net.arch} backbone (sha256 {sha256_file(storage.fetch_local(weights))[:12]}); "
+            "not comparable with published LPIPS values, which use learned layer weights"}
+
+
 def umap_png(latents: torch.Tensor, labels: np.ndarray, class_names: list[str], seed: int = 0) -> bytes | None:
     """UMAP (McInnes et al. 2018) of flattened latents N×D, coloured by class; None without umap-learn."""
     try:
@@ -113,7 +133,8 @@ def umap_png(latents: torch.Tensor, labels: np.ndarray, class_names: list[str], 
 
 
 def reconstruction_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_images: int = 1000,
-                          domain_steps: int | None = None, with_umap: bool = True) -> tuple[dict, dict[str, bytes]]:
+                          domain_steps: int | None = None, with_umap: bool = True,
+                          perceptual_weights: str | None = None) -> tuple[dict, dict[str, bytes]]:
     """(report dict, pictures {name: PNG bytes}) for the val split of ``dataset_uri``."""
     from meddiff.plots import image_grid
 
@@ -127,14 +148,15 @@ def reconstruction_report(dataset_uri: str, ae_uri: str, device: str = "auto", m
         pictures["latent_umap.png"] = png
     report = {"split": "val", "n": len(x), **pixel_metrics(x, x_hat),
               "features": feature_metrics(ds, x, x_hat, dev, domain_steps),
-              "lpips": None, "lpips_note": "needs local backbone weights (not computed)",
+              **perceptual_metrics(x, x_hat, perceptual_weights, dev),
               "compression_ratio": ae.card["compression_ratio"], "latent_shape": ae.card["latent_shape"],
               "scale_factor": ae.scale_factor, "umap": "latent_umap.png" if "latent_umap.png" in pictures else None}
     return report, pictures
 
 
 def encode_with_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_images: int = 1000,
-                       root: str | None = None, domain_steps: int | None = None, with_umap: bool = True) -> dict:
+                       root: str | None = None, domain_steps: int | None = None, with_umap: bool = True,
+                       perceptual_weights: str | None = None) -> dict:
     """``meddiff encode``: check the AE fits the dataset, write the reconstruction report and pictures,
     then the latent shards with ``latents.json`` last (it carries the report). Idempotent."""
     from meddiff.train.latent import autoencoder_ref
@@ -144,7 +166,8 @@ def encode_with_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_
     ref = autoencoder_ref(ae_uri, ds)  # another dataset / size / channels → MeddiffError, nothing written
     if (uri := find_latents(ds, ref)) is not None:
         return {"uri": uri, "card": storage.read_json(storage.join(uri, RECORD)), "existed": True}
-    report, pictures = reconstruction_report(dataset_uri, ae_uri, device, max_images, domain_steps, with_umap)
+    report, pictures = reconstruction_report(dataset_uri, ae_uri, device, max_images, domain_steps, with_umap,
+                                             perceptual_weights)
     from pathlib import Path
 
     uri = latents_uri(ds, Path(ref["uri"]).name)

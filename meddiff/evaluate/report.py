@@ -146,7 +146,9 @@ def _evaluate_locked(cohort_uri: str, cfg: EvalConfig | None, progress: Progress
     inception = load_inception(device) if "inception" in cfg.features else None
     step()
     ev = evaluate_images(syn, real, cfg, dataset.class_names, domain, inception, step,
-                         run_tstr(dataset, cfg, device) if cfg.tstr else None)
+                         run_tstr(dataset, cfg, device) if cfg.tstr else None, oracle_labels=cohort.unconditional)
+    if cohort.unconditional:  # the report's grids and tables show the oracle's classes
+        syn = Images(syn.x, ev.oracle_class.astype(np.int64), syn.keys)
     ev.body["extractors"]["domain"]["cache_uri"] = domain_cache_uri(dataset.uri, cfg.domain, cfg.cache_root)
     for p in ev.body["memorization"]["closest_pairs"]:
         p["sample_id"] = int(manifest["sample_id"][p["index"]])
@@ -172,6 +174,7 @@ def write_report(cohort: Cohort, dataset: DatasetVersion, manifest: pd.DataFrame
         "nearest_real_key": [real.train.keys[int(i) % len(real.train)] for i in ev.nearest_index],
         "oracle_prob": ev.oracle_prob.double().numpy(),
         "flagged": ev.flags.numpy().astype(bool),
+        "oracle_class_id": ev.oracle_class.astype(np.int64),
     }, index=pd.Index(manifest["sample_id"].to_numpy(), name="sample_id"))
     storage.write_bytes(storage.join(cohort.uri, REPORT_HTML), html)
     write_quality(cohort.uri, quality)

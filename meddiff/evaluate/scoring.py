@@ -34,6 +34,7 @@ class Evaluation:
     flags: torch.Tensor  # N bool: flagged as a copy
     order: np.ndarray  # the closest pairs shown in the report (flagged first)
     umap_png: bytes | None = None  # report.html's UMAP of real (held-out) vs synthetic domain features
+    oracle_class: np.ndarray | None = None  # N: the domain classifier's predicted class
 
 
 def _scopes(syn: Images, class_names: list[str]) -> list[tuple[str, int | None]]:
@@ -73,12 +74,17 @@ def paired_means(syn: list[dict[str, Any]], base: list[dict[str, Any]], baseline
 # --------------------------------------------------------------------------- step 1: features
 
 def extract_features(syn: Images, real: RealSplits, cfg: EvalConfig, domain: DomainExtractor,
-                     inception: Callable | None) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict]:
-    """Features per extractor and set (syn/train/val/heldout); domain probabilities; extractor info.
+                     inception: Callable | None, oracle_labels: bool = False
+                     ) -> tuple[Images, dict[str, dict[str, torch.Tensor]], dict[str, Any], dict]:
+    """``syn`` (relabelled by the oracle when ``oracle_labels``), features per extractor and set
+    (syn/train/val/heldout), domain probabilities, extractor info.
 
     Inception runs on a seeded subsample of at most ``cfg.max_images`` per set (its labels in ``ys``)."""
+    dom = {"syn": domain.features_and_probs(syn.x)}
+    if oracle_labels:  # an unconditional cohort has no intended classes: the oracle's stand in for scopes
+        syn = Images(syn.x, dom["syn"][1].argmax(1).numpy().astype(np.int64), syn.keys)
     sets = {"syn": syn, "train": real.train, "val": real.val, "heldout": real.heldout}
-    dom = {k: domain.features_and_probs(v.x) for k, v in sets.items()}
+    dom.update({k: domain.features_and_probs(v.x) for k, v in sets.items() if k != "syn"})
     feats = {"domain": {k: f for k, (f, _) in dom.items()}}
     ys = {"domain": {k: v.y for k, v in sets.items()}}
     info: dict[str, Any] = {"domain": {
@@ -94,7 +100,7 @@ def extract_features(syn: Images, real: RealSplits, cfg: EvalConfig, domain: Dom
                              "preprocessing": PREPROCESSING[inception.weights.kind],
                              "images": {k: int(len(i)) for k, i in sub.items()}}
     probs = {"syn": dom["syn"][1], "val": dom["val"][1], "heldout": dom["heldout"][1]}
-    return feats, {"ys": ys, "probs": probs}, info
+    return syn, feats, {"ys": ys, "probs": probs}, info
 
 
 def _subsample(n: int, max_n: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -264,13 +270,19 @@ def memo_summary(mem: dict[str, Any], syn: Images, real: RealSplits, class_names
 
 def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names: list[str],
                     domain: DomainExtractor, inception: Callable | None = None,
-                    step: Callable[[], None] = lambda: None, tstr: Callable | None = None) -> Evaluation:
+                    step: Callable[[], None] = lambda: None, tstr: Callable | None = None,
+                    oracle_labels: bool = False) -> Evaluation:
     """Every metric of ``syn`` against ``real`` (no I/O). ``step`` is called after each stage;
-    ``tstr(syn, real, flags, warnings) -> dict | None`` runs the utility check when given."""
+    ``tstr(syn, real, flags, warnings) -> dict | None`` runs the utility check when given.
+
+    ``oracle_labels`` (unconditional cohorts, ``syn.y`` all -1): the domain classifier's predicted
+    classes define the per-class scopes; label fidelity (circular then) and TSTR are not computed, and
+    the oracle's class mix is compared with the real one instead."""
+    syn, feats, aux, info = extract_features(syn, real, cfg, domain, inception, oracle_labels)
     scopes = _scopes(syn, class_names)
-    warnings = [f"no synthetic images for classes {[n for n in class_names if n not in dict(scopes)]}: "
-                "they are not evaluated"] if len(scopes) - 1 < len(class_names) else []
-    feats, aux, info = extract_features(syn, real, cfg, domain, inception)
+    missing = [n for n in class_names if n not in dict(scopes)]
+    warnings = [f"no synthetic images {'the oracle assigns to' if oracle_labels else 'for'} classes {missing}: "
+                "they are not evaluated"] if missing else []
     step()
     metrics = distribution_metrics(feats, aux["ys"], scopes, cfg)
     d = feats["domain"]
@@ -281,11 +293,15 @@ def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names:
     metrics += memorization_records(mem, syn, real, scopes, cfg)
     step()
     metrics += pixel_metrics(syn, real, mem, scopes, cfg)
-    metrics += label_fidelity(syn, real, aux["probs"], scopes, cfg)
+    if not oracle_labels:
+        metrics += label_fidelity(syn, real, aux["probs"], scopes, cfg)
     ms_note, ms_recs = ms_ssim_step(syn, scopes, cfg)
     metrics += ms_recs
     step()
     memo, order = memo_summary(mem, syn, real, class_names, scopes, cfg)
+    if tstr and oracle_labels:
+        warnings.append("TSTR not run: an unconditional cohort has no intended labels to train a classifier on")
+        tstr = None
     tstr_result = tstr(syn, real, mem["flags"], warnings) if tstr else None
     if tstr:
         step()
@@ -297,6 +313,9 @@ def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names:
     body = {"verdict": overall({k: v.get("verdict") for k, v in headline.items() if isinstance(v, dict)}),
             "headline": headline, "metrics": metrics, "memorization": memo, "tstr": tstr_result,
             "extractors": info, "warnings": warnings, "ms_ssim": ms_note,
+            "labels": ("oracle: an unconditional cohort (no class asked); per-class scopes use the domain "
+                       "classifier's predicted class" if oracle_labels else "intended: the class each image was asked for"),
+            "class_mix": class_mix(syn.y, real.train.y, class_names),
             "cohort": {"n": len(syn), "counts": {s: int((syn.y == c).sum()) for s, c in scopes[1:]},
                        "image_size": int(syn.x.shape[-1]), "channels": int(syn.x.shape[1])},
             "real": {"train": len(real.train), "val": len(real.val), cfg.heldout_split: len(real.heldout)},
@@ -310,7 +329,18 @@ def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names:
         warnings.append(f"UMAP plot skipped: {body['umap']['skipped']}")
     probs = aux["probs"]["syn"]
     return Evaluation(body, mem["fd_syn"], mem["pd_syn"], mem["pi_syn"],
-                      probs[torch.arange(len(syn)), torch.as_tensor(syn.y)], mem["flags"], order, png)
+                      probs[torch.arange(len(syn)), torch.as_tensor(syn.y)], mem["flags"], order, png,
+                      probs.argmax(1).numpy())
+
+
+def class_mix(syn_y: np.ndarray, train_y: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
+    """Each class's share of the cohort beside its share of the real training split (for an
+    unconditional cohort: the classes the oracle sees in it against the prevalence it was trained on)."""
+    k = len(class_names)
+    syn_n = np.bincount(syn_y, minlength=k)[:k]
+    real_n = np.bincount(train_y, minlength=k)[:k]
+    return [{"class": class_names[c], "synthetic": round(float(syn_n[c] / max(len(syn_y), 1)), 4),
+             "real_train": round(float(real_n[c] / max(len(train_y), 1)), 4)} for c in range(k)]
 
 
 def umap_step(f_syn: torch.Tensor, y_syn: np.ndarray, f_real: torch.Tensor, y_real: np.ndarray,

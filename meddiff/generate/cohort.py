@@ -28,7 +28,7 @@ from meddiff.devices import cuda_count, resolve_device
 from meddiff.locks import artifact_lock
 from meddiff.threads import configure_threads
 from meddiff.errors import ArtifactError, MeddiffError
-from meddiff.data.cohorts import SHARD_PREFIX, WRITE_ORDER, manifest_table, open_cohort, parquet_bytes, write_order
+from meddiff.data.cohorts import SHARD_PREFIX, UNKNOWN_CLASS, WRITE_ORDER, manifest_table, open_cohort, parquet_bytes, write_order
 from meddiff.generate.pictures import write_pictures
 from meddiff.generate.sampling import check_compatible, generate_images, precision, resolve_sampler
 from meddiff.generate.spec import CohortResult, CohortSpec
@@ -46,6 +46,8 @@ def sample_seed(base_seed: int, sample_id: int) -> int:
 def _plan(spec: CohortSpec, model: TrainedModel) -> tuple[dict[str, int], np.ndarray]:
     """Quotas and the class of every sample id (class-major order)."""
     quotas = spec.quotas(model.class_names)
+    if spec.unconditional:  # no class asked: -1 stands for the null label
+        return quotas, np.full(spec.total or 0, -1, dtype=np.int64)
     class_of = np.concatenate([np.full(n, i, dtype=np.int64) for i, n in enumerate(quotas.values())])
     return quotas, class_of
 
@@ -58,7 +60,7 @@ def identity(spec: CohortSpec, model: TrainedModel, quotas: dict[str, int], guid
     return {"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256, "quotas": quotas,
             "sampler": spec.sampler, "steps": spec.steps, "guidance": guidance, "seed": spec.seed,
             "shard_size": spec.shard_size, "batch_size": spec.batch_size, **precision(device),
-            "write_order": WRITE_ORDER}
+            "write_order": WRITE_ORDER, **({"unconditional": True} if spec.unconditional else {})}
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def finish_cohort(plan: CohortPlan, generated: int = 0, seconds: float = 0.0) ->
         shards=plan.shard_names, sampler=spec.sampler, steps=spec.steps, guidance_scale=plan.guidance,
         seed=spec.seed, device=str(plan.device), **precision(plan.device), seconds=round(seconds, 2),
         samples_per_second=round(generated / seconds, 2) if generated and seconds > 0 else None,
-        resumed_samples=n_total - generated, write_order=WRITE_ORDER,
+        resumed_samples=n_total - generated, write_order=WRITE_ORDER, unconditional=spec.unconditional,
     )
     storage.write_json(str(work / "cohort.json"), card)
     if storage.is_remote(plan.uri):
@@ -236,7 +238,7 @@ def _generate_shard(spec: CohortSpec, model: TrainedModel, guidance: float | Non
     rows, samples = [], []
     for i in ids:
         cid = int(class_of[i])
-        name = model.class_names[cid]
+        name = model.class_names[cid] if cid >= 0 else UNKNOWN_CLASS
         png = encode_png(images[i].transpose(1, 2, 0))  # (C, H, W) → (H, W, C)
         key = f"syn-{i:07d}"
         seed = sample_seed(spec.seed, i)
@@ -290,8 +292,9 @@ def regenerate(cohort_uri: str, sample_id: int, device: str | None = None, alone
     guidance = None if pd.isna(row["guidance_scale"]) else float(row["guidance_scale"])
     batch = [sample_id]
     if not alone:
-        class_of = np.concatenate([np.full(int(card["counts"][c]), i, dtype=np.int64)
-                                   for i, c in enumerate(card["class_names"])])
+        class_of = (np.full(int(card["total"]), -1, dtype=np.int64) if card.get("unconditional") else
+                    np.concatenate([np.full(int(card["counts"][c]), i, dtype=np.int64)
+                                    for i, c in enumerate(card["class_names"])]))
         size, bs = int(card["config"]["shard_size"]), int(card["config"]["batch_size"])
         order = (write_order(class_of, int(card["config"]["seed"])) if card.get("write_order") == WRITE_ORDER
                  else np.arange(len(class_of)))  # older cohorts: class-major

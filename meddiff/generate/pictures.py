@@ -33,7 +33,8 @@ def write_pictures(model: TrainedModel, spec: CohortSpec, guidance: float | None
     (work / "grids").mkdir(exist_ok=True)
     for cid, imgs in found.items():
         if imgs:
-            storage.write_bytes(str(work / "grids" / f"class-{cid}.png"), image_grid(np.stack(imgs)))
+            grid = f"class-{cid}.png" if cid >= 0 else "unconditional.png"
+            storage.write_bytes(str(work / "grids" / grid), image_grid(np.stack(imgs)))
     # reverse diffusion: the first sample of a few classes, regenerated with their trajectory recorded
     firsts = manifest.groupby("class_id").head(1).head(strip_samples)
     frames: list[np.ndarray] = []  # each (B, C, H, W) uint8

@@ -42,6 +42,14 @@ def check_compatible(spec: CohortSpec, model: TrainedModel) -> float | None:
     limit = int(model.scheduler_config["num_train_timesteps"])
     if spec.steps > limit:
         raise MeddiffError(f"--steps {spec.steps} exceeds the model's {limit} training timesteps")
+    if spec.unconditional:
+        if model.mode != "conditional" or not label_dropout(model):
+            why = ("it is per-class: sample per class, or train a conditional model with --label-dropout 0.1"
+                   if model.mode == "per-class" else f"its card records label_dropout {label_dropout(model)} "
+                   "(no trained null label): retrain with --label-dropout 0.1")
+            raise MeddiffError(f"--unconditional needs a conditional model trained with label dropout; {model.uri}: "
+                               f"{why}")
+        return None
     if model.mode == "per-class":
         if spec.guidance is not None:
             raise MeddiffError("--guidance applies to conditional models; this model is per-class (unconditional)")
@@ -68,7 +76,8 @@ def precision(device: torch.device) -> dict[str, str]:
 @torch.no_grad()
 def generate_images(model: TrainedModel, class_ids: list[int], seeds: list[int], sampler: Sampler, steps: int,
                     guidance: float | None, device: torch.device, trace: list | None = None) -> torch.Tensor:
-    """One batch: uint8 (B, C, H, W) images of ``class_ids`` from their own ``seeds``.
+    """One batch: uint8 (B, C, H, W) images of ``class_ids`` from their own ``seeds``; class -1 (conditional
+    models) = unconditional, through the null label.
 
     Per-class models need a single class per batch (the caller groups them). The network runs
     under bf16 autocast on CUDA; guidance and the sampler maths stay float32. DDPM models clip x̂₀
@@ -77,7 +86,12 @@ def generate_images(model: TrainedModel, class_ids: list[int], seeds: list[int],
     shape = model.sample_shape  # (C, H, W), or (C_lat, h, w) for latent models
     noise = StackedNoise(seeds)
     x_T = noise.randn(shape, device)  # (B, *shape) from each sample's own CPU generator
-    if model.mode == "conditional":
+    if model.mode == "conditional" and min(class_ids) < 0:  # unconditional: p(x) through the null label
+        if max(class_ids) >= 0:
+            raise MeddiffError("a batch mixes unconditional (class -1) and class-conditional samples")
+        net, null = model.networks[None], torch.full((len(class_ids),), model.null_class, device=device)
+        net_denoise = lambda x, t: net(x, timesteps=t, class_labels=null).float()  # noqa: E731
+    elif model.mode == "conditional":
         y = torch.tensor(class_ids, device=device)
         net_denoise = classifier_free_guidance(model.networks[None], y, model.null_class, guidance)
     else:

@@ -9,8 +9,9 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from meddiff.data.cohorts import UNKNOWN_CLASS
 from meddiff.devices import check_device
-from meddiff.errors import MeddiffError
+from meddiff.errors import COUNT_FORMS, MeddiffError
 from meddiff.models.samplers import Sampler
 
 @dataclass(frozen=True)
@@ -30,18 +31,25 @@ class CohortSpec:
     device: str = "auto"  # auto = cuda when available, else cpu
     shard_size: int = 1000  # images per shard = per resumable chunk
     name: str | None = None  # cohort id; None = <model run>-<content hash of the spec>
+    unconditional: bool = False  # conditional models trained with label dropout: sample p(x) through the null
+    # label, "regardless of class" (needs --total; the manifest's class is "(unknown)", evaluate records the oracle's)
 
     def check(self) -> "CohortSpec":
         if self.sampler not in (*get_args(Sampler), "auto"):
             raise MeddiffError(f"unknown sampler {self.sampler!r}; choose auto or one of {get_args(Sampler)}")
         forms = sum(x is not None for x in (self.per_class, self.total))
         if forms != 1:
-            raise MeddiffError("give exactly one of --per-class N or --total N (with optional --ratios)")
+            raise MeddiffError(COUNT_FORMS)
         if self.ratios is not None and self.total is None:
             raise MeddiffError("--ratios needs --total N: the ratios split that total")
         for label, n in (("--per-class", self.per_class), ("--total", self.total)):
             if n is not None and n <= 0:
                 raise MeddiffError(f"{label} must be a positive count, got {n}")
+        if self.unconditional and (self.total is None or self.ratios is not None):
+            raise MeddiffError("--unconditional asks for no class: give --total N (not --per-class or --ratios)")
+        if self.unconditional and self.guidance is not None:
+            raise MeddiffError("--guidance has nothing to guide towards with --unconditional (no class is asked); "
+                               "leave it unset")
         if self.steps < 1:
             raise MeddiffError(f"--steps must be ≥ 1, got {self.steps}")
         check_device(self.device)
@@ -54,8 +62,11 @@ class CohortSpec:
         return self
 
     def quotas(self, class_names: list[str]) -> dict[str, int]:
-        """Images per class, in class order; sums exactly to the requested total."""
+        """Images per class, in class order; sums exactly to the requested total. Unconditional: one
+        quota under ``UNKNOWN_CLASS``."""
         k = len(class_names)
+        if self.unconditional:
+            return {UNKNOWN_CLASS: int(self.total or 0)}
         if self.per_class is not None:
             return {c: self.per_class for c in class_names}
         assert self.total is not None

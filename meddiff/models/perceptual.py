@@ -14,6 +14,7 @@ from meddiff.errors import MeddiffError
 TAPS = {"alexnet": (1, 4, 7, 9, 11), "vgg16": (3, 8, 15, 22, 29)}  # ReLU outputs LPIPS reads
 SHIFT = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)  # LPIPS ScalingLayer: inputs in [-1, 1]
 SCALE = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+MIN_SIZE = 64  # smaller images are up-sampled to this side first (LPIPS's own 64 px patches)
 
 
 class PerceptualLoss(torch.nn.Module):
@@ -43,6 +44,8 @@ class PerceptualLoss(torch.nn.Module):
         self.register_buffer("scale", SCALE)
 
     def _feats(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if min(x.shape[-2:]) < MIN_SIZE:  # AlexNet's pooling needs ≥ 63 px: up-sample small images (MedMNIST 28 px)
+            x = torch.nn.functional.interpolate(x, size=(MIN_SIZE, MIN_SIZE), mode="bilinear", align_corners=False)
         x = (x.expand(-1, 3, -1, -1) - self.shift) / self.scale  # grey → RGB, LPIPS input scaling
         out = []
         for i, layer in enumerate(self.features):
@@ -51,5 +54,9 @@ class PerceptualLoss(torch.nn.Module):
                 out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))  # unit norm over channels
         return out
 
+    def distances(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Per-image distance (B,) of (B, C, H, W) pairs in [-1, 1]."""
+        return sum((a - b).pow(2).sum(1).mean((1, 2)) for a, b in zip(self._feats(x), self._feats(x_hat)))
+
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        return sum((a - b).pow(2).sum(1).mean() for a, b in zip(self._feats(x), self._feats(x_hat)))
+        return self.distances(x, x_hat).mean()
