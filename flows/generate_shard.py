@@ -44,7 +44,7 @@ def generate_shard(  # named like the flow: `prefect deploy --name generate-shar
     total: int | None = None,
     ratios: str | None = None,
     sampler: SamplerChoice = "auto",
-    steps: int = 25,
+    steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
     batch_size: int = 64,

@@ -64,7 +64,7 @@ def pipeline(
     per_class: int | None = _D.per_class,
     total: int | None = _D.total,
     sampler: SamplerChoice = _D.sampler,
-    sample_steps: int = _D.sample_steps,
+    sample_steps: int | None = _D.sample_steps,
     guidance: float | None = _D.guidance,
     device: Literal["auto", "cpu", "cuda"] = _D.device,
     allow_cpu_fallback: bool = _D.allow_cpu_fallback,
@@ -96,7 +96,7 @@ def pipeline(
         per_class: Images generated per class (give this or total).
         total: Total images, split evenly over the classes (give this or per_class).
         sampler: Generation sampler; auto = the measured best for the model's objective (ddim for DDPM, heun for rectified flow); or ddim, ddpm, dpmpp2m, rflow, heun.
-        sample_steps: Denoising steps per generated image.
+        sample_steps: Denoising steps per generated image; empty = the sampler's measured default.
         guidance: Classifier-free guidance scale; empty = the model's default (2.0).
         device: auto = a GPU when the worker has one, else CPU; cuda without a GPU fails.
         allow_cpu_fallback: With device=cuda and no GPU: run on the CPU instead of failing.

@@ -46,7 +46,8 @@ class PipelineConfig:
     total: int | None = None  # total images generated, split evenly over the classes (exclusive with per_class)
     sampler: SamplerName = "auto"  # generation sampler; auto = the
     # measured best for the objective (heun for rectified flow, dpmpp2m for DDPM; bench/bench_samplers.py)
-    sample_steps: int = 25  # denoising steps per generated image (heun: 2·steps − 1 network calls)
+    sample_steps: int | None = None  # denoising steps per image (heun: 2·steps − 1 network calls); None = the
+    # sampler's measured default (ddim 50, ddpm 100, others 25)
     guidance: float | None = None  # classifier-free guidance scale; None = the model's default
     device: Device = "auto"  # auto = GPU when present else CPU; cuda without a GPU fails
     allow_cpu_fallback: bool = False  # with device=cuda and no GPU: run on the CPU instead of failing
@@ -88,7 +89,7 @@ class PipelineConfig:
             raise PipelineError(f"latent must be vae or vqvae, got {self.latent!r}")
         if self.ae_steps is not None and self.ae_steps < 1:
             raise PipelineError(f"ae-steps must be positive, got {self.ae_steps}")
-        if self.sample_steps < 1:
+        if self.sample_steps is not None and self.sample_steps < 1:
             raise PipelineError(f"sample-steps must be positive, got {self.sample_steps}")
         return self
 

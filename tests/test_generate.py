@@ -284,3 +284,16 @@ def test_unconditional_refused_where_it_cannot_apply(kw, fixture, message, reque
     with pytest.raises(MeddiffError, match=message):
         generate(spec(request.getfixturevalue(fixture), unconditional=True, **kw), str(tmp_path))
     assert not (tmp_path / "cohorts").exists() or not any((tmp_path / "cohorts").iterdir())
+
+
+def test_default_steps_follow_the_sampler(tiny_conditional_model_uri, tiny_rflow_model_uri, tmp_path):
+    """No --steps: each sampler's measured default (bench_samplers: DDIM needs ~50, ancestral ~100)."""
+    from meddiff.generate import plan_cohort
+
+    for uri, sampler, want in ((tiny_conditional_model_uri, "auto", ("ddim", 50)),
+                               (tiny_conditional_model_uri, "ddpm", ("ddpm", 100)),
+                               (tiny_rflow_model_uri, "auto", ("heun", 25))):
+        plan = plan_cohort(CohortSpec(uri, per_class=1, sampler=sampler, device="cpu"), str(tmp_path))
+        assert (plan.spec.sampler, plan.spec.steps) == want and plan.ident["steps"] == want[1]
+    plan = plan_cohort(CohortSpec(tiny_conditional_model_uri, per_class=1, steps=7, device="cpu"), str(tmp_path))
+    assert plan.spec.steps == 7

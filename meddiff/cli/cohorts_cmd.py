@@ -37,7 +37,8 @@ def generate(
     ratios: Optional[str] = typer.Option(None, help="Prevalence ratios of --total: 'name=p,...' (or class ids)."),
     sampler: str = typer.Option("auto", help="auto (ddim for DDPM models, heun for rectified flow) | "
                                 "ddim | ddpm | dpmpp2m (DDPM ε/v models) | rflow | heun (rectified flow)."),
-    steps: int = typer.Option(25, help="Reverse-diffusion steps (heun: 2·steps − 1 network calls)."),
+    steps: Optional[int] = typer.Option(None, help="Reverse-diffusion steps (heun: 2·steps − 1 network calls); "
+                                        "default: the sampler's measured default (ddim 50, ddpm 100, others 25)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (conditional models; "
                                              "default 2.0, or 1.0 for a model trained with label dropout 0)."),
     seed: int = typer.Option(0, help="Base seed; every image's own seed derives from it."),

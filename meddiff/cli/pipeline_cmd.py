@@ -47,7 +47,8 @@ def pipeline(
     objective: str = typer.Option("rflow", help="Training objective: rflow (rectified flow) | ddpm."),
     batch_size: Optional[int] = typer.Option(None, help="Training batch size (default: the preset's)."),
     preview_steps: Optional[int] = typer.Option(None, help="Sampler steps of training's preview grids."),
-    sample_steps: int = typer.Option(25, help="Denoising steps per generated image (heun: 2·steps − 1 calls)."),
+    sample_steps: Optional[int] = typer.Option(None, help="Denoising steps per generated image (heun: 2·steps − 1 "
+                                               "calls); default: the sampler's measured default (ddim 50, others 25)."),
     guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale."),
     size: Optional[int] = typer.Option(None, help="Image size in px (default: the source's)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),

@@ -12,7 +12,7 @@ from meddiff.errors import MeddiffError
 from meddiff.generate import latent
 from meddiff.generate.spec import CohortSpec
 from meddiff.models.diffusion import parameterization, sampling_grid
-from meddiff.models.samplers import (AUTO_SAMPLER, DDPM_SAMPLERS, RFLOW_SAMPLERS, Sampler, StackedNoise, classifier_free_guidance,
+from meddiff.models.samplers import (AUTO_SAMPLER, DDPM_SAMPLERS, DEFAULT_STEPS, RFLOW_SAMPLERS, Sampler, StackedNoise, classifier_free_guidance,
                                      predictor, run_sampler, to_uint8)
 from meddiff.models.trained import TrainedModel
 
@@ -20,10 +20,11 @@ DEFAULT_GUIDANCE = 2.0  # CFG scale for conditional models trained with label dr
 
 
 def resolve_sampler(spec: CohortSpec, model: TrainedModel) -> CohortSpec:
-    """``sampler="auto"`` → the measured best for the model's objective (``AUTO_SAMPLER``)."""
-    if spec.sampler != "auto":
-        return spec
-    return dataclasses.replace(spec, sampler=AUTO_SAMPLER[model.objective])
+    """``sampler="auto"`` → the measured best for the model's objective (``AUTO_SAMPLER``); ``steps=None``
+    → that sampler's measured default (``DEFAULT_STEPS``)."""
+    sampler = AUTO_SAMPLER[model.objective] if spec.sampler == "auto" else spec.sampler
+    steps = spec.steps or min(DEFAULT_STEPS[sampler], int(model.scheduler_config["num_train_timesteps"]))
+    return dataclasses.replace(spec, sampler=sampler, steps=steps)
 
 
 def label_dropout(model: TrainedModel) -> float | None:

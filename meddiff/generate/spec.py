@@ -22,8 +22,8 @@ class CohortSpec:
     ratios: str | None = None  # prevalence ratios "name=p,..." of `total` (unlisted classes get 0)
     sampler: Sampler | Literal["auto"] = "auto"  # auto = measured best: ddim for ε/v models, heun for
     # rectified flow; ddim (η=0), ddpm (ancestral, η=1) and dpmpp2m serve ε/v models, rflow (Euler) and heun rflow
-    steps: int = 25  # reverse-diffusion steps (heun: 2·steps − 1 network calls); 25 = near-converged for the
-    # auto samplers (bench/bench_samplers.py, README "Generate")
+    steps: int | None = None  # reverse-diffusion steps (heun: 2·steps − 1 network calls); None = the sampler's
+    # measured default (samplers.DEFAULT_STEPS: ddim 50, ddpm 100, dpmpp2m/rflow/heun 25; README "Generate")
     guidance: float | None = None  # CFG scale (conditional models only); None = 2.0, or 1.0 for a model trained
     # without label dropout (no null label; other values are refused)
     seed: int = 0  # base seed; sample i's seed derives from (seed, i)
@@ -50,7 +50,7 @@ class CohortSpec:
         if self.unconditional and self.guidance is not None:
             raise MeddiffError("--guidance has nothing to guide towards with --unconditional (no class is asked); "
                                "leave it unset")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise MeddiffError(f"--steps must be ≥ 1, got {self.steps}")
         check_device(self.device)
         if self.batch_size < 1 or self.shard_size < 1:

@@ -30,6 +30,10 @@ RFLOW_SAMPLERS = ("rflow", "heun")  # for rectified-flow models
 # lost to DDIM on the only real (barely trained) model measured so far, so it stays opt-in until a
 # full bench_samplers run on a trained model shows it ahead.
 AUTO_SAMPLER: dict[str, Sampler] = {"ddpm": "ddim", "rflow": "heun"}
+# steps when none are asked (README "Generate", bench_samplers' real-model table): DDIM reaches the 1000-step
+# DDPM's quality at 50; ancestral (η = 1) needs ~100; Euler and heun converged by ~20 NFE on the tiny rflow
+# model, 25 steps keep a margin for larger models (heun: 49 NFE); dpmpp2m as DDIM's 2nd-order peer, 25.
+DEFAULT_STEPS: dict[Sampler, int] = {"ddim": 50, "ddpm": 100, "dpmpp2m": 25, "rflow": 25, "heun": 25}
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,C,H,W), t (B,)) → network output
 Predict = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (x (B,C,H,W), i) → (x̂₀, ε̂)
 Trace = list[torch.Tensor]  # x snapshots after each step, each (B, C, H, W)
