@@ -11,7 +11,7 @@ A competitor is ``python -c 'while True: pass'`` (one CPU each), started 1 s bef
 
 Modes: ``before`` = torch's own thread defaults (one OpenMP thread per core, libgomp's default
 spin-waiting; ``MEDDIFF_THREAD_TUNING=off``), ``after`` = meddiff.threads (free-CPU sizing,
-``OMP_WAIT_POLICY=PASSIVE``). Runs are interleaved (repeat → load → mode) so drift hits all
+``OMP_WAIT_POLICY=PASSIVE`` when the CPUs are already busy at start; each run prints the policy it got). Runs are interleaved (repeat → load → mode) so drift hits all
 cells alike; the table prints medians and ratios to the same mode's 0-competitor median.
 Targets (issue 16): one competitor ≤ 1.3× quiet, two ≤ 2.2×, after-quiet no slower than before-quiet.
 """
@@ -52,7 +52,8 @@ def worker(args: argparse.Namespace) -> None:
                           device="cpu", name=args.name).check()
         t0 = time.perf_counter()
         uri = generate(spec, args.root).uri
-    print(json.dumps({"seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), "uri": uri}))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "threads": torch.get_num_threads(), "uri": uri,
+                      "wait": os.environ.get("OMP_WAIT_POLICY") or "spin"}))
 
 
 def run_worker(kind: str, mode: str, name: str, args: argparse.Namespace, extra: list[str]) -> dict:
@@ -142,7 +143,8 @@ def main() -> None:
                     r = with_competitors(n, lambda: run_worker(kind, mode, f"busy-{kind}-{i}", args, extra))
                     results[kind, mode, n].append(r)
                     print(f"  rep {rep} {kind:6} {mode:6} competitors={n}: {r['seconds']:.1f} s "
-                          f"({r['threads']} threads; load avg {os.getloadavg()[0]:.2f})", flush=True)
+                          f"({r['threads']} threads, OpenMP wait {r.get('wait')}; load avg {os.getloadavg()[0]:.2f})",
+                          flush=True)
     table(results, kinds, modes, loads)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
