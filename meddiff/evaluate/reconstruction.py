@@ -97,11 +97,12 @@ def perceptual_metrics(x: np.ndarray, x_hat: np.ndarray, weights: str | None, de
     from meddiff.models.perceptual import PerceptualLoss
     from meddiff.records import sha256_file
 
-    net = PerceptualLoss(storage.fetch_local(weights)).to(device)
+    path = storage.fetch_local(weights)
+    net = PerceptualLoss(path).to(device)
     f = lambda a: torch.from_numpy(a).float().div(127.5).sub(1).to(device)  # noqa: E731  uint8 → [-1, 1]
     d = torch.cat([net.distances(f(x[i:i + batch]), f(x_hat[i:i + batch])).cpu() for i in range(0, len(x), batch)])
     return {"lpips": _stat(d), "lpips_note": f"LPIPS distance (Zhang et al. 2018, eq. 1) with unit layer weights on "
-            f"a local {net.arch} backbone (sha256 {sha256_file(storage.fetch_local(weights))[:12]}); "
+            f"a local {net.arch} backbone (sha256 {sha256_file(path)[:12]}); "
             "not comparable with published LPIPS values, which use learned layer weights"}
 
 

@@ -43,13 +43,17 @@ def sample_seed(base_seed: int, sample_id: int) -> int:
     return int(np.random.SeedSequence([base_seed, sample_id]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def sample_classes(counts: dict[str, int], class_names: list[str]) -> np.ndarray:
+    """The class id of every sample id (N,), class-major in ``counts``' order; ``UNKNOWN_CLASS`` (an
+    unconditional cohort's one quota) is -1, the null label."""
+    ids = [-1 if c == UNKNOWN_CLASS else class_names.index(c) for c in counts]
+    return np.concatenate([np.full(int(n), i, dtype=np.int64) for i, n in zip(ids, counts.values())])
+
+
 def _plan(spec: CohortSpec, model: TrainedModel) -> tuple[dict[str, int], np.ndarray]:
     """Quotas and the class of every sample id (class-major order)."""
     quotas = spec.quotas(model.class_names)
-    if spec.unconditional:  # no class asked: -1 stands for the null label
-        return quotas, np.full(spec.total or 0, -1, dtype=np.int64)
-    class_of = np.concatenate([np.full(n, i, dtype=np.int64) for i, n in enumerate(quotas.values())])
-    return quotas, class_of
+    return quotas, sample_classes(quotas, model.class_names)
 
 
 def identity(spec: CohortSpec, model: TrainedModel, quotas: dict[str, int], guidance: float | None,
@@ -292,9 +296,7 @@ def regenerate(cohort_uri: str, sample_id: int, device: str | None = None, alone
     guidance = None if pd.isna(row["guidance_scale"]) else float(row["guidance_scale"])
     batch = [sample_id]
     if not alone:
-        class_of = (np.full(int(card["total"]), -1, dtype=np.int64) if card.get("unconditional") else
-                    np.concatenate([np.full(int(card["counts"][c]), i, dtype=np.int64)
-                                    for i, c in enumerate(card["class_names"])]))
+        class_of = sample_classes(card["counts"], card["class_names"])
         size, bs = int(card["config"]["shard_size"]), int(card["config"]["batch_size"])
         order = (write_order(class_of, int(card["config"]["seed"])) if card.get("write_order") == WRITE_ORDER
                  else np.arange(len(class_of)))  # older cohorts: class-major
