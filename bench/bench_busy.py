@@ -9,7 +9,9 @@ wall time: ``train`` = ``--steps`` optimiser steps of the ``tiny`` preset on Blo
 ``--per-class`` images per class with ``--sample-steps`` DDIM steps from a model trained once up front.
 A competitor is ``python -c 'while True: pass'`` (one CPU each), started 1 s before the measurement.
 
-Modes: ``before`` = torch's own thread defaults (one OpenMP thread per core, libgomp's default
+Modes (``--modes``): ``1thread`` = meddiff.threads pinned to one thread (its quiet time over the
+quiet ``after`` time is the floor with one competitor on 2 CPUs: a process that gets one CPU cannot
+beat it), ``before`` = torch's own thread defaults (one OpenMP thread per core, libgomp's default
 spin-waiting; ``MEDDIFF_THREAD_TUNING=off``), ``after`` = meddiff.threads (free-CPU sizing,
 ``OMP_WAIT_POLICY=PASSIVE`` when the CPUs are already busy at start; each run prints the policy it got). Runs are interleaved (repeat → load → mode) so drift hits all
 cells alike; the table prints medians and ratios to the same mode's 0-competitor median.
@@ -60,6 +62,8 @@ def run_worker(kind: str, mode: str, name: str, args: argparse.Namespace, extra:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MEDDIFF_THREADS",
                                                             "OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
     env["MEDDIFF_THREAD_TUNING"] = "off" if mode == "before" else "on"
+    if mode == "1thread":  # meddiff.threads with the pool pinned to one thread: the quiet row is the floor
+        env["MEDDIFF_THREADS"] = "1"
     cmd = [sys.executable, __file__, "--worker", kind, "--root", args.root, "--name", name, *extra]
     out = subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -102,6 +106,11 @@ def table(results: dict, kinds: list[str], modes: list[str], loads: list[int]) -
             b = statistics.median(r["seconds"] for r in results[kind, "before", 0])
             a = statistics.median(r["seconds"] for r in results[kind, "after", 0])
             print(f"{kind:8} quiet after / quiet before = {a / b:.2f}")
+        if {"1thread", "after"} <= set(modes) and 0 in loads:
+            one = statistics.median(r["seconds"] for r in results[kind, "1thread", 0])
+            a = statistics.median(r["seconds"] for r in results[kind, "after", 0])
+            print(f"{kind:8} quiet 1 thread / quiet after = {one / a:.2f}  (the least a process can show with one "
+                  f"of {len(os.sched_getaffinity(0))} CPUs taken, if it gets no more than one CPU)")
 
 
 def main() -> None:

@@ -6,7 +6,9 @@ balanced images and compares them with n class-balanced real test images in the 
 feature space (``meddiff.evaluate``): KID (mean ± std over subsets), FID, and the fraction of images
 the domain classifier labels as the class asked for. A "real" row (n other real test images) is the
 floor at that n. NFE is counted by a wrapper around the network (rows per image: Heun 2N − 1, CFG 2×).
-It prints the table, then "NFE needed to come within 10 % of the 1000-step DDPM's KID" per sampler.
+It prints the table, then "NFE needed to come within 10 % of the 1000-step DDPM's KID" (and FID) per
+sampler: a DDPM model's samplers against its own 1000-step chain, rectified flow against the first DDPM's.
+Models (``--objectives``): ``ddpm`` (ε), ``ddpm-v`` (v-prediction, same linear schedule), ``rflow``.
 
     python bench/bench_samplers.py --train-steps 3000 --n 500                 # a few CPU hours alone
     python bench/bench_samplers.py --train-steps 300 --n 128 --nfe 5 10 20 50  # what fits a busy CPU
@@ -53,9 +55,14 @@ def balanced(labels: np.ndarray, per_class: int, rng: np.random.Generator, exclu
     return np.concatenate(out)
 
 
-def train_model(dataset_uri: str, objective: str, steps: int, root: str) -> str:
+# bench model name → (objective, prediction): the same tiny network, linear schedule, one output each
+MODELS = {"ddpm": ("ddpm", "epsilon"), "ddpm-v": ("ddpm", "v"), "rflow": ("rflow", "epsilon")}
+
+
+def train_model(dataset_uri: str, name: str, steps: int, root: str) -> str:
+    objective, prediction = MODELS[name]
     cfg = TrainConfig(dataset_uri, mode="conditional", preset="tiny", steps=steps, device="cpu", objective=objective,
-                      run_name=f"bench-samplers-{objective}", preview_steps=10)
+                      prediction=prediction, run_name=f"bench-samplers-{name}-{steps}", preview_steps=10)
     return train(cfg, root).uri
 
 
@@ -94,7 +101,8 @@ def main() -> None:
     p.add_argument("--ref-steps", type=int, default=1000, help="steps of the DDPM (η = 1) reference")
     p.add_argument("--guidance", type=float, default=1.0, help="CFG scale (2.0 doubles the NFE per step)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--objectives", nargs="+", default=["ddpm", "rflow"])
+    p.add_argument("--objectives", nargs="+", default=["ddpm", "rflow"], choices=list(MODELS),
+                   help="models to train and sample: ddpm (ε), ddpm-v (v-prediction), rflow")
     args = p.parse_args()
     ds_uri = ingest(IngestConfig("medmnist:bloodmnist", medmnist_root=args.medmnist_root), args.storage).uri
     dataset = open_dataset(ds_uri)
@@ -115,9 +123,9 @@ def main() -> None:
     show(rows[0])
     for objective in args.objectives:
         model = load_model(train_model(ds_uri, objective, args.train_steps, args.storage), "cpu")
-        plan = [(s, steps_for(s, n)) for s in (DDPM_SAMPLERS if objective == "ddpm" else RFLOW_SAMPLERS)
-                for n in args.nfe]
-        if objective == "ddpm":
+        ddpm = MODELS[objective][0] == "ddpm"
+        plan = [(s, steps_for(s, n)) for s in (DDPM_SAMPLERS if ddpm else RFLOW_SAMPLERS) for n in args.nfe]
+        if ddpm:
             plan.append(("ddpm", args.ref_steps))
         for sampler, steps in plan:
             images, nfe, seconds = sample(model, classes, sampler, steps, args.guidance, args.batch_size)
@@ -135,16 +143,24 @@ def show(r: dict) -> None:
 
 
 def summary(rows: list[dict], ref_steps: int) -> None:
-    """The NFE each sampler needs to come within 10 % of the reference DDPM's KID (the speed-up)."""
-    ref = next((r for r in rows if r["sampler"] == "ddpm" and r["steps"] == ref_steps), None)
-    if ref is None:
+    """The NFE each sampler needs to come within 10 % of a reference DDPM's KID and FID (the speed-up).
+
+    Each DDPM model's samplers are measured against that model's own ``ref_steps`` ancestral chain;
+    rectified-flow models against the first DDPM model's (same network and training budget)."""
+    refs = {r["objective"]: r for r in rows if r["sampler"] == "ddpm" and r["steps"] == ref_steps}
+    if not refs:
         return
-    print(f"\nNFE needed to come within 10 % of the {ref_steps}-step DDPM's KID ({1e3 * ref['kid']:.2f}e-3):")
+    print("\nNFE needed to come within 10 % of the reference DDPM's KID / FID:")
     for objective, sampler in sorted({(r["objective"], r["sampler"]) for r in rows if r["objective"] != "-"}):
-        ok = [r["nfe"] for r in rows if (r["objective"], r["sampler"]) == (objective, sampler)
-              and r["kid"] <= 1.1 * ref["kid"] and r is not ref]
-        txt = f"{min(ok):.0f} NFE ({ref['nfe'] / min(ok):.0f}× fewer)" if ok else "not reached at the NFE tried"
-        print(f"  {objective:6} {sampler:8} {txt}")
+        ref = refs.get(objective, next(iter(refs.values())))
+        mine = [r for r in rows if (r["objective"], r["sampler"]) == (objective, sampler) and r is not ref]
+        words = []
+        for metric in ("kid", "fid"):
+            ok = [r["nfe"] for r in mine if r[metric] <= 1.1 * ref[metric]]
+            words.append(f"{metric.upper()} {min(ok):.0f} NFE ({ref['nfe'] / min(ok):.0f}× fewer)" if ok
+                         else f"{metric.upper()} not reached at the NFE tried")
+        print(f"  {objective:6} {sampler:8} within 10 % of {ref['objective']}'s {ref_steps}-step DDPM "
+              f"(KID {1e3 * ref['kid']:.2f}e-3, FID {ref['fid']:.2f}): " + "; ".join(words))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ from prefect import flow, get_run_logger
 from flows.common import prefect_progress
 import meddiff.train as tr
 from meddiff.train import TrainConfig, plan_run
+from meddiff.train.presets import PRESETS
 
 PART_TIMEOUT_S = 24 * 3600  # one class model; a day means a hung worker
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  (the UI shows a choice list)
+_D = TrainConfig("")  # the library's defaults, restated as the flow's (tests/test_flow_defaults.py)
 
 
 def log_interrupted(flow, flow_run, state) -> None:
@@ -32,19 +35,36 @@ def train_part(  # named like the flow: `prefect deploy --name train-part/...` m
     dataset_uri: str,
     class_id: int,
     mode: Literal["per-class"] = "per-class",
-    preset: str = "tiny",
-    steps: int | None = None,
-    batch_size: int | None = None,
-    resume: bool = True,
-    device: str = "auto",
-    objective: str = "ddpm",
-    schedule: str = "linear",
-    prediction: str = "epsilon",
-    min_snr_gamma: float | None = None,
-    seed: int = 0,
+    preset: PresetName = _D.preset,
+    steps: int | None = _D.steps,
+    batch_size: int | None = _D.batch_size,
+    resume: bool = _D.resume,
+    device: str = _D.device,
+    objective: Literal["ddpm", "rflow"] = _D.objective,
+    schedule: Literal["linear", "cosine", "sigmoid"] = _D.schedule,
+    prediction: Literal["epsilon", "v"] = _D.prediction,
+    min_snr_gamma: float | None = _D.min_snr_gamma,
+    seed: int = _D.seed,
     storage_root: str | None = None,
 ) -> str:
-    """Train (or resume, or find) class ``class_id``'s model of a per-class run; returns the part's URI."""
+    """Train (or resume, or find) class ``class_id``'s model of a per-class run; returns the part's URI.
+
+    Args:
+        dataset_uri: The ingested dataset version of the per-class run.
+        class_id: The class whose model this run trains (one of the run's parts).
+        mode: Always per-class (conditional models are one run, not parts).
+        preset: Network and training size: tiny (CPU/CI), small, base.
+        steps: Optimiser steps of this class's model; empty = the preset's default.
+        batch_size: Batch size; empty = the preset's default.
+        resume: Continue from the latest checkpoint of the same part; off = start over.
+        device: auto (this worker's GPU when it has one, else CPU), cpu, cuda or cuda:N.
+        objective: ddpm (Ho et al. 2020) or rflow (rectified flow).
+        schedule: DDPM beta schedule.
+        prediction: DDPM network target.
+        min_snr_gamma: Min-SNR-γ loss weighting (γ=5 typical; DDPM only); empty = off.
+        seed: Seeds weights, noise, timesteps and data order.
+        storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+    """
     cfg = TrainConfig(dataset_uri, mode, preset, steps, batch_size, device, seed, resume, objective, schedule,
                       prediction, min_snr_gamma).check()
     plan = plan_run(cfg, storage_root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import pytest
 from meddiff.data.cohorts import open_cohort, verify, write_quality
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.generate import CohortSpec, generate, regenerate
+from meddiff.generate.sampling import resolve_sampler
+from meddiff.models.trained import load_model
 from meddiff.data.shards import iter_shard
 
 STEPS = 4  # reverse steps: enough to exercise every code path, cheap on CPU
@@ -260,8 +263,9 @@ def test_unconditional_cohort_of_a_conditional_model(tiny_conditional_model_uri,
     model = load_model(tiny_conditional_model_uri, "cpu")
     import torch
     seeds = df.sort_values("sample_id")["seed"].head(4).astype(int).tolist()
-    null = generate_images(model, [-1] * 4, seeds, "ddim", STEPS, None, torch.device("cpu"))
-    cls0 = generate_images(model, [0] * 4, seeds, "ddim", STEPS, 1.0, torch.device("cpu"))
+    sampler = r.card["sampler"]  # what auto resolved to
+    null = generate_images(model, [-1] * 4, seeds, sampler, STEPS, None, torch.device("cpu"))
+    cls0 = generate_images(model, [0] * 4, seeds, sampler, STEPS, 1.0, torch.device("cpu"))
     assert not torch.equal(null, cls0)
     first = df.sort_values("sample_id").head(4)
     for (_, m), img in zip(first.iterrows(), null):
@@ -290,10 +294,14 @@ def test_default_steps_follow_the_sampler(tiny_conditional_model_uri, tiny_rflow
     """No --steps: each sampler's measured default (bench_samplers: DDIM needs ~50, ancestral ~100)."""
     from meddiff.generate import plan_cohort
 
-    for uri, sampler, want in ((tiny_conditional_model_uri, "auto", ("ddim", 50)),
+    for uri, sampler, want in ((tiny_conditional_model_uri, "auto", ("dpmpp2m", 25)),  # v-prediction (default)
+                               (tiny_conditional_model_uri, "ddim", ("ddim", 50)),
                                (tiny_conditional_model_uri, "ddpm", ("ddpm", 100)),
                                (tiny_rflow_model_uri, "auto", ("heun", 25))):
         plan = plan_cohort(CohortSpec(uri, per_class=1, sampler=sampler, device="cpu"), str(tmp_path))
         assert (plan.spec.sampler, plan.spec.steps) == want and plan.ident["steps"] == want[1]
+    model = load_model(tiny_conditional_model_uri, "cpu")  # the same network read as an ε model: auto = DDIM
+    eps = dataclasses.replace(model, scheduler_config={**model.scheduler_config, "prediction_type": "epsilon"})
+    assert resolve_sampler(CohortSpec(tiny_conditional_model_uri, per_class=1), eps).sampler == "ddim"
     plan = plan_cohort(CohortSpec(tiny_conditional_model_uri, per_class=1, steps=7, device="cpu"), str(tmp_path))
     assert plan.spec.steps == 7

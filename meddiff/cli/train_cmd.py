@@ -34,7 +34,7 @@ def train(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:<i>"),
     objective: str = typer.Option("ddpm", help="ddpm | rflow"),
     schedule: str = typer.Option("linear", help="DDPM beta schedule: linear | cosine | sigmoid"),
-    prediction: str = typer.Option("epsilon", help="DDPM target: epsilon | v"),
+    prediction: str = typer.Option("v", help="DDPM target: v (trains far better here, README 'Train') | epsilon"),
     min_snr_gamma: Optional[float] = typer.Option(None, help="Min-SNR-γ loss weighting (DDPM), e.g. 5."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate; default: preset."),
     label_dropout: float = typer.Option(0.1, help="Conditional: label dropout for classifier-free guidance."),

@@ -20,9 +20,9 @@ DEFAULT_GUIDANCE = 2.0  # CFG scale for conditional models trained with label dr
 
 
 def resolve_sampler(spec: CohortSpec, model: TrainedModel) -> CohortSpec:
-    """``sampler="auto"`` → the measured best for the model's objective (``AUTO_SAMPLER``); ``steps=None``
+    """``sampler="auto"`` → the measured best for what the network predicts (``AUTO_SAMPLER``); ``steps=None``
     → that sampler's measured default (``DEFAULT_STEPS``)."""
-    sampler = AUTO_SAMPLER[model.objective] if spec.sampler == "auto" else spec.sampler
+    sampler = AUTO_SAMPLER[parameterization(model.scheduler_config)] if spec.sampler == "auto" else spec.sampler
     steps = spec.steps or min(DEFAULT_STEPS[sampler], int(model.scheduler_config["num_train_timesteps"]))
     return dataclasses.replace(spec, sampler=sampler, steps=steps)
 

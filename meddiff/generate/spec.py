@@ -20,7 +20,7 @@ class CohortSpec:
     per_class: int | None = None  # N images of every class
     total: int | None = None  # N images: split evenly over classes, or by `ratios` when given
     ratios: str | None = None  # prevalence ratios "name=p,..." of `total` (unlisted classes get 0)
-    sampler: Sampler | Literal["auto"] = "auto"  # auto = measured best: ddim for ε/v models, heun for
+    sampler: Sampler | Literal["auto"] = "auto"  # auto = measured best: ddim for ε, dpmpp2m for v, heun for
     # rectified flow; ddim (η=0), ddpm (ancestral, η=1) and dpmpp2m serve ε/v models, rflow (Euler) and heun rflow
     steps: int | None = None  # reverse-diffusion steps (heun: 2·steps − 1 network calls); None = the sampler's
     # measured default (samplers.DEFAULT_STEPS: ddim 50, ddpm 100, dpmpp2m/rflow/heun 25; README "Generate")

@@ -25,14 +25,14 @@ from meddiff.models.diffusion import Grid, Parameterization, to_x0_eps
 Sampler = Literal["ddim", "ddpm", "dpmpp2m", "rflow", "heun"]
 DDPM_SAMPLERS = ("ddim", "ddpm", "dpmpp2m")  # for ε and v models
 RFLOW_SAMPLERS = ("rflow", "heun")  # for rectified-flow models
-# sampler="auto" per objective (README "Generate"): Heun for rectified flow (exact-denoiser table: 10× less
-# error than Euler at equal cost); DDIM for ε/v models — DPM-Solver++(2M) wins on the exact denoiser but
-# lost to DDIM on the only real (barely trained) model measured so far, so it stays opt-in until a
-# full bench_samplers run on a trained model shows it ahead.
-AUTO_SAMPLER: dict[str, Sampler] = {"ddpm": "ddim", "rflow": "heun"}
+# sampler="auto" per network output (README "Generate", bench_samplers): Heun for rectified flow (exact-denoiser
+# table: 10× less error than Euler at equal cost); DPM-Solver++(2M) for v-prediction (DDPM-1000 quality at
+# 20 NFE, DDIM needs 50); DDIM for ε — DPM-Solver++ followed the ε models' saturated probability-flow ODE
+# where DDIM, which keeps ε̂ beside the clipped x̂₀, did not.
+AUTO_SAMPLER: dict[Parameterization, Sampler] = {"epsilon": "ddim", "v_prediction": "dpmpp2m", "velocity": "heun"}
 # steps when none are asked (README "Generate", bench_samplers' real-model table): DDIM reaches the 1000-step
 # DDPM's quality at 50; ancestral (η = 1) needs ~100; Euler and heun converged by ~20 NFE on the tiny rflow
-# model, 25 steps keep a margin for larger models (heun: 49 NFE); dpmpp2m as DDIM's 2nd-order peer, 25.
+# model, 25 steps keep a margin for larger models (heun: 49 NFE); dpmpp2m reached DDPM-1000 at 20 on the v model.
 DEFAULT_STEPS: dict[Sampler, int] = {"ddim": 50, "ddpm": 100, "dpmpp2m": 25, "rflow": 25, "heun": 25}
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,C,H,W), t (B,)) → network output
 Predict = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]  # (x (B,C,H,W), i) → (x̂₀, ε̂)

@@ -84,7 +84,7 @@ def preview_samples(net: torch.nn.Module, scheduler_config: dict[str, Any], labe
     denoise = lambda x_t, t: net(x_t, timesteps=t, class_labels=y)  # noqa: E731
     objective = scheduler_config["objective"]
     predict = predictor(denoise, grid, parameterization(scheduler_config), clip=objective == "ddpm" and not latent)
-    x = run_sampler(AUTO_SAMPLER[objective], predict, grid, x, noise)
+    x = run_sampler(AUTO_SAMPLER[parameterization(scheduler_config)], predict, grid, x, noise)
     return x if latent else x.clamp(-1, 1).add(1).div(2)
 
 
