@@ -10,8 +10,8 @@ wall time: ``train`` = ``--steps`` optimiser steps of the ``tiny`` preset on Blo
 A competitor is ``python -c 'while True: pass'`` (one CPU each), started 1 s before the measurement.
 
 Modes (``--modes``): ``1thread`` = meddiff.threads pinned to one thread (its quiet time over the
-quiet ``after`` time is the floor with one competitor on 2 CPUs: a process that gets one CPU cannot
-beat it), ``before`` = torch's own thread defaults (one OpenMP thread per core, libgomp's default
+quiet ``after`` time is one CPU's speed: what a process can expect when a competitor holds the other
+of 2 CPUs), ``before`` = torch's own thread defaults (one OpenMP thread per core, libgomp's default
 spin-waiting; ``MEDDIFF_THREAD_TUNING=off``), ``after`` = meddiff.threads (free-CPU sizing,
 ``OMP_WAIT_POLICY=PASSIVE`` when the CPUs are already busy at start; each run prints the policy it got). Runs are interleaved (repeat → load → mode) so drift hits all
 cells alike; the table prints medians and ratios to the same mode's 0-competitor median.
@@ -109,8 +109,8 @@ def table(results: dict, kinds: list[str], modes: list[str], loads: list[int]) -
         if {"1thread", "after"} <= set(modes) and 0 in loads:
             one = statistics.median(r["seconds"] for r in results[kind, "1thread", 0])
             a = statistics.median(r["seconds"] for r in results[kind, "after", 0])
-            print(f"{kind:8} quiet 1 thread / quiet after = {one / a:.2f}  (the least a process can show with one "
-                  f"of {len(os.sched_getaffinity(0))} CPUs taken, if it gets no more than one CPU)")
+            print(f"{kind:8} quiet 1 thread / quiet after = {one / a:.2f}  (one CPU's speed for this workload: what a "
+                  f"process held to one of {len(os.sched_getaffinity(0))} CPUs by a competitor can expect)")
 
 
 def main() -> None:
