@@ -305,6 +305,9 @@ def test_interval_schedule_fires_and_a_worker_runs_it(deployed, medmnist_dir, tm
             else:
                 pytest.fail(f"no 2 scheduled runs completed: {[(r['name'], r['state_type']) for r in runs]}\n"
                             f"{(home / 'server.log').read_text()[-3000:]}\n{log.read_text()[-3000:]}")
+            # read the runs' logs while the worker (and a run process still shipping its last log batch at
+            # exit) lives: stopping the worker first can cut that batch off
+            logs = {r["id"]: wait_for_log(api_url, r["id"], "result: ") for r in done[:2]}
     finally:
         run(PREFECT + ["deployment", "schedule", "clear", "ingest-dataset/default", "--accept"], env)
     cards = list(storage.glob("datasets/bloodmnist/*/dataset.json"))
@@ -312,7 +315,7 @@ def test_interval_schedule_fires_and_a_worker_runs_it(deployed, medmnist_dir, tm
     uri = str(cards[0].parent)
     for r in done[:2]:
         assert r["name"] == "ingest-medmnist:bloodmnist" and "dataset:bloodmnist" in r["tags"], r
-        messages = wait_for_log(api_url, r["id"], f"result: {uri}")
+        messages = logs[r["id"]]
         assert f"result: {uri}" in messages, messages[-20:]
         data = r["state"]["data"] or {}
         stored = Path(data.get("storage_key", ""))
