@@ -18,6 +18,7 @@ from meddiff.models.trained import TrainedModel
 from meddiff.models.diffusion import scheduler_config
 from meddiff.generate.sampling import generate_images
 from meddiff.models.networks import build_network, param_count
+from meddiff.models.samplers import RFLOW_SAMPLERS
 from meddiff.train.presets import PRESETS
 
 
@@ -25,7 +26,7 @@ def make_model(preset: str, size: int, objective: str, device: torch.device, cla
     net = build_network(PRESETS[preset].network, 3, classes + 1).to(device).eval().requires_grad_(False)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    cfg = scheduler_config(objective, "linear", "epsilon", 1000, size)
+    cfg = scheduler_config(objective, "linear", "v", 1000, size)  # the training default
     return TrainedModel(uri=f"bench:{preset}", card={}, mode="conditional", class_names=[str(i) for i in range(classes)],
                         channels=3, image_size=size, objective=objective, scheduler_config=cfg, networks={None: net},
                         checkpoint_sha256={"model": "bench"}, null_class=classes)
@@ -38,7 +39,7 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[28, 64])
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--samplers", nargs="+", default=["ddim", "ddpm", "rflow"])
+    p.add_argument("--samplers", nargs="+", default=["dpmpp2m", "ddim", "ddpm", "heun", "rflow"])
     p.add_argument("--guidance", type=float, default=2.0, help="CFG scale (2 forwards per step when ≠ 1)")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -47,7 +48,7 @@ def main() -> None:
     print(f"{'sampler':8} {'px':>4} {'batch':>6} {'steps':>6} {'seconds':>9} {'samples/s':>10} {'ms/step':>8}")
     for size in args.sizes:
         for sampler in args.samplers:
-            model = make_model(args.preset, size, "rflow" if sampler == "rflow" else "ddpm", device)
+            model = make_model(args.preset, size, "rflow" if sampler in RFLOW_SAMPLERS else "ddpm", device)
             if sampler == args.samplers[0]:
                 print(f"# {param_count(model.networks[None]) / 1e6:.2f} M parameters at {size} px")
             for bs in args.batch_sizes:
