@@ -95,7 +95,7 @@ def pipeline(
         preview_steps: Sampler steps of training's preview grids; empty = training's default.
         per_class: Images generated per class (give this or total).
         total: Total images, split evenly over the classes (give this or per_class).
-        sampler: Generation sampler; auto = the measured best for the model's objective (ddim for DDPM, heun for rectified flow); or ddim, ddpm, dpmpp2m, rflow, heun.
+        sampler: Generation sampler; auto = the measured best for what the model predicts (dpmpp2m for v-prediction DDPM, ddim for ε, heun for rectified flow); or ddim, ddpm, dpmpp2m, rflow, heun.
         sample_steps: Denoising steps per generated image; empty = the sampler's measured default.
         guidance: Classifier-free guidance scale; empty = the model's default (2.0).
         device: auto = a GPU when the worker has one, else CPU; cuda without a GPU fails.

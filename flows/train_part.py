@@ -14,11 +14,10 @@ from prefect import flow, get_run_logger
 
 from flows.common import prefect_progress
 import meddiff.train as tr
+from flows.train_model import PresetName
 from meddiff.train import TrainConfig, plan_run
-from meddiff.train.presets import PRESETS
 
 PART_TIMEOUT_S = 24 * 3600  # one class model; a day means a hung worker
-PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  (the UI shows a choice list)
 _D = TrainConfig("")  # the library's defaults, restated as the flow's (tests/test_flow_defaults.py)
 
 

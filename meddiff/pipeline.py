@@ -45,7 +45,7 @@ class PipelineConfig:
     per_class: int | None = 50  # images generated per class (exclusive with total)
     total: int | None = None  # total images generated, split evenly over the classes (exclusive with per_class)
     sampler: SamplerName = "auto"  # generation sampler; auto = the
-    # measured best for the objective (heun for rectified flow, dpmpp2m for DDPM; bench/bench_samplers.py)
+    # measured best for what the model predicts (heun for rectified flow, dpmpp2m for v, ddim for ε; bench/bench_samplers.py)
     sample_steps: int | None = None  # denoising steps per image (heun: 2·steps − 1 network calls); None = the
     # sampler's measured default (ddim 50, ddpm 100, others 25)
     guidance: float | None = None  # classifier-free guidance scale; None = the model's default

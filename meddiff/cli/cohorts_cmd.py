@@ -35,7 +35,7 @@ def generate(
     per_class: Optional[int] = typer.Option(None, help="N images of every class."),
     total: Optional[int] = typer.Option(None, help="N images split evenly, or by --ratios."),
     ratios: Optional[str] = typer.Option(None, help="Prevalence ratios of --total: 'name=p,...' (or class ids)."),
-    sampler: str = typer.Option("auto", help="auto (ddim for DDPM models, heun for rectified flow) | "
+    sampler: str = typer.Option("auto", help="auto (dpmpp2m for v-prediction DDPM models, ddim for ε, heun for rectified flow) | "
                                 "ddim | ddpm | dpmpp2m (DDPM ε/v models) | rflow | heun (rectified flow)."),
     steps: Optional[int] = typer.Option(None, help="Reverse-diffusion steps (heun: 2·steps − 1 network calls); "
                                         "default: the sampler's measured default (ddim 50, ddpm 100, others 25)."),
