@@ -11,7 +11,8 @@ A competitor is ``python -c 'while True: pass'`` (one CPU each), started 1 s bef
 
 Modes (``--modes``): ``1thread`` = meddiff.threads pinned to one thread (its quiet time over the
 quiet ``after`` time is one CPU's speed: what a process can expect when a competitor holds the other
-of 2 CPUs), ``before`` = torch's own thread defaults (one OpenMP thread per core, libgomp's default
+of 2 CPUs); ``Nthread`` pins N threads the same way (``2thread`` beside a competitor shows what a
+second thread with no free CPU costs), ``before`` = torch's own thread defaults (one OpenMP thread per core, libgomp's default
 spin-waiting; ``MEDDIFF_THREAD_TUNING=off``), ``after`` = meddiff.threads (free-CPU sizing,
 ``OMP_WAIT_POLICY=PASSIVE`` when the CPUs are already busy at start; each run prints the policy it got). Runs are interleaved (repeat → load → mode) so drift hits all
 cells alike; the table prints medians and ratios to the same mode's 0-competitor median.
@@ -62,8 +63,8 @@ def run_worker(kind: str, mode: str, name: str, args: argparse.Namespace, extra:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MEDDIFF_THREADS",
                                                             "OMP_WAIT_POLICY", "KMP_BLOCKTIME")}
     env["MEDDIFF_THREAD_TUNING"] = "off" if mode == "before" else "on"
-    if mode == "1thread":  # meddiff.threads with the pool pinned to one thread: the quiet row is the floor
-        env["MEDDIFF_THREADS"] = "1"
+    if mode.endswith("thread"):  # meddiff.threads with the pool pinned to N threads ("1thread", "2thread", ...)
+        env["MEDDIFF_THREADS"] = mode.removesuffix("thread")
     cmd = [sys.executable, __file__, "--worker", kind, "--root", args.root, "--name", name, *extra]
     out = subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -135,6 +136,9 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="bench-busy-")
     args.root = args.root or tmp.name
     loads, modes, kinds = ([int(x) for x in args.loads.split(",")], args.modes.split(","), args.kinds.split(","))
+    bad = [m for m in modes if m not in ("before", "after") and not (m.endswith("thread") and m[:-6].isdigit())]
+    if bad:
+        p.error(f"unknown mode(s) {bad}: use before, after or Nthread (e.g. 1thread, 2thread)")
     print(f"{os.cpu_count()} CPUs (affinity {len(os.sched_getaffinity(0))}), load average at start "
           f"{os.getloadavg()[0]:.2f}; train {args.steps} steps, sample {args.per_class}/class × {args.sample_steps} "
           f"steps; {args.repeats} repeats", flush=True)
