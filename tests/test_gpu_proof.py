@@ -2,7 +2,8 @@
 between the rare sessions that draw a GPU: every step writes its figures, re-runs skip finished steps,
 a training step stopped at its budget resumes in the next command, ``all`` kills its first training
 process past half way and resumes it in a second, ``collect`` fits the device tool's 8 files, and
-``finish`` rebuilds the brought-back cohort here and evaluates it."""
+``finish`` rebuilds the brought-back cohort here and evaluates it. The device-side steps run with the
+imports the GPU image lacks (prefect, s3fs, umap-learn, ...) refused, as they would be there."""
 
 from __future__ import annotations
 
@@ -24,11 +25,39 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           timeout=900, env=env)
 
 
+BLOCKER = """import sys
+class _DeviceImage:  # the GPU machine's image: these are not installed there and not carried
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {lacks!r}:
+            raise ImportError("not on the device image: " + name)
+sys.meta_path.insert(0, _DeviceImage())
+"""
+
+
+def device_image_env(tmp_path: Path) -> dict:
+    """The environment with a sitecustomize that refuses the imports the device image cannot satisfy."""
+    import os
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from gpu_proof import DEVICE_LACKS
+    finally:
+        sys.path.pop(0)
+    site = tmp_path / "device-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCKER.format(lacks=set(DEVICE_LACKS)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    probe = subprocess.run([sys.executable, "-c", "import prefect"], env=env, capture_output=True, text=True)
+    assert "not on the device image: prefect" in probe.stderr  # the blocker is live
+    return env
+
+
 @pytest.mark.slow
 def test_gpu_proof_steps_run_resume_and_collect_on_cpu(medmnist_dir, tmp_path):
     import os
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = device_image_env(tmp_path)  # every device-side step runs without prefect, s3fs, umap, ...
     out = tmp_path / "out"
     common = ["--medmnist-root", str(medmnist_dir)]
     # a budget far too small to finish: the step stops the child, records nothing, and says how to resume
@@ -62,7 +91,7 @@ def test_gpu_proof_steps_run_resume_and_collect_on_cpu(medmnist_dir, tmp_path):
     # for Inception's real-set features on 2 cores; the GPU session runs it with inception)
     shutil.rmtree(figs["generate"]["cohort_uri"])
     here = run("finish", "--from", str(out), "--work", str(work), *common, "--features", "domain", "--no-tstr",
-               "--domain-steps", "30", env=env)
+               "--domain-steps", "30", env={**os.environ, "OMP_NUM_THREADS": "1"})  # here: everything installed
     assert here.returncode == 0, here.stderr[-3000:]
     again_figs = json.loads((work / "figures" / "evaluate_here.json").read_text())
     assert again_figs["device"] == "cpu" and again_figs["headline"]["label_fidelity"] is not None
