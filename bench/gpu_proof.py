@@ -196,11 +196,12 @@ def step_train(args) -> dict | None:
     compile_ = bool(best.get("compile")) if args.compile is None else args.compile
     steps = auto_train_steps(args, best, batch) or get_preset(args.preset).steps
     every = args.checkpoint_every or max(1, steps // 4)
-    cmd = [sys.executable, __file__, "train-child", "--work", str(args.work), "--medmnist-root", args.medmnist_root,
+    ds = dataset_uri(args.work, args.medmnist_root)  # ingested once here; the children get its URI
+    cmd = [sys.executable, __file__, "train-child", "--work", str(args.work), "--dataset-uri", ds,
            "--preset", args.preset, "--train-steps", str(steps), "--batch-size", str(batch), "--device", args.device,
            "--checkpoint-every", str(every), "--objective", args.objective, "--compile" if compile_ else "--no-compile"]
-    run_id = plan_run(train_config(args.work, args.medmnist_root, args.preset, steps, batch, args.device,
-                                   args.objective, every, compile_), str(args.work / "storage")).run_id
+    run_id = plan_run(train_config(ds, args.preset, steps, batch, args.device, args.objective, every, compile_),
+                      str(args.work / "storage")).run_id
     budget = min(args.budget_s, left(args) - args.after_train_s)
     first = None
     if args.preempt and not checkpoint_steps(args.work, run_id):
@@ -230,11 +231,11 @@ def step_train(args) -> dict | None:
             "device_name": card.get("device_name"), "param_count": card.get("param_count")}
 
 
-def train_config(work: Path, medmnist_root: str, preset: str, steps: int | None, batch: int | None, device: str,
-                 objective: str, every: int | None, compile_: bool):
+def train_config(ds: str, preset: str, steps: int | None, batch: int | None, device: str, objective: str,
+                 every: int | None, compile_: bool):
     from meddiff.train import TrainConfig
 
-    return TrainConfig(dataset_uri(work, medmnist_root), mode="conditional", preset=preset, steps=steps,
+    return TrainConfig(ds, mode="conditional", preset=preset, steps=steps,
                        batch_size=batch, device=device, objective=objective, checkpoint_every=every, compile=compile_)
 
 
@@ -242,8 +243,8 @@ def train_child(args) -> None:
     """The training process ``train`` starts (library call: no CLI/Prefect stack needed on the GPU box)."""
     from meddiff.train import train
 
-    cfg = train_config(args.work, args.medmnist_root, args.preset, args.train_steps, args.batch_size, args.device,
-                       args.objective, args.checkpoint_every, bool(args.compile))
+    cfg = train_config(args.dataset_uri, args.preset, args.train_steps, args.batch_size, args.device, args.objective,
+                       args.checkpoint_every, bool(args.compile))
     print(train(cfg, str(args.work / "storage")).uri, flush=True)
 
 
@@ -482,6 +483,7 @@ def main() -> None:
     p.add_argument("--tp-batches", type=int, nargs="+", default=[256, 1024], help="throughput: batch sizes")
     p.add_argument("--tp-steps", type=int, default=25, help="throughput: sampler steps")
     p.add_argument("--tp-samplers", nargs="+", default=["dpmpp2m", "heun"])
+    p.add_argument("--dataset-uri", help="train-child: the dataset version `train` ingested")
     p.add_argument("--dry-run", action="store_true", help="pack: print what would be fetched")
     p.add_argument("--force", action="store_true")
     args = p.parse_args()
