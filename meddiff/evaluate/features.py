@@ -152,7 +152,8 @@ class InceptionExtractor(nn.Module):
                                                    feature_extractor_weights_path=weights.path)
         else:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
+                # "torch.jit.load is deprecated": a FutureWarning in torch 2.14, a DeprecationWarning in 2.11
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated")
                 self.net = torch.jit.load(weights.path, map_location="cpu")
         self.net = self.net.eval().float().to(device)  # a float16 copy is up-cast on load
 
