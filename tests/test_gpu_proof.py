@@ -8,6 +8,7 @@ imports the GPU image lacks (prefect, s3fs, umap-learn, ...) refused, as they wo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,8 +37,6 @@ sys.meta_path.insert(0, _DeviceImage())
 
 def device_image_env(tmp_path: Path) -> dict:
     """The environment with a sitecustomize that refuses the imports the device image cannot satisfy."""
-    import os
-
     sys.path.insert(0, str(SCRIPT.parent))
     try:
         from gpu_proof import DEVICE_LACKS
@@ -55,8 +54,6 @@ def device_image_env(tmp_path: Path) -> dict:
 
 @pytest.mark.slow
 def test_gpu_proof_steps_run_resume_and_collect_on_cpu(medmnist_dir, tmp_path):
-    import os
-
     env = device_image_env(tmp_path)  # every device-side step runs without prefect, s3fs, umap, ...
     out = tmp_path / "out"
     common = ["--medmnist-root", str(medmnist_dir)]
