@@ -241,10 +241,10 @@ def train_config(ds: str, preset: str, steps: int | None, batch: int | None, dev
 
 def train_child(args) -> None:
     """The training process ``train`` starts (library call: no CLI/Prefect stack needed on the GPU box)."""
+    if not args.dataset_uri:  # checked before importing torch and MONAI
+        raise SystemExit("train-child needs --dataset-uri (the dataset version `train` ingested): run `train` instead")
     from meddiff.train import train
 
-    if not args.dataset_uri:
-        raise SystemExit("train-child needs --dataset-uri (the dataset version `train` ingested): run `train` instead")
     cfg = train_config(args.dataset_uri, args.preset, args.train_steps, args.batch_size, args.device, args.objective,
                        args.checkpoint_every, bool(args.compile))
     print(train(cfg, str(args.work / "storage")).uri, flush=True)

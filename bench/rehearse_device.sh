@@ -31,7 +31,8 @@ find_py312() {
 
 VENV=$WORK/venv
 if [ ! -x "$VENV/bin/python3" ]; then
-  "$(find_py312)" -m venv "$VENV.tmp" && "$VENV.tmp/bin/pip" install -q "${IMAGE_PKGS[@]}"
+  PY312=$(find_py312)  # its own assignment, so that set -e stops here when none is found
+  "$PY312" -m venv "$VENV.tmp" && "$VENV.tmp/bin/pip" install -q "${IMAGE_PKGS[@]}"
   rm -rf "$VENV" && mv "$VENV.tmp" "$VENV"  # a half-built venv is never taken for a finished one
 fi
 # the venv was moved after it was built: call its interpreter by path, never its scripts' shebangs
