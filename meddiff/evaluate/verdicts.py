@@ -54,9 +54,10 @@ def judge(metric: str, value: float | None, baseline: float | None, diff_ci: lis
     else:
         v = "warn"
     how = "lower" if value < baseline else "higher"
-    reason = (f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; "
-              + ("within sampling noise of real data)" if v == "pass" else "worse than real data beyond its CI)"))
-    return {"verdict": v, "reason": reason}
+    why = {"pass": "within sampling noise of real data",
+           "warn": f"worse than real data beyond its CI, but not by more than the fail margin {fail_m:.3g}",
+           "fail": f"worse than real data beyond its CI and by more than the fail margin {fail_m:.3g}"}[v]
+    return {"verdict": v, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {why})"}
 
 
 def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
@@ -67,9 +68,10 @@ def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     if not given:
         return {"verdict": "warn", "sentence": "Not judged: no headline metric could be computed.", "reasons": []}
     if fails:
+        also = f" Also measurably worse (warn): {'; '.join(warns)}." if warns else ""
         return {"verdict": "fail", "reasons": fails + warns,
                 "sentence": f"Not fit for use: {len(fails)} headline metric(s) fail against real data — "
-                            + "; ".join(fails) + "."}
+                            + "; ".join(fails) + "." + also}
     if warns:
         return {"verdict": "warn", "reasons": warns,
                 "sentence": "Fit for use with care: measurably worse than real data on " + "; ".join(warns) + "."}
