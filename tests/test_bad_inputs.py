@@ -292,6 +292,11 @@ def checkpoint_from_another_network(tmp, fx):
     return ["generate", str(m), "--per-class", "1", "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
 
 
+def evaluate_missing_cohort(tmp, fx):
+    fx.cohort(tmp)  # storage holds a real cohort beside the mistyped one
+    return ["evaluate", str(tmp / "st" / "cohorts" / "nosuch"), "--device", "cpu"]
+
+
 def train_on_a_cohort(tmp, fx):
     return ["train", str(fx.cohort(tmp)), "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
 
@@ -332,12 +337,17 @@ CASES: list[tuple[str, Callable, str]] = [
     ("checkpoint-from-another-network", checkpoint_from_another_network,
      r"checkpoint .*does not fit the network in .*model\.json"),
     ("train-on-a-cohort", train_on_a_cohort, r"c is a cohort, not what this command takes \(it has cohort\.json"),
+    ("evaluate-missing-cohort", evaluate_missing_cohort, r"cohorts/nosuch does not exist$"),
 ]
 
 
 def files(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()} \
         if root.exists() else set()
+
+
+def folders(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir()} if root.exists() else set()
 
 
 def run_cli(args: list[str]) -> tuple[int, str]:
@@ -362,7 +372,7 @@ def fx(medmnist_dir, leukemia_zip, request) -> Fx:
 def test_bad_input_gets_one_clear_line_and_leaves_nothing(setup, message, fx, tmp_path):
     args = setup(tmp_path, fx)
     store = tmp_path / "st"
-    before = files(store)
+    before, before_folders = files(store), folders(store)
     code, out = run_cli(args)
     assert code != 0, out
     lines = out.splitlines()
@@ -372,6 +382,8 @@ def test_bad_input_gets_one_clear_line_and_leaves_nothing(setup, message, fx, tm
     assert not [p for p in new if p.rsplit("/", 1)[-1] in RECORDS], new  # no new complete artifact
     debris = [p for p in files(store) if p.startswith(".staging/") or p.endswith(".tmp") or "/.trash-" in p]
     assert not debris, debris
+    left = [f for f in folders(store) - before_folders if "/" in f and not f.rsplit("/", 1)[-1].startswith(".")]
+    assert not left, f"a refused command left new folders behind: {left}"  # (layout folders and hidden ones aside)
     assert not (tmp_path.parent / "evil.png").exists() and not Path("/etc/evil.png").exists()
 
 

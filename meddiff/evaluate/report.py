@@ -116,6 +116,7 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
     An up-to-date report (same config and dataset) is reused unless ``force``. One evaluation of a
     cohort at a time: a concurrent one waits (meddiff.locks), then reuses the report just written.
     """
+    open_cohort(cohort_uri)  # a missing or foreign folder is refused before the lock creates anything in it
     with artifact_lock(storage.join(cohort_uri.rstrip("/"), "report")):
         return _evaluate_locked(cohort_uri, cfg, progress, force)
 
