@@ -241,8 +241,9 @@ def test_cohort_generated_by_a_tiny_model(tiny_per_class_model_uri, breastmnist_
     assert report["cohort"]["counts"] == {"malignant": 12, "normal, benign": 12}
     html = Path(cohort.uri, "report.html").read_text()
     assert all(f'id="{s}"' in html for s in SECTIONS) and "class-0/metrics.jsonl" in html  # per-class loss curves
-    gif = Path(cohort.uri, "reverse_diffusion.gif").read_bytes()  # the progressive-generation GIF, embedded
-    assert base64.b64encode(gif).decode() in html.split('id="reverse-diffusion"')[1].split("<h2")[0]
+    section = html.split('id="reverse-diffusion"')[1].split("<h2")[0]  # progressive generation, embedded:
+    for f in ("reverse_diffusion.png", "reverse_diffusion.gif"):  # the static strip (a printout) and the GIF
+        assert base64.b64encode(Path(cohort.uri, f).read_bytes()).decode() in section, f
     df = open_cohort(cohort.uri).manifest()
     assert df["flagged"].notna().all() and df["oracle_prob"].between(0, 1).all()
     assert report["headline"]["fid"]["value"] > report["headline"]["fid"]["baseline"]  # 4 denoising steps: noise

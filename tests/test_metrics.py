@@ -179,8 +179,8 @@ def test_verdicts():
     assert s["verdict"] == "fail" and s["sentence"].startswith("Not fit for use") and "recall" in s["sentence"]
     # a reason says which verdict it carries: a warn is not worded as a fail
     warn, fail = judge("coverage", 0.76, 0.82, [-0.09, -0.03]), judge("recall", 0.4, 0.82, [-0.5, -0.35])
-    assert "not by more than the fail margin 0.1" in warn["reason"]
-    assert "by more than the fail margin 0.1" in fail["reason"] and "not by" not in fail["reason"]
+    assert "(lower; worse beyond its CI, within the fail margin 0.1)" in warn["reason"]
+    assert "(lower; worse beyond its CI and past the fail margin 0.1)" in fail["reason"]
     s = overall({"recall": fail, "coverage": warn})
     assert s["sentence"].startswith("Not fit for use: 1 headline metric(s) fail") and s["reasons"] == [
         fail["reason"], warn["reason"]]

@@ -188,9 +188,14 @@ def _reverse_diffusion_section(cohort_uri: str) -> list[str]:
     gif = storage.join(cohort_uri, "reverse_diffusion.gif")
     if not storage.exists(gif):
         return out + ["<p>No reverse_diffusion.gif in the cohort folder (made by <code>meddiff generate</code>).</p>"]
+    strip = storage.join(cohort_uri, "reverse_diffusion.png")  # every step at once: what a printout shows
+    imgs = [f'<img src="data:image/png;base64,{base64.b64encode(storage.read_bytes(strip)).decode()}">'
+            ] if storage.exists(strip) else []
     return out + ["<p>The first image of a few classes regenerated with its trajectory recorded, noise to image "
-                  "(latent models: latent | decoded).</p>",
-                  f'<img src="data:image/gif;base64,{base64.b64encode(storage.read_bytes(gif)).decode()}">']
+                  "(latent models: latent | decoded): one row per image, steps from left to right, and the same "
+                  "as an animation.</p>",
+                  "<p>" + " ".join(imgs + [f'<img src="data:image/gif;base64,'
+                                           f'{base64.b64encode(storage.read_bytes(gif)).decode()}">']) + "</p>"]
 
 
 def _umap_section(rec: dict[str, Any], png: bytes | None) -> list[str]:

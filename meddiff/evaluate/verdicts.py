@@ -55,8 +55,8 @@ def judge(metric: str, value: float | None, baseline: float | None, diff_ci: lis
         v = "warn"
     how = "lower" if value < baseline else "higher"
     why = {"pass": "within sampling noise of real data",
-           "warn": f"worse than real data beyond its CI, but not by more than the fail margin {fail_m:.3g}",
-           "fail": f"worse than real data beyond its CI and by more than the fail margin {fail_m:.3g}"}[v]
+           "warn": f"worse beyond its CI, within the fail margin {fail_m:.3g}",
+           "fail": f"worse beyond its CI and past the fail margin {fail_m:.3g}"}[v]
     return {"verdict": v, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {why})"}
 
 
