@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def test_report_html_has_every_section(planted):
     assert "data:image/png;base64," in section and f"{umap['n_real']} real images" in section
     assert "metrics.jsonl" in html  # the loss curve was plotted from the model folder
     assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained
+    heads = re.findall(r"<th>([^<]*)</th>", html)
+    assert "flagged fraction" in heads and not [h for h in heads if "_" in h]  # long column names can wrap
     assert result.report["html"]["sha256"]
 
 
