@@ -7,6 +7,7 @@ import base64
 import json
 import re
 from dataclasses import replace
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,11 @@ def test_report_html_has_every_section(planted):
     assert "data:image/png;base64," in section and f"{umap['n_real']} real images" in section
     assert "metrics.jsonl" in html  # the loss curve was plotted from the model folder
     assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained
+    table = html.split("<h3>All metrics</h3>")[1].split("<h2")[0]  # warnings: numbered, each text listed once
+    texts = {r.get("warning") or r.get("note") for r in result.report["metrics"]} - {None}
+    assert texts and all(table.count(f"<li class='warn'>{escape(t)}</li>") == 1 for t in texts), texts
+    assert table.count("<span class='warn'>[") == sum(bool(r.get("warning") or r.get("note"))
+                                                      for r in result.report["metrics"])
     heads = re.findall(r"<th>([^<]*)</th>", html)
     assert "flagged fraction" in heads and not [h for h in heads if "_" in h]  # long column names can wrap
     assert result.report["html"]["sha256"]

@@ -165,6 +165,21 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _all_metrics_table(metrics: list[dict[str, Any]]) -> list[str]:
+    """Every metric record; its warning or note as a numbered footnote, each distinct text listed once below
+    (the per-class rows of a dataset share one small-sample warning: in every cell it tripled the table)."""
+    texts = [r.get("warning") or r.get("note") or "" for r in metrics]
+    number = {t: i + 1 for i, t in enumerate(dict.fromkeys(t for t in texts if t))}
+    rows = [[r["metric"], r["extractor"], html.escape(str(r.get("reference", "-"))), html.escape(r["scope"]),
+             _fmt(r["value"]) + _ci(r["ci"]), _fmt(r["n"]), _fmt(r.get("n_ref")),
+             (_fmt(r["baseline"]["value"]) + _ci(r["baseline"]["ci"])) if r.get("baseline") else "—",
+             (_fmt((r.get("difference") or {}).get("value")) + _ci((r.get("difference") or {}).get("ci"))),
+             f"<span class='warn'>[{number[t]}]</span>" if t else ""] for r, t in zip(metrics, texts)]
+    notes = "".join(f"<li class='warn'>{html.escape(t)}</li>" for t in number)
+    return [_table(["metric", "extractor", "reference", "scope", "synthetic [CI]", "n", "n ref", "baseline [CI]",
+                    "difference [CI]", "warning"], rows), f"<ol>{notes}</ol>" if notes else ""]
+
+
 def _memorization_section(m: dict[str, Any], syn, train, nn_syn, order: np.ndarray) -> list[str]:
     parts: list[str] = []
     parts += ['<h2 id="memorization">Memorization</h2>',
@@ -272,14 +287,7 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
               "<h3>All metrics</h3><p>Set metrics: 95 % half-sampling intervals (100+ subsamples without "
               "replacement, see bootstrap.py); means: Wilson / normal intervals. Intra-class SSIM baseline: pairs "
               "of real training images of the same class.</p>",
-              _table(["metric", "extractor", "reference", "scope", "synthetic [CI]", "n", "n ref", "baseline [CI]",
-                      "difference [CI]", "warning"],
-                     [[r["metric"], r["extractor"], html.escape(str(r.get("reference", "-"))), html.escape(r["scope"]),
-                       _fmt(r["value"]) + _ci(r["ci"]), _fmt(r["n"]), _fmt(r.get("n_ref")),
-                       (_fmt(r["baseline"]["value"]) + _ci(r["baseline"]["ci"])) if r.get("baseline") else "—",
-                       (_fmt((r.get("difference") or {}).get("value")) + _ci((r.get("difference") or {}).get("ci"))),
-                       f"<span class='warn'>{html.escape(r.get('warning') or r.get('note') or '')}</span>"]
-                      for r in report["metrics"]])]
+              *_all_metrics_table(report["metrics"])]
     parts += _memorization_section(report["memorization"], syn, train, nn_syn, order)
     parts += _tstr_section(report.get("tstr"))
     parts += ['<h2 id="loss-curve">Model loss curve</h2>', loss_curve(model_uri)]
