@@ -74,6 +74,7 @@ def artifact_lock(uri: str, on_wait=None) -> Iterator[None]:
 class _LocalLock:
     def __init__(self, path: Path):
         self.path, self.fd = path, -1
+        self.made: list[Path] = []  # folders above .locks that this lock created, deepest first
 
     def acquire(self, on_wait) -> None:
         import fcntl
@@ -81,6 +82,10 @@ class _LocalLock:
         waited = False
         while True:
             try:
+                missing = self.path.parent.parent
+                while not missing.exists() and missing not in self.made:
+                    self.made.append(missing)
+                    missing = missing.parent
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:  # the .locks folder was just removed by a releasing owner
@@ -107,12 +112,15 @@ class _LocalLock:
         self.fd = fd
 
     def release(self) -> None:
+        """Unlock, then remove .locks and the folders acquire created if they are empty (a refused build
+        leaves no empty datasets/<name>/); a concurrent builder holds a lock file inside them, so they stay."""
         self.path.unlink(missing_ok=True)  # while still locked: waiters notice and re-open
         os.close(self.fd)
-        try:
-            self.path.parent.rmdir()
-        except OSError:
-            pass
+        for folder in (self.path.parent, *self.made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _read_owner(path: Path) -> dict[str, Any]:

@@ -200,17 +200,6 @@ def listdir(uri: str) -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
 
-def remove_if_empty(uri: str) -> None:
-    """Remove a local folder if it is empty (object storage has no folders); never raises.
-
-    Safe beside concurrent builders: each holds a lock file inside the folder it builds in."""
-    if not is_remote(uri):
-        try:
-            os.rmdir(uri)
-        except OSError:
-            pass
-
-
 def local_staging(root: str, kind: str) -> Path:
     """A fresh private folder to build an artifact in before publishing it.
 

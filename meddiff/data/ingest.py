@@ -152,12 +152,8 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
     name = cfg.name or src.name
     version = content_hash({"checksums": src.checksums, "config": cfg.identity()})
     uri = storage.join(root, "datasets", name, version)
-    try:
-        with artifact_lock(uri):  # a concurrent ingest of the same version waits here, then finds it
-            return _build_version(cfg, src, root, name, version, uri, t0, progress)
-    except BaseException:  # a refused first version of a name leaves no empty datasets/<name> folder
-        storage.remove_if_empty(storage.join(root, "datasets", name))
-        raise
+    with artifact_lock(uri):  # a concurrent ingest of the same version waits here, then finds it
+        return _build_version(cfg, src, root, name, version, uri, t0, progress)
 
 
 def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, version: str, uri: str, t0: float,

@@ -116,15 +116,14 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
     An up-to-date report (same config and dataset) is reused unless ``force``. One evaluation of a
     cohort at a time: a concurrent one waits (meddiff.locks), then reuses the report just written.
     """
-    open_cohort(cohort_uri)  # a missing or foreign folder is refused before the lock creates anything in it
-    with artifact_lock(storage.join(cohort_uri.rstrip("/"), "report")):
-        return _evaluate_locked(cohort_uri, cfg, progress, force)
+    cohort = open_cohort(cohort_uri)  # a missing or foreign folder is refused before the lock writes in it
+    with artifact_lock(storage.join(cohort.uri, "report")):
+        return _evaluate_locked(cohort, cfg, progress, force)
 
 
-def _evaluate_locked(cohort_uri: str, cfg: EvalConfig | None, progress: Progress | None, force: bool) -> EvalResult:
+def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress | None, force: bool) -> EvalResult:
     cfg = (cfg or EvalConfig()).check()
     device = str(resolve_device(cfg.device))
-    cohort = open_cohort(cohort_uri)
     report_uri = storage.join(cohort.uri, REPORT_JSON)
     dataset = open_dataset(real_dataset_uri(cohort, cfg))
     chash = _config_hash(cfg, dataset.uri)
