@@ -208,19 +208,21 @@ def test_cli_train_autoencoder_finds_the_trained_run(breastmnist_uri, vae_uri, s
 
 
 @pytest.mark.slow
-def test_latent_pipeline_runs_then_skips_every_stage(medmnist_dir, tmp_path):
-    from meddiff.pipeline import PipelineConfig, run_pipeline
+def test_latent_pipeline_flow_runs_then_skips_every_stage(prefect_harness, medmnist_dir, tmp_path):
+    """Through the Prefect flow, as `meddiff pipeline --latent vae` runs it (its progress callbacks once
+    knew no 'train-autoencoder' stage: every latent pipeline died with a KeyError before training)."""
+    from flows.pipeline import pipeline
 
-    cfg = PipelineConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir), steps=3, batch_size=8,
-                         preview_steps=2, per_class=2, sample_steps=2, device="cpu", evaluate=False, domain_steps=5,
-                         latent="vae", ae_steps=3, latent_umap=False)
-    first = run_pipeline(cfg, str(tmp_path))
-    assert [s.stage for s in first.stages] == ["ingest", "train-autoencoder", "encode", "train", "generate"]
-    assert not any(s.existed for s in first.stages[1:])
-    card = json.loads((Path(first.model_uri) / "model.json").read_text())
-    assert card["latent"]["uri"] == first.stages[1].uri
-    second = run_pipeline(cfg, str(tmp_path))
-    assert second.all_skipped and second.cohort_uri == first.cohort_uri
+    params = dict(dataset="medmnist:breastmnist", medmnist_root=str(medmnist_dir), steps=3, batch_size=8,
+                  preview_steps=2, per_class=2, sample_steps=2, device="cpu", evaluate=False, domain_steps=5,
+                  latent="vae", ae_steps=3, latent_umap=False, storage_root=str(tmp_path))
+    first = pipeline(**params)
+    assert [s["stage"] for s in first["stages"]] == ["ingest", "train-autoencoder", "encode", "train", "generate"]
+    assert not any(s["existed"] for s in first["stages"][1:])
+    card = json.loads((Path(first["model_uri"]) / "model.json").read_text())
+    assert card["latent"]["uri"] == first["stages"][1]["uri"]
+    second = pipeline(**params)
+    assert all(s["existed"] for s in second["stages"]) and second["cohort_uri"] == first["cohort_uri"]
 
 
 def test_train_autoencoder_flow_finds_the_trained_run(prefect_harness, breastmnist_uri, vae_uri, session_storage):

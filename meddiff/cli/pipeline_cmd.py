@@ -90,6 +90,7 @@ def pipeline(
                    eval_features=list(features) if features else None, eval_max_images=eval_max_images,
                    domain_steps=domain_steps, objective=objective, latent=latent, ae_preset=ae_preset,
                    ae_steps=ae_steps, latent_umap=latent_umap)
+    width = max(len(s["stage"]) for s in out["stages"])  # 'train-autoencoder' in a latent pipeline
     for s in out["stages"]:
-        typer.echo(f"{s['stage']:>9}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
+        typer.echo(f"{s['stage']:>{width}}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
     typer.echo(f"report: {out['report_uri']}" if out["report_uri"] else f"cohort: {out['cohort_uri']}")
