@@ -12,7 +12,7 @@ import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, get_args
 
 from meddiff.errors import COUNT_FORMS, MeddiffError, StorageError
 
@@ -125,10 +125,16 @@ def tag_run(*tags: str) -> None:
 
 
 def dataset_tag(uri_or_source: str) -> str:
-    """``dataset:<name>`` from a source (``medmnist:bloodmnist``) or a dataset/model/cohort URI."""
+    """``dataset:<name>`` from a source (``medmnist:bloodmnist``; named as ingest names it) or a
+    dataset/model/cohort URI."""
+    from meddiff.data.sources import SourceKind, dataset_name, parse_source
+
     tail = uri_or_source.rstrip("/")
-    if "://" not in tail and ":" in tail and "/" not in tail.split(":", 1)[0]:
-        tail = tail.split(":", 1)[1]
+    if "://" not in tail and tail.split(":", 1)[0] in get_args(SourceKind):
+        try:
+            return f"dataset:{dataset_name(None, parse_source(tail).default_name, tail)}"
+        except MeddiffError:
+            return "dataset:unknown"
     parts = [p for p in re.split(r"[/:]", tail) if p]
     if "datasets" in parts and parts.index("datasets") + 1 < len(parts):
         return f"dataset:{parts[parts.index('datasets') + 1]}"

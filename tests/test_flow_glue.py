@@ -75,6 +75,10 @@ def test_training_loop_notes_reach_the_flow_callback(breastmnist_uri, tmp_path):
     ("s3://b/p/datasets/leukemia/v1", "dataset:leukemia"),
     ("/x/storage/models/bloodmnist-conditional-tiny-1a2b", "dataset:bloodmnist"),
     ("/x/storage/cohorts/breastmnist-per-class-tiny-1a2b-9f", "dataset:breastmnist"),
+    # sources are tagged with the name ingest gives them (were 'kaggle', 'chest' and 'unknown')
+    ("zip:../shared/datasets/kaggle/leukemia-sample.zip", "dataset:leukemia-sample"),
+    ("folder:~/scans/chest-xray/", "dataset:chest-xray"),
+    ("kaggle:mehradaria/leukemia", "dataset:leukemia"),
 ])
 def test_dataset_tag(uri, tag):
     assert dataset_tag(uri) == tag

@@ -242,6 +242,22 @@ def _breast_folder(root: Path, medmnist_dir: Path, scale: float | None) -> Path:
     return root
 
 
+def test_dataset_names_are_one_safe_folder(medmnist_dir, tmp_path, monkeypatch):
+    """`folder:.` once named its dataset '' and wrote it to datasets/<version>/, outside the layout; a
+    derived name becomes a safe folder name, and a bad --name is refused before anything is read."""
+    src = _breast_folder(tmp_path / "my scans (2)", medmnist_dir, None)
+    root = tmp_path / "st"
+    monkeypatch.chdir(src)
+    here = ingest(IngestConfig("folder:.", size=28), str(root))
+    assert here.card["name"] == "my-scans-2"
+    assert Path(here.uri).parent == root / "datasets" / "my-scans-2"
+    for bad in ("../escape", "a/b", "", "-x", "x" * 65):
+        with pytest.raises(SourceError, match="is not a dataset name"):
+            ingest(IngestConfig("folder:.", size=28, name=bad), str(root))
+    assert [p.name for p in (root / "datasets").iterdir()] == ["my-scans-2"]
+    assert not (root / "escape").exists()
+
+
 @pytest.mark.parametrize("scale,bits", [(257.0, 16), (4095 / 255, 12)])
 def test_16bit_png_ingests_to_the_8bit_pixels(medmnist_dir, tmp_path, scale, bits):
     eight = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'b8', medmnist_dir, None)}", size=28,

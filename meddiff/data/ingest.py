@@ -28,7 +28,7 @@ from meddiff.errors import SourceError
 from meddiff.data.images import HIGH_BIT_MODES, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
-from meddiff.data.sources import SPLITS, RawSample, SourceData, parse_source
+from meddiff.data.sources import SPLITS, RawSample, SourceData, dataset_name, parse_source
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -63,6 +63,8 @@ class IngestConfig:
             raise SourceError("--val-frac and --test-frac must be in [0, 1) and sum to less than 1")
         if self.shard_size < 1:
             raise SourceError("--shard-size must be positive")
+        if self.name is not None:
+            dataset_name(self.name, "", self.source)  # refused up front, before any download
         if self.medmnist_root and ref.kind != "medmnist":
             raise SourceError("--medmnist-root applies to medmnist: sources only")
         if self.bit_depth is not None and not 8 <= self.bit_depth <= 32:
@@ -114,10 +116,10 @@ def load_source(cfg: IngestConfig, root: str) -> SourceData:
         from meddiff.data.sources import kaggle_source
 
         zip_path = kaggle_source.download(ref.target, raw / "kaggle" / ref.target)
-        return archive_source.load_zip(zip_path, cfg.classes, cfg.name or ref.target.split("/")[1])
+        return archive_source.load_zip(zip_path, cfg.classes, ref.default_name)
     if ref.kind == "zip":
-        return archive_source.load_zip(Path(ref.target).expanduser(), cfg.classes, cfg.name)
-    return archive_source.load_folder(Path(ref.target).expanduser(), cfg.classes, cfg.name)
+        return archive_source.load_zip(Path(ref.target).expanduser(), cfg.classes, ref.default_name)
+    return archive_source.load_folder(Path(ref.target).expanduser(), cfg.classes, ref.default_name)
 
 
 def stratified_split(labels: np.ndarray, seed: int, val_frac: float, test_frac: float) -> np.ndarray:
@@ -149,7 +151,7 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
     root = storage.storage_root(root)
     t0 = time.time()
     src = load_source(cfg, root)
-    name = cfg.name or src.name
+    name = dataset_name(cfg.name, src.name, cfg.source)
     version = content_hash({"checksums": src.checksums, "config": cfg.identity()})
     uri = storage.join(root, "datasets", name, version)
     with artifact_lock(uri):  # a concurrent ingest of the same version waits here, then finds it

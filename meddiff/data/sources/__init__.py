@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
@@ -12,6 +15,22 @@ from meddiff.errors import SourceError
 SourceKind = Literal["medmnist", "kaggle", "zip", "folder"]
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a dataset name is one folder: datasets/<name>/
+
+
+def dataset_name(given: str | None, derived: str, source: str) -> str:
+    """``--name`` if given (checked, never altered), else the source's name made a safe folder name
+    ("my scans (2)" → "my-scans-2"). Raises SourceError when neither is usable."""
+    if given is not None:
+        if not NAME_RE.fullmatch(given):
+            raise SourceError(f"--name {given!r} is not a dataset name: use 1-64 letters, digits, '.', '_' or '-', "
+                              f"starting with a letter or digit (it names the folder datasets/<name>/)")
+        return given
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", derived).strip("-._")[:64]
+    if not name:
+        raise SourceError(f"cannot name a dataset after {source!r} (its name {derived!r} has no letters or digits); "
+                          f"pass --name")
+    return name
 
 
 @dataclass(frozen=True)
@@ -22,6 +41,17 @@ class SourceRef:
     @property
     def uri(self) -> str:
         return f"{self.kind}:{self.target}"
+
+    @property
+    def default_name(self) -> str:
+        """The dataset's name unless ``--name`` says otherwise: the MedMNIST flag (ingest adds ``_<size>``
+        above 28 px), the Kaggle slug, the archive's stem, the folder's name."""
+        if self.kind == "kaggle":
+            return self.target.split("/")[1]
+        if self.kind in ("zip", "folder"):  # absolute, so "folder:." and "folder:scans/.." are named too
+            path = Path(os.path.abspath(Path(self.target).expanduser()))
+            return path.stem if self.kind == "zip" else path.name
+        return self.target
 
 
 def parse_source(uri: str) -> SourceRef:
