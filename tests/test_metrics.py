@@ -108,7 +108,8 @@ def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
     assert bootstrap.mean_ci(np.ones(1), 100) is None
     assert bootstrap.small_n_warning(10, 100, "FID") and bootstrap.small_n_warning(100, 100, "FID") is None
     lo, hi = bootstrap.mean_ci(np.zeros(50), 1)  # Wilson: an all-zero fraction still gets a non-empty interval
-    assert lo == pytest.approx(0, abs=1e-12) and 0.05 < hi < 0.1
+    assert lo == 0.0 and 0.05 < hi < 0.1  # exactly 0 (was 1.7e-18 in a report)
+    assert bootstrap.mean_ci(np.ones(50), 1)[1] == 1.0
 
 
 def test_kid_unbiased_matches_torchmetrics_on_whole_sets():
@@ -165,6 +166,24 @@ def test_matched_comparison_uses_one_n_for_synthetic_baseline_and_reference():
     assert all("non-finite" in r["warning"] for r in matched.compare(
         gaussian(80, 8, 0), nan, gaussian(80, 8, 2), extractor="x", scope="overall", reference="train", k=5,
         min_n=10, reliable_n=250, cap=None, resamples=0, seed=0))
+
+
+def test_matched_intervals_stay_in_each_statistic_range():
+    """A set far from the reference (precision 0) beside a baseline from it (precision ≈ 1), n = 40 as
+    in a small report: the intervals once read 0 [-0.0045, 0.0455] and 1 [0.892, 1.02]."""
+    from meddiff.evaluate import matched
+
+    recs = matched.compare(gaussian(40, 8, 0) + 10, gaussian(40, 8, 1), gaussian(40, 8, 2), extractor="x",
+                           scope="overall", reference="heldout", k=5, min_n=10, reliable_n=250, cap=None,
+                           resamples=100, seed=0)
+    by = {r["metric"]: r for r in recs}
+    assert by["precision"]["value"] == 0 and by["coverage"]["baseline"]["value"] > 0.9
+    for r in recs:
+        lo, hi = matched.RANGE[r["metric"]]
+        for ci, value in ((r["ci"], r["value"]), (r["baseline"]["ci"], r["baseline"]["value"])):
+            assert lo <= ci[0] <= value <= ci[1] <= hi, (r["metric"], ci)
+        assert -(hi - lo) <= r["difference"]["ci"][0] <= r["difference"]["ci"][1] <= hi - lo
+    assert by["precision"]["ci"][0] == 0.0 and by["coverage"]["baseline"]["ci"][1] <= 1.0
 
 
 def test_verdicts():

@@ -8,8 +8,10 @@ values, and half-sampling (subsampling without replacement) intervals for set-le
   With finite-population correction, Var(θ_m | sample) ≈ σ²(1/m − 1/n), so the spread of
   θ_m − mean(θ_m) scaled by √(m/(n − m)) estimates the sampling spread of θ_n (Politis, Romano &
   Wolf, "Subsampling", 1999, ch. 2; f = ½ gives scale 1: the half-sampling of McCarthy 1969). The
-  interval is θ_n + scale·(q_{α/2}, q_{1−α/2}) of the centred subsample values, so it brackets θ_n.
-  It measures variability at n; an n-dependent bias (FID) is handled by the matched-n baseline.
+  interval is θ_n + scale·(q_{α/2}, q_{1−α/2}) of the centred subsample values, so it brackets θ_n,
+  intersected with the statistic's range when it has one (precision ∈ [0, 1], FID ≥ 0): the
+  parameter cannot lie outside it, so coverage is kept. It measures variability at n; an
+  n-dependent bias (FID) is handled by the matched-n baseline.
 """
 
 from __future__ import annotations
@@ -37,18 +39,21 @@ def mean_ci(values: torch.Tensor | np.ndarray, n_boot: int = 200, alpha: float =
         p = v.mean()
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+        lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+        return (0.0 if p == 0 else float(lo)), (1.0 if p == 1 else float(hi))  # exact ends, not 1e-18
     half = z * v.std(ddof=1) / math.sqrt(n)
     return float(v.mean() - half), float(v.mean() + half)
 
 
 def subsample_interval(stat: Callable[..., dict[str, float]], sets: Sequence[torch.Tensor],
                        estimate: dict[str, float], n_resamples: int = 100, frac: float = 0.5,
-                       alpha: float = 0.05, seed: int = 0) -> dict[str, tuple[float, float]]:
+                       alpha: float = 0.05, seed: int = 0,
+                       bounds: dict[str, tuple[float, float]] | None = None) -> dict[str, tuple[float, float]]:
     """Half-sampling intervals of every statistic ``stat(*sets) -> {name: value}`` (see module doc).
 
     ``estimate``: ``stat(*sets)`` on the full sets (the θ_n the intervals are centred on). Names whose
-    value is None/NaN in the estimate or in a resample are left out."""
+    value is None/NaN in the estimate or in a resample are left out. ``bounds``: a statistic's range
+    (name → (lo, hi), ±inf for none); its interval is clipped to it."""
     if n_resamples <= 0 or min(len(s) for s in sets) < 4:
         return {}
     rng = np.random.default_rng(seed)
@@ -67,7 +72,8 @@ def subsample_interval(stat: Callable[..., dict[str, float]], sets: Sequence[tor
         m = max(2, int(frac * n))
         scale = math.sqrt(m / max(n - m, 1))
         lo, hi = np.quantile(v - v.mean(), [alpha / 2, 1 - alpha / 2]) * scale
-        out[k] = (float(estimate[k] + lo), float(estimate[k] + hi))
+        r_lo, r_hi = (bounds or {}).get(k, (-math.inf, math.inf))
+        out[k] = (float(max(r_lo, estimate[k] + lo)), float(min(r_hi, estimate[k] + hi)))
     return out
 
 

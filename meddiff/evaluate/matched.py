@@ -22,6 +22,11 @@ SET_METRICS = ("fid", "kid", "precision", "recall", "density", "coverage")
 N_DEPENDENT = {"fid": "n-dependent: compare only with its matched baseline (same n)",
                "kid": None, "precision": None, "density": None,
                "recall": "depends on n (matched here)", "coverage": "depends on n (matched here)"}
+# the range of each statistic (intervals are clipped to it); KID's unbiased estimate can be negative
+RANGE = {"fid": (0.0, np.inf), "kid": (-np.inf, np.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
+         "density": (0.0, np.inf), "coverage": (0.0, 1.0)}
+BOUNDS = {**{f"{side}:{m}": r for side in ("syn", "base") for m, r in RANGE.items()},
+          **{f"diff:{m}": (r[0] - r[1], r[1] - r[0]) for m, r in RANGE.items()}}  # a difference of two in range
 
 
 def _paired_stats(k: int):
@@ -63,7 +68,7 @@ def compare(syn: torch.Tensor, base: torch.Tensor, ref: torch.Tensor, *, extract
                 for m in SET_METRICS]
     stat = _paired_stats(k)
     est = stat(*sets)
-    ci = bootstrap.subsample_interval(stat, sets, est, resamples, seed=seed) if n >= 2 * need else {}
+    ci = bootstrap.subsample_interval(stat, sets, est, resamples, seed=seed, bounds=BOUNDS) if n >= 2 * need else {}
     warn = bootstrap.small_n_warning(n, reliable_n, "computed")
     out = []
     for m in SET_METRICS:
