@@ -186,6 +186,20 @@ def test_matched_intervals_stay_in_each_statistic_range():
     assert by["precision"]["ci"][0] == 0.0 and by["coverage"]["baseline"]["ci"][1] <= 1.0
 
 
+def test_mean_differences_stay_in_their_range():
+    """A class whose every synthetic image is mislabelled beside a perfect real baseline: the label-fidelity
+    difference is -1 and its interval once read [-1.07, -0.933]."""
+    from meddiff.evaluate.config import EvalConfig
+    from meddiff.evaluate.scoring import mean_record, paired_means
+
+    cfg = EvalConfig()
+    syn = mean_record("label_fidelity", "domain", "Benign", torch.zeros(50), cfg)
+    base = mean_record("label_fidelity", "domain", "Benign", torch.ones(30), cfg)
+    (rec,) = paired_means([syn], [base], "val")
+    assert rec["ci"] == [0.0, pytest.approx(0.0713, abs=1e-4)] and rec["baseline"]["ci"][1] == 1.0
+    assert rec["difference"]["value"] == -1 and rec["difference"]["ci"][0] == -1.0 < rec["difference"]["ci"][1] < -0.8
+
+
 def test_verdicts():
     from meddiff.evaluate.verdicts import judge, overall
 

@@ -85,12 +85,13 @@ def _l(t: tuple[float, float] | None) -> list[float] | None:
 
 
 def mean_difference(value: float | None, ci: list[float] | None, base: float | None,
-                    base_ci: list[float] | None) -> dict[str, Any]:
-    """Difference of two independent means with its normal-approximation interval (half-widths in quadrature)."""
+                    base_ci: list[float] | None, span: float = np.inf) -> dict[str, Any]:
+    """Difference of two independent means with its normal-approximation interval (half-widths in
+    quadrature), clipped to ±``span`` (the width of the values' range: 1 for fractions)."""
     if value is None or base is None:
         return {"value": None, "ci": None}
     d = value - base
     if not ci or not base_ci:
         return {"value": d, "ci": None}
     h = ((ci[1] - ci[0]) ** 2 + (base_ci[1] - base_ci[0]) ** 2) ** 0.5 / 2
-    return {"value": d, "ci": [d - h, d + h]}
+    return {"value": d, "ci": [max(-span, d - h), min(span, d + h)]}

@@ -45,6 +45,11 @@ def _mask(y: np.ndarray, c: int | None) -> torch.Tensor:
     return torch.ones(len(y), dtype=torch.bool) if c is None else torch.as_tensor(y == c)
 
 
+# the range of each per-sample value (intervals are clipped to it): fractions of 0/1 flags, SSIMs
+MEAN_RANGE = {"closer_to_train": (0.0, 1.0), "flagged_fraction": (0.0, 1.0), "label_fidelity": (0.0, 1.0),
+              "ssim_to_nearest_train": (-1.0, 1.0), "intra_class_ssim": (-1.0, 1.0)}
+
+
 def mean_record(metric: str, extractor: str, scope: str, values: torch.Tensor, cfg: EvalConfig,
                 **extra: Any) -> dict[str, Any]:
     """A metric that is the mean of per-sample values, with its closed-form 95 % interval."""
@@ -57,6 +62,9 @@ def mean_record(metric: str, extractor: str, scope: str, values: torch.Tensor, c
         return {"metric": metric, "extractor": extractor, "scope": scope, "value": None, "n": n, "ci": None,
                 "warning": "skipped: non-finite values", **extra}
     ci = bootstrap.mean_ci(v.numpy(), 1)
+    if ci:
+        lo, hi = MEAN_RANGE.get(metric, (-np.inf, np.inf))
+        ci = (max(lo, ci[0]), min(hi, ci[1]))
     return {"metric": metric, "extractor": extractor, "scope": scope, "value": float(v.mean()), "n": n,
             "ci": list(ci) if ci else None, "warning": bootstrap.small_n_warning(n, cfg.min_n, "computed"), **extra}
 
@@ -65,7 +73,8 @@ def paired_means(syn: list[dict[str, Any]], base: list[dict[str, Any]], baseline
     """Attach each baseline mean record to its synthetic twin, with the difference and its interval."""
     out = []
     for s, b in zip(syn, base):
-        diff = matched.mean_difference(s["value"], s["ci"], b["value"], b["ci"])
+        lo, hi = MEAN_RANGE.get(s["metric"], (-np.inf, np.inf))
+        diff = matched.mean_difference(s["value"], s["ci"], b["value"], b["ci"], span=hi - lo)
         out.append({**s, "reference": s.get("reference", "-"), "baseline_kind": baseline_kind, "difference": diff,
                     "baseline": {k: b.get(k) for k in ("value", "n", "ci", "warning")}})
     return out
