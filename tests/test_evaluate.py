@@ -105,6 +105,8 @@ def test_report_html_has_every_section(planted):
                                                       for r in result.report["metrics"])
     heads = re.findall(r"<th>([^<]*)</th>", html)
     assert "flagged fraction" in heads and not [h for h in heads if "_" in h]  # long column names can wrap
+    notes = html.split('id="notes"')[1]  # extractor facts as prose: once raw JSON with "299\\u00d7299"
+    assert "Extractor <b>domain</b>: dim " in notes and "{" not in notes and "\\u" not in notes, notes
     assert result.report["html"]["sha256"]
 
 

@@ -155,6 +155,14 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+def _facts(v: Any, sep: str = "; ") -> str:
+    """A record as prose, not JSON: {"dim": 2048, "images": {"syn": 280, "val": 40}} → "dim 2048; images: syn 280, val 40"."""
+    if not isinstance(v, dict):
+        return str(v)
+    return sep.join(f"{str(k).replace('_', ' ')}{':' if isinstance(x, dict) else ''} {_facts(x, ', ')}"
+                    for k, x in v.items())
+
+
 def _ci(ci: list[float] | None) -> str:
     return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
 
@@ -292,8 +300,7 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
     parts += _tstr_section(report.get("tstr"))
     parts += ['<h2 id="loss-curve">Model loss curve</h2>', loss_curve(model_uri)]
     notes = [f"MS-SSIM: {html.escape(report['ms_ssim'].get('reason', 'computed'))}"]
-    notes += [f"Extractor <b>{html.escape(k)}</b>: {html.escape(json.dumps(v, default=str))}"
-              for k, v in report["extractors"].items()]
+    notes += [f"Extractor <b>{html.escape(k)}</b>: {html.escape(_facts(v))}" for k, v in report["extractors"].items()]
     notes += [f"<span class='warn'>{html.escape(w)}</span>" for w in report["warnings"]]
     parts += ['<h2 id="notes">Notes and warnings</h2><ul>', *[f"<li>{n}</li>" for n in notes], "</ul></body></html>"]
     return "\n".join(parts).encode()
