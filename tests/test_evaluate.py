@@ -105,6 +105,10 @@ def test_report_html_has_every_section(planted):
                                                       for r in result.report["metrics"])
     heads = re.findall(r"<th>([^<]*)</th>", html)
     assert "flagged fraction" in heads and not [h for h in heads if "_" in h]  # long column names can wrap
+    per_class = html.split('id="metrics"')[1].split("<h3>")[0]  # each class's value beside its real baseline
+    label = next(r for r in result.report["metrics"] if r["metric"] == "label_fidelity" and r["scope"] != "overall")
+    assert "<th>set n</th>" in per_class and "<th>images</th>" in per_class
+    assert f"<span class='base'>({label['baseline']['value']:.4g})</span>" in per_class
     notes = html.split('id="notes"')[1]  # extractor facts as prose: once raw JSON with "299\\u00d7299"
     assert "Extractor <b>domain</b>: dim " in notes and "{" not in notes and "\\u" not in notes, notes
     assert result.report["html"]["sha256"]

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 
 from meddiff import storage
-from meddiff.evaluate.summary import headline_rows, per_class_table
+from meddiff.evaluate.summary import headline_rows, per_class_cells
 
 SECTIONS = ("summary", "samples", "reverse-diffusion", "umap", "metrics", "memorization", "tstr", "loss-curve", "notes")
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.warn{color:#a60}.verdict{font-size:16px;padding:.5em;border-radius:4px}.pass{background:#e6f4e6}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.warn{color:#a60}.base{color:#666}.verdict{font-size:16px;padding:.5em;border-radius:4px}.pass{background:#e6f4e6}
 .fail{background:#f8e0e0}.flag{color:#b00;font-weight:bold}
 img{max-width:100%}code{background:#f5f5f5;padding:0 3px}"""
 
@@ -163,6 +163,13 @@ def _facts(v: Any, sep: str = "; ") -> str:
                     for k, x in v.items())
 
 
+def _pair(v: Any) -> str:
+    """A per-class cell: "synthetic (baseline)" for a (value, baseline) pair."""
+    if not isinstance(v, tuple):
+        return _fmt(v)
+    return _fmt(v[0]) + ("" if v[1] is None else f" <span class='base'>({_fmt(v[1])})</span>")
+
+
 def _ci(ci: list[float] | None) -> str:
     return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
 
@@ -288,10 +295,14 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
     parts += _reverse_diffusion_section(report["inputs"]["cohort_uri"])
     parts += _umap_section(report.get("umap") or {}, umap_png)
 
-    pc = per_class_table(report)
+    pc = per_class_cells(report)
     cols = list(dict.fromkeys(k for r in pc for k in r))
     parts += ['<h2 id="metrics">Metrics per class</h2>',
-              _table(cols, [[_fmt(r.get(c)) for c in cols] for r in pc]),
+              "<p>Each cell: the class's synthetic images (in parentheses, its real baseline: real validation images "
+              "scored the same way; intra-class SSIM: pairs of real training images). Set metrics (FID … "
+              "coverage) against the held-out split at <i>set n</i> images per side; at small n read them with "
+              "their intervals in the table below.</p>",
+              _table(cols, [[_pair(r.get(c)) for c in cols] for r in pc]),
               "<h3>All metrics</h3><p>Set metrics: 95 % half-sampling intervals (100+ subsamples without "
               "replacement, see bootstrap.py); means: Wilson / normal intervals. Intra-class SSIM baseline: pairs "
               "of real training images of the same class.</p>",

@@ -90,8 +90,9 @@ def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]
     return rows
 
 
-def per_class_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per class: the main metrics (synthetic value), for tables and artifacts."""
+def per_class_cells(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per class: ``class``, ``images`` (in the cohort), ``set n`` (the matched n of its set
+    metrics, against the held-out split) and, per main metric, (synthetic, real baseline)."""
     ext = report["headline"]["kid"]["extractor"] if report["headline"].get("kid") else None
     rows: dict[str, dict[str, Any]] = {}
     for r in report["metrics"]:
@@ -102,7 +103,15 @@ def per_class_table(report: dict[str, Any]) -> list[dict[str, Any]]:
         if r["extractor"] not in (ext, "pixel", "domain+pixel") and r["metric"] != "label_fidelity" \
                 and r["metric"] not in ("kid",):
             continue
-        rows.setdefault(r["scope"], {"class": r["scope"], "n": report["cohort"]["counts"].get(r["scope"])})
-        rows[r["scope"]][key] = None if r["value"] is None else round(float(r["value"]), 4)
+        row = rows.setdefault(r["scope"], {"class": r["scope"], "images": report["cohort"]["counts"].get(r["scope"]),
+                                           "set n": None})
+        if r.get("reference") == "heldout" and r["extractor"] == ext:
+            row["set n"] = r["n"]
+        base = (r.get("baseline") or {}).get("value")
+        row[key] = tuple(None if v is None else round(float(v), 4) for v in (r["value"], base))
     return list(rows.values())
 
+
+def per_class_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per class: the main metrics (synthetic value), for tables and artifacts."""
+    return [{k: v[0] if isinstance(v, tuple) else v for k, v in row.items()} for row in per_class_cells(report)]
