@@ -218,6 +218,14 @@ def test_verdicts():
     assert s["sentence"].startswith("Not fit for use: 1 headline metric(s) fail") and s["reasons"] == [
         fail["reason"], warn["reason"]]
     assert "Also measurably worse (warn): coverage of the real data" in s["sentence"]
+    # no interval (too few images to resample): never "beyond its CI"; KID's margin would be 0 × nothing
+    kid = judge("kid", 0.2737, -0.008134, None, None)
+    assert kid["verdict"] is None and "not judged: too few images for an interval" in kid["reason"]
+    s = overall({"recall": fail, "kid": kid})
+    assert s["verdict"] == "fail" and "past the fail margin 0)" not in s["sentence"]
+    assert s["sentence"].endswith("Not judged (too few images for an interval): distribution distance (KID).")
+    s = overall({"kid": kid})
+    assert s["verdict"] == "warn" and s["sentence"].startswith("Not judged: too few images for an interval")
 
 
 def test_missing_inception_weights_name_the_extra(tmp_path):

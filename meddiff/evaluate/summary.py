@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 
+from meddiff.evaluate.matched import mean_difference
 from meddiff.evaluate.verdicts import judge
 
 # headline metric → (metric, extractor or None = the distribution extractor, reference)
@@ -53,7 +54,9 @@ def make_headline(metrics: list[dict[str, Any]], tstr: dict[str, Any] | None,
                                     "ci": syn.get("ci"), "baseline_ci": real.get("ci"), "reference": "real test",
                                     "extractor": tstr["model"], "difference": None,
                                     "real+synthetic": (acc.get("real+synthetic") or {}).get("accuracy"),
-                                    "verdict": judge("tstr_accuracy", syn["accuracy"], real["accuracy"], None)}
+                                    "verdict": judge("tstr_accuracy", syn["accuracy"], real["accuracy"],
+                                                     mean_difference(syn["accuracy"], syn.get("ci"), real["accuracy"],
+                                                                     real.get("ci"), span=1.0)["ci"])}
     return out
 
 
@@ -67,6 +70,13 @@ def _pick(r: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
     return {"value": r["value"], "baseline": b.get("value"), "n": r["n"], "ci": r["ci"], "baseline_ci": b.get("ci"),
             "difference": diff.get("value"), "difference_ci": diff.get("ci"), "reference": r.get("reference"),
             "extractor": r["extractor"], "warning": r.get("warning"), "verdict": verdict}
+
+
+def _verdict_cell(v: dict[str, Any] | None) -> str:
+    """pass / warn / fail; "no CI" when the metric has a rule but too few images for an interval; "—" for none."""
+    if not v:
+        return "—"
+    return v["verdict"] or "no CI"
 
 
 def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
@@ -86,7 +96,7 @@ def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]
             continue
         ext = f" ({r['extractor']})" if key in ("kid", "kid_train", "fid", "precision", "recall", "coverage") else ""
         rows.append((label + ext, fmt(r["value"], r.get("ci")), fmt(r["baseline"], r.get("baseline_ci")),
-                     str(r.get("n") or "—"), (r.get("verdict") or {}).get("verdict", "—")))
+                     str(r.get("n") or "—"), _verdict_cell(r.get("verdict"))))
     return rows
 
 

@@ -6,7 +6,9 @@ A metric's verdict reads the difference d = synthetic − baseline (same n, same
 - pass: the interval of w reaches w ≤ warn margin — the cohort is not shown to be worse than real
   data by more than the margin (a perfect generator passes up to sampling noise);
 - fail: w is above the warn margin with 95 % confidence *and* its estimate exceeds the fail margin;
-- warn: otherwise (measurably, but not materially, worse).
+- warn: otherwise (measurably, but not materially, worse);
+- not judged (verdict None): no interval at this n (too few images to resample), so "beyond its
+  CI" cannot be claimed either way; the reason says so and the report's sentence lists it.
 
 Margins are absolute for bounded metrics (fractions, accuracies, SSIM) and, for KID, multiples of
 the baseline's own interval width ("noise"): KID's scale depends on the extractor.
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 Verdict = Literal["pass", "warn", "fail"]
+UNJUDGED = "not judged: too few images for an interval"
 
 # metric: (better, warn margin, fail margin, margin unit, what the reader is told)
 RULES: dict[str, tuple[str, float, float, str, str]] = {
@@ -34,26 +37,26 @@ RULES: dict[str, tuple[str, float, float, str, str]] = {
 
 def judge(metric: str, value: float | None, baseline: float | None, diff_ci: list[float] | None,
           baseline_ci: list[float] | None = None) -> dict[str, Any] | None:
-    """{"verdict", "reason"} of one headline metric; None when the metric has no rule or no value."""
+    """{"verdict", "reason"} of one headline metric; None when the metric has no rule or no value;
+    verdict None when the difference has no interval."""
     if metric not in RULES or value is None or baseline is None:
         return None
     better, warn_m, fail_m, unit, label = RULES[metric]
+    how = "lower" if value < baseline else "higher"
+    if not diff_ci:
+        return {"verdict": None, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {UNJUDGED})"}
     if unit == "noise":
         width = (baseline_ci[1] - baseline_ci[0]) if baseline_ci else 0.0
         warn_m, fail_m = warn_m * width, fail_m * width
     sign = 1.0 if better == "lower" else -1.0
     worse = sign * (value - baseline)
-    if diff_ci:
-        lo_worse = min(sign * diff_ci[0], sign * diff_ci[1])
-    else:
-        lo_worse = worse
+    lo_worse = min(sign * diff_ci[0], sign * diff_ci[1])
     if lo_worse <= warn_m:
         v: Verdict = "pass"
     elif worse > fail_m:
         v = "fail"
     else:
         v = "warn"
-    how = "lower" if value < baseline else "higher"
     why = {"pass": "within sampling noise of real data",
            "warn": f"worse beyond its CI, within the fail margin {fail_m:.3g}",
            "fail": f"worse beyond its CI and past the fail margin {fail_m:.3g}"}[v]
@@ -62,19 +65,24 @@ def judge(metric: str, value: float | None, baseline: float | None, diff_ci: lis
 
 def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     """The report's opening sentence: the worst verdict and the reasons behind it."""
-    given = {k: v for k, v in verdicts.items() if v}
+    given = {k: v for k, v in verdicts.items() if v and v["verdict"]}
     fails = [v["reason"] for v in given.values() if v["verdict"] == "fail"]
     warns = [v["reason"] for v in given.values() if v["verdict"] == "warn"]
+    unjudged = [v["reason"].split(":")[0] for v in verdicts.values() if v and not v["verdict"]]
+    tail = f" Not judged ({UNJUDGED.split(': ')[1]}): {'; '.join(unjudged)}." if unjudged else ""
     if not given:
-        return {"verdict": "warn", "sentence": "Not judged: no headline metric could be computed.", "reasons": []}
+        why = "too few images for an interval on any headline metric" if unjudged else \
+            "no headline metric could be computed"
+        return {"verdict": "warn", "sentence": f"Not judged: {why}.{tail}", "reasons": [], "unjudged": unjudged}
     if fails:
         also = f" Also measurably worse (warn): {'; '.join(warns)}." if warns else ""
-        return {"verdict": "fail", "reasons": fails + warns,
+        return {"verdict": "fail", "reasons": fails + warns, "unjudged": unjudged,
                 "sentence": f"Not fit for use: {len(fails)} headline metric(s) fail against real data — "
-                            + "; ".join(fails) + "." + also}
+                            + "; ".join(fails) + "." + also + tail}
     if warns:
-        return {"verdict": "warn", "reasons": warns,
-                "sentence": "Fit for use with care: measurably worse than real data on " + "; ".join(warns) + "."}
-    return {"verdict": "pass", "reasons": [],
-            "sentence": f"Fit for use: all {len(given)} headline metrics are within sampling noise of real "
-                        "data scored the same way (same n, same reference)."}
+        return {"verdict": "warn", "reasons": warns, "unjudged": unjudged,
+                "sentence": "Fit for use with care: measurably worse than real data on " + "; ".join(warns) + "."
+                            + tail}
+    return {"verdict": "pass", "reasons": [], "unjudged": unjudged,
+            "sentence": f"Fit for use: all {len(given)} judged headline metrics are within sampling noise of real "
+                        "data scored the same way (same n, same reference)." + tail}
