@@ -43,7 +43,7 @@ def judge(metric: str, value: float | None, baseline: float | None, diff_ci: lis
         return None
     better, warn_m, fail_m, unit, label = RULES[metric]
     how = "lower" if value < baseline else "higher"
-    if not diff_ci:
+    if not diff_ci or (unit == "noise" and not baseline_ci):  # a margin in noise units needs the noise
         return {"verdict": None, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {UNJUDGED})"}
     if unit == "noise":
         width = (baseline_ci[1] - baseline_ci[0]) if baseline_ci else 0.0
