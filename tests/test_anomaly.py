@@ -42,6 +42,21 @@ def breast_anomaly(breast_normal_model: str, breastmnist_uri: str, session_stora
 
 
 @pytest.mark.slow
+def test_score_histograms_survive_a_near_constant_float32_score():
+    """A barely trained conditional model ignores its label: its ratio score is 1 ± 1e-7 in float32, and
+    the distributions plot once failed the whole run ("Cannot create 30 finite-sized bins")."""
+    from meddiff.analysis.anomaly import distributions_png
+
+    rng = np.random.default_rng(0)
+    n = 40
+    table = pd.DataFrame({"class_name": ["normal"] * 20 + ["malignant"] * 20,
+                          "pixel_score": rng.random(n).astype(np.float32),
+                          "feature_score": rng.random(n).astype(np.float32),
+                          "ratio_score": (1 + rng.normal(0, 3e-7, n)).astype(np.float32)})
+    table.loc[0, "feature_score"] = np.nan
+    assert distributions_png(table, ["malignant", "normal"], "normal").startswith(b"\x89PNG")
+
+
 def test_breastmnist_anomaly_scores_are_written_and_reused(breast_anomaly, breast_normal_model, breastmnist_uri,
                                                            session_storage):
     from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies

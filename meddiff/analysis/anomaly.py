@@ -115,7 +115,7 @@ def distributions_png(table, class_names: list[str], normal: str) -> bytes:
     order = [normal] + [c for c in class_names if c != normal]
     for ax, score in zip(axes, scores):
         v = table[f"{score}_score"].to_numpy()
-        bins = np.histogram_bin_edges(v, 30)
+        bins = _bins(v)
         for c in order:
             sel = table["class_name"] == c
             if sel.any():
@@ -123,6 +123,19 @@ def distributions_png(table, class_names: list[str], normal: str) -> bytes:
         ax.set_title(f"{score} score"), ax.set_xlabel("score (higher = more anomalous)")
     axes[0].legend(fontsize=7)
     return _fig_png(fig)
+
+
+def _bins(v: np.ndarray, n: int = 30) -> np.ndarray:
+    """n histogram bins over v's finite values, in float64; a (near-)constant score (a ratio of 1 ± 1e-7
+    when a barely trained model ignores its label) gets bins around its value."""
+    v = v[np.isfinite(v)].astype(np.float64)  # float32 scores: bins finer than float32 spacing are refused
+    if not len(v):
+        return np.linspace(0.0, 1.0, n + 1)
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo > 1e-9 * max(abs(lo), abs(hi), 1e-12):
+        return np.histogram_bin_edges(v, n)
+    pad = 0.05 * max(abs(hi), 1e-12)
+    return np.linspace(lo - pad, hi + pad, n + 1)
 
 
 def _fig_png(fig) -> bytes:
