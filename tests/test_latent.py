@@ -186,6 +186,34 @@ def test_latent_model_without_or_with_a_corrupt_autoencoder(latent_conditional_u
     assert not (tmp_path / "cohorts").exists()
 
 
+def test_latent_model_scores_anomalies_in_latent_space_and_refuses_a_likelihood(latent_conditional_uri,
+                                                                                 breastmnist_uri, session_storage):
+    """Both once crashed on the first convolution (images given to a latent network); anomaly scores now
+    noise and denoise E(x) and decode, and bits/dim of latents is refused (not an image likelihood)."""
+    from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies
+    from meddiff.analysis.reconstruct import reconstruct
+    from meddiff.data.shards import open_dataset
+    from meddiff.models.likelihood import likelihood
+    from meddiff.models.trained import load_model
+
+    x, _ = open_dataset(breastmnist_uri).load_split("val")
+    model = load_model(latent_conditional_uri, "cpu")
+    rec = reconstruct(model, x[:6], 0, 0.3, 3, 1.0, seed=0, batch_size=4)
+    assert rec.shape == x[:6].shape and 0 <= rec.min() and rec.max() <= 1
+    whole = reconstruct(model, x[:6], 0, 0.3, 3, 1.0, seed=0, batch_size=6)
+    assert np.abs(rec - whole).max() < 1e-5  # each image's own noise: independent of the batching
+    rec_ae = (model.autoencoder.from_latent(model.autoencoder.to_latent(torch.from_numpy(x[:6]).float() / 127.5 - 1))
+              + 1) / 2
+    assert np.abs(rec - rec_ae.numpy()).mean() < 0.25  # near the autoencoder's own reconstruction at level 0.3
+    rec_full = reconstruct(model, x[:6], 0, 1.0, 3, 1.0, seed=0)
+    assert np.abs(rec - x[:6] / 255).mean() < np.abs(rec_full - x[:6] / 255).mean()  # less noise, closer to x
+    out = detect_anomalies(latent_conditional_uri, breastmnist_uri,
+                           AnomalyConfig(normal="1", level=0.3, steps=2, max_images=40, device="cpu"), session_storage)
+    assert 0 <= out["auroc"]["pixel"]["all anomalies"]["auroc"] <= 1
+    with pytest.raises(MeddiffError, match="is a latent diffusion model: its bound would be in bits per dimension"):
+        likelihood(latent_conditional_uri, breastmnist_uri)
+
+
 def test_cross_attention_only_for_conditional_models(breastmnist_uri):
     from meddiff.train import TrainConfig
 

@@ -5,7 +5,8 @@ An image x_0 (B, C, H, W) in [-1, 1] is noised to level λ ∈ (0, 1] — DDPM: 
 x_t* = √ᾱ_t* x_0 + √(1−ᾱ_t*) ε (Ho et al. 2020, eq. 4); rectified flow: s = λ,
 x_s = (1 − s) x_0 + s ε — and integrated back to t = 0 deterministically (DDIM, η = 0, Song et al.
 2021 eq. 12; rectified-flow Euler, Liu et al. 2022 eq. 1) by a model of normal images only. What the
-model cannot explain as normal is changed; the difference is the anomaly evidence.
+model cannot explain as normal is changed; the difference is the anomaly evidence. A latent model
+does the same on z_0 = E(x_0) (its autoencoder's scaled latents, unclipped) and decodes x̂ = D(ẑ_0).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,C,H,W
 
 
 def ddim_from(denoise: Denoiser, x0: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, t_start: int, steps: int,
-              prediction: str) -> torch.Tensor:
-    """Noise x0 to t_start, then deterministic DDIM (η = 0) on ``steps`` steps to x̂_0. (B, C, H, W)."""
+              prediction: str, clip: bool = True) -> torch.Tensor:
+    """Noise x0 to t_start, then deterministic DDIM (η = 0) on ``steps`` steps to x̂_0. (B, C, H, W).
+    ``clip``: clamp x̂_0 to the data range [-1, 1] (pixels; latents are not bounded)."""
     ts = np.unique(np.linspace(0, t_start, steps + 1).round().astype(int))[::-1]  # t_start … 0, descending
     a = abar[t_start]
     x = a.sqrt() * x0 + (1 - a).sqrt() * eps  # q(x_t* | x_0), Ho et al. eq. 4
@@ -31,7 +33,8 @@ def ddim_from(denoise: Denoiser, x0: torch.Tensor, eps: torch.Tensor, abar: torc
     for k, t in enumerate(ts):
         a_t = abar[t]
         out = denoise(x, torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long))
-        x0_hat = to_x0(out.float(), x, a_t.view(1, 1, 1, 1), prediction).clamp(-1, 1)
+        x0_hat = to_x0(out.float(), x, a_t.view(1, 1, 1, 1), prediction)
+        x0_hat = x0_hat.clamp(-1, 1) if clip else x0_hat
         if k + 1 < len(ts):
             a_next = abar[ts[k + 1]]
             eps_hat = (x - a_t.sqrt() * x0_hat) / (1 - a_t).sqrt()
@@ -39,15 +42,15 @@ def ddim_from(denoise: Denoiser, x0: torch.Tensor, eps: torch.Tensor, abar: torc
     return x0_hat
 
 
-def rflow_from(denoise: Denoiser, x0: torch.Tensor, eps: torch.Tensor, T: int, level: float, steps: int
-               ) -> torch.Tensor:
+def rflow_from(denoise: Denoiser, x0: torch.Tensor, eps: torch.Tensor, T: int, level: float, steps: int,
+               clip: bool = True) -> torch.Tensor:
     """x_s = (1−s) x_0 + s ε at s = level, then Euler on dx/ds = −v (v = x_0 − ε) to s = 0. (B, C, H, W)."""
     s_grid = torch.linspace(level, 0, steps + 1, device=x0.device)
     x = (1 - level) * x0 + level * eps
     for s, s_next in zip(s_grid[:-1], s_grid[1:]):
         v = denoise(x, (s * T).expand(x.shape[0]))
         x = x + (s - s_next) * v.float()
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clip else x
 
 
 def normal_denoiser(model: Any, normal_id: int, batch: int, guidance: float, device: torch.device) -> Denoiser:
@@ -62,7 +65,8 @@ def normal_denoiser(model: Any, normal_id: int, batch: int, guidance: float, dev
 
 def reconstruct(model: Any, images: np.ndarray, normal_id: int, level: float, steps: int, guidance: float,
                 seed: int, batch_size: int = 64) -> np.ndarray:
-    """Reconstructions (float32 (N, C, H, W) in [0, 1]) of uint8 images (N, C, H, W) by the normal model.
+    """Reconstructions (float32 (N, C, H, W) in [0, 1]) of uint8 images (N, C, H, W) by the normal model
+    (a latent model: in its autoencoder's latent space, decoded).
 
     Image i's noise comes from its own generator (seed + i): independent of the batching.
     """
@@ -72,18 +76,24 @@ def reconstruct(model: Any, images: np.ndarray, normal_id: int, level: float, st
     sched_cfg = model.scheduler_config
     T = int(sched_cfg["num_train_timesteps"])
     abar = build_scheduler(sched_cfg).alphas_cumprod.to(device) if model.objective == "ddpm" else None
+    ae = model.autoencoder  # latent diffusion: noise and denoise E(x), decode the result
     out = np.zeros(images.shape, np.float32)
     for start in range(0, len(images), batch_size):
         x0 = torch.from_numpy(images[start:start + batch_size]).to(device).float() / 127.5 - 1  # → [-1, 1]
+        if ae is not None:
+            x0 = ae.to_latent(x0)  # (B, C_lat, h, w) scaled latents
         eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + start + i))
                            for i in range(len(x0))]).to(device)
         den = normal_denoiser(model, normal_id, len(x0), guidance, device)
         with torch.no_grad():
             if abar is not None:
-                rec = ddim_from(den, x0, eps, abar, int(round(level * (T - 1))), steps, sched_cfg["prediction_type"])
+                rec = ddim_from(den, x0, eps, abar, int(round(level * (T - 1))), steps, sched_cfg["prediction_type"],
+                                clip=ae is None)
             else:
-                rec = rflow_from(den, x0, eps, T, level, steps)
-        out[start:start + len(x0)] = ((rec + 1) / 2).cpu().numpy()
+                rec = rflow_from(den, x0, eps, T, level, steps, clip=ae is None)
+            if ae is not None:
+                rec = ae.from_latent(rec)  # (B, C, H, W) in [-1, 1]
+        out[start:start + len(rec)] = ((rec + 1) / 2).cpu().numpy()
     return out
 
 

@@ -174,6 +174,10 @@ def model_denoiser(model: Any, class_id: int | None, labels: torch.Tensor | None
 
 
 def check_ddpm(model: Any) -> None:
+    if getattr(model, "autoencoder", None) is not None:
+        raise MeddiffError(f"{model.uri} is a latent diffusion model: its bound would be in bits per dimension of "
+                           "its autoencoder's latents, not of images, and not comparable with any pixel model's; "
+                           "use a model trained without --latent")
     if model.objective != "ddpm":
         raise MeddiffError(f"{model.uri} is a {model.objective} model: the variational bound (bits/dim) is offered "
                            "for DDPM models only (an ODE likelihood for rectified flow is not implemented)")
