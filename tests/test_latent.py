@@ -214,6 +214,24 @@ def test_latent_model_scores_anomalies_in_latent_space_and_refuses_a_likelihood(
         likelihood(latent_conditional_uri, breastmnist_uri)
 
 
+def test_models_show_and_list_cover_latent_models_and_autoencoders(latent_conditional_uri, vae_uri, breastmnist_uri,
+                                                                    session_storage):
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    runner = CliRunner()
+    model = runner.invoke(app, ["models", "show", latent_conditional_uri], env={"COLUMNS": "200"})
+    assert model.exit_code == 0, model.output
+    assert f"{vae_uri} (latent 4×7×7)" in model.output and "cross-attention" in model.output
+    ae = runner.invoke(app, ["models", "show", vae_uri], env={"COLUMNS": "200"})
+    assert ae.exit_code == 0 and "4×7×7 (scale factor" in ae.output and "val L1" in ae.output, ae.output
+    wrong = runner.invoke(app, ["models", "show", breastmnist_uri])
+    assert wrong.exit_code != 0 and "is a dataset version, not what this command takes" in str(wrong.exception)
+    listed = runner.invoke(app, ["models", "list", "--storage", session_storage], env={"COLUMNS": "300"}).output
+    assert vae_uri in listed and "autoencoder (vae)" in listed and latent_conditional_uri in listed
+
+
 def test_cross_attention_only_for_conditional_models(breastmnist_uri):
     from meddiff.train import TrainConfig
 

@@ -1,4 +1,5 @@
-"""``meddiff models list``: trained (and in-progress) models under the storage root."""
+"""``meddiff models list | show``: trained (and in-progress) models under the storage root, and one
+model's card (autoencoders too)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from rich.table import Table
 from meddiff import storage
 from meddiff.cli import app
 from meddiff.cli.tables import print_table
+from meddiff.data.shards import read_card
 
 models = typer.Typer(no_args_is_help=True, help="Inspect trained models.")
 app.add_typer(models, name="models")
@@ -17,17 +19,53 @@ app.add_typer(models, name="models")
 
 @models.command("list")
 def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR)) -> None:
-    """List models under the storage root: complete ones with their card, unfinished ones as such."""
-    root = storage.join(storage.storage_root(storage_root), "models")
+    """List models (and autoencoders) under the storage root: complete ones with their card, unfinished ones as such."""
+    root = storage.storage_root(storage_root)
     t = Table("model", "status", "mode", "objective", "steps", "dataset", "uri")
-    for run_id in storage.listdir(root):
-        uri = storage.join(root, run_id)
-        card_uri = storage.join(uri, "model.json")
-        if not storage.exists(card_uri):
-            t.add_row(run_id, "[yellow]incomplete (resumable)", "", "", "", "", uri)
-            continue
-        c = storage.read_json(card_uri)
-        t.add_row(run_id, "complete", c.get("mode", ""), c.get("objective", ""), str(c.get("steps", "")),
-                  (c.get("dataset") or {}).get("uri", "").rstrip("/").rsplit("/", 2)[-2] if c.get("dataset") else "",
-                  uri)
+    for folder in ("models", "autoencoders"):
+        for run_id in storage.listdir(storage.join(root, folder)):
+            uri = storage.join(root, folder, run_id)
+            card_uri = storage.join(uri, "model.json")
+            if not storage.exists(card_uri):
+                t.add_row(run_id, "[yellow]incomplete (resumable)", "", "", "", "", uri)
+                continue
+            c = storage.read_json(card_uri)
+            mode = f"autoencoder ({c.get('ae_kind', '')})" if c.get("kind") == "autoencoder" else c.get("mode", "")
+            t.add_row(run_id, "complete", mode, c.get("objective", ""), str(c.get("steps", "")),
+                      (c.get("dataset") or {}).get("name", ""), uri)
+    print_table(t)
+
+def card_rows(card: dict) -> list[tuple[str, str]]:
+    """(field, value) rows of a model or autoencoder card, for people (the card itself is model.json)."""
+    ds = card.get("dataset") or {}
+    latent = card.get("latent") or {}
+    sha = card.get("checkpoint_sha256")
+    rows = [("kind", card.get("kind")), ("run", card.get("run_id")), ("mode", card.get("mode")),
+            ("preset", card.get("preset")), ("objective", card.get("objective")),
+            ("dataset", ds.get("uri") or (card.get("inputs") or {}).get("dataset", {}).get("uri")),
+            ("classes", ", ".join(card.get("class_names") or [])),
+            ("images", f"{card['channels']}×{card['image_size']}×{card['image_size']}" if card.get("image_size") else None),
+            ("latent", f"{latent['uri']} (latent {'×'.join(map(str, latent.get('latent_shape', [])))})" if latent else
+             None),
+            ("autoencoder", card.get("ae_kind")),
+            ("latent shape", "×".join(map(str, card["latent_shape"])) + f" (scale factor {card['scale_factor']:.4g}, "
+             f"{card['compression_ratio']:.3g}× smaller than uint8 pixels)" if card.get("latent_shape") else None),
+            ("val L1", f"{card['final']['val_l1']:.4g}" if (card.get("final") or {}).get("val_l1") is not None else None),
+            ("conditioning", card.get("conditioning")), ("parameters", f"{card['param_count']:,}"
+                                                         if card.get("param_count") else None),
+            ("steps", card.get("steps")), ("final loss", f"{card['final_loss']:.4g}" if card.get("final_loss") else None),
+            ("wall time", f"{card['wall_time_s']:.0f} s" if card.get("wall_time_s") is not None else None),
+            ("device", card.get("device_name") or card.get("device")), ("created", card.get("created_at")),
+            ("weights sha256", card.get("weights_sha256")),
+            ("checkpoint sha256", sha if isinstance(sha, str) else
+             "; ".join(f"{k} {v[:12]}…" for k, v in (sha or {}).items()) or None)]
+    return [(k, str(v)) for k, v in rows if v not in (None, "", [])]
+
+
+@models.command("show")
+def show(uri: str) -> None:
+    """Show a model's (or an autoencoder's) card: what it was trained on, how, and its checkpoint."""
+    t = Table("field", "value")
+    for k, v in card_rows(read_card(uri, "model.json")):
+        t.add_row(k, v)
     print_table(t)
