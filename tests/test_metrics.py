@@ -226,6 +226,8 @@ def test_verdicts():
     assert s["sentence"].endswith("Not judged (too few images for an interval): distribution distance (KID).")
     s = overall({"kid": kid})
     assert s["verdict"] == "warn" and s["sentence"].startswith("Not judged: too few images for an interval")
+    s = overall({"kid": kid, "recall": judge("recall", 0.80, 0.82, [-0.06, 0.02])})  # a pass, but not in full
+    assert s["verdict"] == "warn" and s["sentence"].startswith("Judged in part: the 1 judged headline metrics")
 
 
 def test_missing_inception_weights_name_the_extra(tmp_path):

@@ -8,7 +8,8 @@ A metric's verdict reads the difference d = synthetic − baseline (same n, same
 - fail: w is above the warn margin with 95 % confidence *and* its estimate exceeds the fail margin;
 - warn: otherwise (measurably, but not materially, worse);
 - not judged (verdict None): no interval at this n (too few images to resample), so "beyond its
-  CI" cannot be claimed either way; the reason says so and the report's sentence lists it.
+  CI" cannot be claimed either way; the reason says so and the report's sentence lists it. A report
+  whose judged metrics all pass but which has unjudged ones is "warn", never "fit for use".
 
 Margins are absolute for bounded metrics (fractions, accuracies, SSIM) and, for KID, multiples of
 the baseline's own interval width ("noise"): KID's scale depends on the extractor.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 Verdict = Literal["pass", "warn", "fail"]
-UNJUDGED = "not judged: too few images for an interval"
+UNJUDGED = "too few images for an interval"  # why a metric is not judged
 
 # metric: (better, warn margin, fail margin, margin unit, what the reader is told)
 RULES: dict[str, tuple[str, float, float, str, str]] = {
@@ -44,9 +45,10 @@ def judge(metric: str, value: float | None, baseline: float | None, diff_ci: lis
     better, warn_m, fail_m, unit, label = RULES[metric]
     how = "lower" if value < baseline else "higher"
     if not diff_ci or (unit == "noise" and not baseline_ci):  # a margin in noise units needs the noise
-        return {"verdict": None, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {UNJUDGED})"}
+        return {"verdict": None, "label": label,
+                "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; not judged: {UNJUDGED})"}
     if unit == "noise":
-        width = (baseline_ci[1] - baseline_ci[0]) if baseline_ci else 0.0
+        width = baseline_ci[1] - baseline_ci[0]
         warn_m, fail_m = warn_m * width, fail_m * width
     sign = 1.0 if better == "lower" else -1.0
     worse = sign * (value - baseline)
@@ -60,7 +62,7 @@ def judge(metric: str, value: float | None, baseline: float | None, diff_ci: lis
     why = {"pass": "within sampling noise of real data",
            "warn": f"worse beyond its CI, within the fail margin {fail_m:.3g}",
            "fail": f"worse beyond its CI and past the fail margin {fail_m:.3g}"}[v]
-    return {"verdict": v, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {why})"}
+    return {"verdict": v, "label": label, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {why})"}
 
 
 def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
@@ -68,11 +70,10 @@ def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     given = {k: v for k, v in verdicts.items() if v and v["verdict"]}
     fails = [v["reason"] for v in given.values() if v["verdict"] == "fail"]
     warns = [v["reason"] for v in given.values() if v["verdict"] == "warn"]
-    unjudged = [v["reason"].split(":")[0] for v in verdicts.values() if v and not v["verdict"]]
-    tail = f" Not judged ({UNJUDGED.split(': ')[1]}): {'; '.join(unjudged)}." if unjudged else ""
+    unjudged = [v["label"] for v in verdicts.values() if v and not v["verdict"]]
+    tail = f" Not judged ({UNJUDGED}): {'; '.join(unjudged)}." if unjudged else ""
     if not given:
-        why = "too few images for an interval on any headline metric" if unjudged else \
-            "no headline metric could be computed"
+        why = f"{UNJUDGED} on any headline metric" if unjudged else "no headline metric could be computed"
         return {"verdict": "warn", "sentence": f"Not judged: {why}.{tail}", "reasons": [], "unjudged": unjudged}
     if fails:
         also = f" Also measurably worse (warn): {'; '.join(warns)}." if warns else ""
@@ -83,6 +84,10 @@ def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
         return {"verdict": "warn", "reasons": warns, "unjudged": unjudged,
                 "sentence": "Fit for use with care: measurably worse than real data on " + "; ".join(warns) + "."
                             + tail}
-    return {"verdict": "pass", "reasons": [], "unjudged": unjudged,
-            "sentence": f"Fit for use: all {len(given)} judged headline metrics are within sampling noise of real "
-                        "data scored the same way (same n, same reference)." + tail}
+    if unjudged:
+        return {"verdict": "warn", "reasons": [], "unjudged": unjudged,
+                "sentence": f"Judged in part: the {len(given)} judged headline metrics are within sampling noise of "
+                            "real data, but not every metric could be judged." + tail}
+    return {"verdict": "pass", "reasons": [], "unjudged": [],
+            "sentence": f"Fit for use: all {len(given)} headline metrics are within sampling noise of real "
+                        "data scored the same way (same n, same reference)."}
