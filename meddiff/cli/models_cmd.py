@@ -37,29 +37,35 @@ def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=s
 
 def card_rows(card: dict) -> list[tuple[str, str]]:
     """(field, value) rows of a model or autoencoder card, for people (the card itself is model.json)."""
-    ds = card.get("dataset") or {}
-    latent = card.get("latent") or {}
+    ds, latent, final = card.get("dataset") or {}, card.get("latent") or {}, card.get("final") or {}
     sha = card.get("checkpoint_sha256")
-    rows = [("kind", card.get("kind")), ("run", card.get("run_id")), ("mode", card.get("mode")),
-            ("preset", card.get("preset")), ("objective", card.get("objective")),
-            ("dataset", ds.get("uri") or (card.get("inputs") or {}).get("dataset", {}).get("uri")),
-            ("classes", ", ".join(card.get("class_names") or [])),
-            ("images", f"{card['channels']}×{card['image_size']}×{card['image_size']}" if card.get("image_size") else None),
-            ("latent", f"{latent['uri']} (latent {'×'.join(map(str, latent.get('latent_shape', [])))})" if latent else
-             None),
-            ("autoencoder", card.get("ae_kind")),
-            ("latent shape", "×".join(map(str, card["latent_shape"])) + f" (scale factor {card['scale_factor']:.4g}, "
-             f"{card['compression_ratio']:.3g}× smaller than uint8 pixels)" if card.get("latent_shape") else None),
-            ("val L1", f"{card['final']['val_l1']:.4g}" if (card.get("final") or {}).get("val_l1") is not None else None),
-            ("conditioning", card.get("conditioning")), ("parameters", f"{card['param_count']:,}"
-                                                         if card.get("param_count") else None),
-            ("steps", card.get("steps")), ("final loss", f"{card['final_loss']:.4g}" if card.get("final_loss") else None),
-            ("wall time", f"{card['wall_time_s']:.0f} s" if card.get("wall_time_s") is not None else None),
-            ("device", card.get("device_name") or card.get("device")), ("created", card.get("created_at")),
-            ("weights sha256", card.get("weights_sha256")),
-            ("checkpoint sha256", sha if isinstance(sha, str) else
-             "; ".join(f"{k} {v[:12]}…" for k, v in (sha or {}).items()) or None)]
-    return [(k, str(v)) for k, v in rows if v not in (None, "", [])]
+    side = card.get("image_size")
+
+    def shape(dims: list[int] | None) -> str | None:
+        return "×".join(map(str, dims)) if dims else None
+
+    rows = [
+        ("kind", card.get("kind")), ("run", card.get("run_id")), ("mode", card.get("mode")),
+        ("preset", card.get("preset")), ("objective", card.get("objective")), ("dataset", ds.get("uri")),
+        ("classes", ", ".join(card.get("class_names") or [])),
+        ("images", shape([card["channels"], side, side]) if side else None),
+        ("latent", f"{latent['uri']} (latent {shape(latent.get('latent_shape'))})" if latent else None),
+        ("autoencoder", card.get("ae_kind")),
+        ("latent shape", f"{shape(card['latent_shape'])} (scale factor {card['scale_factor']:.4g}, "
+                         f"{card['compression_ratio']:.3g}× smaller than uint8 pixels)"
+         if card.get("latent_shape") else None),
+        ("val L1", f"{final['val_l1']:.4g}" if final.get("val_l1") is not None else None),
+        ("conditioning", card.get("conditioning")),
+        ("parameters", f"{card['param_count']:,}" if card.get("param_count") else None),
+        ("steps", card.get("steps")),
+        ("final loss", f"{card['final_loss']:.4g}" if card.get("final_loss") is not None else None),
+        ("wall time", f"{card['wall_time_s']:.0f} s" if card.get("wall_time_s") is not None else None),
+        ("device", card.get("device_name") or card.get("device")), ("created", card.get("created_at")),
+        ("weights sha256", card.get("weights_sha256")),
+        ("checkpoint sha256", sha if isinstance(sha, str) else
+         "; ".join(f"{k} {v[:12]}…" for k, v in (sha or {}).items()) or None),
+    ]
+    return [(k, str(v)) for k, v in rows if v not in (None, "")]
 
 
 @models.command("show")

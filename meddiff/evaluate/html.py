@@ -156,7 +156,8 @@ def _fmt(v: Any) -> str:
 
 
 def _facts(v: Any, sep: str = "; ") -> str:
-    """A record as prose, not JSON: {"dim": 2048, "images": {"syn": 280, "val": 40}} → "dim 2048; images: syn 280, val 40"."""
+    """A record as prose, not JSON: {"dim": 2048, "images": {"syn": 280, "val": 40}}
+    → "dim 2048; images: syn 280, val 40"."""
     if not isinstance(v, dict):
         return str(v)
     return sep.join(f"{str(k).replace('_', ' ')}{':' if isinstance(x, dict) else ''} {_facts(x, ', ')}"

@@ -78,7 +78,8 @@ def feature_metrics(ds, x: np.ndarray, x_hat: np.ndarray, device: str, domain_st
     kb_mean, kb_std, _ = kid(f_real, f_train)
     fid_stat = lambda a, b: {"fid": fid(a, b)}  # noqa: E731
     estimate = fid_stat(f_real, f_rec)
-    ci = subsample_interval(fid_stat, [f_real, f_rec], estimate, bounds={"fid": (0.0, np.inf)}).get("fid")  # half-sampling, centred (bootstrap.py)
+    # half-sampling, centred, FID ≥ 0 (bootstrap.py)
+    ci = subsample_interval(fid_stat, [f_real, f_rec], estimate, bounds={"fid": (0.0, np.inf)}).get("fid")
     out.update(fid=estimate["fid"], fid_ci95=list(ci) if ci else None, fid_note="n-dependent: compare at equal n only",
                kid=k_mean, kid_std=k_std, kid_subset_size=size,
                baseline={"what": "val vs the same number of train images", "fid": fid(f_real, f_train),
