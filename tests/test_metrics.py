@@ -228,6 +228,11 @@ def test_verdicts():
     assert s["verdict"] == "warn" and s["sentence"].startswith("Not judged: too few images for an interval")
     s = overall({"kid": kid, "recall": judge("recall", 0.80, 0.82, [-0.06, 0.02])})  # a pass, but not in full
     assert s["verdict"] == "warn" and s["sentence"].startswith("Judged in part: the 1 judged headline metrics")
+    # a skipped metric (8 images: no set metrics at all) was left out of the sentence without a word
+    s = overall({"precision": judge("precision", None, None, None),
+                 "intra_class_ssim": judge("intra_class_ssim", 0.37, 0.315, [0.04, 0.07])})
+    assert s["verdict"] == "warn" and s["unjudged"] == ["realism (precision)"]
+    assert s["sentence"].endswith("Not judged (not computed, see the warnings): realism (precision).")
 
 
 def test_missing_inception_weights_name_the_extra(tmp_path):

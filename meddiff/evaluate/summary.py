@@ -8,7 +8,7 @@ from typing import Any
 
 
 from meddiff.evaluate.matched import mean_difference
-from meddiff.evaluate.verdicts import judge
+from meddiff.evaluate.verdicts import UNJUDGED, judge
 
 # headline metric → (metric, extractor or None = the distribution extractor, reference)
 HEADLINE = {
@@ -73,10 +73,11 @@ def _pick(r: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
 
 
 def _verdict_cell(v: dict[str, Any] | None) -> str:
-    """pass / warn / fail; "no CI" when the metric has a rule but too few images for an interval; "—" for none."""
+    """pass / warn / fail; "no CI" when the metric has a rule but too few images for an interval; "—" when
+    it has no rule or was not computed."""
     if not v:
         return "—"
-    return v["verdict"] or "no CI"
+    return v["verdict"] or ("no CI" if v.get("why") == UNJUDGED else "—")
 
 
 def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:

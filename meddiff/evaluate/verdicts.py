@@ -8,7 +8,8 @@ A metric's verdict reads the difference d = synthetic − baseline (same n, same
 - fail: w is above the warn margin with 95 % confidence *and* its estimate exceeds the fail margin;
 - warn: otherwise (measurably, but not materially, worse);
 - not judged (verdict None): no interval at this n (too few images to resample), so "beyond its
-  CI" cannot be claimed either way; the reason says so and the report's sentence lists it. A report
+  CI" cannot be claimed either way, or not computed at all (skipped: too few images, non-finite
+  features); the reason says so and the report's sentence lists it. A report
   whose judged metrics all pass but which has unjudged ones is "warn", never "fit for use".
 
 Margins are absolute for bounded metrics (fractions, accuracies, SSIM) and, for KID, multiples of
@@ -20,7 +21,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 Verdict = Literal["pass", "warn", "fail"]
-UNJUDGED = "too few images for an interval"  # why a metric is not judged
+UNJUDGED = "too few images for an interval"  # why a computed metric is not judged
+UNCOMPUTED = "not computed, see the warnings"  # a metric with a rule that was skipped (too few images, NaN)
 
 # metric: (better, warn margin, fail margin, margin unit, what the reader is told)
 RULES: dict[str, tuple[str, float, float, str, str]] = {
@@ -38,14 +40,16 @@ RULES: dict[str, tuple[str, float, float, str, str]] = {
 
 def judge(metric: str, value: float | None, baseline: float | None, diff_ci: list[float] | None,
           baseline_ci: list[float] | None = None) -> dict[str, Any] | None:
-    """{"verdict", "reason"} of one headline metric; None when the metric has no rule or no value;
-    verdict None when the difference has no interval."""
-    if metric not in RULES or value is None or baseline is None:
+    """{"verdict", "label", "reason"} of one headline metric; None when the metric has no rule; verdict
+    None (with "why") when it was not computed or its difference has no interval."""
+    if metric not in RULES:
         return None
     better, warn_m, fail_m, unit, label = RULES[metric]
+    if value is None or baseline is None:
+        return {"verdict": None, "label": label, "why": UNCOMPUTED, "reason": f"{label}: {UNCOMPUTED}"}
     how = "lower" if value < baseline else "higher"
     if not diff_ci or (unit == "noise" and not baseline_ci):  # a margin in noise units needs the noise
-        return {"verdict": None, "label": label,
+        return {"verdict": None, "label": label, "why": UNJUDGED,
                 "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; not judged: {UNJUDGED})"}
     if unit == "noise":
         width = baseline_ci[1] - baseline_ci[0]
@@ -70,10 +74,14 @@ def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     given = {k: v for k, v in verdicts.items() if v and v["verdict"]}
     fails = [v["reason"] for v in given.values() if v["verdict"] == "fail"]
     warns = [v["reason"] for v in given.values() if v["verdict"] == "warn"]
-    unjudged = [v["label"] for v in verdicts.values() if v and not v["verdict"]]
-    tail = f" Not judged ({UNJUDGED}): {'; '.join(unjudged)}." if unjudged else ""
+    by_why: dict[str, list[str]] = {}
+    for v in verdicts.values():
+        if v and not v["verdict"]:
+            by_why.setdefault(v["why"], []).append(v["label"])
+    unjudged = [label for labels in by_why.values() for label in labels]
+    tail = "".join(f" Not judged ({why}): {'; '.join(labels)}." for why, labels in by_why.items())
     if not given:
-        why = f"{UNJUDGED} on any headline metric" if unjudged else "no headline metric could be computed"
+        why = f"{UNJUDGED} on any headline metric" if UNJUDGED in by_why else "no headline metric could be computed"
         return {"verdict": "warn", "sentence": f"Not judged: {why}.{tail}", "reasons": [], "unjudged": unjudged}
     if fails:
         also = f" Also measurably worse (warn): {'; '.join(warns)}." if warns else ""
