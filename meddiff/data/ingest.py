@@ -28,7 +28,7 @@ from meddiff.errors import SourceError
 from meddiff.data.images import HIGH_BIT_MODES, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
-from meddiff.data.sources import SPLITS, RawSample, SourceData, dataset_name, parse_source
+from meddiff.data.sources import SPLITS, RawSample, SourceData, check_name, dataset_name, parse_source
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -64,7 +64,7 @@ class IngestConfig:
         if self.shard_size < 1:
             raise SourceError("--shard-size must be positive")
         if self.name is not None:
-            dataset_name(self.name, "", self.source)  # refused up front, before any download
+            check_name(self.name)  # refused up front, before any download
         if self.medmnist_root and ref.kind != "medmnist":
             raise SourceError("--medmnist-root applies to medmnist: sources only")
         if self.bit_depth is not None and not 8 <= self.bit_depth <= 32:

@@ -18,14 +18,19 @@ SPLITS: tuple[Split, ...] = ("train", "val", "test")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a dataset name is one folder: datasets/<name>/
 
 
+def check_name(given: str) -> str:
+    """``--name`` as given, or a SourceError (a name is never altered)."""
+    if not NAME_RE.fullmatch(given):
+        raise SourceError(f"--name {given!r} is not a dataset name: use 1-64 letters, digits, '.', '_' or '-', "
+                          f"starting with a letter or digit (it names the folder datasets/<name>/)")
+    return given
+
+
 def dataset_name(given: str | None, derived: str, source: str) -> str:
-    """``--name`` if given (checked, never altered), else the source's name made a safe folder name
+    """``--name`` if given (checked), else the source's name made a safe folder name
     ("my scans (2)" → "my-scans-2"). Raises SourceError when neither is usable."""
     if given is not None:
-        if not NAME_RE.fullmatch(given):
-            raise SourceError(f"--name {given!r} is not a dataset name: use 1-64 letters, digits, '.', '_' or '-', "
-                              f"starting with a letter or digit (it names the folder datasets/<name>/)")
-        return given
+        return check_name(given)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", derived).strip("-._")[:64]
     if not name:
         raise SourceError(f"cannot name a dataset after {source!r} (its name {derived!r} has no letters or digits); "

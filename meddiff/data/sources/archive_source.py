@@ -137,7 +137,7 @@ def _check_entry(info: zipfile.ZipInfo, path: Path) -> None:
                                  f"from {info.compress_size} (zip bomb?); refusing the archive")
 
 
-def load_zip(path: Path, classes: str | None, name: str | None = None) -> SourceData:
+def load_zip(path: Path, classes: str | None, name: str) -> SourceData:
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"zip file not found: {path}")
@@ -162,11 +162,11 @@ def load_zip(path: Path, classes: str | None, name: str | None = None) -> Source
                                   "re-download or re-create the archive") from e
     class_names, samples, skipped = _collect(
         entries, classes, str(path))
-    return SourceData(name=name or path.stem, class_names=class_names, samples=samples,
+    return SourceData(name=name, class_names=class_names, samples=samples,
                       checksums={path.name: f"sha256:{sha256_file(path)}"}, skipped=skipped)
 
 
-def load_folder(path: Path, classes: str | None, name: str | None = None) -> SourceData:
+def load_folder(path: Path, classes: str | None, name: str) -> SourceData:
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"folder not found: {path}")
@@ -189,5 +189,5 @@ def load_folder(path: Path, classes: str | None, name: str | None = None) -> Sou
         listing.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
         entries.append((rel, data))
     class_names, samples, skipped = _collect(entries, classes, str(path))
-    return SourceData(name=name or path.name, class_names=class_names, samples=samples,
+    return SourceData(name=name, class_names=class_names, samples=samples,
                       checksums={"folder": f"sha256:{listing.hexdigest()}"}, skipped=skipped)
