@@ -9,7 +9,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import artifact_key, retry_transient
-from meddiff.analysis.sweep import SweepConfig, combinations, finish_sweep, parse_grid, run_combination, sweep_uri
+from meddiff.analysis.sweep import (SweepConfig, best_sentence, combinations, finish_sweep, parse_grid,
+                                   run_combination, sweep_uri)
 from meddiff import storage
 
 
@@ -70,8 +71,8 @@ def sweep(
         rec = finish_task(cfg, rows, storage_root)
     name = rec["uri"].rstrip("/").rsplit("/", 1)[-1]
     create_table_artifact(artifact_rows(rec), key=artifact_key("sweep", name), description="ablation sweep")
-    create_markdown_artifact(f"# Sweep `{name}`\n\nBest by {rec['rank_by']}: `{rec['best']}` "
-                             f"(model `{rec['best_model_uri']}`)\n\nTable: `{rec['uri']}/sweep.html`",
+    create_markdown_artifact(f"# Sweep `{name}`\n\n{best_sentence(rec)}\n\nBest model: `{rec['best_model_uri']}`"
+                             f"\n\nTable: `{rec['uri']}/sweep.html`",
                              key=artifact_key("sweep", name, "best"), description="best combination")
-    logger.info("sweep %s: best by %s = %s", rec["uri"], rec["rank_by"], rec["best"])
+    logger.info("sweep %s: %s", rec["uri"], best_sentence(rec))
     return rec["uri"]

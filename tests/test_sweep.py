@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from meddiff import storage
-from meddiff.analysis.sweep import SweepConfig, best_row, parse_grid
+from meddiff.analysis.sweep import SweepConfig, best_row, best_sentence, not_separated, parse_grid, table_html
 from meddiff.errors import MeddiffError
 
 
@@ -23,6 +23,26 @@ def test_parse_grid_and_its_errors():
 def test_best_row_respects_the_metric_direction():
     rows = [{"kid": 0.3, "label_fidelity": 0.9}, {"kid": 0.1, "label_fidelity": 0.5}, {"kid": None}]
     assert best_row(rows, "kid") == 1 and best_row(rows, "label_fidelity") == 0
+
+
+def test_the_best_row_is_not_claimed_over_rows_its_interval_overlaps():
+    """A sweep of 20-image cohorts ranked linear KID 2126 [1043, 3838] and cosine 1288 [645, 2327] and
+    announced 'best by kid: cosine' as if it were settled; the intervals overlap, so the record, the
+    page and the sentence say the two are not separated at this n."""
+    rows = [{"schedule": "linear", "kid": 2126.0, "kid_ci": [1043.0, 3838.0], "n_synthetic": 20},
+            {"schedule": "cosine", "kid": 1288.0, "kid_ci": [645.0, 2327.0], "n_synthetic": 20},
+            {"schedule": "sigmoid", "kid": 3900.0, "kid_ci": [3000.0, 4800.0], "n_synthetic": 20},
+            {"schedule": "scaled", "kid": 1500.0, "kid_ci": None, "n_synthetic": 20}]
+    assert best_row(rows, "kid") == 1 and not_separated(rows, "kid", 1) == [0, 3]  # sigmoid is clear of it
+    rec = {"rows": rows, "rank_by": "kid", "config": {"grid": [["schedule", ["linear", "cosine", "sigmoid"]]]}}
+    sentence = best_sentence(rec)
+    assert sentence.startswith("Best by kid: schedule=cosine, but not separated from schedule=linear, "
+                               "schedule=scaled at this n (95 % intervals overlap)")
+    page = table_html(rec)
+    assert page.count("class=tied") == 2 and page.count("class=best") == 1 and "real val vs train" in page
+    clear = {**rec, "rows": rows[1:3]}
+    assert best_sentence(clear) == ("Best by kid: schedule=cosine — its 95 % interval is clear of every other "
+                                    "combination's.")
 
 
 def test_network_knobs_change_the_run_and_its_network(breastmnist_uri, session_storage):
@@ -71,7 +91,10 @@ def test_two_by_two_sweep_on_breastmnist(breastmnist_uri, session_storage):
     assert rec["best"] == {"schedule": rows[best]["schedule"], "attention": rows[best]["attention"]}
     table = pd.read_parquet(storage.join(rec["uri"], "sweep.parquet"))
     assert len(table) == 4 and {"kid", "fid", "label_fidelity", "bits_per_dim"} <= set(table.columns)
-    assert b"class=best" in storage.read_bytes(storage.join(rec["uri"], "sweep.html"))
+    page = storage.read_bytes(storage.join(rec["uri"], "sweep.html")).decode()
+    assert "class=best" in page and best_sentence(rec) in page
+    assert rec["tied_with_best"] == [{k: rows[i][k] for k in ("schedule", "attention")}
+                                     for i in not_separated(rows, "kid", best)]
     assert run_sweep(cfg, session_storage)["created_at"] == rec["created_at"]  # a finished sweep is reused
 
 

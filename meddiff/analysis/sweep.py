@@ -140,6 +140,46 @@ def best_row(rows: list[dict[str, Any]], rank_by: str) -> int | None:
     return pick(scored)[1]
 
 
+def not_separated(rows: list[dict[str, Any]], rank_by: str, best: int | None) -> list[int]:
+    """Indices of the ranked rows the best one is not separated from at this n: their 95 % intervals of
+    ``rank_by`` overlap the best's (or one of the two has no interval). Overlap is the conservative
+    reading — two intervals clear of each other mean a real difference; overlapping ones do not show one."""
+    if best is None:
+        return []
+    ci_best = rows[best].get(f"{rank_by}_ci")
+    tied = []
+    for i, r in enumerate(rows):
+        if i == best or r.get(rank_by) is None:
+            continue
+        ci = r.get(f"{rank_by}_ci")
+        if not ci or not ci_best or (ci[0] <= ci_best[1] and ci_best[0] <= ci[1]):
+            tied.append(i)
+    return tied
+
+
+def combo_label(row: dict[str, Any], knobs: list[str]) -> str:
+    """{"schedule": "cosine", "attention": "none"} → "schedule=cosine attention=none"."""
+    return " ".join(f"{k}={row[k]}" for k in knobs)
+
+
+def best_sentence(rec: dict[str, Any]) -> str:
+    """What the ranking shows, in one sentence: the best combination and, honestly, the ones it is not
+    separated from (works on records written before ``tied_with_best`` was recorded)."""
+    rows, rank_by = rec["rows"], rec["rank_by"]
+    knobs = [n for n, _ in rec["config"]["grid"]]
+    best = best_row(rows, rank_by)
+    if best is None:
+        return f"No combination has a {rank_by}: nothing is ranked."
+    head = f"Best by {rank_by}: {combo_label(rows[best], knobs)}"
+    tied = not_separated(rows, rank_by, best)
+    if not tied:
+        return head + (" (the only ranked combination)." if sum(r.get(rank_by) is not None for r in rows) == 1
+                       else f" — its 95 % interval is clear of every other combination's.")
+    more = "more test images (--likelihood-images)" if rank_by == "bits_per_dim" else "more images per class (--per-class)"
+    return (f"{head}, but not separated from {', '.join(combo_label(rows[i], knobs) for i in tied)} at this n "
+            f"(95 % intervals overlap); {more} would tell them apart, or not.")
+
+
 def sweep_uri(cfg: SweepConfig, root: str | None = None) -> str:
     from meddiff.data.shards import open_dataset
 
@@ -149,9 +189,17 @@ def sweep_uri(cfg: SweepConfig, root: str | None = None) -> str:
     return storage.join(storage.storage_root(root), "sweeps", f"{ds.card.get('name', 'dataset')}-{key}")
 
 
-def table_html(rows: list[dict[str, Any]], knobs: list[str], best: int | None, rank_by: str) -> str:
-    """A self-contained HTML page: one row per combination, the best one marked."""
-    cols = knobs + ["kid", "fid", "label_fidelity", "ssim_to_nearest_train", "intra_class_ssim", "bits_per_dim"]
+METRICS = ("kid", "fid", "label_fidelity", "ssim_to_nearest_train", "intra_class_ssim", "bits_per_dim")
+
+
+def table_html(rec: dict[str, Any]) -> str:
+    """A self-contained HTML page: one row per combination, the best one marked (green), the ones it is
+    not separated from marked too (yellow), and the real val-vs-train baseline as the last row."""
+    rows, rank_by = rec["rows"], rec["rank_by"]
+    knobs = [n for n, _ in rec["config"]["grid"]]
+    cols = knobs + list(METRICS)
+    best = best_row(rows, rank_by)
+    tied = set(not_separated(rows, rank_by, best))
 
     def cell(r: dict[str, Any], c: str) -> str:
         v = r.get(c)
@@ -160,16 +208,22 @@ def table_html(rows: list[dict[str, Any]], knobs: list[str], best: int | None, r
             return f"{v:.4g}" + (f" <small>[{ci[0]:.3g}, {ci[1]:.3g}]</small>" if ci else "")
         return html.escape("—" if v is None else str(v))
 
+    def mark(i: int) -> str:
+        return " class=best" if i == best else " class=tied" if i in tied else ""
+
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join(f"<tr{' class=best' if i == best else ''}>" + "".join(f"<td>{cell(r, c)}</td>" for c in cols)
-                   + "</tr>" for i, r in enumerate(rows))
+    body = "".join(f"<tr{mark(i)}>" + "".join(f"<td>{cell(r, c)}</td>" for c in cols) + "</tr>"
+                   for i, r in enumerate(rows))
     base = rows[0] if rows else {}
-    baseline = ", ".join(f"{m} {base.get(f'{m}_baseline'):.4g}" for m in ("kid", "fid", "label_fidelity")
-                         if base.get(f"{m}_baseline") is not None)
+    baseline = (f"<tr class=baseline><td colspan={len(knobs)}>real val vs train (baseline)</td>"
+                + "".join(f"<td>{cell({m: base.get(f'{m}_baseline')}, m)}</td>" for m in METRICS) + "</tr>")
     return ("<!doctype html><meta charset=utf-8><title>sweep</title><style>td,th{padding:2px 8px;"
-            "border-bottom:1px solid #ccc} .best{background:#dfd}</style>"
-            f"<h1>Ablation sweep</h1><p>Best by {html.escape(rank_by)} (green). Real val-vs-train baseline: "
-            f"{html.escape(baseline)}. Brackets: 95 % CIs.</p><table><tr>{head}</tr>{body}</table>")
+            "border-bottom:1px solid #ccc} .best{background:#dfd} .tied{background:#ffd} .baseline{color:#555;"
+            "font-style:italic}</style>"
+            f"<h1>Ablation sweep</h1><p>{html.escape(best_sentence(rec), quote=False)}</p><p>Green: the best by "
+            f"{html.escape(rank_by)}; yellow: not separated from it (95 % intervals overlap). Brackets: 95 % CIs. "
+            f"Synthetic rows: {base.get('n_synthetic', '?')} images each.</p>"
+            f"<table><tr>{head}</tr>{body}{baseline}</table>")
 
 
 def finish_sweep(cfg: SweepConfig, rows: list[dict[str, Any]], root: str | None = None) -> dict[str, Any]:
@@ -179,14 +233,16 @@ def finish_sweep(cfg: SweepConfig, rows: list[dict[str, Any]], root: str | None 
     uri = sweep_uri(cfg, root)
     knobs = [n for n, _ in cfg.grid]
     best = best_row(rows, cfg.rank_by)
+    tied = not_separated(rows, cfg.rank_by, best)
     frame = pd.DataFrame(rows)
     for c in [c for c in frame.columns if c.endswith("_ci")]:
         frame[c] = frame[c].apply(lambda v: None if v is None else [float(x) for x in v])
     storage.write_bytes(storage.join(uri, "sweep.parquet"), frame.to_parquet(index=False))
-    storage.write_bytes(storage.join(uri, "sweep.html"), table_html(rows, knobs, best, cfg.rank_by).encode())
     record = make_record("sweep", cfg, {"dataset": cfg.dataset_uri}, uri=uri, rank_by=cfg.rank_by,
                          best=None if best is None else {k: rows[best][k] for k in knobs},
-                         best_model_uri=None if best is None else rows[best]["model_uri"], rows=rows)
+                         best_model_uri=None if best is None else rows[best]["model_uri"],
+                         tied_with_best=[{k: rows[i][k] for k in knobs} for i in tied], rows=rows)
+    storage.write_bytes(storage.join(uri, "sweep.html"), table_html(record).encode())
     storage.write_json(storage.join(uri, "sweep.json"), record)
     return record
 

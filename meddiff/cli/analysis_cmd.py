@@ -35,7 +35,7 @@ def sweep(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar="MEDDIFF_STORAGE", help="Storage root."),
 ) -> None:
     """Train, generate and evaluate one model per grid combination; prints the comparison table and its folder."""
-    from meddiff.analysis.sweep import SweepConfig, parse_grid, run_sweep
+    from meddiff.analysis.sweep import SweepConfig, best_sentence, parse_grid, run_sweep
 
     base = {"mode": mode, "preset": preset, "steps": steps, "batch_size": batch_size, "objective": objective}
     if channels:  # only when given: the same request from the flow then hashes to the same sweep
@@ -44,18 +44,31 @@ def sweep(
                       likelihood_timesteps, rank_by, device, seed)
     rec = run_sweep(cfg, storage_root)
     console.print(sweep_table(rec))
-    console.print(f"best by {rec['rank_by']}: {rec['best']}")
+    console.print(best_sentence(rec))
     print(rec["uri"])
 
 
 def sweep_table(rec: dict) -> Table:
+    """One row per combination (value and 95 % CI), the best in bold, then the real baseline."""
+    from meddiff.analysis.sweep import METRICS, best_row
+
     knobs = [n for n, _ in rec["config"]["grid"]]
-    cols = ["kid", "fid", "label_fidelity", "ssim_to_nearest_train", "bits_per_dim"]
-    t = Table(title=f"sweep {rec['uri']}")
-    for c in knobs + cols:
+    rows = rec["rows"]
+    best = best_row(rows, rec["rank_by"])
+
+    def cell(r: dict, c: str) -> str:
+        v, ci = r.get(c), r.get(f"{c}_ci")
+        return "—" if v is None else f"{v:.4g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+    t = Table(title=f"sweep {rec['uri']} ({rows[0]['n_synthetic'] if rows else 0} synthetic images per row)")
+    for c in knobs + list(METRICS):
         t.add_column(c)
-    for r in rec["rows"]:
-        t.add_row(*[str(r[k]) for k in knobs], *["—" if r.get(c) is None else f"{r[c]:.4g}" for c in cols])
+    for i, r in enumerate(rows):
+        t.add_row(*[str(r[k]) for k in knobs], *[cell(r, c) for c in METRICS],
+                  style="bold" if i == best else None)
+    base = rows[0] if rows else {}
+    t.add_row("real val vs train", *[""] * (len(knobs) - 1),
+              *[cell({c: base.get(f"{c}_baseline")}, c) for c in METRICS], style="italic")
     return t
 
 
