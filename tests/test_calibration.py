@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from meddiff.evaluate.calibrate import CalibrationConfig, calibrate, calibration_uri
+from meddiff.evaluate.calibrate import GENERATORS, CalibrationConfig, calibrate, calibration_table, calibration_uri
 from meddiff.evaluate.config import EvalConfig
 from meddiff.evaluate.features import DomainTrainConfig
 
@@ -35,6 +35,13 @@ def check_expected(record: dict) -> None:
     t = record["tstr"]
     assert t["real_equal_size"]["n_train"] == perfect["n"] and t["generators"]["perfect"]["n_train"] == perfect["n"]
     assert perfect["tstr"]["real_accuracy"] == t["real_equal_size"]["accuracy"]
+    # the table shows each TSTR accuracy with its Wilson interval: on 78 test images ±0.08 is not noise-free
+    name, *cells = calibration_table(record)[-1]
+    r = t["real_equal_size"]
+    assert name.startswith("TSTR") and f"{r['accuracy']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" in name
+    for g, cell in zip(GENERATORS, cells):
+        lo, hi = t["generators"][g]["ci"]
+        assert cell.startswith(f"{t['generators'][g]['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] ("), cell
 
 
 def check_tstr_matches_real(record: dict, within: float = 0.03) -> None:

@@ -29,7 +29,7 @@ def calibrate(
     """Write calibration.json + calibration.html under <storage root>/calibration/ and print the table."""
     from dataclasses import replace
 
-    from meddiff.evaluate.calibrate import GENERATORS, CalibrationConfig, calibrate as run, calibration_table
+    from meddiff.evaluate.calibrate import GENERATORS, CalibrationConfig, calibrate as run, accuracy_ci, calibration_table
     from meddiff.evaluate.config import EvalConfig
     from meddiff.evaluate.features import DomainTrainConfig
 
@@ -48,8 +48,9 @@ def calibrate(
         console.print(f"{g}: {record[g]['sentence']}")
     if record.get("tstr"):
         t = record["tstr"]
-        console.print(f"TSTR accuracy on the held-out half ({t['n_test']} images, {t['steps']} steps each): real "
-                      f"training images at equal size {t['real_equal_size']['accuracy']:.3f}; " +
-                      ", ".join(f"{g} {t['generators'][g]['accuracy']:.3f}" for g in GENERATORS))
+        console.print(f"TSTR accuracy on the held-out half ({t['n_test']} images, {t['steps']} steps each; "
+                      f"95 % Wilson intervals): real training images at equal size "
+                      f"{accuracy_ci(t['real_equal_size'])}; " +
+                      ", ".join(f"{g} {accuracy_ci(t['generators'][g])}" for g in GENERATORS))
     print(uri.rsplit("/", 1)[0] + "/calibration.html")
     print(uri)
