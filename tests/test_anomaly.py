@@ -75,6 +75,22 @@ def test_breastmnist_anomaly_scores_are_written_and_reused(breast_anomaly, breas
     assert again["created_at"] == rec["created_at"]
 
 
+def test_the_cli_says_which_scores_are_label_free(breast_anomaly, breast_normal_model, breastmnist_uri,
+                                                  session_storage):
+    """The feature score (often the best AUROC in the table) uses a classifier trained on the anomaly
+    labels; the record said so, the command's table did not."""
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    out = CliRunner().invoke(app, ["anomaly", breast_normal_model, breastmnist_uri, "--normal", "normal, benign",
+                                   "--level", "0.25", "--steps", "5", "--max-images", "0", "--heatmaps", "6",
+                                   "--device", "cpu", "--storage", session_storage], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert out.output.strip().splitlines()[-1] == breast_anomaly["uri"]  # the fixture's record, reused
+    assert "so it is not label-free" in out.output and "feature" in out.output
+
+
 @pytest.fixture(scope="module")
 def breast_conditional_model(breastmnist_uri: str, session_storage: str) -> str:
     """A tiny class-conditional DDPM on all BreastMNIST training images (10 % label dropout: a null label)."""

@@ -101,4 +101,5 @@ def anomaly(
             ci = "—" if r["ci"] is None else f"{r['ci'][0]:.3f} – {r['ci'][1]:.3f}"
             t.add_row(score, scope, f"{r['auroc']:.3f}", ci, f"{r['n_anomalous']} / {r['n_normal']}")
     console.print(t)
+    console.print(f"note: {rec['notes']}")  # which scores are label-free: the feature score is not
     print(rec["uri"])
