@@ -94,7 +94,8 @@ def evaluate_cohort_flow(
         cohort_uri: A generated cohort (the generate-cohort run's result), e.g. storage/cohorts/<cohort-id>.
         real_uri: Real dataset version to compare with; empty = the cohort's own dataset.
         features: Feature extractors, comma-separated: inception and/or domain (inception needs the extra `inception`).
-        tstr: Train on synthetic, test on real: three ResNet-18 trainings (minutes on a CPU).
+        tstr: Train on synthetic, test on real: four classifier trainings (real, real at the synthetic
+            n, synthetic, both; minutes on a CPU).
         tstr_protocol: fair (equal optimizer steps for real / synthetic / real+synthetic, checkpoint chosen on
             real val) or medmnist (the MedMNIST v2 ResNet-18 recipe, for GPU runs).
         tstr_steps: Optimizer steps per TSTR training (fair protocol).

@@ -59,7 +59,7 @@ def test_report_files_and_schema(planted):
     uri, _, result = planted
     assert result.report_uri == f"{uri}/report.json" and not result.existed
     report = json.loads(Path(result.report_uri).read_text())
-    assert report["kind"] == "evaluation-report" and report["report_schema_version"] == 2
+    assert report["kind"] == "evaluation-report" and report["report_schema_version"] == 3
     assert report["drop_flagged"] is True
     assert report["extractors"]["domain"]["dim"] == 128
     scopes = {r["scope"] for r in report["metrics"]}
@@ -143,13 +143,32 @@ def test_tstr_end_to_end(breast, cfg, tmp_path):
     uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:60], yte[:60])
     report = evaluate_cohort(uri, replace(cfg, tstr=True, tstr_steps=20, tstr_max_images=64)).report
     settings = {s["setting"]: s for s in report["tstr"]["settings"]}
-    assert set(settings) == {"real", "synthetic", "real+synthetic"}
+    assert set(settings) == {"real", "real (equal size)", "synthetic", "real+synthetic"}
     for s in settings.values():
         assert s["n_test"] == len(yte) and 0 <= s["accuracy"] <= 1 and s["auc"] is not None and 0 <= s["auc"] <= 1
     assert settings["synthetic"]["n_train"] == 60 and settings["real"]["n_train"] == 64
     assert {s["steps"] for s in settings.values()} == {20}  # equal optimizer steps for every setting
-    assert "tstr_accuracy" in report["headline"]
+    # like with like: the synthetic set (60 images) is judged against 60 real training images of its class
+    # mix, not against the whole real split; the commonest test class's share is the floor
+    assert settings["real (equal size)"]["n_train"] == 60
+    head = report["headline"]["tstr_accuracy"]
+    assert head["baseline"] == settings["real (equal size)"]["accuracy"] and head["baseline_n"] == head["n"] == 60
+    assert head["real_all"] == settings["real"]["accuracy"] and head["n_test"] == len(yte)
+    assert report["tstr"]["majority_accuracy"] == pytest.approx(np.bincount(yte).max() / len(yte))
+    assert "real (equal size)" in Path(uri, "report.html").read_text()
     assert "trained on" in Path(uri, "report.html").read_text()
+
+
+def test_equal_size_real_takes_the_class_mix_and_never_repeats_an_image():
+    from meddiff.evaluate.loading import Images
+    from meddiff.evaluate.tstr import equal_size_real
+
+    train = Images(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1), np.array([0] * 7 + [1] * 3),
+                   [f"k{i}" for i in range(10)])
+    same = equal_size_real(train, np.array([0, 0, 1]), seed=0)
+    assert sorted(same.y.tolist()) == [0, 0, 1] and len(set(same.keys)) == 3
+    capped = equal_size_real(train, np.array([0, 1, 1, 1, 1, 1]), seed=0)  # 5 of class 1 asked, 3 exist
+    assert sorted(capped.y.tolist()) == [0, 1, 1, 1] and len(set(capped.keys)) == 4
 
 
 def test_too_few_samples_are_reported_not_crashed_via_cli(breast, cfg, tmp_path, monkeypatch):

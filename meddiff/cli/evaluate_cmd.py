@@ -34,7 +34,8 @@ def evaluate(
     cohort_uri: str = typer.Argument(..., help="The cohort folder (local path or s3://...)."),
     real: Optional[str] = typer.Option(None, "--real", help="Real dataset version URI (default: the cohort's)."),
     features: str = typer.Option("inception,domain", help="Extractors for FID/KID/PR: inception,domain."),
-    tstr: bool = typer.Option(False, "--tstr", help="Train-on-synthetic/test-on-real with ResNet-18 (slow on CPU)."),
+    tstr: bool = typer.Option(False, "--tstr", help="Train on synthetic, test on real: classifiers on real, real "
+                              "at the synthetic n, synthetic, both (equal steps; minutes on CPU)."),
     tstr_protocol: str = typer.Option("fair", help="fair: equal steps, small CNN (CPU) | medmnist: ResNet-18 v2 "
                                                    "recipe, 100 epochs of the real set (GPU)."),
     tstr_steps: int = typer.Option(300, help="Optimizer steps per TSTR setting (protocol fair)."),

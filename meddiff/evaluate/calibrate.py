@@ -122,14 +122,6 @@ class _SameRealFeatures:
         return self._get("mirror", x, self.domain.mirrored)
 
 
-def equal_size_real(train: Images, like: Images, seed: int) -> Images:
-    """Training images with ``like``'s class counts (seeded, without replacement where a class allows)."""
-    rng = np.random.default_rng([seed, 0x7577])
-    idx = [rng.choice(np.flatnonzero(train.y == c), int((like.y == c).sum()),
-                      replace=int((like.y == c).sum()) > int((train.y == c).sum())) for c in np.unique(like.y)]
-    return train.take(np.sort(np.concatenate(idx)))
-
-
 def calibration_tstr(gens: dict[str, Images], real: RealSplits, num_classes: int, ecfg: EvalConfig, seed: int,
                      device: str) -> dict[str, Any]:
     """Train on each generator's images and on as many real training images of the same class mix
@@ -137,7 +129,7 @@ def calibration_tstr(gens: dict[str, Images], real: RealSplits, num_classes: int
     accuracy should match real at equal size, within the test set's noise."""
     import torch
 
-    from meddiff.evaluate.tstr import run_setting
+    from meddiff.evaluate.tstr import equal_size_real, run_setting
 
     val = (torch.from_numpy(real.val.x), torch.as_tensor(real.val.y))
     test_x, test_y = torch.from_numpy(real.heldout.x), torch.as_tensor(real.heldout.y)
@@ -147,7 +139,7 @@ def calibration_tstr(gens: dict[str, Images], real: RealSplits, num_classes: int
                            ecfg.tstr_steps, val, ecfg.tstr_protocol, ecfg.seed, device)
         return {"accuracy": r.accuracy, "ci": r.ci, "auc": r.auc, "n_train": r.n_train}
 
-    base = acc(equal_size_real(real.train, gens["perfect"], seed), "real (equal size)")
+    base = acc(equal_size_real(real.train, gens["perfect"].y, seed), "real (equal size)")
     out = {}
     for name, imgs in gens.items():
         r = acc(imgs, name)

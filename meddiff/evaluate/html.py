@@ -246,9 +246,15 @@ def _tstr_section(t: dict[str, Any] | None) -> list[str]:
     parts: list[str] = []
     parts.append('<h2 id="tstr">Utility: train on synthetic, test on real (TSTR)</h2>')
     if t:
+        floor = t.get("majority_accuracy")
         parts += [f"<p>{html.escape(t['model'])}, {t['steps']} optimizer steps for every setting, checkpoint "
                   f"chosen on the real val split, tested on the {t['test_split']} split"
-                  f"{'; flagged images excluded' if t['synthetic_excludes_flagged'] else ''}.</p>",
+                  f"{'; flagged images excluded' if t['synthetic_excludes_flagged'] else ''}. "
+                  + ("The synthetic set is judged against <b>real (equal size)</b>: real training images with its "
+                     "n and class mix; <i>real</i> (the whole split) is the ceiling. "
+                     if t.get("baseline") else "")
+                  + (f"Always predicting the commonest test class scores {_fmt(floor)}: accuracy at or below it "
+                     f"means the classifier learned nothing." if floor is not None else "") + "</p>",
                   _table(["trained on", "N train", "N test", "accuracy", "macro AUC"],
                          [[s["setting"], str(s["n_train"]), str(s["n_test"]), _fmt(s["accuracy"]) + _ci(s.get("ci")),
                            _fmt(s["auc"])]

@@ -32,7 +32,8 @@ from meddiff.records import content_hash, make_record, sha256_bytes
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate_cohort", "run_tstr"]
 
-REPORT_SCHEMA_VERSION = 2  # 2: matched n, two references, verdicts, half-sampling intervals
+REPORT_SCHEMA_VERSION = 3  # 2: matched n, two references, verdicts, half-sampling intervals; 3: TSTR judged
+# against real training images at the synthetic set's size and class mix (was: the whole real split)
 REPORT_JSON, REPORT_HTML = "report.json", "report.html"
 
 
@@ -78,34 +79,46 @@ def _existing(report_uri: str, cohort_uri: str, chash: str) -> dict[str, Any] | 
 
 
 def run_tstr(dataset: DatasetVersion, cfg: EvalConfig, device: str):
-    """The TSTR callback for ``evaluate_images``: real / synthetic / real+synthetic, equal steps."""
+    """The TSTR callback for ``evaluate_images``: real, real at the synthetic set's size and class mix
+    (the baseline the synthetic set is judged against), synthetic, real+synthetic; equal steps."""
     from meddiff.evaluate.loading import load_images
-    from meddiff.evaluate.tstr import run_setting
+    from meddiff.evaluate.tstr import equal_size_real, majority_accuracy, run_setting
 
     def tstr(syn: Images, real: RealSplits, flags: torch.Tensor, warnings: list[str]) -> dict[str, Any] | None:
         test = real.heldout if real.heldout is not None else load_images(dataset.shard_uris("test"))
         keep = ~flags.numpy() if cfg.drop_flagged else np.ones(len(syn), bool)
         xs, ys = syn.x[keep], syn.y[keep]
-        sets = {"real": (real.train.x, real.train.y), "synthetic": (xs, ys),
-                "real+synthetic": (np.concatenate([real.train.x, xs]), np.concatenate([real.train.y, ys]))}
-        steps = cfg.tstr_steps if cfg.tstr_protocol == "fair" else 100 * -(-len(real.train) // 128)
         rng = np.random.default_rng(cfg.seed)
+
+        def capped(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if not cfg.tstr_max_images or len(x) <= cfg.tstr_max_images:
+                return x, y
+            idx = np.sort(rng.choice(len(x), cfg.tstr_max_images, replace=False))
+            return x[idx], y[idx]
+
+        sets = {"real": capped(real.train.x, real.train.y), "synthetic": capped(xs, ys),
+                "real+synthetic": capped(np.concatenate([real.train.x, xs]), np.concatenate([real.train.y, ys]))}
+        same = equal_size_real(real.train, sets["synthetic"][1], cfg.seed)
+        sets = {"real": sets["real"], "real (equal size)": (same.x, same.y), **sets}
+        if len(same) < len(sets["synthetic"][1]):
+            warnings.append(f"TSTR: the real training split has fewer images of some class than the synthetic set; "
+                            f"the equal-size real baseline uses all it has ({len(same)} vs {len(sets['synthetic'][1])})")
+        steps = cfg.tstr_steps if cfg.tstr_protocol == "fair" else 100 * -(-len(real.train) // 128)
         val = (torch.from_numpy(real.val.x), torch.as_tensor(real.val.y))
         rows = []
         for name, (x, y) in sets.items():
-            idx = np.arange(len(x)) if not cfg.tstr_max_images or len(x) <= cfg.tstr_max_images else \
-                np.sort(rng.choice(len(x), cfg.tstr_max_images, replace=False))
-            if len(idx) < 2:
-                warnings.append(f"TSTR setting {name} skipped: {len(idx)} training images")
+            if len(y) < 2:
+                warnings.append(f"TSTR setting {name} skipped: {len(y)} training images")
                 continue
-            r, _ = run_setting(name, torch.from_numpy(x[idx]), torch.as_tensor(y[idx]), torch.from_numpy(test.x),
+            r, _ = run_setting(name, torch.from_numpy(x), torch.as_tensor(y), torch.from_numpy(test.x),
                                torch.as_tensor(test.y), dataset.num_classes, steps, val, cfg.tstr_protocol,
                                cfg.seed, device)
             rows.append(r.__dict__)
         model = "resnet18 (MedMNIST v2 recipe)" if cfg.tstr_protocol == "medmnist" else "small CNN (domain-net)"
         return {"model": model, "protocol": cfg.tstr_protocol, "steps": steps, "selection": "best real val accuracy",
                 "test_split": f"real {cfg.heldout_split}", "synthetic_excludes_flagged": cfg.drop_flagged,
-                "max_train_images": cfg.tstr_max_images, "settings": rows}
+                "max_train_images": cfg.tstr_max_images, "baseline": "real (equal size)",
+                "majority_accuracy": majority_accuracy(np.asarray(test.y)), "settings": rows}
     return tstr
 
 

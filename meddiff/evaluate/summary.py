@@ -26,7 +26,7 @@ LABELS = {"kid": "KID vs held-out (n-robust)", "kid_train": "KID vs train", "fid
           "precision": "precision", "recall": "recall", "coverage": "coverage",
           "closer_to_train": "closer to train than held-out", "label_fidelity": "label fidelity",
           "flagged_fraction": "flagged (memorization)", "intra_class_ssim": "intra-class SSIM (↓ = diverse)",
-          "ssim_to_nearest_train": "SSIM to nearest train", "tstr_accuracy": "TSTR accuracy (synthetic)"}
+          "ssim_to_nearest_train": "SSIM to nearest train", "tstr_accuracy": "TSTR accuracy (vs real at equal n)"}
 
 
 def _find(metrics: list[dict[str, Any]], metric: str, extractor: str | None, reference: str | None,
@@ -48,11 +48,16 @@ def make_headline(metrics: list[dict[str, Any]], tstr: dict[str, Any] | None,
         out[key] = _pick(r, key)
     if tstr:
         acc = {s["setting"]: s for s in tstr["settings"]}
-        syn, real = acc.get("synthetic"), acc.get("real")
+        # like with like: real training images at the synthetic set's n and class mix (reports before
+        # schema 3 have only the whole real split)
+        syn, real = acc.get("synthetic"), acc.get("real (equal size)") or acc.get("real")
         if syn and real:
             out["tstr_accuracy"] = {"value": syn["accuracy"], "baseline": real["accuracy"], "n": syn["n_train"],
+                                    "baseline_n": real["n_train"], "n_test": syn["n_test"],
                                     "ci": syn.get("ci"), "baseline_ci": real.get("ci"), "reference": "real test",
                                     "extractor": tstr["model"], "difference": None,
+                                    "real_all": (acc.get("real") or {}).get("accuracy"),
+                                    "majority_accuracy": tstr.get("majority_accuracy"),
                                     "real+synthetic": (acc.get("real+synthetic") or {}).get("accuracy"),
                                     "verdict": judge("tstr_accuracy", syn["accuracy"], real["accuracy"],
                                                      mean_difference(syn["accuracy"], syn.get("ci"), real["accuracy"],

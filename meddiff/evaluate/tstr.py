@@ -1,13 +1,15 @@
 """Utility: train on synthetic, test on real (TSTR; Esteban et al., "Real-valued (Medical) Time
 Series Generation with Recurrent Conditional GANs", 2017).
 
-Fair by construction: real, synthetic and real + synthetic training sets get the SAME number of
-optimizer steps (an iteration-based schedule: Adam, lr 1e-3, batch 128, lr × 0.1 at 50 % and 75 %
+Fair by construction: real, real at the synthetic set's size and class mix, synthetic and real +
+synthetic training sets get the SAME number of optimizer steps (an iteration-based schedule: Adam, lr 1e-3, batch 128, lr × 0.1 at 50 % and 75 %
 of the steps, as MedMNIST v2 counts in epochs), the checkpoint is chosen on the real validation
 split, and accuracy and macro one-vs-rest AUC are measured on the real test split. Protocols:
 "fair" trains the small CNN of the domain classifier (CPU-sized); "medmnist" trains ResNet-18
 (torchvision, random init; at 28 px a 3×3 stride-1 stem without max-pool) for 100 epochs of the
-real training set's size (Yang et al., Scientific Data 2023) — a GPU job.
+real training set's size (Yang et al., Scientific Data 2023) — a GPU job. The synthetic set is judged
+against the equal-size real set (like with like: the same n and class mix); the full real set is the
+ceiling shown beside it, and the majority class's share of the test split is the floor.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from meddiff.evaluate.loading import Images
 
 
 def resnet18_for(channels: int, num_classes: int, image_size: int) -> nn.Module:
@@ -119,9 +123,23 @@ def macro_auc(probs: torch.Tensor, labels: torch.Tensor) -> float | None:
     return float(roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr", average="macro"))
 
 
+def equal_size_real(train: Images, labels: np.ndarray, seed: int) -> Images:
+    """Real training images with the class counts of ``labels`` (a synthetic set's), drawn without
+    replacement (seeded); a class with fewer real images than asked gives all it has."""
+    rng = np.random.default_rng([seed, 0x7577])
+    idx = [rng.choice(np.flatnonzero(train.y == c), min(int((labels == c).sum()), int((train.y == c).sum())),
+                      replace=False) for c in np.unique(labels)]
+    return train.take(np.sort(np.concatenate(idx)) if idx else np.zeros(0, np.int64))
+
+
+def majority_accuracy(test_y: np.ndarray) -> float:
+    """Accuracy of always predicting the test split's commonest class: a classifier at or below it learned nothing."""
+    return float(np.bincount(test_y).max() / len(test_y)) if len(test_y) else float("nan")
+
+
 @dataclass(frozen=True)
 class TstrResult:
-    setting: str  # real | synthetic | real+synthetic
+    setting: str  # real | real (equal size) | synthetic | real+synthetic
     n_train: int
     n_test: int
     accuracy: float
