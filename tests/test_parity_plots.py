@@ -62,3 +62,21 @@ def test_val_probe_is_fixed_and_tracks_the_network():
             p.add_(0.05 * torch.randn_like(p))
     assert probe.loss(net, sched) != first
     assert make_probe(images[:0], labels[:0], sched, None) is None
+
+
+def test_report_loss_curve_marks_a_val_loss_logged_once(tmp_path, monkeypatch):
+    """A short run logs its val loss at its one checkpoint: one point, which a plain line never draws
+    (the report's legend named a curve that was not there)."""
+    import json
+
+    from meddiff.evaluate import html as report_html
+
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(10, 70, 10)]
+    rows[-1]["val_loss"] = 0.2
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figs = []
+    monkeypatch.setattr(report_html, "_png", lambda fig: figs.append(fig) or "")
+    report_html.loss_curve(str(tmp_path))
+    lines = {ln.get_label(): ln for ln in figs[0].axes[0].get_lines()}
+    assert set(lines) == {"loss", "val_loss"}
+    assert lines["val_loss"].get_marker() == "o" and len(lines["val_loss"].get_xdata()) == 1

@@ -116,7 +116,8 @@ def loss_curve(model_uri: str | None) -> str:
         for log, (xkey, curves) in series.items():
             prefix = "" if log == "metrics.jsonl" else log.split("/")[0] + " "
             for k, pts in curves.items():
-                ax.plot(*zip(*pts), label=prefix + k, lw=1)
+                # markers where points are few: a val loss logged at one checkpoint is one point, no line
+                ax.plot(*zip(*pts), label=prefix + k, lw=1, marker="o" if len(pts) <= 30 else None, ms=3)
                 positive &= all(v > 0 for _, v in pts)
             ax.set_xlabel(xkey or "record")
         ax.set_yscale("log" if positive else "linear")
