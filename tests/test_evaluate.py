@@ -182,6 +182,7 @@ def test_too_few_samples_are_reported_not_crashed_via_cli(breast, cfg, tmp_path,
     assert out.exit_code == 0, out.output
     assert "report.json" in out.output and "FID vs held-out" in out.output
     report = json.loads(Path(uri, "report.json").read_text())
+    assert out.output.count(report["verdict"]["sentence"].split(":")[0] + ":") == 1  # the verdict once, first
     fid = next(r for r in report["metrics"] if r["metric"] == "fid" and r["scope"] == "overall")
     assert fid["value"] is None and "skipped" in fid["warning"]
     assert any("fid" in w for w in report["warnings"])

@@ -17,11 +17,10 @@ console = Console()
 def headline_table(report: dict) -> Table:
     from meddiff.evaluate.summary import headline_rows
 
-    t = Table(title=f"{report['inputs']['cohort_uri']}  ({report['cohort']['n']} images)",
-              caption=report["verdict"]["sentence"])
+    t = Table(title=f"{report['inputs']['cohort_uri']}  ({report['cohort']['n']} images)")  # verdict: printed above
     t.add_column("metric")
     t.add_column("synthetic [95 % CI]", justify="right")
-    t.add_column("real baseline (val, same n) [95 % CI]", justify="right")
+    t.add_column("real baseline, same n [95 % CI]", justify="right")  # real val; TSTR: real train
     t.add_column("n", justify="right")
     t.add_column("verdict")
     for row in headline_rows(report):
