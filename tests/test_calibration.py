@@ -60,6 +60,11 @@ def test_calibrate_breastmnist_via_cli(breastmnist_uri):
     assert json_uri.endswith("calibration.json") and Path(json_uri).with_name("calibration.html").is_file()
     assert "Fit for use" in out.output and "Not fit for use" in out.output  # the three verdict sentences
     assert "TSTR accuracy on the held-out half" in out.output
+    # BreastMNIST's test split (156) caps the 400 asked: the table says so rather than implying 400
+    assert "78 images per generator; the test split's other half limits it, --cohort-size asked 400" in \
+        " ".join(out.output.split())
+    few = CliRunner().invoke(app, ["calibrate", breastmnist_uri, "--cohort-size", "1"])
+    assert few.exit_code != 0 and "--cohort-size must be ≥ 10" in str(few.exception)  # main() prints it
     record = json.loads(Path(json_uri).read_text())
     assert record["kind"] == "calibration" and record["perfect"]["n"] == 78  # half of the 156 test images
     check_expected(record)

@@ -38,7 +38,9 @@ def calibrate(
                       device=device, seed=seed, tstr_steps=tstr_steps)
     uri, record = run(dataset_uri, CalibrationConfig(cohort_size=cohort_size, seed=seed, tstr=tstr, eval=ecfg),
                       force=force)
-    t = Table(title=f"calibration of {dataset_uri}")
+    n = record["perfect"]["n"]  # the perfect generator draws from half the test split: it may cap the size
+    limit = f"; the test split's other half limits it, --cohort-size asked {cohort_size}" if n < cohort_size else ""
+    t = Table(title=f"calibration of {dataset_uri} ({n} images per generator{limit})")
     for col in ("metric", *GENERATORS):
         t.add_column(col, justify="left" if col == "metric" else "right")
     for row in calibration_table(record):

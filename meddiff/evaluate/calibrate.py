@@ -52,6 +52,11 @@ class CalibrationConfig:
     tstr: bool = True  # TSTR of each generator beside real training images of the same size and class mix
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(features=("domain",)))  # the normal evaluation
 
+    def check(self) -> "CalibrationConfig":
+        if self.cohort_size < 10:
+            raise MeddiffError(f"--cohort-size must be ≥ 10 (a reference cohort like a real one), not {self.cohort_size}")
+        return self
+
 
 def _noisy(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
     return np.clip(x.astype(np.float32) + rng.normal(0, std, x.shape), 0, 255).round().astype(np.uint8)
@@ -159,7 +164,7 @@ def calibration_uri(dataset_uri: str, cfg: CalibrationConfig, root: str | None =
 def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str | None = None,
               force: bool = False) -> tuple[str, dict[str, Any]]:
     """Score the three reference generators; returns (calibration.json URI, its content)."""
-    cfg = cfg or CalibrationConfig()
+    cfg = (cfg or CalibrationConfig()).check()
     ecfg = replace(cfg.eval, umap_points=0).check()  # calibration.html draws no per-generator UMAP
     out = calibration_uri(dataset_uri, cfg, root)
     json_uri = storage.join(out, "calibration.json")
