@@ -80,6 +80,7 @@ def pipeline(
     ae_preset: str = _D.ae_preset,
     ae_steps: int | None = _D.ae_steps,
     latent_umap: bool = _D.latent_umap,
+    tstr: bool = _D.tstr,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out.
 
@@ -111,6 +112,7 @@ def pipeline(
         ae_preset: Autoencoder preset (tiny, small, base) when latent is set.
         ae_steps: Autoencoder training steps; empty = the preset's default.
         latent_umap: Draw the encode stage's UMAP of the latents (umap-learn's first call compiles for ~1 min).
+        tstr: Evaluation: train on synthetic, test on real (four small classifiers: real, real at the cohort's n, synthetic, both).
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
     one_traceback_per_failure()
@@ -122,7 +124,7 @@ def pipeline(
     cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, preview_steps, per_class, total,
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
                          tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective,
-                         latent, ae_preset, ae_steps, latent_umap)
+                         latent, ae_preset, ae_steps, latent_umap, tstr)
 
     def progress(stage: str):
         return combine(prefect_progress(f"{stage} ({dataset})"), LoggedProgress(logger, stage, UNITS[stage]))

@@ -65,6 +65,7 @@ class PipelineConfig:
     ae_preset: str = "tiny"  # autoencoder preset (meddiff.models.autoencoders.AE_PRESETS)
     ae_steps: int | None = None  # autoencoder training steps; None = the preset's default
     latent_umap: bool = True  # the encode stage's UMAP of the latents (umap-learn's first call compiles: ~1 min)
+    tstr: bool = False  # evaluation: train on synthetic, test on real (four small classifiers; minutes on a CPU)
 
     def check(self) -> "PipelineConfig":
         if self.objective not in ("ddpm", "rflow"):
@@ -125,7 +126,7 @@ class PipelineConfig:
 
         domain = DomainTrainConfig() if self.domain_steps is None else DomainTrainConfig(steps=self.domain_steps)
         return EvalConfig(features=self.resolved_eval_features(), max_images=self.eval_max_images, domain=domain,
-                          device=device, seed=self.seed)
+                          device=device, seed=self.seed, tstr=self.tstr)
 
     def resolved_eval_features(self) -> tuple[str, ...]:
         if self.eval_features is not None:

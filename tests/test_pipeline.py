@@ -59,7 +59,7 @@ def test_pipeline_command_end_to_end_then_skips_every_stage(medmnist_dir, tmp_pa
     env.update(MEDMNIST_ROOT=str(medmnist_dir), MEDDIFF_STORAGE=str(storage), PREFECT_HOME=str(tmp_path / "prefect"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
     cmd = [str(Path(sys.executable).parent / "meddiff"), "pipeline", "--dataset", "medmnist:bloodmnist",
-           "--preset", "tiny", *cli_args(**SMALL)]
+           "--preset", "tiny", *cli_args(**SMALL), "--tstr"]
 
     first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
     assert first.returncode == 0, first.stdout + first.stderr[-5000:]
@@ -71,7 +71,8 @@ def test_pipeline_command_end_to_end_then_skips_every_stage(medmnist_dir, tmp_pa
     cohort = report.parent
     assert json.loads((cohort / "cohort.json").read_text())["counts"] == {c: 3 for c in json.loads(
         next(storage.glob("datasets/bloodmnist/*/dataset.json")).read_text())["class_names"]}
-    assert json.loads(report.read_text())  # a complete report
+    tstr = json.loads(report.read_text())["tstr"]  # a complete report, with the utility --tstr asked for
+    assert [s["setting"] for s in tstr["settings"]] == ["real", "real (equal size)", "synthetic", "real+synthetic"]
     model_card = json.loads(next(storage.glob("models/*/model.json")).read_text())
     assert model_card  # the trained model's record
     # the stage logs went through Prefect's run logger

@@ -66,6 +66,7 @@ def pipeline(
     ae_preset: str = typer.Option("tiny", help="Autoencoder preset (with --latent)."),
     ae_steps: Optional[int] = typer.Option(None, help="Autoencoder training steps (default: the preset's)."),
     latent_umap: bool = typer.Option(True, help="UMAP of the latents in the encode stage's report."),
+    tstr: bool = typer.Option(False, "--tstr", help="Evaluation: train on synthetic, test on real (minutes on CPU)."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Run the whole pipeline; stages whose output exists are skipped. Prints where the report is."""
@@ -81,7 +82,7 @@ def pipeline(
                    allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
                    eval_features=features, eval_max_images=eval_max_images, domain_steps=domain_steps,
                    objective=objective, latent=latent, ae_preset=ae_preset, ae_steps=ae_steps,  # type: ignore[arg-type]
-                   latent_umap=latent_umap).check()
+                   latent_umap=latent_umap, tstr=tstr).check()
     with _patient_ephemeral_server():
         out = pipeline_flow(storage_root=storage_root, dataset=dataset, size=size, medmnist_root=medmnist_root,
                    mode=mode, preset=preset, steps=steps, batch_size=batch_size, preview_steps=preview_steps,
@@ -89,7 +90,7 @@ def pipeline(
                    allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
                    eval_features=list(features) if features else None, eval_max_images=eval_max_images,
                    domain_steps=domain_steps, objective=objective, latent=latent, ae_preset=ae_preset,
-                   ae_steps=ae_steps, latent_umap=latent_umap)
+                   ae_steps=ae_steps, latent_umap=latent_umap, tstr=tstr)
     width = max(len(s["stage"]) for s in out["stages"])  # 'train-autoencoder' in a latent pipeline
     for s in out["stages"]:
         typer.echo(f"{s['stage']:>{width}}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
