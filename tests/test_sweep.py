@@ -40,9 +40,9 @@ def test_the_best_row_is_not_claimed_over_rows_its_interval_overlaps():
                                "schedule=scaled at this n (95 % intervals overlap)")
     page = table_html(rec)
     assert page.count("class=tied") == 2 and page.count("class=best") == 1 and "real val vs train" in page
-    clear = {**rec, "rows": rows[1:3]}
+    clear = {**rec, "rows": rows[1:3] + [{"schedule": "rflow", "kid": None}]}
     assert best_sentence(clear) == ("Best by kid: schedule=cosine — its 95 % interval is clear of every other "
-                                    "combination's.")
+                                    "ranked combination's. Not ranked (no kid): schedule=rflow.")
 
 
 def test_network_knobs_change_the_run_and_its_network(breastmnist_uri, session_storage):

@@ -172,21 +172,14 @@ def best_sentence(rec: dict[str, Any]) -> str:
         return f"No combination has a {rank_by}: nothing is ranked."
     head = f"Best by {rank_by}: {combo_label(rows[best], knobs)}"
     tied = not_separated(rows, rank_by, best)
+    unranked = [combo_label(r, knobs) for r in rows if r.get(rank_by) is None]
+    tail = f" Not ranked (no {rank_by}): {', '.join(unranked)}." if unranked else ""
     if not tied:
-        return head + (" (the only ranked combination)." if sum(r.get(rank_by) is not None for r in rows) == 1
-                       else f" — its 95 % interval is clear of every other combination's.")
+        return head + (" (the only ranked combination)." if len(unranked) == len(rows) - 1
+                       else " — its 95 % interval is clear of every other ranked combination's.") + tail
     more = "more test images (--likelihood-images)" if rank_by == "bits_per_dim" else "more images per class (--per-class)"
     return (f"{head}, but not separated from {', '.join(combo_label(rows[i], knobs) for i in tied)} at this n "
-            f"(95 % intervals overlap); {more} would tell them apart, or not.")
-
-
-def sweep_uri(cfg: SweepConfig, root: str | None = None) -> str:
-    from meddiff.data.shards import open_dataset
-
-    ds = open_dataset(cfg.dataset_uri)
-    key = content_hash({"dataset": ds.version, "config": {**dataclasses.asdict(cfg), "dataset_uri": None,
-                                                          "device": None}})
-    return storage.join(storage.storage_root(root), "sweeps", f"{ds.card.get('name', 'dataset')}-{key}")
+            f"(95 % intervals overlap); {more} would tell them apart, or not." + tail)
 
 
 METRICS = ("kid", "fid", "label_fidelity", "ssim_to_nearest_train", "intra_class_ssim", "bits_per_dim")
