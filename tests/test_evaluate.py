@@ -132,6 +132,20 @@ def test_planted_training_copies_are_flagged_and_fresh_images_are_not(planted, b
     assert all(p["flagged"] and p["pixel_rmse"] == 0 for p in top)
 
 
+def test_cohorts_show_gives_the_report_verdict(planted, breast, tmp_path):
+    """`cohorts show` answers a consumer's next question: is the cohort fit for use, and where is the report."""
+    from meddiff.cli import app
+
+    uri, _, result = planted
+    out = CliRunner().invoke(app, ["cohorts", "show", uri], terminal_width=300)
+    assert out.exit_code == 0, out.output
+    assert f"report: {result.report['verdict']['sentence']} ({uri}/report.html)" in out.output
+    ds, _, (xte, yte) = breast
+    fresh = make_cohort(tmp_path / "fresh", ds.uri, ds.class_names, xte[:4], yte[:4])
+    out = CliRunner().invoke(app, ["cohorts", "show", fresh], terminal_width=300)
+    assert f"report: none yet (meddiff evaluate {fresh})" in out.output
+
+
 def test_up_to_date_report_is_reused(planted, cfg):
     uri, _, result = planted
     again = evaluate_cohort(uri, replace(cfg, drop_flagged=True))

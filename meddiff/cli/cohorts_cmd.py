@@ -83,9 +83,16 @@ def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=s
 def show(uri: str) -> None:
     """Show a cohort's spec and per-class counts."""
     card = open_cohort(uri).card
-    console.print(counts_table(f"cohort {card['cohort_id']}", card["counts"]))
+    console.print(f"[bold]cohort[/] {card.get('cohort_id') or uri.rstrip('/').rsplit('/', 1)[-1]}", soft_wrap=True)
+    console.print(counts_table("", card["counts"]))
     for k in ("model_uri", "dataset_uri", "sampler", "steps", "guidance_scale", "seed", "created_at", "seconds"):
-        console.print(f"[bold]{k}[/]: {card.get(k)}")
+        console.print(f"[bold]{k}[/]: {card.get(k)}", soft_wrap=True)
+    report = storage.join(uri, "report.json")  # what a consumer asks next: is it fit for use?
+    if storage.exists(report):
+        console.print(f"[bold]report[/]: {storage.read_json(report)['verdict']['sentence']} "
+                      f"({storage.join(uri, 'report.html')})", soft_wrap=True)
+    else:
+        console.print(f"[bold]report[/]: none yet (meddiff evaluate {uri})", soft_wrap=True)
 
 
 @cohorts.command()
