@@ -144,6 +144,9 @@ def test_cohorts_show_gives_the_report_verdict(planted, breast, tmp_path):
     fresh = make_cohort(tmp_path / "fresh", ds.uri, ds.class_names, xte[:4], yte[:4])
     out = CliRunner().invoke(app, ["cohorts", "show", fresh], terminal_width=300)
     assert f"report: none yet (meddiff evaluate {fresh})" in out.output
+    from meddiff.cli.cohorts_cmd import report_label  # the `cohorts list` column
+
+    assert report_label(uri) == result.report["verdict"]["sentence"].split(":")[0] and report_label(fresh) == "none"
 
 
 def test_up_to_date_report_is_reused(planted, cfg):

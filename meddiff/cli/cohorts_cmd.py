@@ -68,15 +68,24 @@ def generate(
 def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR)) -> None:
     """List cohorts under the storage root (complete and in progress)."""
     root = storage.join(storage.storage_root(storage_root), "cohorts")
-    t = Table("cohort", "status", "images", "sampler", "model", "uri")
+    t = Table("cohort", "status", "images", "sampler", "model", "report", "uri")
     for cid in storage.listdir(root):
         uri = storage.join(root, cid)
         if not storage.exists(storage.join(uri, "cohort.json")):
-            t.add_row(cid, "[yellow]incomplete", "", "", "", uri)
+            t.add_row(cid, "[yellow]incomplete", "", "", "", "", uri)
             continue
         c = open_cohort(uri).card
-        t.add_row(cid, "complete", str(c["total"]), f"{c['sampler']}×{c['steps']}", Path(c["model_uri"]).name, uri)
+        t.add_row(cid, "complete", str(c["total"]), f"{c['sampler']}×{c['steps']}", Path(c["model_uri"]).name,
+                  report_label(uri), uri)
     print_table(t)
+
+
+def report_label(uri: str) -> str:
+    """The verdict's opening words ("Not fit for use", "Fit for use with care", ...), or "none"."""
+    report = storage.join(uri, "report.json")
+    if not storage.exists(report):
+        return "none"
+    return storage.read_json(report)["verdict"]["sentence"].split(":")[0]
 
 
 @cohorts.command()
