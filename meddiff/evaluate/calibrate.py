@@ -196,8 +196,7 @@ def calibration_table(record: dict[str, Any]) -> list[tuple[str, ...]]:
     """(metric, perfect, memorizer, collapsed) rows: value and verdict of every headline metric."""
     rows_by = {g: {r[0]: (r[1].split(" [")[0], r[4]) for r in headline_rows(record[g])} for g in GENERATORS}
     names = list(rows_by["perfect"])
-    rows = [("overall verdict", *(record[g]["verdict"] for g in GENERATORS)),
-            ("flagged fraction", *(f"{record[g]['flagged_fraction']:.3f}" for g in GENERATORS))]
+    rows = [("overall verdict", *(record[g]["verdict"] for g in GENERATORS))]  # flagged: the headline's row
     for m in names:
         rows.append((m, *(" ".join(rows_by[g].get(m, ("—", ""))).strip() for g in GENERATORS)))
     if record.get("tstr"):
