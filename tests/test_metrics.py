@@ -235,6 +235,24 @@ def test_verdicts():
     assert s["sentence"].endswith("Not judged (not computed, see the warnings): realism (precision).")
 
 
+def test_tstr_is_not_judged_when_real_data_at_this_n_is_at_chance():
+    """60 synthetic BreastMNIST images: synthetic 0.712 [0.636, 0.777], real at the same n 0.763 [0.690, 0.823],
+    and always answering "normal, benign" scores 0.731 — the real classifier is not shown to beat a constant,
+    so "pass" would only say two guesses tie."""
+    from meddiff.evaluate.summary import make_headline, headline_rows
+
+    tstr = {"model": "small CNN", "majority_accuracy": 0.7308, "settings": [
+        {"setting": "real", "accuracy": 0.872, "ci": [0.810, 0.915], "n_train": 546, "n_test": 156},
+        {"setting": "real (equal size)", "accuracy": 0.763, "ci": [0.690, 0.823], "n_train": 60, "n_test": 156},
+        {"setting": "synthetic", "accuracy": 0.712, "ci": [0.636, 0.777], "n_train": 60, "n_test": 156}]}
+    v = make_headline([], tstr, ("domain",))["tstr_accuracy"]["verdict"]
+    assert v["verdict"] is None and "reaches the commonest class's share 0.731" in v["reason"]
+    row = [r for r in headline_rows({"headline": make_headline([], tstr, ("domain",))}) if r[0].startswith("TSTR")]
+    assert row[0][4] == "at chance"
+    tstr["settings"][1].update(accuracy=0.85, ci=[0.79, 0.90])  # real at this n clearly learned: judged
+    assert make_headline([], tstr, ("domain",))["tstr_accuracy"]["verdict"]["verdict"] == "fail"
+
+
 def test_missing_inception_weights_name_the_extra(tmp_path):
     with pytest.raises(MeddiffError, match=r"meddiff\[inception\]"):
         find_inception_weights(hub_dir=tmp_path, helper_file=None)

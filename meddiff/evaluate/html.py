@@ -285,7 +285,9 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
               "generator) scored exactly like the cohort — set metrics at the same n against the same reference "
               "subsample. Held-out reference: the real test split; train reference: the generator's training "
               "split. Verdict: pass = within sampling noise of real data; warn = measurably worse; fail = "
-              "materially worse beyond the 95 % interval; no CI = too few images for an interval, not judged. "
+              "materially worse beyond the 95 % interval; no CI = too few images for an interval, not judged; "
+              "at chance (TSTR) = real images at this n classify no better than always predicting the commonest "
+              "class, not judged. "
               "KID is n-robust; FID depends on n.</p>",
               _table(["metric", "synthetic [95 % CI]", "real baseline [95 % CI]", "n", "verdict"],
                      [[html.escape(c) for c in row] for row in headline_rows(report)])]

@@ -8,7 +8,7 @@ from typing import Any
 
 
 from meddiff.evaluate.matched import mean_difference
-from meddiff.evaluate.verdicts import UNJUDGED, judge
+from meddiff.evaluate.verdicts import AT_CHANCE, UNJUDGED, judge, judge_tstr
 
 # headline metric → (metric, extractor or None = the distribution extractor, reference)
 HEADLINE = {
@@ -59,9 +59,11 @@ def make_headline(metrics: list[dict[str, Any]], tstr: dict[str, Any] | None,
                                     "real_all": (acc.get("real") or {}).get("accuracy"),
                                     "majority_accuracy": tstr.get("majority_accuracy"),
                                     "real+synthetic": (acc.get("real+synthetic") or {}).get("accuracy"),
-                                    "verdict": judge("tstr_accuracy", syn["accuracy"], real["accuracy"],
-                                                     mean_difference(syn["accuracy"], syn.get("ci"), real["accuracy"],
-                                                                     real.get("ci"), span=1.0)["ci"])}
+                                    "verdict": judge_tstr(syn["accuracy"], real["accuracy"],
+                                                          mean_difference(syn["accuracy"], syn.get("ci"),
+                                                                          real["accuracy"], real.get("ci"),
+                                                                          span=1.0)["ci"],
+                                                          real.get("ci"), tstr.get("majority_accuracy"))}
     return out
 
 
@@ -78,11 +80,11 @@ def _pick(r: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
 
 
 def _verdict_cell(v: dict[str, Any] | None) -> str:
-    """pass / warn / fail; "no CI" when the metric has a rule but too few images for an interval; "—" when
-    it has no rule or was not computed."""
+    """pass / warn / fail; "no CI" when the metric has a rule but too few images for an interval; "at chance"
+    when TSTR's real baseline does not beat the commonest class; "—" when it has no rule or was not computed."""
     if not v:
         return "—"
-    return v["verdict"] or ("no CI" if v.get("why") == UNJUDGED else "—")
+    return v["verdict"] or {UNJUDGED: "no CI", AT_CHANCE: "at chance"}.get(v.get("why"), "—")
 
 
 def headline_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:

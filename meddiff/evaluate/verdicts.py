@@ -8,7 +8,8 @@ A metric's verdict reads the difference d = synthetic − baseline (same n, same
 - fail: w is above the warn margin with 95 % confidence *and* its estimate exceeds the fail margin;
 - warn: otherwise (measurably, but not materially, worse);
 - not judged (verdict None): no interval at this n (too few images to resample), so "beyond its
-  CI" cannot be claimed either way, or not computed at all (skipped: too few images, non-finite
+  CI" cannot be claimed either way; for TSTR, a real baseline whose interval reaches the test split's
+  majority-class accuracy (nothing learned to compare with); or not computed at all (skipped: too few images, non-finite
   features); the reason says so and the report's sentence lists it. A report
   whose judged metrics all pass but which has unjudged ones is "warn", never "fit for use".
 
@@ -23,6 +24,8 @@ from typing import Any, Literal
 Verdict = Literal["pass", "warn", "fail"]
 UNJUDGED = "too few images for an interval"  # why a computed metric is not judged
 UNCOMPUTED = "not computed, see the warnings"  # a metric with a rule that was skipped (too few images, NaN)
+# TSTR when its real baseline does not beat always answering the commonest test class: nothing to compare with
+AT_CHANCE = "real images at this n classify no better than always predicting the commonest class"
 
 # metric: (better, warn margin, fail margin, margin unit, what the reader is told)
 RULES: dict[str, tuple[str, float, float, str, str]] = {
@@ -67,6 +70,19 @@ def judge(metric: str, value: float | None, baseline: float | None, diff_ci: lis
            "warn": f"worse beyond its CI, within the fail margin {fail_m:.3g}",
            "fail": f"worse beyond its CI and past the fail margin {fail_m:.3g}"}[v]
     return {"verdict": v, "label": label, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {why})"}
+
+
+def judge_tstr(value: float, baseline: float, diff_ci: list[float] | None, baseline_ci: list[float] | None,
+               floor: float | None) -> dict[str, Any] | None:
+    """TSTR accuracy against real training images at the same n; not judged when that real classifier's
+    interval reaches the majority-class accuracy ``floor`` — neither classifier then shows it learned
+    anything, so a "pass" would only say that two guesses tie."""
+    if floor is not None and baseline_ci and baseline_ci[0] <= floor:
+        label = RULES["tstr_accuracy"][4]
+        return {"verdict": None, "label": label, "why": AT_CHANCE,
+                "reason": f"{label}: {value:.4g} vs real {baseline:.4g} (not judged: real at this n "
+                          f"[{baseline_ci[0]:.3g}, {baseline_ci[1]:.3g}] reaches the commonest class's share {floor:.3g})"}
+    return judge("tstr_accuracy", value, baseline, diff_ci)
 
 
 def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
