@@ -38,6 +38,7 @@ def detect_anomalies(
              "ci": None if r["ci"] is None else [round(c, 4) for c in r["ci"]],
              "n_anomalous": r["n_anomalous"], "n_normal": r["n_normal"]}
             for s, per in rec["auroc"].items() for scope, r in per.items()]
-    create_table_artifact(rows, key=artifact_key("anomaly", rec["uri"].rsplit("/", 1)[-1]), description=f"AUROC. {rec['notes']}")
+    create_table_artifact(rows, key=artifact_key("anomaly", rec["uri"].rsplit("/", 1)[-1]),
+                          description=f"AUROC. {rec['notes']}")  # which scores are label-free
     get_run_logger().info("anomaly scores in %s", rec["uri"])
     return rec["uri"]

@@ -112,7 +112,8 @@ def pipeline(
         ae_preset: Autoencoder preset (tiny, small, base) when latent is set.
         ae_steps: Autoencoder training steps; empty = the preset's default.
         latent_umap: Draw the encode stage's UMAP of the latents (umap-learn's first call compiles for ~1 min).
-        tstr: Evaluation: train on synthetic, test on real (four small classifiers: real, real at the cohort's n, synthetic, both).
+        tstr: Evaluation: train on synthetic, test on real (four small classifiers: real, real at the cohort's n,
+            synthetic, both).
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
     one_traceback_per_failure()

@@ -177,7 +177,8 @@ def best_sentence(rec: dict[str, Any]) -> str:
     if not tied:
         return head + (" (the only ranked combination)." if len(unranked) == len(rows) - 1
                        else " — its 95 % interval is clear of every other ranked combination's.") + tail
-    more = "more test images (--likelihood-images)" if rank_by == "bits_per_dim" else "more images per class (--per-class)"
+    more = ("more test images (--likelihood-images)" if rank_by == "bits_per_dim"
+            else "more images per class (--per-class)")
     return (f"{head}, but not separated from {', '.join(combo_label(rows[i], knobs) for i in tied)} at this n "
             f"(95 % intervals overlap); {more} would tell them apart, or not." + tail)
 

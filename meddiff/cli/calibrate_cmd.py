@@ -29,7 +29,8 @@ def calibrate(
     """Write calibration.json + calibration.html under <storage root>/calibration/ and print the table."""
     from dataclasses import replace
 
-    from meddiff.evaluate.calibrate import GENERATORS, CalibrationConfig, calibrate as run, accuracy_ci, calibration_table
+    from meddiff.evaluate.calibrate import (GENERATORS, CalibrationConfig, accuracy_ci, calibrate as run,
+                                            calibration_table)
     from meddiff.evaluate.config import EvalConfig
     from meddiff.evaluate.features import DomainTrainConfig
 

@@ -54,7 +54,8 @@ class CalibrationConfig:
 
     def check(self) -> "CalibrationConfig":
         if self.cohort_size < 10:
-            raise MeddiffError(f"--cohort-size must be ≥ 10 (a reference cohort like a real one), not {self.cohort_size}")
+            raise MeddiffError(f"--cohort-size must be ≥ 10 (a reference cohort like a real one), "
+                               f"not {self.cohort_size}")
         return self
 
 

@@ -96,13 +96,14 @@ def run_tstr(dataset: DatasetVersion, cfg: EvalConfig, device: str):
             idx = np.sort(rng.choice(len(x), cfg.tstr_max_images, replace=False))
             return x[idx], y[idx]
 
-        sets = {"real": capped(real.train.x, real.train.y), "synthetic": capped(xs, ys),
-                "real+synthetic": capped(np.concatenate([real.train.x, xs]), np.concatenate([real.train.y, ys]))}
-        same = equal_size_real(real.train, sets["synthetic"][1], cfg.seed)
-        sets = {"real": sets["real"], "real (equal size)": (same.x, same.y), **sets}
-        if len(same) < len(sets["synthetic"][1]):
-            warnings.append(f"TSTR: the real training split has fewer images of some class than the synthetic set; "
-                            f"the equal-size real baseline uses all it has ({len(same)} vs {len(sets['synthetic'][1])})")
+        whole = capped(real.train.x, real.train.y)  # capped in this order: the seeded subsamples stay put
+        synthetic = capped(xs, ys)
+        both = capped(np.concatenate([real.train.x, xs]), np.concatenate([real.train.y, ys]))
+        same = equal_size_real(real.train, synthetic[1], cfg.seed)  # the baseline: synthetic's n and class mix
+        if len(same) < len(synthetic[1]):
+            warnings.append(f"TSTR: the real training split has fewer images of some class than the synthetic "
+                            f"set; the equal-size real baseline uses all it has ({len(same)} vs {len(synthetic[1])})")
+        sets = {"real": whole, "real (equal size)": (same.x, same.y), "synthetic": synthetic, "real+synthetic": both}
         steps = cfg.tstr_steps if cfg.tstr_protocol == "fair" else 100 * -(-len(real.train) // 128)
         val = (torch.from_numpy(real.val.x), torch.as_tensor(real.val.y))
         rows = []

@@ -2,9 +2,10 @@
 Series Generation with Recurrent Conditional GANs", 2017).
 
 Fair by construction: real, real at the synthetic set's size and class mix, synthetic and real +
-synthetic training sets get the SAME number of optimizer steps (an iteration-based schedule: Adam, lr 1e-3, batch 128, lr × 0.1 at 50 % and 75 %
-of the steps, as MedMNIST v2 counts in epochs), the checkpoint is chosen on the real validation
-split, and accuracy and macro one-vs-rest AUC are measured on the real test split. Protocols:
+synthetic training sets get the SAME number of optimizer steps (an iteration-based schedule: Adam,
+lr 1e-3, batch 128, lr × 0.1 at 50 % and 75 % of the steps, as MedMNIST v2 counts in epochs), the
+checkpoint is chosen on the real validation split, and accuracy and macro one-vs-rest AUC are
+measured on the real test split. Protocols:
 "fair" trains the small CNN of the domain classifier (CPU-sized); "medmnist" trains ResNet-18
 (torchvision, random init; at 28 px a 3×3 stride-1 stem without max-pool) for 100 epochs of the
 real training set's size (Yang et al., Scientific Data 2023) — a GPU job. The synthetic set is judged

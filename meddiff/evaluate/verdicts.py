@@ -81,7 +81,8 @@ def judge_tstr(value: float, baseline: float, diff_ci: list[float] | None, basel
         label = RULES["tstr_accuracy"][4]
         return {"verdict": None, "label": label, "why": AT_CHANCE,
                 "reason": f"{label}: {value:.4g} vs real {baseline:.4g} (not judged: real at this n "
-                          f"[{baseline_ci[0]:.3g}, {baseline_ci[1]:.3g}] reaches the commonest class's share {floor:.3g})"}
+                          f"[{baseline_ci[0]:.3g}, {baseline_ci[1]:.3g}] reaches the commonest class's share "
+                          f"{floor:.3g})"}
     return judge("tstr_accuracy", value, baseline, diff_ci)
 
 
