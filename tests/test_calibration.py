@@ -67,6 +67,7 @@ def test_calibrate_breastmnist_via_cli(breastmnist_uri):
     assert few.exit_code != 0 and "--cohort-size must be ≥ 10" in str(few.exception)  # main() prints it
     record = json.loads(Path(json_uri).read_text())
     assert record["kind"] == "calibration" and record["perfect"]["n"] == 78  # half of the 156 test images
+    assert record["inputs"]["dataset_version"] == Path(breastmnist_uri).name
     check_expected(record)
 
 

@@ -91,6 +91,7 @@ def test_two_by_two_sweep_on_breastmnist(breastmnist_uri, session_storage):
     assert rec["best"] == {"schedule": rows[best]["schedule"], "attention": rows[best]["attention"]}
     table = pd.read_parquet(storage.join(rec["uri"], "sweep.parquet"))
     assert len(table) == 4 and {"kid", "fid", "label_fidelity", "bits_per_dim"} <= set(table.columns)
+    assert rec["inputs"]["dataset_version"] == breastmnist_uri.rstrip("/").rsplit("/", 1)[-1]
     page = storage.read_bytes(storage.join(rec["uri"], "sweep.html")).decode()
     assert "class=best" in page and best_sentence(rec) in page
     assert rec["tied_with_best"] == [{k: rows[i][k] for k in ("schedule", "attention")}

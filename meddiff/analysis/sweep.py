@@ -183,6 +183,15 @@ def best_sentence(rec: dict[str, Any]) -> str:
             f"(95 % intervals overlap); {more} would tell them apart, or not." + tail)
 
 
+def sweep_uri(cfg: SweepConfig, root: str | None = None) -> str:
+    from meddiff.data.shards import open_dataset
+
+    ds = open_dataset(cfg.dataset_uri)
+    key = content_hash({"dataset": ds.version, "config": {**dataclasses.asdict(cfg), "dataset_uri": None,
+                                                          "device": None}})
+    return storage.join(storage.storage_root(root), "sweeps", f"{ds.card.get('name', 'dataset')}-{key}")
+
+
 METRICS = ("kid", "fid", "label_fidelity", "ssim_to_nearest_train", "intra_class_ssim", "bits_per_dim")
 
 
@@ -232,7 +241,10 @@ def finish_sweep(cfg: SweepConfig, rows: list[dict[str, Any]], root: str | None 
     for c in [c for c in frame.columns if c.endswith("_ci")]:
         frame[c] = frame[c].apply(lambda v: None if v is None else [float(x) for x in v])
     storage.write_bytes(storage.join(uri, "sweep.parquet"), frame.to_parquet(index=False))
-    record = make_record("sweep", cfg, {"dataset": cfg.dataset_uri}, uri=uri, rank_by=cfg.rank_by,
+    from meddiff.data.shards import open_dataset
+
+    inputs = {"dataset": cfg.dataset_uri, "dataset_version": open_dataset(cfg.dataset_uri).version}
+    record = make_record("sweep", cfg, inputs, uri=uri, rank_by=cfg.rank_by,
                          best=None if best is None else {k: rows[best][k] for k in knobs},
                          best_model_uri=None if best is None else rows[best]["model_uri"],
                          tied_with_best=[{k: rows[i][k] for k in knobs} for i in tied], rows=rows)

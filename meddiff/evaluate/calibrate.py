@@ -185,7 +185,8 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
     tstr = calibration_tstr(gens, real, dataset.num_classes, ecfg, cfg.seed, device) if cfg.tstr else None
     for name in GENERATORS:
         results[name]["tstr"] = tstr and tstr["generators"][name]
-    record = make_record("calibration", cfg, {"dataset_uri": dataset.uri}, device=device, **results, tstr=tstr,
+    record = make_record("calibration", cfg, {"dataset_uri": dataset.uri, "dataset_version": dataset.version},
+                         device=device, **results, tstr=tstr,
                          references={"heldout": f"half of the {ecfg.heldout_split} split ({len(real.heldout)} images)",
                                      "perfect": f"the other half ({len(gens['perfect'])} images)"})
     storage.write_json(json_uri, record)

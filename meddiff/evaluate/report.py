@@ -175,8 +175,11 @@ def write_report(cohort: Cohort, dataset: DatasetVersion, manifest: pd.DataFrame
                  ev: Evaluation, cfg: EvalConfig, chash: str, device: str, report_uri: str) -> None:
     """report.html, the manifest's quality columns, then report.json (written last)."""
     model_uri = cohort.card.get("model_uri")
+    inputs = {"cohort_uri": cohort.uri, "cohort_id": cohort.card.get("cohort_id"), "dataset_uri": dataset.uri,
+              "dataset_version": dataset.version, "model_uri": model_uri,
+              "checkpoint_sha256": (cohort.card.get("inputs") or {}).get("checkpoint_sha256")}  # what made it, by hash
     report = make_record(
-        "evaluation-report", cfg, {"cohort_uri": cohort.uri, "dataset_uri": dataset.uri, "model_uri": model_uri},
+        "evaluation-report", cfg, inputs,
         report_schema_version=REPORT_SCHEMA_VERSION, config_hash=chash, device=device,
         drop_flagged=cfg.drop_flagged, **ev.body)
     html = render_html(report, syn, real.train, ev.nearest_index, ev.order, dataset.class_names,
