@@ -8,7 +8,6 @@ each as a Prefect task with retries, by passing its own ``call``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
