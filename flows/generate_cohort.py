@@ -75,7 +75,8 @@ def generate_cohort(
         model_uri: A trained model (the train-model run's result), e.g. storage/models/<run-id>.
         per_class: Images of every class (give this or total).
         total: Total images, split evenly over the classes or by ratios (give this or per_class).
-        ratios: Prevalence ratios of total, "name=p,..." (unlisted classes get 0).
+        ratios: Prevalence ratios of total, "name=p,...": every class named (relative weights), or shares summing
+            to 1 (unlisted classes get 0).
         sampler: auto = the measured best for what the model predicts (dpmpp2m for v-prediction DDPM, ddim for ε, heun for rectified flow).
         steps: Reverse-diffusion steps per image; empty = the sampler's measured default (ddim 50, ddpm 100, others 25).
         guidance: Classifier-free guidance scale (conditional models); empty = 2.0.

@@ -131,6 +131,13 @@ def test_bad_input(tiny_conditional_model_uri, tiny_per_class_model_uri, tmp_pat
     root = str(tmp_path)
     with pytest.raises(MeddiffError, match="unknown class 'nosuch'"):
         generate(spec(tiny_conditional_model_uri, total=10, ratios="nosuch=1"), root)
+    # one class named with 0.3 had meant 100 % of that class; a share is now read as a share or refused
+    with pytest.raises(MeddiffError, match=r"names 1 of 8 classes and sums to 0.3: .*basophil, eosinophil"):
+        generate(spec(tiny_conditional_model_uri, total=10, ratios="neutrophil=0.3"), root)
+    names = ["malignant", "normal, benign"]
+    assert spec("m", total=10, ratios="malignant=1").quotas(names) == {"malignant": 10, "normal, benign": 0}
+    assert spec("m", total=9, ratios="malignant=2,normal, benign=1").quotas(names) == {"malignant": 6,
+                                                                                       "normal, benign": 3}
     for kw in ({"per_class": 0}, {"total": -5}, {"per_class": 2, "total": 4}, {}):
         with pytest.raises(MeddiffError):
             generate(spec(tiny_conditional_model_uri, **kw), root)

@@ -19,7 +19,8 @@ class CohortSpec:
     model_uri: str  # a complete model (model.json present)
     per_class: int | None = None  # N images of every class
     total: int | None = None  # N images: split evenly over classes, or by `ratios` when given
-    ratios: str | None = None  # prevalence ratios "name=p,..." of `total` (unlisted classes get 0)
+    ratios: str | None = None  # prevalence ratios "name=p,..." of `total`: every class named (relative weights), or
+    # shares summing to 1 (unlisted classes get 0)
     sampler: Sampler | Literal["auto"] = "auto"  # auto = measured best: ddim for ε, dpmpp2m for v, heun for
     # rectified flow; ddim (η=0), ddpm (ancestral, η=1) and dpmpp2m serve ε/v models, rflow (Euler) and heun rflow
     steps: int | None = None  # reverse-diffusion steps (heun: 2·steps − 1 network calls); None = the sampler's
@@ -73,7 +74,7 @@ class CohortSpec:
         if self.ratios is None:
             weights = np.ones(k)
         else:
-            weights = np.zeros(k)
+            weights, named = np.zeros(k), set()
             for name, p in parse_ratios(self.ratios):
                 cid = int(name) if name.isdigit() and int(name) < k else (
                     class_names.index(name) if name in class_names else None)
@@ -81,8 +82,14 @@ class CohortSpec:
                     raise MeddiffError(f"unknown class {name!r} in --ratios; classes are: {class_names} "
                                        "(names or 0-based ids)")
                 weights[cid] = p
+                named.add(cid)
             if (weights < 0).any() or weights.sum() <= 0:
                 raise MeddiffError("--ratios must be non-negative and not all zero")
+            if len(named) < k and abs(weights.sum() - 1) > 1e-6:  # 'malignant=0.3' alone meant 100 % malignant
+                unnamed = ", ".join(c for i, c in enumerate(class_names) if i not in named)
+                raise MeddiffError(f"--ratios names {len(named)} of {k} classes and sums to {weights.sum():.4g}: give "
+                                   f"shares that sum to 1 (unnamed classes — {unnamed} — then get 0), or name every "
+                                   "class (then they are relative weights, e.g. 'a=2,b=1')")
         exact = weights / weights.sum() * self.total
         counts = np.floor(exact).astype(int)
         for i in np.argsort(-(exact - counts), kind="stable")[: self.total - counts.sum()]:  # largest remainder
