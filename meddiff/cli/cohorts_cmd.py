@@ -80,12 +80,16 @@ def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=s
     print_table(t)
 
 
+def report_sentence(uri: str) -> str | None:
+    """The cohort's report verdict sentence, or None when it has no report yet."""
+    report = storage.join(uri, "report.json")
+    return storage.read_json(report)["verdict"]["sentence"] if storage.exists(report) else None
+
+
 def report_label(uri: str) -> str:
     """The verdict's opening words ("Not fit for use", "Fit for use with care", ...), or "none"."""
-    report = storage.join(uri, "report.json")
-    if not storage.exists(report):
-        return "none"
-    return storage.read_json(report)["verdict"]["sentence"].split(":")[0]
+    sentence = report_sentence(uri)
+    return "none" if sentence is None else sentence.split(":")[0]
 
 
 @cohorts.command()
@@ -96,12 +100,9 @@ def show(uri: str) -> None:
     console.print(counts_table("", card["counts"]))
     for k in ("model_uri", "dataset_uri", "sampler", "steps", "guidance_scale", "seed", "created_at", "seconds"):
         console.print(f"[bold]{k}[/]: {card.get(k)}", soft_wrap=True)
-    report = storage.join(uri, "report.json")  # what a consumer asks next: is it fit for use?
-    if storage.exists(report):
-        console.print(f"[bold]report[/]: {storage.read_json(report)['verdict']['sentence']} "
-                      f"({storage.join(uri, 'report.html')})", soft_wrap=True)
-    else:
-        console.print(f"[bold]report[/]: none yet (meddiff evaluate {uri})", soft_wrap=True)
+    sentence = report_sentence(uri)  # what a consumer asks next: is it fit for use?
+    console.print(f"[bold]report[/]: {sentence} ({storage.join(uri, 'report.html')})" if sentence else
+                  f"[bold]report[/]: none yet (meddiff evaluate {uri})", soft_wrap=True)
 
 
 @cohorts.command()

@@ -9,8 +9,8 @@ A metric's verdict reads the difference d = synthetic − baseline (same n, same
 - warn: otherwise (measurably, but not materially, worse);
 - not judged (verdict None): no interval at this n (too few images to resample), so "beyond its
   CI" cannot be claimed either way; for TSTR, a real baseline whose interval reaches the test split's
-  majority-class accuracy (nothing learned to compare with); or not computed at all (skipped: too few images, non-finite
-  features); the reason says so and the report's sentence lists it. A report
+  majority-class accuracy (nothing learned to compare with); or not computed at all (skipped: too
+  few images, non-finite features); the reason says so and the report's sentence lists it. A report
   whose judged metrics all pass but which has unjudged ones is "warn", never "fit for use".
 
 Margins are absolute for bounded metrics (fractions, accuracies, SSIM) and, for KID, multiples of
