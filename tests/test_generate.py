@@ -181,6 +181,19 @@ def test_cli_generate_and_verify_detects_tampering(tiny_conditional_model_uri, t
     assert res.exit_code == 1 and "sha256 differs" in res.output
 
 
+def test_cli_table_title_keeps_the_cohort_id_whole(tiny_per_class_model_uri, tmp_path):
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    res = CliRunner().invoke(app, ["generate", tiny_per_class_model_uri, "--per-class", "1", "--steps", "2",
+                                   "--device", "cpu", "--storage", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    uri = res.output.strip().splitlines()[-1]
+    # the title names the id a user copies; it wrapped at the narrow class/images columns ("…-con / ditional-…")
+    assert f"cohort {Path(uri).name}" in [line.strip() for line in res.output.splitlines()]
+
+
 def test_generate_flow(prefect_harness, tiny_per_class_model_uri, tmp_path):
     from flows.generate_cohort import generate_cohort
 

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meddiff.cli import app
+from meddiff.cli.tables import titled
 from meddiff.cli.train_cmd import parse_channels
 
 console = Console()
@@ -60,7 +61,7 @@ def sweep_table(rec: dict) -> Table:
         v, ci = r.get(c), r.get(f"{c}_ci")
         return "—" if v is None else f"{v:.4g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
 
-    t = Table(title=f"sweep {rec['uri']} ({rows[0]['n_synthetic'] if rows else 0} synthetic images per row)")
+    t = titled(f"sweep {rec['uri']} ({rows[0]['n_synthetic'] if rows else 0} synthetic images per row)")
     for c in knobs + list(METRICS):
         t.add_column(c)
     for i, r in enumerate(rows):
@@ -93,7 +94,7 @@ def anomaly(
 
     cfg = AnomalyConfig(normal, split, level, steps, guidance, max_images or None, batch_size, heatmaps, device, seed)
     rec = detect_anomalies(model_uri, dataset_uri, cfg, storage_root)
-    t = Table(title=f"AUROC, normal = {rec['config']['normal']} ({rec['config']['split']} split)")
+    t = titled(f"AUROC, normal = {rec['config']['normal']} ({rec['config']['split']} split)")
     for c in ("score", "anomalies", "AUROC", "95% CI", "n anomalous / normal"):
         t.add_column(c)
     for score, rows in rec["auroc"].items():

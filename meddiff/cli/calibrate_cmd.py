@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from meddiff.cli import app
+from meddiff.cli.tables import titled
 
 console = Console()
 
@@ -26,7 +26,8 @@ def calibrate(
     tstr_steps: int = typer.Option(300, help="TSTR optimizer steps per classifier (the same for every setting)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if calibration.json exists."),
 ) -> None:
-    """Write calibration.json + calibration.html under <storage root>/calibration/ and print the table."""
+    """Score known generators (perfect = held-out real, memorizer, collapsed) with the evaluation, to see
+    which failures its verdicts catch; writes calibration.json + .html under <storage>/calibration/."""
     from dataclasses import replace
 
     from meddiff.evaluate.calibrate import (GENERATORS, CalibrationConfig, accuracy_ci, calibrate as run,
@@ -41,7 +42,7 @@ def calibrate(
                       force=force)
     n = record["perfect"]["n"]  # the perfect generator draws from half the test split: it may cap the size
     limit = f"; the test split's other half limits it, --cohort-size asked {cohort_size}" if n < cohort_size else ""
-    t = Table(title=f"calibration of {dataset_uri} ({n} images per generator{limit})")
+    t = titled(f"calibration of {dataset_uri} ({n} images per generator{limit})")
     for col in ("metric", *GENERATORS):
         t.add_column(col, justify="left" if col == "metric" else "right")
     for row in calibration_table(record):

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meddiff.cli import app
-from meddiff.cli.tables import print_table
+from meddiff.cli.tables import print_table, titled
 from meddiff import storage
 from meddiff.data.cohorts import open_cohort, verify as verify_cohort
 from meddiff.errors import MeddiffError
@@ -22,7 +22,7 @@ console = Console()
 
 
 def counts_table(title: str, counts: dict[str, int]) -> Table:
-    t = Table("class", "images", title=title)
+    t = titled(title, "class", "images")
     for name, n in counts.items():
         t.add_row(name, str(n))
     t.add_row("[bold]total", f"[bold]{sum(counts.values())}")

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meddiff.cli import app
-from meddiff.cli.tables import print_table
+from meddiff.cli.tables import print_table, titled
 from meddiff import storage
 from meddiff.data.ingest import IngestConfig, ingest as run_ingest
 from meddiff.progress import rich_progress
@@ -21,7 +21,7 @@ console = Console()
 
 
 def counts_table(card: dict) -> Table:
-    t = Table(title=f"{card['name']} {card['version']}  ({card['image_size']} px, {card['channels']} ch)")
+    t = titled(f"{card['name']} {card['version']}  ({card['image_size']} px, {card['channels']} ch)")
     t.add_column("class")
     splits = list(card["counts"])
     for s in splits:

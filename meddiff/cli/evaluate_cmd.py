@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meddiff.cli import app
+from meddiff.cli.tables import titled
 from meddiff.progress import rich_progress
 
 console = Console()
@@ -17,7 +18,7 @@ console = Console()
 def headline_table(report: dict) -> Table:
     from meddiff.evaluate.summary import headline_rows
 
-    t = Table(title=f"{report['inputs']['cohort_uri']}  ({report['cohort']['n']} images)")  # verdict: printed above
+    t = titled(f"{report['inputs']['cohort_uri']}  ({report['cohort']['n']} images)")  # verdict: printed above
     t.add_column("metric")
     t.add_column("synthetic [95 % CI]", justify="right")
     t.add_column("real baseline, same n [95 % CI]", justify="right")  # real val; TSTR: real train

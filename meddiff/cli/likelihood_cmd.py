@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from meddiff.cli import app
+from meddiff.cli.tables import titled
 
 console = Console()
 
@@ -33,7 +33,7 @@ def likelihood(
                            batch_size=batch_size, conditional=not unconditional, variance=variance,
                            device=device, seed=seed)
     rec = run(model_uri, dataset_uri, cfg)
-    t = Table(title=f"bits/dim ({rec['conditioning']}) on {split}: {rec['estimator']}")
+    t = titled(f"bits/dim ({rec['conditioning']}) on {split}: {rec['estimator']}")
     for col in ("scope", "bits/dim", "95% CI", "n"):
         t.add_column(col)
     for scope, r in [("overall", rec["overall"]), *rec["per_class"].items()]:

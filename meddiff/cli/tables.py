@@ -7,6 +7,12 @@ from rich.measure import Measurement
 from rich.table import Table
 
 
+def titled(title: str, *columns: str) -> Table:
+    """A table at least as wide as its title, so the title (often an id or a URI a user copies) stays on
+    one line instead of wrapping at the columns' narrow width ("leukemia-sample-con / ditional-…")."""
+    return Table(*columns, title=title, min_width=len(title))
+
+
 def print_table(table: Table) -> None:
     """Print ``table`` at its natural width (long lines wrap in the terminal, but nothing is cut:
     a URI copied from the output is whole)."""
