@@ -21,6 +21,12 @@ class StorageError(MeddiffError):
     """The storage root cannot be reached or written."""
 
 
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """Refuse a seed numpy and torch cannot take (negative, or 2^63 and over) before anything runs."""
+    if not 0 <= seed < 2**63:
+        raise MeddiffError(f"{flag} must be a whole number from 0 to 2^63 - 1, got {seed}")
+
+
 # Messages that the Prefect flows rephrase in parameter terms (flows/common.DEPLOYMENT_WORDS): one
 # definition, so the rephrasing cannot drift from the text it replaces.
 COUNT_FORMS = "give exactly one of --per-class N or --total N (with optional --ratios)"

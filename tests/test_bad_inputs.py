@@ -301,6 +301,15 @@ def evaluate_missing_cohort(tmp, fx):
     return ["evaluate", str(tmp / "st" / "cohorts" / "nosuch"), "--device", "cpu"]
 
 
+def negative_seed(tmp, fx):
+    return ["generate", str(fx.model(tmp)), "--per-class", "1", "--seed", "-5", "--device", "cpu",
+            "--storage", fx.storage(tmp)]
+
+
+def negative_split_seed(tmp, fx):
+    return ingest_args(fx, tmp, f"zip:{fx.leukemia}", "--split-seed", "-1")
+
+
 def train_on_a_cohort(tmp, fx):
     return ["train", str(fx.cohort(tmp)), "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
 
@@ -341,6 +350,8 @@ CASES: list[tuple[str, Callable, str]] = [
     ("regenerate-unknown-sample", regenerate_unknown_sample, r"sample id 999 is not in cohort .* \(0\.\.19\)"),
     ("checkpoint-from-another-network", checkpoint_from_another_network,
      r"checkpoint .*does not fit the network in .*model\.json"),
+    ("negative-seed", negative_seed, r"--seed must be a whole number from 0 to 2\^63 - 1, got -5"),
+    ("negative-split-seed", negative_split_seed, r"--split-seed must be a whole number from 0 to 2\^63 - 1, got -1"),
     ("train-on-a-cohort", train_on_a_cohort, r"c is a cohort, not what this command takes \(it has cohort\.json"),
     ("evaluate-missing-cohort", evaluate_missing_cohort, r"cohorts/nosuch does not exist$"),
 ]

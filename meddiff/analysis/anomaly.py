@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from meddiff import storage
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, check_seed
 from meddiff.records import content_hash, make_record
 
 SCORES = ("pixel", "feature", "ratio")  # "ratio" only for conditional models with a null label
@@ -44,6 +44,7 @@ class AnomalyConfig:
     seed: int = 0  # noise and subsample seed
 
     def check(self) -> "AnomalyConfig":
+        check_seed(self.seed)
         if self.split not in ("train", "val", "test"):
             raise MeddiffError(f"split must be train, val or test, not {self.split!r}")
         if not 0 < self.level <= 1:

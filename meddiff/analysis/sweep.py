@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
 from meddiff import storage
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, check_seed
 from meddiff.records import content_hash, make_record
 
 RankBy = Literal["kid", "fid", "bits_per_dim", "label_fidelity"]
@@ -63,6 +63,7 @@ class SweepConfig:
     seed: int = 0  # training, generation and evaluation seed
 
     def check(self) -> "SweepConfig":
+        check_seed(self.seed)
         if not self.grid:
             raise MeddiffError("a sweep needs at least one --grid KNOB=v1,v2")
         if self.rank_by not in get_args(RankBy):

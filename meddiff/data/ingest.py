@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from meddiff import storage
 from meddiff.locks import artifact_lock
-from meddiff.errors import SourceError
+from meddiff.errors import SourceError, check_seed
 from meddiff.data.images import HIGH_BIT_MODES, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
@@ -56,6 +56,8 @@ class IngestConfig:
         return Intensity(bits=self.bit_depth)
 
     def check(self) -> "IngestConfig":
+        check_seed(self.split_seed, "--split-seed")
+        check_seed(self.shuffle_seed, "--shuffle-seed")
         ref = parse_source(self.source)
         if self.size is not None and not 8 <= self.size <= 1024:
             raise SourceError(f"--size must be between 8 and 1024 px, got {self.size}")

@@ -31,7 +31,7 @@ from PIL import Image
 from meddiff import storage
 from meddiff.data.shards import open_dataset
 from meddiff.devices import resolve_device
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, check_seed
 from meddiff.evaluate.config import EvalConfig
 from meddiff.evaluate.features import load_inception, load_or_train_domain
 from meddiff.evaluate.loading import Images, RealSplits, load_real
@@ -53,6 +53,7 @@ class CalibrationConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(features=("domain",)))  # the normal evaluation
 
     def check(self) -> "CalibrationConfig":
+        check_seed(self.seed)
         if self.cohort_size < 10:
             raise MeddiffError(f"--cohort-size must be ≥ 10 (a reference cohort like a real one), "
                                f"not {self.cohort_size}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 from meddiff.devices import check_device
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, check_seed
 from meddiff.evaluate.features import EXTRACTORS, DomainTrainConfig
 from meddiff.evaluate.memorization import FlagRule
 
@@ -50,6 +50,7 @@ class EvalConfig:
     seed: int = 0  # subsampling, interval and TSTR seed
 
     def check(self) -> "EvalConfig":
+        check_seed(self.seed)
         feats = tuple(self.features)
         bad = [f for f in feats if f not in EXTRACTORS]
         if not feats or bad:

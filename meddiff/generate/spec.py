@@ -11,7 +11,7 @@ import numpy as np
 
 from meddiff.data.cohorts import UNKNOWN_CLASS
 from meddiff.devices import check_device
-from meddiff.errors import COUNT_FORMS, MeddiffError
+from meddiff.errors import COUNT_FORMS, MeddiffError, check_seed
 from meddiff.models.samplers import Sampler
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class CohortSpec:
     # label, "regardless of class" (needs --total; the manifest's class is "(unknown)", evaluate records the oracle's)
 
     def check(self) -> "CohortSpec":
+        check_seed(self.seed)
         if self.sampler not in (*get_args(Sampler), "auto"):
             raise MeddiffError(f"unknown sampler {self.sampler!r}; choose auto or one of {get_args(Sampler)}")
         forms = sum(x is not None for x in (self.per_class, self.total))

@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, get_args
 import numpy as np
 import torch
 
-from meddiff.errors import MeddiffError
+from meddiff.errors import MeddiffError, check_seed
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,C,H,W), t (B,)) → network output
 Prediction = Literal["epsilon", "v_prediction"]  # MONAI's prediction_type names (scheduler_config)
@@ -152,6 +152,7 @@ class LikelihoodConfig:
     seed: int = 0  # subsample, strata and noise seed
 
     def check(self) -> "LikelihoodConfig":
+        check_seed(self.seed)
         if self.split not in ("train", "val", "test"):
             raise MeddiffError(f"split must be train, val or test, not {self.split!r}")
         if self.variance not in get_args(Variance):

@@ -11,7 +11,7 @@ from typing import Any
 from meddiff import storage
 from meddiff.data.shards import DatasetVersion, open_dataset
 from meddiff.devices import check_device, resolve_device
-from meddiff.errors import ArtifactError, MeddiffError
+from meddiff.errors import ArtifactError, MeddiffError, check_seed
 from meddiff.models.autoencoders import AEKind, AutoencoderDef, AutoencoderTrain, get_ae_preset
 from meddiff.records import content_hash, to_jsonable
 from typing import get_args
@@ -47,6 +47,7 @@ class AETrainConfig:
                    "val_batches")
 
     def check(self) -> "AETrainConfig":
+        check_seed(self.seed)
         if self.kind not in get_args(AEKind):
             raise MeddiffError(f"--kind must be one of {', '.join(get_args(AEKind))}, not {self.kind!r}")
         get_ae_preset(self.preset)

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 from meddiff import storage
 from meddiff.data.shards import DatasetVersion, open_dataset
 from meddiff.devices import check_device, resolve_device
-from meddiff.errors import ArtifactError, MeddiffError
+from meddiff.errors import ArtifactError, MeddiffError, check_seed
 from meddiff.models.diffusion import Objective, Prediction, Schedule, scheduler_config
 from meddiff.models.networks import Conditioning, NetworkConfig
 from meddiff.records import content_hash, to_jsonable
@@ -70,6 +70,7 @@ class TrainConfig:
                    "run_name", "cpu_threads", "preview_steps", "num_workers")
 
     def check(self) -> "TrainConfig":
+        check_seed(self.seed)
         for name, allowed in (("mode", Mode), ("objective", Objective), ("schedule", Schedule),
                               ("prediction", Prediction), ("conditioning", Conditioning)):
             if getattr(self, name) not in get_args(allowed):
