@@ -310,6 +310,16 @@ def negative_split_seed(tmp, fx):
     return ingest_args(fx, tmp, f"zip:{fx.leukemia}", "--split-seed", "-1")
 
 
+def negative_lr(tmp, fx):
+    return ["train", fx.request.getfixturevalue("breastmnist_uri"), "--lr", "-1", "--steps", "1", "--device", "cpu",
+            "--storage", fx.storage(tmp)]
+
+
+def zero_channels(tmp, fx):
+    return ["train", fx.request.getfixturevalue("breastmnist_uri"), "--channels", "0", "--attention-levels", "none",
+            "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
+
+
 def train_on_a_cohort(tmp, fx):
     return ["train", str(fx.cohort(tmp)), "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
 
@@ -352,6 +362,8 @@ CASES: list[tuple[str, Callable, str]] = [
      r"checkpoint .*does not fit the network in .*model\.json"),
     ("negative-seed", negative_seed, r"--seed must be a whole number from 0 to 2\^63 - 1, got -5"),
     ("negative-split-seed", negative_split_seed, r"--split-seed must be a whole number from 0 to 2\^63 - 1, got -1"),
+    ("negative-lr", negative_lr, r"--lr must be > 0, not -1\.0"),
+    ("zero-channels", zero_channels, r"channels \[0\] are not positive multiples of norm_num_groups"),
     ("train-on-a-cohort", train_on_a_cohort, r"c is a cohort, not what this command takes \(it has cohort\.json"),
     ("evaluate-missing-cohort", evaluate_missing_cohort, r"cohorts/nosuch does not exist$"),
 ]

@@ -31,9 +31,10 @@ class NetworkConfig:
         if len(self.channels) != len(self.attention_levels):
             raise MeddiffError(f"network: {len(self.channels)} channel levels but "
                                f"{len(self.attention_levels)} attention flags")
-        bad = [c for c in self.channels if c % self.norm_num_groups]
+        bad = [c for c in self.channels if c <= 0 or c % self.norm_num_groups]
         if bad:
-            raise MeddiffError(f"network: channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
+            raise MeddiffError(f"network: channels {bad} are not positive multiples of "
+                               f"norm_num_groups={self.norm_num_groups}")
         return self
 
 

@@ -55,6 +55,12 @@ class AETrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise MeddiffError(f"{name} must be positive, not {v}")
+        if self.lr is not None and not self.lr > 0:
+            raise MeddiffError(f"--lr must be > 0, not {self.lr}")
+        negative = [n for n in ("kl_weight", "adv_weight", "adv_warmup_steps", "perceptual_weight")
+                    if getattr(self, n) is not None and getattr(self, n) < 0]
+        if negative:
+            raise MeddiffError(f"{', '.join(negative)} must be ≥ 0")
         if self.perceptual_weights is not None and not storage.exists(self.perceptual_weights):
             raise MeddiffError(f"--perceptual-weights {self.perceptual_weights} does not exist (weights are never "
                                "downloaded at run time; pass a local torchvision VGG16/AlexNet state dict)")

@@ -83,6 +83,12 @@ class TrainConfig:
                 raise MeddiffError(f"{name} must be positive, not {v}")
         if self.num_workers < 0:
             raise MeddiffError(f"num_workers must be 0 or more, not {self.num_workers}")
+        if self.lr is not None and not self.lr > 0:
+            raise MeddiffError(f"--lr must be > 0, not {self.lr}")
+        if not (self.weight_decay >= 0 and self.grad_clip > 0):
+            raise MeddiffError(f"weight_decay must be ≥ 0 and grad_clip > 0, not {self.weight_decay} and {self.grad_clip}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise MeddiffError(f"ema_decay must be in [0, 1), not {self.ema_decay}")
         if not 0 <= self.label_dropout < 1:
             raise MeddiffError(f"label_dropout must be in [0, 1), not {self.label_dropout}")
         if self.min_snr_gamma is not None and (self.objective != "ddpm" or self.min_snr_gamma <= 0):
