@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from meddiff.evaluate.calibrate import GENERATORS, CalibrationConfig, calibrate, calibration_table, calibration_uri
 from meddiff.evaluate.config import EvalConfig
+from meddiff.evaluate.report import REPORT_SCHEMA_VERSION
 from meddiff.evaluate.features import DomainTrainConfig
 
 FIDELITY = ("kid", "precision", "recall", "coverage", "closer_to_train", "label_fidelity", "intra_class_ssim",
@@ -82,3 +83,7 @@ def test_calibrate_bloodmnist(bloodmnist_uri, tmp_path):
     check_tstr_matches_real(record)
     again_uri, again = calibrate(bloodmnist_uri, cfg, root=str(tmp_path))  # content-addressed: reused
     assert again_uri == json_uri and again["created_at"] == record["created_at"]
+    # a record judged by older verdict rules (report schema 3) is recomputed, not served as current
+    Path(json_uri).write_text(json.dumps({**record, "report_schema_version": 3}))
+    _, fresh = calibrate(bloodmnist_uri, cfg, root=str(tmp_path))
+    assert fresh["created_at"] != record["created_at"] and fresh["report_schema_version"] == REPORT_SCHEMA_VERSION

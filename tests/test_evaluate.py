@@ -59,7 +59,7 @@ def test_report_files_and_schema(planted):
     uri, _, result = planted
     assert result.report_uri == f"{uri}/report.json" and not result.existed
     report = json.loads(Path(result.report_uri).read_text())
-    assert report["kind"] == "evaluation-report" and report["report_schema_version"] == 3
+    assert report["kind"] == "evaluation-report" and report["report_schema_version"] == 4
     assert report["inputs"]["dataset_version"] == Path(report["inputs"]["dataset_uri"]).name  # input hashes
     assert report["drop_flagged"] is True
     assert report["extractors"]["domain"]["dim"] == 128

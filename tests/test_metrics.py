@@ -204,6 +204,19 @@ def test_verdicts():
     from meddiff.evaluate.verdicts import judge, overall
 
     assert judge("recall", 0.80, 0.82, [-0.06, 0.02])["verdict"] == "pass"  # within noise
+    # a pass says which kind: "within sampling noise" was claimed for differences well outside it
+    assert "(lower; within sampling noise of real data)" in judge("recall", 0.80, 0.82, [-0.06, 0.02])["reason"]
+    assert "(higher; better than real beyond its CI)" in judge("precision", 0.9, 0.7, [0.15, 0.25])["reason"]
+    assert "(lower; within the warn margin 0.02 of real data)" in judge("recall", 0.81, 0.82, [-0.015, -0.005])["reason"]
+    # intra-class SSIM is judged both ways: a noise-like 8-image ALL cohort (0.0045 vs real 0.2722) "passed"
+    noise = judge("intra_class_ssim", 0.004492, 0.2722, [-0.279, -0.256])
+    assert noise["verdict"] == "fail" and "(lower; worse beyond its CI and past the fail margin 0.1)" in noise["reason"]
+    assert judge("intra_class_ssim", 0.3047, 0.2748, [0.025, 0.035])["verdict"] == "warn"  # the README main job's
+    assert judge("intra_class_ssim", 0.27, 0.2748, [-0.02, 0.01])["verdict"] == "pass"
+    s = overall({"recall": judge("recall", 0.80, 0.82, [-0.06, 0.02]),
+                 "precision": judge("precision", 0.9, 0.7, [0.15, 0.25])})
+    assert s["verdict"] == "pass" and s["sentence"].startswith(
+        "Fit for use: none of the 2 headline metrics is worse than real data")
     assert judge("recall", 0.40, 0.82, [-0.5, -0.35])["verdict"] == "fail"
     assert judge("recall", 0.76, 0.82, [-0.09, -0.03])["verdict"] == "warn"
     assert judge("flagged_fraction", 0.5, 0.0, [0.45, 0.55])["verdict"] == "fail"
@@ -227,7 +240,7 @@ def test_verdicts():
     s = overall({"kid": kid})
     assert s["verdict"] == "warn" and s["sentence"].startswith("Not judged: too few images for an interval")
     s = overall({"kid": kid, "recall": judge("recall", 0.80, 0.82, [-0.06, 0.02])})  # a pass, but not in full
-    assert s["verdict"] == "warn" and s["sentence"].startswith("Judged in part: the 1 judged headline metrics")
+    assert s["verdict"] == "warn" and s["sentence"].startswith("Judged in part: none of the 1 judged headline metrics")
     # a skipped metric (8 images: no set metrics at all) was left out of the sentence without a word
     s = overall({"precision": judge("precision", None, None, None),
                  "intra_class_ssim": judge("intra_class_ssim", 0.37, 0.315, [0.04, 0.07])})

@@ -35,6 +35,7 @@ from meddiff.errors import MeddiffError, check_seed
 from meddiff.evaluate.config import EvalConfig
 from meddiff.evaluate.features import load_inception, load_or_train_domain
 from meddiff.evaluate.loading import Images, RealSplits, load_real
+from meddiff.evaluate.report import REPORT_SCHEMA_VERSION
 from meddiff.evaluate.scoring import evaluate_images
 from meddiff.evaluate.summary import headline_rows
 from meddiff.records import content_hash, make_record
@@ -171,7 +172,9 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
     out = calibration_uri(dataset_uri, cfg, root)
     json_uri = storage.join(out, "calibration.json")
     if not force and storage.exists(json_uri) and storage.exists(storage.join(out, "calibration.html")):
-        return json_uri, storage.read_json(json_uri)
+        old = storage.read_json(json_uri)
+        if old.get("report_schema_version") == REPORT_SCHEMA_VERSION:  # else judged by older rules: recompute
+            return json_uri, old
     dataset = open_dataset(dataset_uri)
     device = str(resolve_device(ecfg.device))
     gens, real = reference_generators(load_real(dataset, ecfg.heldout_split), cfg)
@@ -187,7 +190,7 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
     for name in GENERATORS:
         results[name]["tstr"] = tstr and tstr["generators"][name]
     record = make_record("calibration", cfg, {"dataset_uri": dataset.uri, "dataset_version": dataset.version},
-                         device=device, **results, tstr=tstr,
+                         device=device, report_schema_version=REPORT_SCHEMA_VERSION, **results, tstr=tstr,
                          references={"heldout": f"half of the {ecfg.heldout_split} split ({len(real.heldout)} images)",
                                      "perfect": f"the other half ({len(gens['perfect'])} images)"})
     storage.write_json(json_uri, record)

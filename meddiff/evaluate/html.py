@@ -284,8 +284,10 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
               "<p>Every number is shown beside its real baseline: real validation images (never seen by the "
               "generator) scored exactly like the cohort — set metrics at the same n against the same reference "
               "subsample. Held-out reference: the real test split; train reference: the generator's training "
-              "split. Verdict: pass = within sampling noise of real data; warn = measurably worse; fail = "
-              "materially worse beyond the 95 % interval; no CI = too few images for an interval, not judged; "
+              "split. Verdict: pass = not worse than real data beyond sampling noise and the metric's warn margin "
+              "(the reason says within noise, within the margin, or better); warn = measurably worse; fail = "
+              "materially worse beyond the 95 % interval; intra-class SSIM is judged both ways (real's is the "
+              "target: far below it is noise-like, not diverse); no CI = too few images for an interval, not judged; "
               "at chance (TSTR) = real images at this n classify no better than always predicting the commonest "
               "class, not judged. "
               "KID is n-robust; FID depends on n.</p>",

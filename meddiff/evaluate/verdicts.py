@@ -1,10 +1,13 @@
 """Verdicts in plain words: pass / warn / fail per headline metric against its matched baseline.
 
 A metric's verdict reads the difference d = synthetic − baseline (same n, same reference) and its
-95 % interval, turned into "worse by" w (w = d for lower-is-better metrics, −d otherwise):
+95 % interval, turned into "worse by" w (w = d for lower-is-better metrics, −d for higher-is-better
+ones, |d| for "match" metrics, whose real value is the target: intra-class SSIM far *below* real's is
+not more diversity but images that do not share their class's structure, e.g. noise):
 
 - pass: the interval of w reaches w ≤ warn margin — the cohort is not shown to be worse than real
-  data by more than the margin (a perfect generator passes up to sampling noise);
+  data by more than the margin (a perfect generator passes up to sampling noise); its reason says
+  whether the difference is within sampling noise, better beyond its CI, or within the warn margin;
 - fail: w is above the warn margin with 95 % confidence *and* its estimate exceeds the fail margin;
 - warn: otherwise (measurably, but not materially, worse);
 - not judged (verdict None): no interval at this n (too few images to resample), so "beyond its
@@ -27,14 +30,14 @@ UNCOMPUTED = "not computed, see the warnings"  # a metric with a rule that was s
 # TSTR when its real baseline does not beat always answering the commonest test class: nothing to compare with
 AT_CHANCE = "real images at this n classify no better than always predicting the commonest class"
 
-# metric: (better, warn margin, fail margin, margin unit, what the reader is told)
+# metric: (better: lower | higher | match, warn margin, fail margin, margin unit, what the reader is told)
 RULES: dict[str, tuple[str, float, float, str, str]] = {
     "kid": ("lower", 0.0, 2.0, "noise", "distribution distance (KID)"),
     "precision": ("higher", 0.02, 0.10, "abs", "realism (precision)"),
     "recall": ("higher", 0.02, 0.10, "abs", "variety (recall)"),
     "coverage": ("higher", 0.02, 0.10, "abs", "coverage of the real data"),
     "label_fidelity": ("higher", 0.02, 0.10, "abs", "images look like their class (label fidelity)"),
-    "intra_class_ssim": ("lower", 0.02, 0.10, "abs", "diversity within a class (intra-class SSIM)"),
+    "intra_class_ssim": ("match", 0.02, 0.10, "abs", "diversity within a class (intra-class SSIM)"),
     "flagged_fraction": ("lower", 0.01, 0.05, "abs", "copies of training images (memorization)"),
     "closer_to_train": ("lower", 0.03, 0.10, "abs", "nearer to the training split than to held-out data"),
     "tstr_accuracy": ("higher", 0.03, 0.10, "abs", "usefulness for training a classifier (TSTR)"),
@@ -57,16 +60,23 @@ def judge(metric: str, value: float | None, baseline: float | None, diff_ci: lis
     if unit == "noise":
         width = baseline_ci[1] - baseline_ci[0]
         warn_m, fail_m = warn_m * width, fail_m * width
-    sign = 1.0 if better == "lower" else -1.0
-    worse = sign * (value - baseline)
-    lo_worse = min(sign * diff_ci[0], sign * diff_ci[1])
+    if better == "match":  # w = |d|; its interval starts at 0 when d's interval straddles 0
+        worse = abs(value - baseline)
+        lo_worse = 0.0 if diff_ci[0] <= 0 <= diff_ci[1] else min(abs(diff_ci[0]), abs(diff_ci[1]))
+        hi_worse = max(abs(diff_ci[0]), abs(diff_ci[1]))
+    else:
+        sign = 1.0 if better == "lower" else -1.0
+        worse = sign * (value - baseline)
+        lo_worse, hi_worse = sorted((sign * diff_ci[0], sign * diff_ci[1]))
     if lo_worse <= warn_m:
         v: Verdict = "pass"
     elif worse > fail_m:
         v = "fail"
     else:
         v = "warn"
-    why = {"pass": "within sampling noise of real data",
+    near = ("within sampling noise of real data" if lo_worse <= 0 <= hi_worse  # the interval of w holds 0
+            else "better than real beyond its CI" if hi_worse < 0 else f"within the warn margin {warn_m:.3g} of real data")
+    why = {"pass": near,
            "warn": f"worse beyond its CI, within the fail margin {fail_m:.3g}",
            "fail": f"worse beyond its CI and past the fail margin {fail_m:.3g}"}[v]
     return {"verdict": v, "label": label, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {why})"}
@@ -111,8 +121,8 @@ def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
                             + tail}
     if unjudged:
         return {"verdict": "warn", "reasons": [], "unjudged": unjudged,
-                "sentence": f"Judged in part: the {len(given)} judged headline metrics are within sampling noise of "
-                            "real data, but not every metric could be judged." + tail}
+                "sentence": f"Judged in part: none of the {len(given)} judged headline metrics is worse than real data "
+                            "beyond sampling noise and its warn margin, but not every metric could be judged." + tail}
     return {"verdict": "pass", "reasons": [], "unjudged": [],
-            "sentence": f"Fit for use: all {len(given)} headline metrics are within sampling noise of real "
-                        "data scored the same way (same n, same reference)."}
+            "sentence": f"Fit for use: none of the {len(given)} headline metrics is worse than real data scored "
+                        "the same way (same n, same reference) beyond sampling noise and its warn margin."}
