@@ -210,7 +210,7 @@ def test_verdicts():
     assert "(lower; within the warn margin 0.02 of real data)" in judge("recall", 0.81, 0.82, [-0.015, -0.005])["reason"]
     # intra-class SSIM is judged both ways: a noise-like 8-image ALL cohort (0.0045 vs real 0.2722) "passed"
     noise = judge("intra_class_ssim", 0.004492, 0.2722, [-0.279, -0.256])
-    assert noise["verdict"] == "fail" and "(lower; worse beyond its CI and past the fail margin 0.1)" in noise["reason"]
+    assert noise["verdict"] == "fail" and "(lower; differs from real beyond its CI and past the fail margin 0.1)" in noise["reason"]
     assert judge("intra_class_ssim", 0.3047, 0.2748, [0.025, 0.035])["verdict"] == "warn"  # the README main job's
     assert judge("intra_class_ssim", 0.27, 0.2748, [-0.02, 0.01])["verdict"] == "pass"
     s = overall({"recall": judge("recall", 0.80, 0.82, [-0.06, 0.02]),

@@ -76,9 +76,10 @@ def judge(metric: str, value: float | None, baseline: float | None, diff_ci: lis
         v = "warn"
     near = ("within sampling noise of real data" if lo_worse <= 0 <= hi_worse  # the interval of w holds 0
             else "better than real beyond its CI" if hi_worse < 0 else f"within the warn margin {warn_m:.3g} of real data")
+    off = "differs from real" if better == "match" else "worse"  # a match metric's deviation either way
     why = {"pass": near,
-           "warn": f"worse beyond its CI, within the fail margin {fail_m:.3g}",
-           "fail": f"worse beyond its CI and past the fail margin {fail_m:.3g}"}[v]
+           "warn": f"{off} beyond its CI, within the fail margin {fail_m:.3g}",
+           "fail": f"{off} beyond its CI and past the fail margin {fail_m:.3g}"}[v]
     return {"verdict": v, "label": label, "reason": f"{label}: {value:.4g} vs real {baseline:.4g} ({how}; {why})"}
 
 
