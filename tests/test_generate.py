@@ -230,10 +230,39 @@ def test_cli_second_order_samplers_verify_and_regenerate_exactly(sampler, tiny_c
     assert runner.invoke(app, ["cohorts", "verify", uri]).exit_code == 0
     assert open_cohort(uri).manifest()["image_sha256"].is_unique
     for sid in (0, 5):  # a sample in the first batch and one in the middle of the second
-        out = tmp_path / f"{sid}.png"
+        out = tmp_path / "new folder" / f"{sid}.png"  # --out's folder is created (it was a traceback)
         res = runner.invoke(app, ["cohorts", "regenerate", uri, str(sid), "--out", str(out)])
         assert res.exit_code == 0, res.output
         assert out.read_bytes() == _stored_png(uri, sid)
+        assert "identical to the stored image" in res.output  # it says so, rather than leaving the user to diff
+
+
+def test_cli_regenerate_says_when_it_differs(tiny_conditional_model_uri, tmp_path, monkeypatch):
+    """A regenerated image that is not the stored one (another device type, a changed environment) is
+    reported with its size (pixels, grey levels) and exit status 1; with --alone a difference is expected."""
+    from typer.testing import CliRunner
+
+    import meddiff.generate
+    from meddiff.cli import app
+    from meddiff.data.images import decode_png, encode_png
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["generate", tiny_conditional_model_uri, "--per-class", "1", "--steps", "2",
+                              "--device", "cpu", "--storage", str(tmp_path)])
+    uri = res.output.strip().splitlines()[-1]
+    real = meddiff.generate.regenerate
+
+    def off_by_one(*args, **kwargs):  # what another device's last bits do to one pixel
+        x = decode_png(real(*args, **kwargs)).transpose(1, 2, 0).copy()  # (H, W, C)
+        x[0, 0] = np.where(x[0, 0] < 255, x[0, 0] + 1, x[0, 0] - 1)
+        return encode_png(x)
+
+    monkeypatch.setattr(meddiff.generate, "regenerate", off_by_one)
+    res = runner.invoke(app, ["cohorts", "regenerate", uri, "2", "--out", str(tmp_path / "2.png")])
+    assert res.exit_code == 1 and "differs from the stored image: " in res.output
+    assert "by at most 1 grey level(s)" in res.output
+    res = runner.invoke(app, ["cohorts", "regenerate", uri, "2", "--out", str(tmp_path / "2a.png"), "--alone"])
+    assert res.exit_code == 0 and "(expected with --alone)" in res.output
 
 
 def test_guidance_refused_without_label_dropout_and_auto_sampler(tiny_rflow_model_uri, tmp_path):

@@ -120,12 +120,33 @@ def verify(uri: str) -> None:
 
 
 @cohorts.command()
-def regenerate(uri: str, sample_id: int, out: Path = typer.Option(..., help="PNG file to write."),
+def regenerate(uri: str = typer.Argument(..., help="The cohort's URI (printed by meddiff generate)."),
+               sample_id: int = typer.Argument(..., help="The sample's id (the manifest's sample_id column)."),
+               out: Path = typer.Option(..., help="PNG file to write."),
                device: Optional[str] = typer.Option(None, help="Default: the recorded device type (warns "
                                                     "when it cannot be matched)."),
                alone: bool = typer.Option(False, help="Batch of one: equal up to the last bits (±1 grey level).")) -> None:
-    """Regenerate one sample from its own seed (byte-identical to the stored image)."""
+    """Regenerate one sample from its own seed (byte-identical to the stored image); says whether it is, and
+    exits 1 when a default (in-batch) regeneration differs."""
+    from meddiff.data.cohorts import stored_png
+    from meddiff.data.images import pixel_difference
     from meddiff.generate import regenerate as run_regenerate
+    from meddiff.records import sha256_bytes
 
-    out.write_bytes(run_regenerate(uri, sample_id, device, alone))
+    png = run_regenerate(uri, sample_id, device, alone)
+    storage.write_bytes(str(out), png)  # atomic; the folder is created
+    stored = stored_png(uri, sample_id)
+    if png == stored:
+        typer.echo(f"identical to the stored image (sha256 {sha256_bytes(png)[:16]}…)", err=True)
+    else:
+        try:
+            n, worst = pixel_difference(png, stored)
+        except (OSError, ValueError) as e:  # a damaged shard: not this command's to explain
+            raise MeddiffError(f"the stored image of sample {sample_id} cannot be decoded ({e}): "
+                               f"run meddiff cohorts verify {uri}") from e
+        typer.secho(f"differs from the stored image: {n} pixel value(s), by at most {worst} grey level(s)" +
+                    (" (expected with --alone)" if alone else " — regenerate on the recorded device type (see any "
+                     "warning above); 'meddiff cohorts verify' checks the stored shards"), err=True, fg="yellow")
     print(out)
+    if png != stored and not alone:
+        raise typer.Exit(1)

@@ -141,6 +141,18 @@ def open_cohort(uri: str) -> Cohort:
     return c
 
 
+def stored_png(uri: str, sample_id: int) -> bytes:
+    """The PNG bytes of one sample as stored in its shard (found through the manifest)."""
+    manifest = open_cohort(uri).manifest().set_index("sample_id")
+    if sample_id not in manifest.index:
+        raise ArtifactError(f"sample id {sample_id} is not in cohort {uri}")
+    row = manifest.loc[sample_id]
+    png = next((s["png"] for s in iter_shard(storage.join(uri, row["shard"])) if s["__key__"] == row["key"]), None)
+    if png is None:
+        raise ArtifactError(f"sample {row['key']} is missing from {row['shard']}: run meddiff cohorts verify {uri}")
+    return png
+
+
 def write_quality(uri: str, quality: pd.DataFrame) -> None:
     """Fill the manifest's quality columns from ``quality`` (indexed by sample_id), atomically."""
     cohort = open_cohort(uri)

@@ -97,6 +97,15 @@ def decode_png(data: bytes) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+def pixel_difference(a: bytes, b: bytes) -> tuple[int, int]:
+    """(pixel values that differ, largest absolute difference in grey levels) of two same-shaped PNGs."""
+    x, y = decode_png(a).astype(np.int16), decode_png(b).astype(np.int16)
+    if x.shape != y.shape:
+        raise ValueError(f"PNG shapes differ: {x.shape} vs {y.shape}")
+    d = np.abs(x - y)
+    return int((d > 0).sum()), int(d.max(initial=0))
+
+
 def load_image(data: bytes, channels: int | None = None, intensity: Intensity = Intensity()) -> Image.Image:
     """Decode arbitrary image bytes fully (raises on truncated/corrupt data and decompression bombs).
 
