@@ -320,6 +320,11 @@ def zero_channels(tmp, fx):
             "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
 
 
+def negative_tstr_cap(tmp, fx):
+    return ["evaluate", str(fx.cohort(tmp)), "--tstr", "--tstr-max-images", "-1", "--features", "domain",
+            "--device", "cpu"]
+
+
 def train_on_a_cohort(tmp, fx):
     return ["train", str(fx.cohort(tmp)), "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
 
@@ -364,6 +369,7 @@ CASES: list[tuple[str, Callable, str]] = [
     ("negative-split-seed", negative_split_seed, r"--split-seed must be a whole number from 0 to 2\^63 - 1, got -1"),
     ("negative-lr", negative_lr, r"--lr must be > 0, not -1\.0"),
     ("zero-channels", zero_channels, r"channels \[0\] are not positive multiples of norm_num_groups"),
+    ("negative-tstr-cap", negative_tstr_cap, r"--tstr-max-images must be ≥ 2 \(or left out for all\), got -1"),
     ("train-on-a-cohort", train_on_a_cohort, r"c is a cohort, not what this command takes \(it has cohort\.json"),
     ("evaluate-missing-cohort", evaluate_missing_cohort, r"cohorts/nosuch does not exist$"),
 ]

@@ -65,6 +65,8 @@ class EvalConfig:
             raise MeddiffError(f"memorization_quantile must be in (0, 1), got {self.memorization_quantile}")
         if self.max_images is not None and self.max_images < 2:
             raise MeddiffError("max_images must be ≥ 2 (or None for all)")
+        if self.tstr_max_images is not None and self.tstr_max_images < 2:
+            raise MeddiffError(f"--tstr-max-images must be ≥ 2 (or left out for all), got {self.tstr_max_images}")
         if self.heldout_split in ("val", "train"):
             raise MeddiffError(f"heldout_split must be 'test' (val is the baseline, train the generator's data), "
                                f"got {self.heldout_split!r}")
