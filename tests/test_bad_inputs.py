@@ -325,6 +325,10 @@ def negative_tstr_cap(tmp, fx):
             "--device", "cpu"]
 
 
+def untrained_domain_classifier(tmp, fx):
+    return ["calibrate", fx.request.getfixturevalue("breastmnist_uri"), "--domain-steps", "0", "--device", "cpu"]
+
+
 def train_on_a_cohort(tmp, fx):
     return ["train", str(fx.cohort(tmp)), "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
 
@@ -370,6 +374,7 @@ CASES: list[tuple[str, Callable, str]] = [
     ("negative-lr", negative_lr, r"--lr must be > 0, not -1\.0"),
     ("zero-channels", zero_channels, r"channels \[0\] are not positive multiples of norm_num_groups"),
     ("negative-tstr-cap", negative_tstr_cap, r"--tstr-max-images must be ≥ 2 \(or left out for all\), got -1"),
+    ("untrained-domain-classifier", untrained_domain_classifier, r"needs --domain-steps ≥ 1, .* got 0, 128"),
     ("train-on-a-cohort", train_on_a_cohort, r"c is a cohort, not what this command takes \(it has cohort\.json"),
     ("evaluate-missing-cohort", evaluate_missing_cohort, r"cohorts/nosuch does not exist$"),
 ]

@@ -65,6 +65,11 @@ class EvalConfig:
             raise MeddiffError(f"memorization_quantile must be in (0, 1), got {self.memorization_quantile}")
         if self.max_images is not None and self.max_images < 2:
             raise MeddiffError("max_images must be ≥ 2 (or None for all)")
+        d = self.domain
+        if d.steps < 1 or d.batch_size < 1 or not d.lr > 0:
+            raise MeddiffError(f"the domain classifier needs --domain-steps ≥ 1, batch size ≥ 1 and lr > 0 (an "
+                               f"untrained oracle scores nothing), got {d.steps}, {d.batch_size}, {d.lr}")
+        check_seed(d.seed, "domain seed")
         if self.tstr_max_images is not None and self.tstr_max_images < 2:
             raise MeddiffError(f"--tstr-max-images must be ≥ 2 (or left out for all), got {self.tstr_max_images}")
         if self.heldout_split in ("val", "train"):
