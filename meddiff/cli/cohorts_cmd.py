@@ -136,17 +136,18 @@ def regenerate(uri: str = typer.Argument(..., help="The cohort's URI (printed by
     png = run_regenerate(uri, sample_id, device, alone)
     storage.write_bytes(str(out), png)  # atomic; the folder is created
     stored = stored_png(uri, sample_id)
-    if png == stored:
+    same = png == stored
+    if same:
         typer.echo(f"identical to the stored image (sha256 {sha256_bytes(png)[:16]}…)", err=True)
     else:
         try:
             n, worst = pixel_difference(png, stored)
         except (OSError, ValueError) as e:  # a damaged shard: not this command's to explain
-            raise MeddiffError(f"the stored image of sample {sample_id} cannot be decoded ({e}): "
+            raise MeddiffError(f"the stored image of sample {sample_id} cannot be compared ({e}): "
                                f"run meddiff cohorts verify {uri}") from e
         typer.secho(f"differs from the stored image: {n} pixel value(s), by at most {worst} grey level(s)" +
                     (" (expected with --alone)" if alone else " — regenerate on the recorded device type (see any "
                      "warning above); 'meddiff cohorts verify' checks the stored shards"), err=True, fg="yellow")
     print(out)
-    if png != stored and not alone:
+    if not same and not alone:
         raise typer.Exit(1)
