@@ -18,8 +18,8 @@ console = Console()
 def headline_table(report: dict) -> Table:
     from meddiff.evaluate.summary import headline_rows
 
-    cohort_id = report["inputs"]["cohort_uri"].rstrip("/").rsplit("/", 1)[-1]  # the whole URI is printed below
-    t = titled(f"cohort {cohort_id}  ({report['cohort']['n']} images)")  # verdict: printed above
+    inputs = report["inputs"]  # the id the report records; the whole URI is printed below the table
+    t = titled(f"cohort {inputs.get('cohort_id') or inputs['cohort_uri']}  ({report['cohort']['n']} images)")
     t.add_column("metric")
     t.add_column("synthetic [95 % CI]", justify="right")
     t.add_column("real baseline, same n [95 % CI]", justify="right")  # real val; TSTR: real train
