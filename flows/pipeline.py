@@ -49,6 +49,8 @@ def run_as_task(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
 def result_markdown(result: PipelineResult) -> str:
     lines = ["# Pipeline", "", "| stage | output | skipped |", "|---|---|---|"]
     lines += [f"| {s.stage} | [{s.uri}]({link_url(s.uri)}) | {'yes' if s.existed else 'no'} |" for s in result.stages]
+    if result.verdict:
+        lines += ["", f"**Verdict:** {result.verdict}"]
     return "\n".join(lines)
 
 
@@ -139,5 +141,7 @@ def pipeline(
         publish_link(kind, uri, uri.rstrip("/").rsplit("/", 1)[-1])
     if result.report_uri:
         publish_link("report", result.report_uri.rsplit("/", 1)[0] + "/report.html", name)
+    if result.verdict:
+        logger.info("verdict: %s", result.verdict)
     logger.info("report: %s", result.report_uri)
     return result.to_dict()

@@ -153,6 +153,7 @@ class PipelineResult:
     cohort_uri: str
     report_uri: str | None  # None when evaluation was switched off
     stages: list[StageOutcome] = field(default_factory=list)
+    verdict: str | None = None  # the report's one-sentence verdict ("Fit for use …" / "Not fit for use: …")
 
     @property
     def all_skipped(self) -> bool:
@@ -160,7 +161,7 @@ class PipelineResult:
 
     def to_dict(self) -> dict:
         return {"dataset_uri": self.dataset_uri, "model_uri": self.model_uri, "cohort_uri": self.cohort_uri,
-                "report_uri": self.report_uri,
+                "report_uri": self.report_uri, "verdict": self.verdict,
                 "stages": [{"stage": s.stage, "uri": s.uri, "existed": s.existed} for s in self.stages]}
 
 
@@ -214,10 +215,10 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
     record("train", model.uri, model.existed)
     cohort = call("generate", generate, cfg.cohort_spec(model.uri, device), root, progress("generate"))
     record("generate", cohort.uri, cohort.existed)
-    report_uri = None
+    report_uri = verdict = None
     if cfg.evaluate:
         log(f"evaluate: features {', '.join(cfg.resolved_eval_features())}")
         report = call("evaluate", evaluate_cohort, cohort.uri, cfg.eval_config(device), progress("evaluate"))
-        report_uri = report.report_uri
+        report_uri, verdict = report.report_uri, report.report["verdict"]["sentence"]
         record("evaluate", report_uri, getattr(report, "existed", None))
-    return PipelineResult(ds.uri, model.uri, cohort.uri, report_uri, stages)
+    return PipelineResult(ds.uri, model.uri, cohort.uri, report_uri, stages, verdict)

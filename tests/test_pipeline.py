@@ -72,6 +72,9 @@ def test_pipeline_command_end_to_end_then_skips_every_stage(medmnist_dir, tmp_pa
     assert json.loads((cohort / "cohort.json").read_text())["counts"] == {c: 3 for c in json.loads(
         next(storage.glob("datasets/bloodmnist/*/dataset.json")).read_text())["class_names"]}
     tstr = json.loads(report.read_text())["tstr"]  # a complete report, with the utility --tstr asked for
+    sentence = json.loads(report.read_text())["verdict"]["sentence"]  # the terminal says whether it is usable
+    assert sentence.startswith(("Fit for use", "Not fit for use", "Not judged", "Judged in part"))
+    assert first.stdout.strip().splitlines()[-2] == f"verdict: {sentence}"
     assert [s["setting"] for s in tstr["settings"]] == ["real", "real (equal size)", "synthetic", "real+synthetic"]
     model_card = json.loads(next(storage.glob("models/*/model.json")).read_text())
     assert model_card  # the trained model's record
@@ -85,7 +88,7 @@ def test_pipeline_command_end_to_end_then_skips_every_stage(medmnist_dir, tmp_pa
     for name, line in again.items():
         assert line.startswith("skipped (exists)"), second.stdout
         assert line.split()[-1] == stages[name].split()[-1]  # same outputs
-    assert second.stdout.strip().splitlines()[-1] == f"report: {report}"
+    assert second.stdout.strip().splitlines()[-2:] == [f"verdict: {sentence}", f"report: {report}"]
 
 
 @pytest.mark.slow
@@ -105,11 +108,11 @@ def test_pipeline_flow_on_s3_storage(prefect_harness, moto_s3, medmnist_dir):
     for uri, record in ((out["dataset_uri"], "dataset.json"), (out["model_uri"], "model.json"),
                         (out["cohort_uri"], "cohort.json")):
         assert fs.exists(f"{uri}/{record}"), uri
-    assert json.loads(fs.cat(out["report_uri"]))
+    assert out["verdict"] == json.loads(fs.cat(out["report_uri"]))["verdict"]["sentence"]
 
     again = pipeline(**params, storage_root=root)
     assert all(s["existed"] for s in again["stages"]), again
-    assert again["report_uri"] == out["report_uri"]
+    assert again["report_uri"] == out["report_uri"] and again["verdict"] == out["verdict"]
 
 
 def test_unreachable_storage_fails_fast_with_the_url(prefect_harness, monkeypatch):

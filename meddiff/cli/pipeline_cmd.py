@@ -69,7 +69,7 @@ def pipeline(
     tstr: bool = typer.Option(False, "--tstr", help="Evaluation: train on synthetic, test on real (minutes on CPU)."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
-    """Run the whole pipeline; stages whose output exists are skipped. Prints where the report is."""
+    """Run the whole pipeline; stages whose output exists are skipped. Prints the verdict and where the report is."""
     from flows.pipeline import pipeline as pipeline_flow
     from meddiff.pipeline import PipelineConfig
 
@@ -94,4 +94,6 @@ def pipeline(
     width = max(len(s["stage"]) for s in out["stages"])  # 'train-autoencoder' in a latent pipeline
     for s in out["stages"]:
         typer.echo(f"{s['stage']:>{width}}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
+    if out.get("verdict"):  # the report's one-sentence verdict, so the terminal says whether the cohort is usable
+        typer.echo(f"verdict: {out['verdict']}")
     typer.echo(f"report: {out['report_uri']}" if out["report_uri"] else f"cohort: {out['cohort_uri']}")
