@@ -126,6 +126,13 @@ def test_latent_conditional_generate_verify_regenerate(latent_conditional_uri, v
     assert np.asarray(Image.open(io.BytesIO(png))).shape == (28, 28)  # decoded to the dataset's images
     gif = Image.open(Path(res.uri) / "reverse_diffusion.gif")
     assert gif.size[0] > gif.size[1]  # latent | decoded side by side
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    shown = CliRunner().invoke(app, ["cohorts", "show", res.uri], terminal_width=300)
+    assert shown.exit_code == 0, shown.output
+    assert f"autoencoder: {vae_uri} (sha256 {ae_sha[:16]}…)" in shown.output  # what the images were decoded through
 
 
 def test_latent_per_class_trains_from_latent_shards(breastmnist_uri, vqvae_uri, session_storage, monkeypatch):

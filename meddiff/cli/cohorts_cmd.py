@@ -100,6 +100,8 @@ def show(uri: str) -> None:
     console.print(counts_table("", card["counts"]))
     for k in ("model_uri", "dataset_uri", "sampler", "steps", "guidance_scale", "seed", "created_at", "seconds"):
         console.print(f"[bold]{k}[/]: {card.get(k)}", soft_wrap=True)
+    if ae := card.get("autoencoder"):  # latent cohorts: the images were decoded through this AE
+        console.print(f"[bold]autoencoder[/]: {ae['uri']} (sha256 {ae['sha256'][:16]}…)", soft_wrap=True)
     sentence = report_sentence(uri)  # what a consumer asks next: is it fit for use?
     console.print(f"[bold]report[/]: {sentence} ({storage.join(uri, 'report.html')})" if sentence else
                   f"[bold]report[/]: none yet (meddiff evaluate {uri})", soft_wrap=True)
