@@ -333,6 +333,18 @@ def train_on_a_cohort(tmp, fx):
     return ["train", str(fx.cohort(tmp)), "--steps", "1", "--device", "cpu", "--storage", fx.storage(tmp)]
 
 
+def train_on_the_dataset_folder(tmp, fx):
+    src = Path(fx.request.getfixturevalue("breastmnist_uri"))  # a real version, under its dataset's folder
+    shutil.copytree(src, tmp / "st" / "datasets" / "breastmnist" / src.name)
+    return ["train", str(tmp / "st" / "datasets" / "breastmnist"), "--steps", "1", "--device", "cpu",
+            "--storage", fx.storage(tmp)]
+
+
+def dataset_show_on_the_cohorts_folder(tmp, fx):
+    fx.cohort(tmp)
+    return ["datasets", "show", str(tmp / "st" / "cohorts")]
+
+
 CASES: list[tuple[str, Callable, str]] = [
     ("corrupt-npz", corrupt_npz, r"md5 mismatch for .*breastmnist\.npz.*re-download"),
     ("wrong-md5-npz", wrong_md5_npz, r"md5 mismatch for .*breastmnist\.npz: expected 750601b1"),
@@ -377,6 +389,11 @@ CASES: list[tuple[str, Callable, str]] = [
     ("untrained-domain-classifier", untrained_domain_classifier, r"needs --domain-steps ≥ 1, .* got 0, 128"),
     ("train-on-a-cohort", train_on_a_cohort, r"c is a cohort, not what this command takes \(it has cohort\.json"),
     ("evaluate-missing-cohort", evaluate_missing_cohort, r"cohorts/nosuch does not exist$"),
+    ("train-on-the-dataset-folder", train_on_the_dataset_folder,
+     r"datasets/breastmnist is not a dataset version but holds 1 dataset version: pass it: "
+     r".*datasets/breastmnist/\w+ \(`meddiff datasets list` lists them\)$"),
+    ("dataset-show-on-the-cohorts-folder", dataset_show_on_the_cohorts_folder,
+     r"st/cohorts holds cohorts, not dataset versions: pass a dataset version \(`meddiff datasets list`"),
 ]
 
 

@@ -193,11 +193,40 @@ def read_card(uri: str, record: str) -> dict[str, Any]:
                             ("cohort.json", "a cohort")):
             if other != record and storage.exists(storage.join(uri, other)):
                 raise ArtifactError(f"{uri} is {kind}, not what this command takes (it has {other}, not {record})")
+        if held := _held_artifacts(uri):  # e.g. storage/datasets/bloodmnist instead of one of its versions
+            raise ArtifactError(_not_one_but_holds(uri, record, held))
         raise ArtifactError(f"{uri} is incomplete (no {record}); re-run the command that makes it")
     try:
         return storage.read_json(card_uri)
     except (ValueError, OSError) as e:
         raise ArtifactError(f"{card_uri} is corrupt: {e}") from e
+
+
+# record → (one, many, the command that lists them)
+ARTIFACT_KINDS = {"dataset.json": ("dataset version", "dataset versions", "meddiff datasets list"),
+                  "model.json": ("model", "models", "meddiff models list"),
+                  "cohort.json": ("cohort", "cohorts", "meddiff cohorts list")}
+
+
+def _held_artifacts(uri: str, depth: int = 2, most: int = 200) -> dict[str, list[str]]:
+    """record → sorted folders holding it, at the first level (of ``depth`` below ``uri``) that has any;
+    at most ``most`` folders are looked at per level."""
+    level = [uri]
+    for _ in range(depth):
+        level = [storage.join(u, n) for u in level for n in storage.listdir(u)][:most]
+        held = {r: [u for u in level if storage.exists(storage.join(u, r))] for r in ARTIFACT_KINDS}
+        if any(held.values()):
+            return {r: sorted(us) for r, us in held.items() if us}
+    return {}
+
+
+def _not_one_but_holds(uri: str, record: str, held: dict[str, list[str]]) -> str:
+    one, many, lister = ARTIFACT_KINDS.get(record, (record, record, "meddiff --help"))
+    if mine := held.get(record):
+        which = f"pass it: {mine[0]}" if len(mine) == 1 else f"pass one of them, e.g. {mine[-1]}"
+        return f"{uri} is not a {one} but holds {len(mine)} {one if len(mine) == 1 else many}: {which} (`{lister}` lists them)"
+    others = " and ".join(ARTIFACT_KINDS[r][1] for r in held)
+    return f"{uri} holds {others}, not {many}: pass a {one} (`{lister}` lists them)"
 
 
 def open_dataset(uri: str) -> DatasetVersion:
