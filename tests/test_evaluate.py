@@ -59,7 +59,7 @@ def test_report_files_and_schema(planted):
     uri, _, result = planted
     assert result.report_uri == f"{uri}/report.json" and not result.existed
     report = json.loads(Path(result.report_uri).read_text())
-    assert report["kind"] == "evaluation-report" and report["report_schema_version"] == 4
+    assert report["kind"] == "evaluation-report" and report["report_schema_version"] == 5
     assert report["inputs"]["dataset_version"] == Path(report["inputs"]["dataset_uri"]).name  # input hashes
     assert report["drop_flagged"] is True
     assert report["extractors"]["domain"]["dim"] == 128
@@ -84,6 +84,13 @@ def test_report_files_and_schema(planted):
     h = report["headline"]
     assert abs(h["label_fidelity"]["value"] - h["label_fidelity"]["baseline"]) < 0.15
     assert h["precision"]["value"] > 0.8 and h["recall"]["value"] > 0.8
+    # 78 val images per side (< 250): the sentence says its set metrics are unreliable at this size
+    n = h["kid"]["n"]
+    assert n < 250 and report["verdict"]["small_n"] == {"metrics": ["KID", "precision", "recall", "coverage"],
+                                                        "n": n, "reliable_n": 250}
+    assert report["verdict"]["sentence"].endswith(f" Small sample: KID, precision, recall and coverage compare only "
+                                                  f"{n} images per side (< 250), where one draw can move a verdict; "
+                                                  "generate more images before trusting them.")
 
 
 def test_report_html_has_every_section(planted):

@@ -246,6 +246,14 @@ def test_verdicts():
                  "intra_class_ssim": judge("intra_class_ssim", 0.37, 0.315, [0.04, 0.07])})
     assert s["verdict"] == "warn" and s["unjudged"] == ["realism (precision)"]
     assert s["sentence"].endswith("Not judged (not computed, see the warnings): realism (precision).")
+    # a verdict on 20 images per side: one draw of the reference moved precision from 0.95 to 0.05, so the
+    # sentence says so, whatever the verdict (a pass too)
+    s = overall({"recall": judge("recall", 0.80, 0.82, [-0.06, 0.02])},
+                {"metrics": ["recall"], "n": 20, "reliable_n": 250})
+    assert s["verdict"] == "pass" and s["small_n"]["n"] == 20 and s["sentence"].endswith(
+        "beyond sampling noise and its warn margin. Small sample: recall compares only 20 images per side (< 250), "
+        "where one draw can move a verdict; generate more images before trusting them.")
+    assert "small_n" not in overall({"recall": judge("recall", 0.80, 0.82, [-0.06, 0.02])}, None)
 
 
 def test_tstr_is_not_judged_when_real_data_at_this_n_is_at_chance():

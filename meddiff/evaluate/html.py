@@ -290,7 +290,8 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
               "target: far below it is noise-like, not diverse); no CI = too few images for an interval, not judged; "
               "at chance (TSTR) = real images at this n classify no better than always predicting the commonest "
               "class, not judged. "
-              "KID is n-robust; FID depends on n.</p>",
+              "KID is n-robust; FID depends on n. Under 250 images per side set metrics are unreliable: "
+              "the verdict sentence says so.</p>",
               _table(["metric", "synthetic [95 % CI]", "real baseline [95 % CI]", "n", "verdict"],
                      [[html.escape(c) for c in row] for row in headline_rows(report)])]
     parts += ['<h2 id="samples">Samples per class</h2>']

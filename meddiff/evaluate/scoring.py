@@ -19,7 +19,7 @@ from meddiff.evaluate import bootstrap, matched, memorization, similarity
 from meddiff.evaluate.config import EvalConfig
 from meddiff.evaluate.features import PREPROCESSING, DomainExtractor
 from meddiff.evaluate.loading import Images, RealSplits
-from meddiff.evaluate.summary import make_headline
+from meddiff.evaluate.summary import make_headline, small_sample
 from meddiff.evaluate.verdicts import overall
 
 
@@ -319,7 +319,8 @@ def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names:
     if domain.val_accuracy is not None and domain.val_accuracy < 0.5:
         warnings.append(f"domain classifier validation accuracy is only {domain.val_accuracy:.2f}: "
                         "label fidelity and domain features are weak")
-    body = {"verdict": overall({k: v.get("verdict") for k, v in headline.items() if isinstance(v, dict)}),
+    body = {"verdict": overall({k: v.get("verdict") for k, v in headline.items() if isinstance(v, dict)},
+                               small_sample(headline, cfg.reliable_n)),
             "headline": headline, "metrics": metrics, "memorization": memo, "tstr": tstr_result,
             "extractors": info, "warnings": warnings, "ms_ssim": ms_note,
             "labels": ("oracle: an unconditional cohort (no class asked); per-class scopes use the domain "

@@ -67,6 +67,17 @@ def make_headline(metrics: list[dict[str, Any]], tstr: dict[str, Any] | None,
     return out
 
 
+def small_sample(headline: dict[str, Any], reliable_n: int) -> dict[str, Any] | None:
+    """{"metrics", "n", "reliable_n"}: the judged headline set metrics computed on fewer than ``reliable_n``
+    images per side (each carries the small-n warning); None when there are none."""
+    small = {k: v["n"] for k, v in headline.items() if isinstance(v, dict) and (v.get("verdict") or {}).get("verdict")
+             and v.get("warning") and v.get("n") is not None and v["n"] < reliable_n}
+    if not small:
+        return None
+    return {"metrics": [{"kid": "KID"}.get(k, k.replace("_", " ")) for k in small], "n": min(small.values()),
+            "reliable_n": reliable_n}
+
+
 def _pick(r: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
     if r is None:
         return None

@@ -97,8 +97,22 @@ def judge_tstr(value: float, baseline: float, diff_ci: list[float] | None, basel
     return judge("tstr_accuracy", value, baseline, diff_ci)
 
 
-def overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
-    """The report's opening sentence: the worst verdict and the reasons behind it."""
+def overall(verdicts: dict[str, dict[str, Any] | None], small_n: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report's opening sentence: the worst verdict and the reasons behind it. ``small_n``
+    ({"metrics", "n", "reliable_n"}): judged metrics computed on fewer images than ``reliable_n``; the
+    sentence ends by saying so (and the verdict keeps it), whatever the verdict."""
+    out = _overall(verdicts)
+    if small_n and small_n["metrics"]:
+        names = small_n["metrics"]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        out["small_n"] = small_n
+        out["sentence"] += (f" Small sample: {listed} compare{'s' if len(names) == 1 else ''} only {small_n['n']} "
+                            f"images per side (< {small_n['reliable_n']}), where one draw can move a verdict; "
+                            "generate more images before trusting them.")
+    return out
+
+
+def _overall(verdicts: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     given = {k: v for k, v in verdicts.items() if v and v["verdict"]}
     fails = [v["reason"] for v in given.values() if v["verdict"] == "fail"]
     warns = [v["reason"] for v in given.values() if v["verdict"] == "warn"]
