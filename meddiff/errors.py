@@ -21,6 +21,10 @@ class StorageError(MeddiffError):
     """The storage root cannot be reached or written."""
 
 
+class Interrupted(MeddiffError):
+    """Stopped by the user (Ctrl-C) at a point it can resume from; the message says how."""
+
+
 def check_seed(seed: int, flag: str = "--seed") -> None:
     """Refuse a seed numpy and torch cannot take (negative, or 2^63 and over) before anything runs."""
     if not 0 <= seed < 2**63:

@@ -237,6 +237,42 @@ def test_sigkill_then_resume_reaches_the_same_final_step(breastmnist_uri, tmp_pa
     assert card["steps"] == 60
 
 
+@pytest.mark.parametrize("command", [["train", "--preview-steps", "2"], ["train-autoencoder", "--kind", "vae"]])
+def test_ctrl_c_checkpoints_at_the_step_and_says_how_to_resume(command, breastmnist_uri, tmp_path):
+    """Ctrl-C used to exit 130 without a word, losing every step since the last periodic checkpoint."""
+    name, *extra = command
+    args = [str(Path(sys.executable).with_name("meddiff")), name, breastmnist_uri, *extra, "--steps", "400",
+            "--batch-size", "16", "--checkpoint-every", "1000", "--log-every", "5", "--device", "cpu",
+            "--storage", str(tmp_path)]
+    proc = subprocess.Popen(args, env=SUBPROCESS_ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(int(json.loads(line)["step"]) >= 20 for f in tmp_path.glob("*/*/metrics.jsonl")
+                      for line in f.read_text().splitlines()):
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no metrics row at step 20 in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    run = next(tmp_path.glob("*/*/metrics.jsonl")).parent
+    (ckpt,) = list_checkpoints(run)  # the only checkpoint: the step Ctrl-C stopped at (the interval is 1000)
+    step = int(ckpt.stem[5:])
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)  # denoiser or autoencoder checkpoint
+    assert 20 <= step < 400 and saved["step"] == step and not (run / "model.json").exists()
+    assert err.strip().splitlines()[-1] == (f"interrupted: stopped at step {step} of 400, its checkpoint saved: "
+                                            f"re-run the same command to resume from step {step}")
+
+    again = subprocess.run(args, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["step"] for r in metrics(run)] == list(range(5, 401, 5))  # resumed there: no gap, no duplicate
+    assert json.loads((run / "model.json").read_text())["steps"] == 400
+
+
 def test_two_process_gloo_ddp_writes_once(breastmnist_uri, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "meddiff.train", breastmnist_uri,

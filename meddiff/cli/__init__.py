@@ -38,10 +38,13 @@ from meddiff.cli import autoencoder_cmd  # noqa: E402,F401  (registers train-aut
 
 
 def main() -> None:
-    from meddiff.errors import MeddiffError
+    from meddiff.errors import Interrupted, MeddiffError
 
     try:
         app()
+    except Interrupted as e:  # Ctrl-C where the work can resume: say where, exit as SIGINT does
+        typer.secho(f"interrupted: {e}", fg="yellow", err=True)
+        sys.exit(130)
     except MeddiffError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)

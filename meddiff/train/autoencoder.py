@@ -26,7 +26,8 @@ import torch
 
 from meddiff import storage
 from meddiff.devices import resolve_device
-from meddiff.errors import ArtifactError, MeddiffError
+from meddiff.errors import ArtifactError, Interrupted, MeddiffError
+from meddiff.interrupts import stop_on_interrupt
 from meddiff.models.autoencoders import latent_shape
 from meddiff.models.networks import param_count
 from meddiff.progress import Progress
@@ -168,21 +169,28 @@ def train_autoencoder(cfg: AETrainConfig, root: str | None = None, progress: Pro
     sums: dict[str, float] = {}
     n, t_last = 0, time.perf_counter()
     st.ae.train()
-    while step < cfg.steps:
-        terms = ae_step(st, next(data)[0].to(device), step)
-        step, n = step + 1, n + 1
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.steps
-        if step % cfg.log_every == 0 or is_ckpt:
-            _log(folder, st, step, sums, n, val, time.perf_counter() - t_last, device, cfg.batch_size)
-            sums, n, t_last = {}, 0, time.perf_counter()
-        if step % cfg.sample_every == 0 or step == cfg.steps:
-            _write_recon_grid(st, val[0], folder.local / "samples" / f"step-{step:07d}" / "reconstructions.png")
-        if is_ckpt:
-            _save(plan, folder, st, step, wall_before + time.time() - started)
-        if progress is not None:
-            progress(step, cfg.steps)
+    with stop_on_interrupt() as stop:
+        while step < cfg.steps:
+            terms = ae_step(st, next(data)[0].to(device), step)
+            step, n = step + 1, n + 1
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if step % cfg.log_every == 0 or is_ckpt:
+                _log(folder, st, step, sums, n, val, time.perf_counter() - t_last, device, cfg.batch_size)
+                sums, n, t_last = {}, 0, time.perf_counter()
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                _write_recon_grid(st, val[0], folder.local / "samples" / f"step-{step:07d}" / "reconstructions.png")
+            if is_ckpt:
+                _save(plan, folder, st, step, wall_before + time.time() - started)
+            if progress is not None:
+                progress(step, cfg.steps)
+            if stop.requested and step < cfg.steps:
+                if not is_ckpt:
+                    _save(plan, folder, st, step, wall_before + time.time() - started)
+                raise Interrupted(f"stopped at step {step} of {cfg.steps}, its checkpoint saved: re-run the same "
+                                  f"command to resume from step {step}")
+
     card = finish_autoencoder(plan, folder, st, device, wall_before + time.time() - started)
     return AETrainResult(plan.uri, card, existed=False)
 

@@ -28,7 +28,8 @@ import torch
 
 from meddiff import storage
 from meddiff.devices import resolve_device
-from meddiff.errors import MeddiffError
+from meddiff.errors import Interrupted, MeddiffError
+from meddiff.interrupts import stop_on_interrupt
 from meddiff.models.diffusion import build_scheduler
 from meddiff.progress import Progress, note
 from meddiff.records import make_record, to_jsonable
@@ -267,31 +268,39 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
     t_last, step_last = time.perf_counter(), run.step
 
     run.st.net.train()
-    while run.step < cfg.steps:
-        x, y = next(data)
-        x = x.to(device, non_blocking=True)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        labels = None if class_id is not None else drop_labels(y.to(device), cfg.label_dropout, plan.dataset.num_classes)
-        loss_sum += train_step(model, run.st, scheduler, x, labels, cfg.prediction, cfg.min_snr_gamma,
-                               cfg.grad_clip, autocast)
-        run.step, n_sum = run.step + 1, n_sum + 1
-        is_ckpt = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps
-        if run.step % cfg.log_every == 0 or is_ckpt:
-            now = time.perf_counter()
-            loss, images_per_s = float(mean_across(loss_sum / n_sum, info)), \
-                (run.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
-            val_loss = probe.loss(run.st.ema.module, scheduler, cfg.prediction) if probe and is_ckpt else None
-            _log(run, loss, images_per_s, val_loss)
-            note(progress, loss=loss, images_per_s=images_per_s)
-            loss_sum.zero_()
-            n_sum, t_last, step_last = 0, now, run.step
-        if info.is_main and (run.step % cfg.sample_every == 0 or run.step == cfg.steps):
-            _write_previews(run, ae)
-        if is_ckpt:
-            _save(run)
-        if progress is not None and info.is_main:
-            progress(progress_offset + run.step, progress_total or cfg.steps)
+    with stop_on_interrupt(enabled=info.world == 1) as stop:
+        while run.step < cfg.steps:
+            x, y = next(data)
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            labels = None if class_id is not None else drop_labels(y.to(device), cfg.label_dropout,
+                                                                   plan.dataset.num_classes)
+            loss_sum += train_step(model, run.st, scheduler, x, labels, cfg.prediction, cfg.min_snr_gamma,
+                                   cfg.grad_clip, autocast)
+            run.step, n_sum = run.step + 1, n_sum + 1
+            is_ckpt = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps
+            if run.step % cfg.log_every == 0 or is_ckpt:
+                now = time.perf_counter()
+                loss, images_per_s = float(mean_across(loss_sum / n_sum, info)), \
+                    (run.step - step_last) * cfg.batch_size / max(now - t_last, 1e-9)
+                val_loss = probe.loss(run.st.ema.module, scheduler, cfg.prediction) if probe and is_ckpt else None
+                _log(run, loss, images_per_s, val_loss)
+                note(progress, loss=loss, images_per_s=images_per_s)
+                loss_sum.zero_()
+                n_sum, t_last, step_last = 0, now, run.step
+            if info.is_main and (run.step % cfg.sample_every == 0 or run.step == cfg.steps):
+                _write_previews(run, ae)
+            if is_ckpt:
+                _save(run)
+            if progress is not None and info.is_main:
+                progress(progress_offset + run.step, progress_total or cfg.steps)
+            if stop.requested and run.step < cfg.steps:
+                if run.last_saved != run.step:
+                    _save(run)
+                part = "" if class_id is None else f" (class {plan.dataset.class_names[class_id]!r})"
+                raise Interrupted(f"stopped at step {run.step} of {cfg.steps}{part}, its checkpoint saved: re-run "
+                                  f"the same command to resume from step {run.step}")
 
     card: dict[str, Any] = {}
     if info.is_main:
