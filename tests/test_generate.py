@@ -109,6 +109,30 @@ def test_sigkill_then_resume_gives_exact_verified_cohort(tiny_conditional_model_
     assert df["sample_id"].tolist() == list(range(32)) and df["key"].is_unique
 
 
+def test_ctrl_c_keeps_committed_shards_and_says_how_to_resume(tiny_conditional_model_uri, tmp_path):
+    """Ctrl-C used to exit 130 without a word about what was kept."""
+    root = tmp_path / "st"
+    args = ["--total", "48", "--steps", "25", "--shard-size", "8", "--batch-size", "8", "--device", "cpu",
+            "--name", "stopped", "--storage", str(root)]
+    proc = subprocess.Popen([sys.executable, "-m", "meddiff", "generate", tiny_conditional_model_uri, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    parts = root / "cohorts" / "stopped" / "parts"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(parts.glob("*.parquet")) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    committed = len(list(parts.glob("*.parquet")))
+    assert proc.returncode == 130 and 1 <= committed < 6, f"{committed} of 6 shards: {err[-500:]}"
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: stopped with {committed} of 6 shards committed ({root / 'cohorts' / 'stopped'}); the shard "
+        "in progress is discarded: re-run the same command to resume from there")
+    assert not (root / "cohorts" / "stopped" / "cohort.json").exists()
+    r = generate(CohortSpec(tiny_conditional_model_uri, total=48, steps=25, shard_size=8, batch_size=8,
+                            device="cpu", name="stopped"), str(root))
+    assert r.card["resumed_samples"] == committed * 8 and sum(r.counts.values()) == 48 and verify(r.uri).ok
+
+
 def test_consumer_dataset_labels_filters_and_mixing(tiny_conditional_model_uri, bloodmnist_uri, tmp_path):
     from meddiff.data.consumer import ShardDataset
 

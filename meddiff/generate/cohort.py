@@ -27,7 +27,7 @@ from meddiff.data.shards import encode_sample, write_shard
 from meddiff.devices import cuda_count, resolve_device
 from meddiff.locks import artifact_lock
 from meddiff.threads import configure_threads
-from meddiff.errors import ArtifactError, MeddiffError
+from meddiff.errors import ArtifactError, Interrupted, MeddiffError
 from meddiff.data.cohorts import SHARD_PREFIX, UNKNOWN_CLASS, WRITE_ORDER, manifest_table, open_cohort, parquet_bytes, write_order
 from meddiff.generate.pictures import write_pictures
 from meddiff.generate.sampling import check_compatible, generate_images, precision, resolve_sampler
@@ -208,11 +208,17 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
 
 def _generate_missing(plan: CohortPlan, progress: Progress | None) -> CohortResult:
     t0, n_total, done, generated = time.time(), len(plan.class_of), 0, 0
-    for k in range(len(plan.shard_names)):
-        base = done
-        if generate_shard(plan, k, lambda n: progress and progress(base + n, n_total)):
-            generated += len(plan.shard_ids(k))
-        done += len(plan.shard_ids(k))
+    try:
+        for k in range(len(plan.shard_names)):
+            base = done
+            if generate_shard(plan, k, lambda n: progress and progress(base + n, n_total)):
+                generated += len(plan.shard_ids(k))
+            done += len(plan.shard_ids(k))
+    except KeyboardInterrupt:  # Ctrl-C: committed shards stay (each was written atomically)
+        shards = len(plan.shard_names)
+        kept = sum(plan.shard_done(k) for k in range(shards))
+        raise Interrupted(f"stopped with {kept} of {shards} shards committed ({plan.uri}); the shard in progress "
+                          "is discarded: re-run the same command to resume from there") from None
     return finish_cohort(plan, generated, time.time() - t0)
 
 
