@@ -19,8 +19,8 @@ class StopRequest:
 def stop_on_interrupt(enabled: bool = True) -> Iterator[StopRequest]:
     """Within the block, the first SIGINT only sets ``requested``; the handler is restored on exit.
 
-    Off (``requested`` stays False) outside the main thread, where signals cannot be caught (Prefect runs
-    tasks in worker threads), and when ``enabled`` is False (DDP: ranks would stop at different steps)."""
+    Off (``requested`` stays False) outside the main thread, where a handler cannot be installed (a task
+    run in a worker thread), and when ``enabled`` is False (DDP: ranks would stop at different steps)."""
     stop = StopRequest()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop

@@ -224,7 +224,8 @@ def _not_one_but_holds(uri: str, record: str, held: dict[str, list[str]]) -> str
     one, many, lister = ARTIFACT_KINDS.get(record, (record, record, "meddiff --help"))
     if mine := held.get(record):
         which = f"pass it: {mine[0]}" if len(mine) == 1 else f"pass one of them, e.g. {mine[-1]}"
-        return f"{uri} is not a {one} but holds {len(mine)} {one if len(mine) == 1 else many}: {which} (`{lister}` lists them)"
+        return (f"{uri} is not a {one} but holds {len(mine)} {one if len(mine) == 1 else many}: {which} "
+                f"(`{lister}` lists them)")
     others = " and ".join(ARTIFACT_KINDS[r][1] for r in held)
     return f"{uri} holds {others}, not {many}: pass a {one} (`{lister}` lists them)"
 
