@@ -357,3 +357,29 @@ def test_unconditional_cohort_is_scored_by_the_oracles_classes(breastmnist_uri, 
     assert report["headline"]["kid"]["value"] is not None
     html = Path(cohort.uri, "report.html").read_text()
     assert "Unconditional cohort" in html and "Class mix" in html
+
+
+def test_ctrl_c_leaves_the_report_as_it_was(breast, tmp_path):
+    """Ctrl-C used to exit 130 without a word about what was kept."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ds, _, (xte, yte) = breast
+    uri = Path(make_cohort(tmp_path / "cohorts" / "c", ds.uri, ds.class_names, xte[:40], yte[:40]))
+    (uri / "report.json").write_text('{"an": "older report"}')
+    proc = subprocess.Popen([sys.executable, "-m", "meddiff", "evaluate", str(uri), "--device", "cpu", "--tstr",
+                             "--features", "domain"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((uri / ".locks").glob("*")) and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(2)  # evaluating: the TSTR stage alone takes minutes on CPU
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err[-1000:]
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: stopped before {uri}/report.json was written (an existing one is left as it was): re-run the "
+        "same command to evaluate; a domain classifier already trained is cached and reused")
+    assert json.loads((uri / "report.json").read_text()) == {"an": "older report"}
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -304,3 +305,23 @@ def test_float_images_in_unit_range_ingest_to_the_8bit_pixels(medmnist_dir, tmp_
     xa, _ = open_dataset(eight.uri).load_split("train")
     xb, _ = open_dataset(deep.uri).load_split("train")
     assert np.array_equal(xa, xb)
+
+
+def test_ctrl_c_says_nothing_was_published(medmnist_dir, tmp_path):
+    """Ctrl-C used to exit 130 without a word about what was kept."""
+    root = tmp_path / "st"
+    proc = subprocess.Popen([sys.executable, "-m", "meddiff", "ingest", "medmnist:bloodmnist", "--medmnist-root",
+                             str(medmnist_dir), "--storage", str(root)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((root / ".staging").glob("*")) and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # writing shards into its staging folder
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err[-1000:]
+    assert re.fullmatch(rf"interrupted: stopped before {re.escape(str(root))}/datasets/bloodmnist/\w+ was published "
+                        r"\(its staging folder is removed\): re-run the same command to ingest it",
+                        err.strip().splitlines()[-1]), err[-1000:]
+    assert not list(root.glob("datasets/*/*/dataset.json")) and not list((root / ".staging").glob("*"))
+

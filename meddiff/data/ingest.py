@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from meddiff import storage
 from meddiff.locks import artifact_lock
-from meddiff.errors import SourceError, check_seed
+from meddiff.errors import Interrupted, SourceError, check_seed
 from meddiff.data.images import HIGH_BIT_MODES, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
@@ -156,8 +156,12 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
     name = dataset_name(cfg.name, src.name, cfg.source)
     version = content_hash({"checksums": src.checksums, "config": cfg.identity()})
     uri = storage.join(root, "datasets", name, version)
-    with artifact_lock(uri):  # a concurrent ingest of the same version waits here, then finds it
-        return _build_version(cfg, src, root, name, version, uri, t0, progress)
+    try:
+        with artifact_lock(uri):  # a concurrent ingest of the same version waits here, then finds it
+            return _build_version(cfg, src, root, name, version, uri, t0, progress)
+    except KeyboardInterrupt:  # Ctrl-C: the private staging folder is removed, dataset.json is published last
+        raise Interrupted(f"stopped before {uri} was published (its staging folder is removed): re-run the same "
+                          "command to ingest it") from None
 
 
 def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, version: str, uri: str, t0: float,

@@ -19,7 +19,7 @@ from meddiff import storage
 from meddiff.data.cohorts import Cohort, open_cohort, write_quality
 from meddiff.data.shards import DatasetVersion, open_dataset
 from meddiff.devices import resolve_device
-from meddiff.errors import MeddiffError
+from meddiff.errors import Interrupted, MeddiffError
 from meddiff.evaluate.config import EvalConfig
 from meddiff.evaluate.features import domain_cache_uri, load_inception, load_or_train_domain
 from meddiff.locks import artifact_lock
@@ -133,8 +133,13 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
     cohort at a time: a concurrent one waits (meddiff.locks), then reuses the report just written.
     """
     cohort = open_cohort(cohort_uri)  # a missing or foreign folder is refused before the lock writes in it
-    with artifact_lock(storage.join(cohort.uri, "report")):
-        return _evaluate_locked(cohort, cfg, progress, force)
+    try:
+        with artifact_lock(storage.join(cohort.uri, "report")):
+            return _evaluate_locked(cohort, cfg, progress, force)
+    except KeyboardInterrupt:  # Ctrl-C: report.json is written last, so an existing one is left as it was
+        raise Interrupted(f"stopped before {storage.join(cohort.uri, REPORT_JSON)} was written (an existing one is "
+                          "left as it was): re-run the same command to evaluate; a domain classifier already "
+                          "trained is cached and reused") from None
 
 
 def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress | None, force: bool) -> EvalResult:
