@@ -84,20 +84,26 @@ def test_single_sample_regenerates_identically(tiny_conditional_model_uri, tmp_p
     assert np.abs(decode_png(alone).astype(int) - pa[8]).max() <= 1
 
 
-def test_sigkill_then_resume_gives_exact_verified_cohort(tiny_conditional_model_uri, tmp_path):
-    root = tmp_path / "st"
-    args = ["--total", "32", "--steps", "25", "--shard-size", "8", "--batch-size", "8", "--device", "cpu",
-            "--name", "killed", "--storage", str(root)]
-    proc = subprocess.Popen([sys.executable, "-m", "meddiff", "generate", tiny_conditional_model_uri, *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    parts = root / "cohorts" / "killed" / "parts"
+def generate_until_a_shard(model_uri: str, root: Path, name: str, total: int, **popen) -> tuple[subprocess.Popen, Path]:
+    """`meddiff generate` (shards of 8, 25 steps) in a subprocess; returns once a shard is committed (or it ended)."""
+    args = ["--total", str(total), "--steps", "25", "--shard-size", "8", "--batch-size", "8", "--device", "cpu",
+            "--name", name, "--storage", str(root)]
+    proc = subprocess.Popen([sys.executable, "-m", "meddiff", "generate", model_uri, *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+    parts = root / "cohorts" / name / "parts"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not list(parts.glob("*.parquet")) and proc.poll() is None:
         time.sleep(0.05)
+    return proc, parts
+
+
+def test_sigkill_then_resume_gives_exact_verified_cohort(tiny_conditional_model_uri, tmp_path):
+    root = tmp_path / "st"
+    proc, parts = generate_until_a_shard(tiny_conditional_model_uri, root, "killed", 32, start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     committed = len(list(parts.glob("*.parquet")))
-    assert 1 <= committed < 4, f"kill landed at {committed} of 4 shards: {proc.stderr.read().decode()[-500:]}"
+    assert 1 <= committed < 4, f"kill landed at {committed} of 4 shards: {proc.stderr.read()[-500:]}"
     assert not (root / "cohorts" / "killed" / "cohort.json").exists()
     with pytest.raises(ArtifactError, match="incomplete"):
         open_cohort(str(root / "cohorts" / "killed"))
@@ -112,14 +118,7 @@ def test_sigkill_then_resume_gives_exact_verified_cohort(tiny_conditional_model_
 def test_ctrl_c_keeps_committed_shards_and_says_how_to_resume(tiny_conditional_model_uri, tmp_path):
     """Ctrl-C used to exit 130 without a word about what was kept."""
     root = tmp_path / "st"
-    args = ["--total", "48", "--steps", "25", "--shard-size", "8", "--batch-size", "8", "--device", "cpu",
-            "--name", "stopped", "--storage", str(root)]
-    proc = subprocess.Popen([sys.executable, "-m", "meddiff", "generate", tiny_conditional_model_uri, *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    parts = root / "cohorts" / "stopped" / "parts"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list(parts.glob("*.parquet")) and proc.poll() is None:
-        time.sleep(0.05)
+    proc, parts = generate_until_a_shard(tiny_conditional_model_uri, root, "stopped", 48)
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     committed = len(list(parts.glob("*.parquet")))

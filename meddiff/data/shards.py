@@ -183,16 +183,21 @@ class DatasetVersion:
         return image_pipeline(self.shard_uris(split), **kw)
 
 
+# record → (one, many, the command that lists them)
+ARTIFACT_KINDS = {"dataset.json": ("dataset version", "dataset versions", "meddiff datasets list"),
+                  "model.json": ("model", "models", "meddiff models list"),
+                  "cohort.json": ("cohort", "cohorts", "meddiff cohorts list")}
+
+
 def read_card(uri: str, record: str) -> dict[str, Any]:
     """The record file of a complete artifact, or a clear ArtifactError."""
     card_uri = storage.join(uri, record)
     if not storage.exists(uri):
         raise ArtifactError(f"{uri} does not exist")
     if not storage.exists(card_uri):
-        for other, kind in (("dataset.json", "a dataset version"), ("model.json", "a model"),
-                            ("cohort.json", "a cohort")):
+        for other, (kind, _, _) in ARTIFACT_KINDS.items():
             if other != record and storage.exists(storage.join(uri, other)):
-                raise ArtifactError(f"{uri} is {kind}, not what this command takes (it has {other}, not {record})")
+                raise ArtifactError(f"{uri} is a {kind}, not what this command takes (it has {other}, not {record})")
         if held := _held_artifacts(uri):  # e.g. storage/datasets/bloodmnist instead of one of its versions
             raise ArtifactError(_not_one_but_holds(uri, record, held))
         raise ArtifactError(f"{uri} is incomplete (no {record}); re-run the command that makes it")
@@ -200,12 +205,6 @@ def read_card(uri: str, record: str) -> dict[str, Any]:
         return storage.read_json(card_uri)
     except (ValueError, OSError) as e:
         raise ArtifactError(f"{card_uri} is corrupt: {e}") from e
-
-
-# record → (one, many, the command that lists them)
-ARTIFACT_KINDS = {"dataset.json": ("dataset version", "dataset versions", "meddiff datasets list"),
-                  "model.json": ("model", "models", "meddiff models list"),
-                  "cohort.json": ("cohort", "cohorts", "meddiff cohorts list")}
 
 
 def _held_artifacts(uri: str, depth: int = 2, most: int = 200) -> dict[str, list[str]]:
