@@ -65,6 +65,9 @@ class LoggedProgress:
     def note(self, **metrics: float) -> None:
         self.notes.update(metrics)
 
+    def tell(self, message: str) -> None:
+        self.logger.info(f"{self.stage}: {message}")
+
     def __call__(self, done: int, total: int) -> None:
         if self.last is not None and done == total == self.last_done:
             return  # the end already said

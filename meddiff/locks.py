@@ -12,9 +12,10 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from meddiff.errors import StorageError
+from meddiff.progress import Progress, tell
 from meddiff.storage import _fs_options, is_remote
 
 LOCK_TTL_ENV = "MEDDIFF_LOCK_TTL_S"
@@ -50,6 +51,26 @@ def _owner_dead(owner: dict[str, Any]) -> bool:
     except (PermissionError, KeyError, ValueError, TypeError):
         return False
     return False
+
+
+def waiting_message(what: str, owner: dict[str, Any]) -> str:
+    """The line a builder waiting on ``artifact_lock`` shows: who holds the lock, and for how long."""
+    who = "another process"
+    if owner.get("pid"):
+        since = owner.get("since")
+        held = f", for {_duration(time.time() - float(since))}" if isinstance(since, (int, float)) else ""
+        who += f" (pid {owner['pid']} on {owner.get('host') or 'an unknown host'}{held})"
+    return f"{who} is building {what}: waiting for it to finish, then going on (Ctrl-C stops waiting)"
+
+
+def tell_waiting(progress: Progress | None, what: str) -> Callable[[dict[str, Any]], None]:
+    """An ``on_wait`` for :func:`artifact_lock` that tells ``progress``'s watcher (meddiff.progress.tell)."""
+    return lambda owner: tell(progress, waiting_message(what, owner))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 @contextmanager

@@ -2,7 +2,9 @@
 
 The CLI passes a rich progress bar; flows pass a Prefect progress artifact and a run-logger line
 (see flows/common.py). A callback may also take named metrics (the training loss, images/s) through
-an optional ``note(**metrics)`` method; libraries call :func:`note`, which is a no-op otherwise.
+an optional ``note(**metrics)`` method, and one-line messages for the user (``resuming from step
+131 of 300``) through an optional ``tell(message)`` method; libraries call :func:`note` and
+:func:`tell`, which are no-ops for a callback without them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def rich_progress(description: str) -> Iterator[Progress]:
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
+        update.tell = lambda message: bar.console.print(  # type: ignore[attr-defined]
+            message, markup=False, highlight=False, soft_wrap=True)
         yield update
 
 
@@ -36,8 +40,17 @@ def note(progress: Progress | None, **metrics: float) -> None:
         take(**metrics)
 
 
+def tell(progress: Progress | None, message: str) -> None:
+    """Show a one-line message to whoever watches ``progress`` (printed above a bar, logged by a flow)."""
+    take = getattr(progress, "tell", None)
+    if take is not None:
+        take(message)
+
+
 def _with_note(update: Progress, *targets: Progress | None) -> Progress:
+    """``update`` with ``note`` and ``tell`` forwarded to ``targets``."""
     update.note = lambda **metrics: [note(t, **metrics) for t in targets]  # type: ignore[attr-defined]
+    update.tell = lambda message: [tell(t, message) for t in targets]  # type: ignore[attr-defined]
     return update
 
 

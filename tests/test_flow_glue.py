@@ -10,7 +10,7 @@ import pytest
 
 from flows.common import LoggedProgress, dataset_tag, user_errors
 from meddiff.errors import MeddiffError, SourceError
-from meddiff.progress import combine, note, throttled
+from meddiff.progress import combine, note, tell, throttled
 
 
 class Lines(logging.Handler):
@@ -48,6 +48,15 @@ def test_logged_progress_has_loss_rate_and_eta_and_is_throttled(logger, monkeypa
     assert lines[0] == "train: 0/100 (0%)"
     assert lines[1] == "train: 40/100 (40%), loss 0.5, images per s 320, 1 steps/s, ETA 1 min 00 s"
     assert lines[2].startswith("train: 100/100 (100%)") and "ETA" not in lines[2]
+
+
+def test_told_lines_pass_through_combined_and_throttled_callbacks_to_the_flow_log(logger):
+    """What the library tells its user (resuming, waiting on another builder) reaches a flow's run log."""
+    log, lines = logger
+    callback = combine(throttled(LoggedProgress(log, "train"), 60.0), None)
+    tell(callback, "resuming from its checkpoint at step 131 of 300 (--no-resume starts over)")
+    tell(None, "dropped: no callback")
+    assert lines == ["train: resuming from its checkpoint at step 131 of 300 (--no-resume starts over)"]
 
 
 def test_training_loop_notes_reach_the_flow_callback(breastmnist_uri, tmp_path):

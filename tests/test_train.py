@@ -269,6 +269,7 @@ def test_ctrl_c_checkpoints_at_the_step_and_says_how_to_resume(command, breastmn
 
     again = subprocess.run(args, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming from its checkpoint at step {step} of 400 (--no-resume starts over)\n" in again.stderr
     assert [r["step"] for r in metrics(run)] == list(range(5, 401, 5))  # resumed there: no gap, no duplicate
     assert json.loads((run / "model.json").read_text())["steps"] == 400
 

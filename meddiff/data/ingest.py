@@ -23,7 +23,7 @@ from PIL import Image
 import pyarrow.parquet as pq
 
 from meddiff import storage
-from meddiff.locks import artifact_lock
+from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.errors import Interrupted, SourceError, check_seed
 from meddiff.data.images import HIGH_BIT_MODES, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
 from meddiff.records import content_hash, make_record, sha256_bytes
@@ -157,7 +157,8 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
     version = content_hash({"checksums": src.checksums, "config": cfg.identity()})
     uri = storage.join(root, "datasets", name, version)
     try:
-        with artifact_lock(uri):  # a concurrent ingest of the same version waits here, then finds it
+        # a concurrent ingest of the same version waits here, then finds it
+        with artifact_lock(uri, tell_waiting(progress, uri)):
             return _build_version(cfg, src, root, name, version, uri, t0, progress)
     except KeyboardInterrupt:  # Ctrl-C: the private staging folder is removed, dataset.json is published last
         raise Interrupted(f"stopped before {uri} was published (its staging folder is removed): re-run the same "

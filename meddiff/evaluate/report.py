@@ -22,7 +22,7 @@ from meddiff.devices import resolve_device
 from meddiff.errors import Interrupted, MeddiffError
 from meddiff.evaluate.config import EvalConfig
 from meddiff.evaluate.features import domain_cache_uri, load_inception, load_or_train_domain
-from meddiff.locks import artifact_lock
+from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.threads import configure_threads
 from meddiff.evaluate.html import render_html
 from meddiff.evaluate.loading import Images, RealSplits, check_compatible, load_cohort_images, load_real
@@ -134,7 +134,7 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
     """
     cohort = open_cohort(cohort_uri)  # a missing or foreign folder is refused before the lock writes in it
     try:
-        with artifact_lock(storage.join(cohort.uri, "report")):
+        with artifact_lock(storage.join(cohort.uri, "report"), tell_waiting(progress, f"the report of {cohort.uri}")):
             return _evaluate_locked(cohort, cfg, progress, force)
     except KeyboardInterrupt:  # Ctrl-C: report.json is written last, so an existing one is left as it was
         raise Interrupted(f"stopped before {storage.join(cohort.uri, REPORT_JSON)} was written (an existing one is "

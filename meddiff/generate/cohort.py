@@ -25,7 +25,7 @@ from meddiff import __version__, storage
 from meddiff.data.images import encode_png
 from meddiff.data.shards import encode_sample, write_shard
 from meddiff.devices import cuda_count, resolve_device
-from meddiff.locks import artifact_lock
+from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.threads import configure_threads
 from meddiff.errors import ArtifactError, Interrupted, MeddiffError
 from meddiff.data.cohorts import SHARD_PREFIX, UNKNOWN_CLASS, WRITE_ORDER, manifest_table, open_cohort, parquet_bytes, write_order
@@ -33,9 +33,8 @@ from meddiff.generate.pictures import write_pictures
 from meddiff.generate.sampling import check_compatible, generate_images, precision, resolve_sampler
 from meddiff.generate.spec import CohortResult, CohortSpec
 from meddiff.models.trained import TrainedModel, load_model
+from meddiff.progress import Progress, tell
 from meddiff.records import content_hash, make_record, now_iso, sha256_bytes
-
-Progress = Callable[[int, int], None]
 
 
 def sample_seed(base_seed: int, sample_id: int) -> int:
@@ -199,7 +198,7 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
     plan = plan_cohort(spec, root)
     if isinstance(plan, CohortResult):
         return plan
-    with artifact_lock(plan.uri):  # a concurrent run of the same cohort waits here, then finds it done
+    with artifact_lock(plan.uri, tell_waiting(progress, plan.uri)):  # a concurrent run of the same cohort waits here, then finds it done
         if storage.exists(storage.join(plan.uri, "cohort.json")):
             card = storage.read_json(storage.join(plan.uri, "cohort.json"))
             return CohortResult(plan.uri, card, existed=True, counts=card["counts"])
@@ -208,6 +207,10 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
 
 def _generate_missing(plan: CohortPlan, progress: Progress | None) -> CohortResult:
     t0, n_total, done, generated = time.time(), len(plan.class_of), 0, 0
+    shards = len(plan.shard_names)
+    kept = sum(plan.shard_done(k) for k in range(shards))
+    if kept:
+        tell(progress, f"resuming: {kept} of {shards} shards already committed; generating the other {shards - kept}")
     try:
         for k in range(len(plan.shard_names)):
             base = done
@@ -215,7 +218,6 @@ def _generate_missing(plan: CohortPlan, progress: Progress | None) -> CohortResu
                 generated += len(plan.shard_ids(k))
             done += len(plan.shard_ids(k))
     except KeyboardInterrupt:  # Ctrl-C: committed shards stay (each was written atomically)
-        shards = len(plan.shard_names)
         kept = sum(plan.shard_done(k) for k in range(shards))
         raise Interrupted(f"stopped with {kept} of {shards} shards committed ({plan.uri}); the shard in progress "
                           "is discarded: re-run the same command to resume from there") from None

@@ -30,7 +30,7 @@ from meddiff.errors import ArtifactError, Interrupted, MeddiffError
 from meddiff.interrupts import stop_on_interrupt
 from meddiff.models.autoencoders import latent_shape
 from meddiff.models.networks import param_count
-from meddiff.progress import Progress
+from meddiff.progress import Progress, tell
 from meddiff.records import make_record, sha256_bytes, sha256_file, to_jsonable
 from meddiff.train.ae_config import AERunPlan, AETrainConfig, plan_autoencoder
 from meddiff.train.ae_step import AEState, ae_step, build_ae_state, val_loss
@@ -163,6 +163,8 @@ def train_autoencoder(cfg: AETrainConfig, root: str | None = None, progress: Pro
     device = resolve_device(cfg.device)
     folder = RunFolder.for_uri(plan.uri)
     st, step, wall_before = _start(plan, folder, device)
+    if step:
+        tell(progress, f"resuming from its checkpoint at step {step} of {cfg.steps} (--no-resume starts over)")
     started = time.time()
     val = _val_batches(plan, device)
     data = batches(plan.dataset, DataSpec(), cfg.batch_size, cfg.seed, step)

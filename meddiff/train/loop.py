@@ -31,7 +31,7 @@ from meddiff.devices import resolve_device
 from meddiff.errors import Interrupted, MeddiffError
 from meddiff.interrupts import stop_on_interrupt
 from meddiff.models.diffusion import build_scheduler
-from meddiff.progress import Progress, note
+from meddiff.progress import Progress, note, tell
 from meddiff.records import make_record, to_jsonable
 from meddiff.train.batches import DataSpec, batches
 from meddiff.train.cards import finish_group, finish_part
@@ -40,7 +40,7 @@ from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
 from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
 from meddiff.train.records import (append_metrics, preview_samples, truncate_metrics, write_grid,
                                    write_loss_curve)
-from meddiff.locks import artifact_lock
+from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.threads import configure_threads
 from meddiff.train.run_folder import RunFolder
 from meddiff.train.step import TrainingState, build_training_state, drop_labels, train_step
@@ -253,6 +253,10 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
         raise MeddiffError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
     _set_cpu_threads(cfg, device, info)
     run = _start_part(plan, class_id, device, info)
+    part = "" if class_id is None else f"class {plan.dataset.class_names[class_id]!r}: "
+    if run.step and info.is_main:
+        tell(progress, f"{part}resuming from its checkpoint at step {run.step} of {cfg.steps} "
+                       f"(--no-resume starts over)")
     model, scheduler = _wrap(run), build_scheduler(plan.scheduler_config)
     spec = DataSpec(class_id=class_id, hflip=cfg.hflip, vflip=cfg.vflip, num_workers=cfg.num_workers)
     data = batches(plan.dataset, spec, cfg.batch_size // info.world, cfg.seed, run.step, info.rank, info.world)
@@ -298,8 +302,8 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
             if stop.requested and run.step < cfg.steps:
                 if run.last_saved != run.step:
                     _save(run)
-                part = "" if class_id is None else f" (class {plan.dataset.class_names[class_id]!r})"
-                raise Interrupted(f"stopped at step {run.step} of {cfg.steps}{part}, its checkpoint saved: re-run "
+                which = "" if class_id is None else f" (class {plan.dataset.class_names[class_id]!r})"
+                raise Interrupted(f"stopped at step {run.step} of {cfg.steps}{which}, its checkpoint saved: re-run "
                                   f"the same command to resume from step {run.step}")
 
     card: dict[str, Any] = {}
@@ -316,7 +320,7 @@ def train(cfg: TrainConfig, root: str | None = None, progress: Progress | None =
     """Train the model ``cfg`` asks for (resuming or skipping what exists); returns its URI and card."""
     plan = plan_run(cfg, root)
     # one builder per run folder (rank 0 holds it for its torchrun job; other ranks follow at barriers)
-    with artifact_lock(plan.uri) if env_info().rank == 0 else nullcontext():
+    with artifact_lock(plan.uri, tell_waiting(progress, plan.uri)) if env_info().rank == 0 else nullcontext():
         return _train_locked(plan, progress)
 
 
