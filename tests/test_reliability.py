@@ -222,6 +222,27 @@ def test_two_processes_generating_the_same_cohort_share_the_work(tiny_conditiona
     assert all((single / t).read_bytes() == (shared / t).read_bytes() for t in tars)
 
 
+def test_two_processes_training_the_same_autoencoder_share_the_work(breastmnist_uri, tmp_path):
+    """train-autoencoder took no lock: two identical runs trained side by side in one run folder, both
+    appending to its metrics.jsonl and both writing its checkpoints and model card."""
+    from meddiff.models.autoencoders import load_autoencoder
+    from meddiff.train.records import read_metrics
+
+    args = [str(Path(sys.executable).with_name("meddiff")), "train-autoencoder", breastmnist_uri, "--kind", "vae",
+            "--steps", "150", "--batch-size", "16", "--log-every", "5", "--checkpoint-every", "50",
+            "--device", "cpu", "--storage", str(tmp_path / "root")]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
+    uris = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(uris) == 1
+    assert sum("autoencoder already trained; nothing to do" in err for _, err in outs) == 1  # the other trained it
+    run = Path(uris.pop())
+    assert [r["step"] for r in read_metrics(run)] == list(range(5, 151, 5))  # one writer: no row twice
+    assert load_autoencoder(str(run), "cpu").card["steps"] == 150  # its weights match the card's sha256
+
+
 # --------------------------------------------------------------------------- chaos, CI-sized
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from meddiff import storage
 from meddiff.devices import resolve_device
 from meddiff.errors import ArtifactError, Interrupted, MeddiffError
 from meddiff.interrupts import stop_on_interrupt
+from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.models.autoencoders import latent_shape
 from meddiff.models.networks import param_count
 from meddiff.progress import Progress, tell
@@ -156,10 +157,18 @@ def train_autoencoder(cfg: AETrainConfig, root: str | None = None, progress: Pro
                       ) -> AETrainResult:
     """Train (or resume, or find finished) the autoencoder ``cfg`` asks for; returns its URI and card."""
     plan = plan_autoencoder(cfg, root)
-    cfg = plan.cfg
     card_uri = storage.join(plan.uri, "model.json")
     if storage.exists(card_uri):
         return AETrainResult(plan.uri, storage.read_json(card_uri), existed=True)
+    # one builder per run folder: a concurrent run of the same autoencoder waits here, then finds it finished
+    with artifact_lock(plan.uri, tell_waiting(progress, plan.uri)):
+        if storage.exists(card_uri):
+            return AETrainResult(plan.uri, storage.read_json(card_uri), existed=True)
+        return _train_locked(plan, progress)
+
+
+def _train_locked(plan: AERunPlan, progress: Progress | None) -> AETrainResult:
+    cfg = plan.cfg
     device = resolve_device(cfg.device)
     folder = RunFolder.for_uri(plan.uri)
     st, step, wall_before = _start(plan, folder, device)
