@@ -8,6 +8,7 @@ when it exists) into the cohort folder.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,8 @@ from meddiff.threads import configure_threads
 from meddiff.evaluate.html import render_html
 from meddiff.evaluate.loading import Images, RealSplits, check_compatible, load_cohort_images, load_real
 from meddiff.evaluate.scoring import Evaluation, evaluate_images
-from meddiff.progress import Progress
-from meddiff.records import content_hash, make_record, sha256_bytes
+from meddiff.progress import Progress, tell
+from meddiff.records import content_hash, make_record, sha256_bytes, to_jsonable
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate_cohort", "run_tstr"]
 
@@ -69,15 +70,25 @@ def _config_hash(cfg: EvalConfig, dataset_uri: str) -> str:
     return content_hash({"config": cfg, "dataset_uri": dataset_uri, "schema": REPORT_SCHEMA_VERSION})
 
 
-def _existing(report_uri: str, cohort_uri: str, chash: str) -> dict[str, Any] | None:
+def _existing(report_uri: str, cohort_uri: str, chash: str, cfg: EvalConfig, dataset_uri: str
+              ) -> tuple[dict[str, Any] | None, str | None]:
+    """The up-to-date report to reuse, or None and why the report there (if any) is replaced."""
     if not storage.exists(report_uri):
-        return None
+        return None, None
     try:
         old = storage.read_json(report_uri)
     except (ValueError, OSError):
-        return None
-    ok = old.get("config_hash") == chash and storage.exists(storage.join(cohort_uri, REPORT_HTML))
-    return old if ok else None
+        return None, "it cannot be read"
+    if old.get("config_hash") == chash:
+        html = storage.exists(storage.join(cohort_uri, REPORT_HTML))
+        return (old, None) if html else (None, f"its {REPORT_HTML} is gone")
+    if (schema := old.get("report_schema_version")) != REPORT_SCHEMA_VERSION:
+        return None, f"it has report schema {schema}, this meddiff writes {REPORT_SCHEMA_VERSION}"
+    before, now = old.get("config") or {}, to_jsonable(cfg)
+    changed = [f"{k} {json.dumps(before.get(k))} → {json.dumps(v)}" for k, v in now.items() if before.get(k) != v]
+    if (old.get("inputs") or {}).get("dataset_uri") != dataset_uri:
+        changed.append(f"real dataset {(old.get('inputs') or {}).get('dataset_uri')} → {dataset_uri}")
+    return None, f"it was made with other settings ({', '.join(changed) or 'not recorded'})"
 
 
 def run_tstr(dataset: DatasetVersion, cfg: EvalConfig, device: str):
@@ -148,9 +159,11 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress 
     report_uri = storage.join(cohort.uri, REPORT_JSON)
     dataset = open_dataset(real_dataset_uri(cohort, cfg))
     chash = _config_hash(cfg, dataset.uri)
-    old = None if force else _existing(report_uri, cohort.uri, chash)
+    old, stale = (None, None) if force else _existing(report_uri, cohort.uri, chash, cfg, dataset.uri)
     if old is not None:
         return EvalResult(report_uri, old, existed=True)
+    if stale:  # the report a user (or the pipeline) made before is overwritten: say so, and why
+        tell(progress, f"replacing {report_uri}: {stale}")
     configure_threads()  # CPU threads that fit the machine now (meddiff.threads)
     stages, done = 6 + (1 if cfg.tstr else 0), [0]
 
