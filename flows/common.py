@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, get_args
 
 from meddiff.errors import COUNT_FORMS, MeddiffError, StorageError
+from meddiff.progress import metrics_text
 
 MEDMNIST_ENV = "MEDMNIST_ROOT"  # the same variable the CLI reads for --medmnist-root
 LOG_EVERY_S = 30.0  # seconds between progress lines in the run logger (the first and last always)
@@ -80,7 +81,7 @@ class LoggedProgress:
         self.last = now
         rate = (done - self.first_done) / max(now - self.start, 1e-9)
         parts = [f"{self.stage}: {done}/{total}{self.unit} ({100 * done / max(total, 1):.0f}%)"]
-        parts += [f"{k.replace('_', ' ')} {v:.4g}" for k, v in self.notes.items()]
+        parts += [metrics_text(self.notes)] if self.notes else []
         if rate > 0 and done > self.first_done:
             parts.append(f"{rate:.3g}{self.unit or ' steps'}/s")
             if done < total:

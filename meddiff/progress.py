@@ -20,17 +20,35 @@ def rich_progress(description: str) -> Iterator[Progress]:
     """A rich progress bar on stderr as a ``progress(done, total)`` callback."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+    from rich.table import Column
 
-    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-             console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(description, total=None)
+    console = Console(stderr=True)
+    # a narrow terminal (< 100 columns) gets a short bar, so that the loss and images/s fit beside it
+    with Bar(TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+             BarColumn(bar_width=None if console.width >= 100 else 8),
+             MofNCompleteColumn(table_column=Column(no_wrap=True)),
+             TimeElapsedColumn(table_column=Column(no_wrap=True)),
+             TextColumn("{task.fields[metrics]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+             console=console, transient=False) as bar:
+        task = bar.add_task(description, total=None, metrics="")
+        shown: dict[str, float] = {}
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
+        def take(**metrics: float) -> None:  # the newest loss and images/s, after the elapsed time
+            shown.update(metrics)
+            bar.update(task, metrics=metrics_text(shown))
+
+        update.note = take  # type: ignore[attr-defined]
         update.tell = lambda message: bar.console.print(  # type: ignore[attr-defined]
             message, markup=False, highlight=False, soft_wrap=True)
         yield update
+
+
+def metrics_text(metrics: dict[str, float]) -> str:
+    """``loss 0.03, images/s 320``: noted metrics as a bar or a log line shows them."""
+    return ", ".join(f"{k.replace('_per_s', '/s').replace('_', ' ')} {v:.4g}" for k, v in metrics.items())
 
 
 def note(progress: Progress | None, **metrics: float) -> None:

@@ -46,7 +46,7 @@ def test_logged_progress_has_loss_rate_and_eta_and_is_throttled(logger, monkeypa
     callback(100, 100)          # the end is always logged
     assert len(lines) == 3, lines
     assert lines[0] == "train: 0/100 (0%)"
-    assert lines[1] == "train: 40/100 (40%), loss 0.5, images per s 320, 1 steps/s, ETA 1 min 00 s"
+    assert lines[1] == "train: 40/100 (40%), loss 0.5, images/s 320, 1 steps/s, ETA 1 min 00 s"
     assert lines[2].startswith("train: 100/100 (100%)") and "ETA" not in lines[2]
 
 

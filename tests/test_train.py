@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -304,6 +305,7 @@ def test_cli_prints_the_model_uri(breastmnist_uri, tmp_path):
                                    "--storage", str(tmp_path)])
     assert res.exit_code == 0, res.output
     uri = res.stdout.strip().splitlines()[-1]
+    assert re.search(r"8/8 +\S+ loss \d\.\d+, images/s \d", res.stderr), res.stderr  # the bar shows the loss
     assert json.loads((Path(uri) / "model.json").read_text())["mode"] == "per-class"
     assert Path(uri).parent == tmp_path / "models" and Path(uri).name.startswith("breastmnist-per-class-tiny-")
 

@@ -31,7 +31,7 @@ from meddiff.interrupts import stop_on_interrupt
 from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.models.autoencoders import latent_shape
 from meddiff.models.networks import param_count
-from meddiff.progress import Progress, tell
+from meddiff.progress import Progress, note, tell
 from meddiff.records import make_record, sha256_bytes, sha256_file, to_jsonable
 from meddiff.train.ae_config import AERunPlan, AETrainConfig, plan_autoencoder
 from meddiff.train.ae_step import AEState, ae_step, build_ae_state, val_loss
@@ -136,13 +136,14 @@ def _write_recon_grid(st: AEState, x: torch.Tensor, path: Path) -> None:
 
 
 def _log(folder: RunFolder, st: AEState, step: int, sums: dict[str, float], n: int, val: list, t: float,
-         device: torch.device, bs: int) -> None:
+         device: torch.device, bs: int, progress: Progress | None) -> None:
     row = {"step": step, **{k: v / n for k, v in sums.items()}, "val_l1": val_loss(st, val),
            "lr": st.opt_g.param_groups[0]["lr"], "images_per_s": round(n * bs / max(t, 1e-9), 2),
            "peak_mem_mb": round(_peak_memory_mb(device), 1)}
     if not math.isfinite(row["loss"]):
         raise MeddiffError(f"the autoencoder loss became {row['loss']} by step {step}; lower --lr")
     append_metrics(folder.local, row)
+    note(progress, loss=row["loss"], images_per_s=row["images_per_s"])
 
 
 def _save(plan: AERunPlan, folder: RunFolder, st: AEState, step: int, wall: float) -> None:
@@ -188,7 +189,7 @@ def _train_locked(plan: AERunPlan, progress: Progress | None) -> AETrainResult:
                 sums[k] = sums.get(k, 0.0) + float(v)
             is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.steps
             if step % cfg.log_every == 0 or is_ckpt:
-                _log(folder, st, step, sums, n, val, time.perf_counter() - t_last, device, cfg.batch_size)
+                _log(folder, st, step, sums, n, val, time.perf_counter() - t_last, device, cfg.batch_size, progress)
                 sums, n, t_last = {}, 0, time.perf_counter()
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 _write_recon_grid(st, val[0], folder.local / "samples" / f"step-{step:07d}" / "reconstructions.png")
