@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from meddiff.errors import StorageError
+from meddiff.errors import Interrupted, StorageError
 from meddiff.progress import Progress, tell
 from meddiff.storage import _fs_options, is_remote
 
@@ -85,7 +85,11 @@ def artifact_lock(uri: str, on_wait=None) -> Iterator[None]:
     ``on_wait(owner)`` is called once if the lock is busy.
     """
     lock = _S3Lock(lock_uri(uri)) if is_remote(uri) else _LocalLock(Path(lock_uri(uri)))
-    lock.acquire(on_wait or (lambda owner: None))
+    try:
+        lock.acquire(on_wait or (lambda owner: None))
+    except KeyboardInterrupt:  # Ctrl-C while waiting for another builder: this run has changed nothing
+        raise Interrupted(f"stopped waiting for the other process building {uri}; this run changed nothing: "
+                          "re-run the same command to wait again") from None
     try:
         yield
     finally:
@@ -120,7 +124,11 @@ class _LocalLock:
                 if not waited:
                     waited = True
                     on_wait(_read_owner(self.path))
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except BaseException:  # Ctrl-C while waiting: let go of the file
+                    os.close(fd)
+                    raise
             try:  # the file we locked must still be the one at the path (a releasing owner unlinks it)
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:

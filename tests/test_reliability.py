@@ -188,6 +188,29 @@ def test_a_builder_waiting_on_another_says_who_holds_the_artifact(breastmnist_ur
         rf"{re.escape(uri)}: waiting for it to finish, then going on \(Ctrl-C stops waiting\)", told.lines[0]), told.lines
 
 
+def test_ctrl_c_while_waiting_on_another_builder_says_nothing_changed(breastmnist_uri, medmnist_dir, tmp_path):
+    root = tmp_path / "root"
+    uri = str(root / Path(breastmnist_uri).relative_to(Path(breastmnist_uri).parents[2]))
+    holder = _holder(uri, 60.0, tmp_path / "log.jsonl")
+    try:
+        assert holder.stdout.readline().strip() == "acquired"
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("meddiff")), "ingest", "medmnist:breastmnist",
+                                 "--medmnist-root", str(medmnist_dir), "--storage", str(root)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+        line = ""
+        while "is building" not in line:  # it waits, and says on whom
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "ingest ended without waiting"
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        holder.kill()
+    assert proc.returncode == 130, err[-1500:]
+    assert err.strip().splitlines()[-1] == (f"interrupted: stopped waiting for the other process building {uri}; "
+                                            "this run changed nothing: re-run the same command to wait again")
+    assert not Path(uri).exists() and not list((root / ".staging").glob("*"))
+
+
 # --------------------------------------------------------------------------- two processes, one stage
 
 _GENERATE = """
