@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator, get_args
 
 from meddiff.errors import COUNT_FORMS, MeddiffError, StorageError
-from meddiff.progress import metrics_text
+from meddiff.progress import duration_text, metrics_text
 
 MEDMNIST_ENV = "MEDMNIST_ROOT"  # the same variable the CLI reads for --medmnist-root
 LOG_EVERY_S = 30.0  # seconds between progress lines in the run logger (the first and last always)
@@ -85,13 +85,8 @@ class LoggedProgress:
         if rate > 0 and done > self.first_done:
             parts.append(f"{rate:.3g}{self.unit or ' steps'}/s")
             if done < total:
-                parts.append(f"ETA {_duration((total - done) / rate)}")
+                parts.append(f"ETA {duration_text((total - done) / rate)}")
         self.logger.info(", ".join(parts))
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def link_url(uri: str, expires_s: int = 7 * 24 * 3600) -> str:
@@ -246,4 +241,4 @@ def explain_wait(min_wait_s: float = 20.0) -> None:
     reason = (f"its concurrency limit of {limit} concurrent run(s) was taken by other runs" if limit else
               "no worker had picked it up (is one polling the pool?)")
     get_run_logger().info("waited %s after its scheduled time for a slot in work pool %r (shown as Late meanwhile): "
-                          "%s", _duration(waited), run.work_pool_name, reason)
+                          "%s", duration_text(waited), run.work_pool_name, reason)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from meddiff.errors import Interrupted, StorageError
-from meddiff.progress import Progress, tell
+from meddiff.progress import Progress, duration_text, tell
 from meddiff.storage import _fs_options, is_remote
 
 LOCK_TTL_ENV = "MEDDIFF_LOCK_TTL_S"
@@ -58,7 +58,7 @@ def waiting_message(what: str, owner: dict[str, Any]) -> str:
     who = "another process"
     if owner.get("pid"):
         since = owner.get("since")
-        held = f", for {_duration(time.time() - float(since))}" if isinstance(since, (int, float)) else ""
+        held = f", for {duration_text(time.time() - float(since))}" if isinstance(since, (int, float)) else ""
         who += f" (pid {owner['pid']} on {owner.get('host') or 'an unknown host'}{held})"
     return f"{who} is building {what}: waiting for it to finish, then going on (Ctrl-C stops waiting)"
 
@@ -66,11 +66,6 @@ def waiting_message(what: str, owner: dict[str, Any]) -> str:
 def tell_waiting(progress: Progress | None, what: str) -> Callable[[dict[str, Any]], None]:
     """An ``on_wait`` for :func:`artifact_lock` that tells ``progress``'s watcher (meddiff.progress.tell)."""
     return lambda owner: tell(progress, waiting_message(what, owner))
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(int(round(seconds)), 0)
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 @contextmanager

@@ -51,6 +51,12 @@ def metrics_text(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k.replace('_per_s', '/s').replace('_', ' ')} {v:.4g}" for k, v in metrics.items())
 
 
+def duration_text(seconds: float) -> str:
+    """``4 min 02 s`` (or ``37 s``): a wait or an ETA as a log line shows it."""
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
 def note(progress: Progress | None, **metrics: float) -> None:
     """Hand named metrics (e.g. ``loss=0.03``) to a progress callback that takes them (``.note``)."""
     take = getattr(progress, "note", None)

@@ -198,7 +198,8 @@ def generate(spec: CohortSpec, root: str | None = None, progress: Progress | Non
     plan = plan_cohort(spec, root)
     if isinstance(plan, CohortResult):
         return plan
-    with artifact_lock(plan.uri, tell_waiting(progress, plan.uri)):  # a concurrent run of the same cohort waits here, then finds it done
+    # a concurrent run of the same cohort waits here, then finds it done
+    with artifact_lock(plan.uri, tell_waiting(progress, plan.uri)):
         if storage.exists(storage.join(plan.uri, "cohort.json")):
             card = storage.read_json(storage.join(plan.uri, "cohort.json"))
             return CohortResult(plan.uri, card, existed=True, counts=card["counts"])
