@@ -24,7 +24,7 @@ def rich_progress(description: str) -> Iterator[Progress]:
 
     console = Console(stderr=True)
     # a narrow terminal (< 100 columns) gets a short bar, so that the loss and images/s fit beside it
-    with Bar(TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+    with Bar(TextColumn("{task.description}"),
              BarColumn(bar_width=None if console.width >= 100 else 8),
              MofNCompleteColumn(table_column=Column(no_wrap=True)),
              TimeElapsedColumn(table_column=Column(no_wrap=True)),

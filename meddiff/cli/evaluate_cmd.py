@@ -53,7 +53,7 @@ def evaluate(
     cfg = EvalConfig(real_uri=real, features=tuple(f.strip() for f in features.split(",") if f.strip()),
                      tstr=tstr, tstr_protocol=tstr_protocol, tstr_steps=tstr_steps, tstr_max_images=tstr_max_images, drop_flagged=drop_flagged,
                      max_images=max_images or None, umap_points=umap_points, device=device)
-    with rich_progress(f"evaluate {cohort_uri}") as progress:
+    with rich_progress("evaluate") as progress:  # the cohort is named in the table and the paths below
         result = evaluate_cohort(cohort_uri, cfg, progress, force=force)
     console.print(result.report["verdict"]["sentence"])
     console.print(headline_table(result.report))
