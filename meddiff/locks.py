@@ -68,6 +68,24 @@ def tell_waiting(progress: Progress | None, what: str) -> Callable[[dict[str, An
     return lambda owner: tell(progress, waiting_message(what, owner))
 
 
+def lock_holder(uri: str) -> dict[str, Any] | None:
+    """The owner record of whoever is building artifact ``uri`` right now, or None when nobody is (or it
+    cannot be told). Looks without taking the lock: a local one in /proc/locks (Linux), an object-storage
+    one by its expiry and owner process."""
+    if is_remote(uri):
+        return _S3Lock(lock_uri(uri)).holder()
+    path = Path(lock_uri(uri))
+    try:
+        st = path.stat()
+        with open("/proc/locks") as f:  # "1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF"
+            held = {line.split()[5] for line in f if line.split()[1:2] == ["FLOCK"]}
+    except (OSError, IndexError):
+        return None
+    if f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}" not in held:
+        return None  # a lock file left by a killed owner: the kernel dropped its lock
+    return _read_owner(path)
+
+
 @contextmanager
 def artifact_lock(uri: str, on_wait=None) -> Iterator[None]:
     """Hold the exclusive right to build artifact ``uri``; a second builder waits here until it is free.
@@ -203,6 +221,16 @@ class _S3Lock:
                 on_wait(owner)
             time.sleep(LOCK_POLL_S)
         self._start_heartbeat(s3)
+
+    def holder(self) -> dict[str, Any] | None:
+        """The live owner of this lock object, or None (absent, expired, or its process gone)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            owner = json.loads(self.client().get_object(Bucket=self.bucket, Key=self.key)["Body"].read() or b"{}")
+        except (ClientError, ValueError):
+            return None
+        return None if owner.get("expires", 0) < time.time() or _owner_dead(owner) else owner
 
     def _take_over(self, s3, etag: str) -> bool:
         """Replace a stale lock object, only if it is still the one we judged stale."""

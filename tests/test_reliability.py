@@ -211,6 +211,45 @@ def test_ctrl_c_while_waiting_on_another_builder_says_nothing_changed(breastmnis
     assert not Path(uri).exists() and not list((root / ".staging").glob("*"))
 
 
+def test_lists_tell_a_run_in_progress_from_a_stopped_one(tmp_path):
+    """`models list` and `cohorts list` called every unfinished run "incomplete (resumable)", the one being
+    trained or generated right now by another process as well."""
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    root = tmp_path / "root"
+    for kind, name in (("models", "m-run"), ("cohorts", "c-run")):
+        (root / kind / name).mkdir(parents=True)  # unfinished: no model.json / cohort.json
+        holder = _holder(str(root / kind / name), 60.0, tmp_path / "log.jsonl")
+        try:
+            assert holder.stdout.readline().strip() == "acquired"
+            live = CliRunner().invoke(app, [kind, "list", "--storage", str(root)], terminal_width=300)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert live.exit_code == 0 and f"in progress now (pid {holder.pid} on {os.uname().nodename})" in live.output
+        stopped = CliRunner().invoke(app, [kind, "list", "--storage", str(root)], terminal_width=300)
+        assert "incomplete (resumable)" in stopped.output and "in progress" not in stopped.output, stopped.output
+
+
+def test_lock_holder_on_s3_is_the_live_owner_only(tmp_path, moto_s3):
+    from meddiff.locks import lock_holder
+
+    env = {**ENV, **{k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                 "AWS_DEFAULT_REGION")}}
+    uri = "s3://meddiff/holder-test/cohorts/c1"
+    assert lock_holder(uri) is None
+    holder = _holder(uri, 60.0, tmp_path / "log.jsonl", env)
+    try:
+        assert holder.stdout.readline().strip() == "acquired"
+        assert lock_holder(uri)["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_holder(uri) is None  # its lock object stays until taken over, but its process is gone
+
+
 # --------------------------------------------------------------------------- two processes, one stage
 
 _GENERATE = """

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meddiff.cli import app
-from meddiff.cli.tables import print_table, titled
+from meddiff.cli.tables import print_table, titled, unfinished_status
 from meddiff import storage
 from meddiff.data.cohorts import open_cohort, verify as verify_cohort
 from meddiff.errors import MeddiffError
@@ -72,7 +72,7 @@ def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=s
     for cid in storage.listdir(root):
         uri = storage.join(root, cid)
         if not storage.exists(storage.join(uri, "cohort.json")):
-            t.add_row(cid, "[yellow]incomplete", "", "", "", "", uri)
+            t.add_row(cid, unfinished_status(uri, "incomplete (resumable)"), "", "", "", "", uri)
             continue
         c = open_cohort(uri).card
         t.add_row(cid, "complete", str(c["total"]), f"{c['sampler']}×{c['steps']}", Path(c["model_uri"]).name,

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from meddiff import storage
 from meddiff.cli import app
-from meddiff.cli.tables import print_table
+from meddiff.cli.tables import print_table, unfinished_status
 from meddiff.data.shards import read_card
 
 models = typer.Typer(no_args_is_help=True, help="Inspect trained models.")
@@ -27,7 +27,7 @@ def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=s
             uri = storage.join(root, folder, run_id)
             card_uri = storage.join(uri, "model.json")
             if not storage.exists(card_uri):
-                t.add_row(run_id, "[yellow]incomplete (resumable)", "", "", "", "", uri)
+                t.add_row(run_id, unfinished_status(uri, "incomplete (resumable)"), "", "", "", "", uri)
                 continue
             c = storage.read_json(card_uri)
             mode = f"autoencoder ({c.get('ae_kind', '')})" if c.get("kind") == "autoencoder" else c.get("mode", "")

@@ -19,3 +19,15 @@ def print_table(table: Table) -> None:
     console = Console(width=100_000)
     width = Measurement.get(console, console.options, table).maximum
     Console(width=max(width, 1), soft_wrap=False).print(table)
+
+
+def unfinished_status(uri: str, idle: str) -> str:
+    """The status cell of an artifact without its record: being built right now (and by whom), or ``idle``
+    (e.g. "incomplete (resumable)": a stopped run, which the same command resumes)."""
+    from meddiff.locks import lock_holder
+
+    owner = lock_holder(uri)
+    if owner is None:
+        return f"[yellow]{idle}"
+    who = f" (pid {owner['pid']} on {owner.get('host') or '?'})" if owner.get("pid") else ""
+    return f"[cyan]in progress now{who}"
