@@ -167,19 +167,16 @@ def test_a_report_made_with_other_settings_is_replaced_with_a_word_saying_which(
     """`meddiff evaluate` with its defaults used to overwrite the pipeline's report without a word."""
     ds, _, (xte, yte) = breast
     uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:40], yte[:40])
-    told: list[str] = []
+    from told import Told
 
-    def progress(done: int, total: int) -> None:
-        pass
-
-    progress.tell = told.append  # what the library tells its user (meddiff.progress.tell)
-    evaluate_cohort(uri, cfg, progress)
+    told = Told()  # what the library tells its user (meddiff.progress.tell)
+    evaluate_cohort(uri, cfg, told)
     assert told == []  # nothing there to replace
-    evaluate_cohort(uri, replace(cfg, ssim_pairs=50, umap_points=0), progress)
+    evaluate_cohort(uri, replace(cfg, ssim_pairs=50, umap_points=0), told)
     assert told == [f"replacing {uri}/report.json: it was made with other settings (ssim_pairs 100 → 50, "
                     "umap_points 1000 → 0)"]
     Path(uri, "report.html").unlink()
-    again = evaluate_cohort(uri, replace(cfg, ssim_pairs=50, umap_points=0), progress)
+    again = evaluate_cohort(uri, replace(cfg, ssim_pairs=50, umap_points=0), told)
     assert not again.existed and told[1:] == [f"replacing {uri}/report.json: its report.html is gone"]
 
 

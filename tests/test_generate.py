@@ -127,14 +127,11 @@ def test_ctrl_c_keeps_committed_shards_and_says_how_to_resume(tiny_conditional_m
         f"interrupted: stopped with {committed} of 6 shards committed ({root / 'cohorts' / 'stopped'}); the shard "
         "in progress is discarded: re-run the same command to resume from there")
     assert not (root / "cohorts" / "stopped" / "cohort.json").exists()
-    told: list[str] = []
+    from told import Told
 
-    def progress(done: int, total: int) -> None:
-        pass
-
-    progress.tell = told.append  # what the library tells its user (meddiff.progress.tell)
+    told = Told()  # what the library tells its user (meddiff.progress.tell)
     r = generate(CohortSpec(tiny_conditional_model_uri, total=48, steps=25, shard_size=8, batch_size=8,
-                            device="cpu", name="stopped"), str(root), progress)
+                            device="cpu", name="stopped"), str(root), told)
     assert r.card["resumed_samples"] == committed * 8 and sum(r.counts.values()) == 48 and verify(r.uri).ok
     assert told == [f"resuming: {committed} of 6 shards already committed; generating the other {6 - committed}"]
 

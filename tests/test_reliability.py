@@ -159,22 +159,10 @@ def test_artifact_lock_s3_two_processes_and_a_killed_owner(tmp_path, moto_s3):
     assert keys == 0
 
 
-class Told:
-    """A progress callback that keeps what the library tells its user (meddiff.progress.tell)."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def __call__(self, done: int, total: int) -> None:
-        pass
-
-    def tell(self, message: str) -> None:
-        self.lines.append(message)
-
-
 def test_a_builder_waiting_on_another_says_who_holds_the_artifact(breastmnist_uri, medmnist_dir, tmp_path):
     """A second `meddiff ingest/train/generate/evaluate` of the same artifact used to wait without a word."""
     from meddiff.data.ingest import IngestConfig, ingest
+    from told import Told
 
     root = tmp_path / "root"
     uri = str(root / Path(breastmnist_uri).relative_to(Path(breastmnist_uri).parents[2]))  # same version, new root
@@ -183,9 +171,9 @@ def test_a_builder_waiting_on_another_says_who_holds_the_artifact(breastmnist_ur
     told = Told()
     result = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), str(root), told)
     assert holder.wait(60) == 0 and result.uri == uri and not result.existed
-    assert len(told.lines) == 1 and re.fullmatch(
+    assert len(told) == 1 and re.fullmatch(
         rf"another process \(pid {holder.pid} on {re.escape(os.uname().nodename)}, for \d+ s\) is building "
-        rf"{re.escape(uri)}: waiting for it to finish, then going on \(Ctrl-C stops waiting\)", told.lines[0]), told.lines
+        rf"{re.escape(uri)}: waiting for it to finish, then going on \(Ctrl-C stops waiting\)", told[0]), told
 
 
 def test_ctrl_c_while_waiting_on_another_builder_says_nothing_changed(breastmnist_uri, medmnist_dir, tmp_path):
