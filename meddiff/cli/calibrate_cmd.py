@@ -26,8 +26,11 @@ def calibrate(
     tstr_steps: int = typer.Option(300, help="TSTR optimizer steps per classifier (the same for every setting)."),
     force: bool = typer.Option(False, "--force", help="Recompute even if calibration.json exists."),
 ) -> None:
-    """Score known generators (perfect = held-out real, memorizer, collapsed) with the evaluation, to see
-    which failures its verdicts catch; writes calibration.json + .html under <storage>/calibration/."""
+    """Score known generators (held-out real, memorizer, collapsed) to see which failures the verdicts catch.
+
+    "perfect" draws held-out real images, "memorizer" copies training images (some mirrored, noised or
+    recompressed), "collapsed" draws each class from a few training images.
+    Writes calibration.json + .html under <storage>/calibration/."""
     from dataclasses import replace
 
     from meddiff.evaluate.calibrate import (GENERATORS, CalibrationConfig, accuracy_ci, calibrate as run,

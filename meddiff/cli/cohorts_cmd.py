@@ -65,7 +65,8 @@ def generate(
 
 
 @cohorts.command("list")
-def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR)) -> None:
+def list_(storage_root: Optional[str] = typer.Option(
+        None, "--storage", envvar=storage.ENV_VAR, help="Storage root (a folder or s3://bucket/prefix; default ./storage).")) -> None:
     """List cohorts under the storage root (complete and in progress)."""
     root = storage.join(storage.storage_root(storage_root), "cohorts")
     t = Table("cohort", "status", "images", "sampler", "model", "report", "uri")
@@ -93,7 +94,8 @@ def report_label(uri: str) -> str:
 
 
 @cohorts.command()
-def show(uri: str) -> None:
+def show(uri: str = typer.Argument(
+        ..., help="A cohort's URI (printed by meddiff generate; see meddiff cohorts list).")) -> None:
     """Show a cohort's spec and per-class counts."""
     card = open_cohort(uri).card
     console.print(f"[bold]cohort[/] {card.get('cohort_id') or uri.rstrip('/').rsplit('/', 1)[-1]}", soft_wrap=True)
@@ -108,7 +110,8 @@ def show(uri: str) -> None:
 
 
 @cohorts.command()
-def verify(uri: str) -> None:
+def verify(uri: str = typer.Argument(
+        ..., help="A cohort's URI (printed by meddiff generate; see meddiff cohorts list).")) -> None:
     """Check that shards and manifest match exactly (keys, counts, image hashes)."""
     result = verify_cohort(uri)
     console.print(counts_table("images per class", result.counts))
@@ -128,8 +131,9 @@ def regenerate(uri: str = typer.Argument(..., help="The cohort's URI (printed by
                device: Optional[str] = typer.Option(None, help="Default: the recorded device type (warns "
                                                     "when it cannot be matched)."),
                alone: bool = typer.Option(False, help="Batch of one: equal up to the last bits (±1 grey level).")) -> None:
-    """Regenerate one sample from its own seed (byte-identical to the stored image); says whether it is, and
-    exits 1 when a default (in-batch) regeneration differs."""
+    """Regenerate one sample from its own seed and say whether it is byte-identical to the stored image.
+
+    Exits 1 when a default (in-batch) regeneration differs."""
     from meddiff.data.cohorts import stored_png
     from meddiff.data.images import pixel_difference
     from meddiff.generate import regenerate as run_regenerate

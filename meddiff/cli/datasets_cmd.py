@@ -63,7 +63,8 @@ def ingest(
 
 
 @datasets.command("list")
-def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR)) -> None:
+def list_(storage_root: Optional[str] = typer.Option(
+        None, "--storage", envvar=storage.ENV_VAR, help="Storage root (a folder or s3://bucket/prefix; default ./storage).")) -> None:
     """List complete dataset versions under the storage root."""
     root = storage.join(storage.storage_root(storage_root), "datasets")
     t = Table("name", "version", "size", "classes", "train/val/test", "uri")
@@ -79,7 +80,8 @@ def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=s
 
 
 @datasets.command()
-def show(uri: str) -> None:
+def show(uri: str = typer.Argument(
+        ..., help="A dataset version's URI (printed by meddiff ingest; see meddiff datasets list).")) -> None:
     """Show a dataset version's card and per-class counts."""
     card = open_dataset(uri).card
     console.print(counts_table(card))

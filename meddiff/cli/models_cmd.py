@@ -18,7 +18,8 @@ app.add_typer(models, name="models")
 
 
 @models.command("list")
-def list_(storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR)) -> None:
+def list_(storage_root: Optional[str] = typer.Option(
+        None, "--storage", envvar=storage.ENV_VAR, help="Storage root (a folder or s3://bucket/prefix; default ./storage).")) -> None:
     """List models (and autoencoders) under the storage root: complete ones with their card, unfinished ones as such."""
     root = storage.storage_root(storage_root)
     t = Table("model", "status", "mode", "objective", "steps", "dataset", "uri")
@@ -69,7 +70,8 @@ def card_rows(card: dict) -> list[tuple[str, str]]:
 
 
 @models.command("show")
-def show(uri: str) -> None:
+def show(uri: str = typer.Argument(
+        ..., help="A model's URI (printed by meddiff train; see meddiff models list).")) -> None:
     """Show a model's (or an autoencoder's) card: what it was trained on, how, and its checkpoint."""
     t = Table("field", "value")
     for k, v in card_rows(read_card(uri, "model.json")):

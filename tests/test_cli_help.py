@@ -1,0 +1,32 @@
+"""The CLI's own help: what a new user reads first."""
+from __future__ import annotations
+
+import typer.main
+
+from meddiff.cli import app
+
+
+def _commands(command, path=()):
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, path + (name,))
+    if path:
+        yield " ".join(path), command
+
+
+def test_every_command_summary_is_one_line():
+    """The first paragraph of a command's help is its line in `meddiff --help`; a line break in it
+    shows up as a broken line in the middle of the command list."""
+    commands = dict(_commands(typer.main.get_command(app)))
+    assert {"calibrate", "cohorts regenerate", "train", "pipeline"} <= commands.keys()
+    broken = {name: c.help.split("\n\n")[0] for name, c in commands.items()
+              if "\n" in (c.help or "").strip().split("\n\n")[0]}
+    assert not broken, broken
+    missing = [name for name, c in commands.items() if not (c.help or "").strip()]
+    assert not missing, missing
+
+
+def test_every_argument_and_option_says_what_it_is():
+    commands = dict(_commands(typer.main.get_command(app)))
+    bare = [f"{name} {p.name}" for name, c in commands.items() for p in c.params
+            if p.name != "help" and not (getattr(p, "help", None) or "").strip()]
+    assert not bare, bare
