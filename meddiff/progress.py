@@ -24,26 +24,32 @@ def rich_progress(description: str) -> Iterator[Progress]:
 
     console = Console(stderr=True)
     # a narrow terminal (< 100 columns) gets a short bar, so that the loss and images/s fit beside it
-    with Bar(TextColumn("{task.description}"),
-             BarColumn(bar_width=None if console.width >= 100 else 8),
-             MofNCompleteColumn(table_column=Column(no_wrap=True)),
-             TimeElapsedColumn(table_column=Column(no_wrap=True)),
-             TextColumn("{task.fields[metrics]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
-             console=console, transient=False) as bar:
-        task = bar.add_task(description, total=None, metrics="")
-        shown: dict[str, float] = {}
+    bar = Bar(TextColumn("{task.description}"),
+              BarColumn(bar_width=None if console.width >= 100 else 8),
+              MofNCompleteColumn(table_column=Column(no_wrap=True)),
+              TimeElapsedColumn(table_column=Column(no_wrap=True)),
+              TextColumn("{task.fields[metrics]}", table_column=Column(no_wrap=True, overflow="ellipsis")),
+              console=console, transient=False)
+    task = bar.add_task(description, total=None, metrics="")
+    shown: dict[str, float] = {}
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        if not bar.live.is_started:  # shown from the first report of work: nothing to do leaves no "0/?" bar
+            bar.start()
+        bar.update(task, completed=done, total=total)
 
-        def take(**metrics: float) -> None:  # the newest loss and images/s, after the elapsed time
-            shown.update(metrics)
-            bar.update(task, metrics=metrics_text(shown))
+    def take(**metrics: float) -> None:  # the newest loss and images/s, after the elapsed time
+        shown.update(metrics)
+        bar.update(task, metrics=metrics_text(shown))
 
-        update.note = take  # type: ignore[attr-defined]
-        update.tell = lambda message: bar.console.print(  # type: ignore[attr-defined]
-            message, markup=False, highlight=False, soft_wrap=True)
+    update.note = take  # type: ignore[attr-defined]
+    update.tell = lambda message: console.print(  # type: ignore[attr-defined]
+        message, markup=False, highlight=False, soft_wrap=True)
+    try:
         yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def metrics_text(metrics: dict[str, float]) -> str:
