@@ -230,8 +230,14 @@ def test_too_few_samples_are_reported_not_crashed_via_cli(breast, cfg, tmp_path,
     assert any("fid" in w for w in report["warnings"])
     assert any("normal, benign" in w for w in report["warnings"])  # the class without images is named
     assert re.search(r"evaluate .*6/6", out.output)  # the progress bar, at its end
+    from rich.console import Console
+    import meddiff.cli.evaluate_cmd as evaluate_cmd
+
+    # as in a terminal (colours on): the verdict reads as written, "metric(s)" not coloured as a call
+    monkeypatch.setattr(evaluate_cmd, "console", Console(force_terminal=True, width=10_000))
     again = CliRunner().invoke(app, ["evaluate", uri, "--features", "domain", "--drop-flagged"])
     assert again.exit_code == 0 and "an up-to-date report exists; nothing recomputed" in again.output
+    assert report["verdict"]["sentence"] in again.output
     assert "0/?" not in again.output and not re.search(r"evaluate .*/", again.output)  # no empty bar left behind
 
 

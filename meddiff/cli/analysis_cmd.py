@@ -45,7 +45,7 @@ def sweep(
                       likelihood_timesteps, rank_by, device, seed)
     rec = run_sweep(cfg, storage_root)
     console.print(sweep_table(rec))
-    console.print(best_sentence(rec))
+    console.print(best_sentence(rec), markup=False, highlight=False)
     print(rec["uri"])
 
 

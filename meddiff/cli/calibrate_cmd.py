@@ -52,7 +52,7 @@ def calibrate(
         t.add_row(*row)
     console.print(t)
     for g in GENERATORS:
-        console.print(f"{g}: {record[g]['sentence']}")
+        console.print(f"{g}: {record[g]['sentence']}", markup=False, highlight=False)
     if record.get("tstr"):
         t = record["tstr"]
         console.print(f"TSTR accuracy on the held-out half ({t['n_test']} images, {t['steps']} steps each; "

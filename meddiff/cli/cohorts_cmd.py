@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from meddiff.cli import app
 from meddiff.cli.tables import print_table, titled, unfinished_status
@@ -105,8 +106,8 @@ def show(uri: str = typer.Argument(
     if ae := card.get("autoencoder"):  # latent cohorts: the images were decoded through this AE
         console.print(f"[bold]autoencoder[/]: {ae['uri']} (sha256 {ae['sha256'][:16]}…)", soft_wrap=True)
     sentence = report_sentence(uri)  # what a consumer asks next: is it fit for use?
-    console.print(f"[bold]report[/]: {sentence} ({storage.join(uri, 'report.html')})" if sentence else
-                  f"[bold]report[/]: none yet (meddiff evaluate {uri})", soft_wrap=True)
+    console.print(Text.assemble(("report", "bold"), f": {sentence} ({storage.join(uri, 'report.html')})" if sentence
+                                else f": none yet (meddiff evaluate {uri})"), soft_wrap=True)
 
 
 @cohorts.command()

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from meddiff.cli import app
 from meddiff.cli.tables import titled
@@ -55,10 +56,11 @@ def evaluate(
                      max_images=max_images or None, umap_points=umap_points, device=device)
     with rich_progress("evaluate") as progress:  # the cohort is named in the table and the paths below
         result = evaluate_cohort(cohort_uri, cfg, progress, force=force)
-    console.print(result.report["verdict"]["sentence"])
+    # the library's prose as written: no markup read into it, no "metric(s)" coloured as a function call
+    console.print(result.report["verdict"]["sentence"], markup=False, highlight=False)
     console.print(headline_table(result.report))
     for w in result.report["warnings"][:10]:
-        console.print(f"[yellow]warning: {w}")
+        console.print(Text(f"warning: {w}", style="yellow"))
     if result.existed:
         console.print("[yellow]an up-to-date report exists; nothing recomputed (--force to redo)")
     print(result.html_uri)
