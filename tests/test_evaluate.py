@@ -410,3 +410,25 @@ def test_ctrl_c_leaves_the_report_as_it_was(breast, tmp_path):
         "same command to evaluate; a domain classifier already trained is cached and reused")
     assert json.loads((uri / "report.json").read_text()) == {"an": "older report"}
 
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_headline_table_never_breaks_an_interval(planted, width):
+    """At 80 columns the table used to break '0.2418 [0.226, / 0.257]' across lines; an interval now goes
+    below its value where the row is too wide, and the table fits the terminal."""
+    import io
+
+    from rich.console import Console
+
+    from meddiff.cli.evaluate_cmd import headline_table
+    from meddiff.evaluate.summary import headline_rows
+
+    _, _, result = planted
+    out = io.StringIO()
+    Console(file=out, width=width).print(headline_table(result.report, width))
+    text = out.getvalue()
+    assert max(map(len, text.splitlines())) <= width
+    cells = [c for row in headline_rows(result.report) for c in row[1:3] if "[" in c]
+    assert cells and all(c.split(" [")[1] in text for c in cells)  # every interval whole
+    beside = all(c in text for c in cells)  # each value with its interval on one line
+    assert beside == (width == 200), text
