@@ -55,10 +55,12 @@ def prefect_progress(description: str, min_interval_s: float = 2.0):
 
 class LoggedProgress:
     """A progress callback writing ``stage: done/total (pct), rate, ETA`` (+ noted metrics such as the
-    training loss) to a logger: on the first call, then at most every ``every_s``, and at the end."""
+    training loss) to a logger: on the first call, then at most every ``every_s``, and at the end. Units of
+    unequal work (``even=False``: evaluate's stages, one of which takes most of the time) get no rate or ETA,
+    which would mislead ("ETA 10 min" for a run ending in half a minute); the end line says the time taken."""
 
-    def __init__(self, logger, stage: str, unit: str = "", every_s: float = LOG_EVERY_S):
-        self.logger, self.stage, self.unit, self.every_s = logger, stage, unit, every_s
+    def __init__(self, logger, stage: str, unit: str = "", every_s: float = LOG_EVERY_S, even: bool = True):
+        self.logger, self.stage, self.unit, self.every_s, self.even = logger, stage, unit, every_s, even
         self.start = self.last = None
         self.first_done = self.last_done = 0
         self.notes: dict[str, float] = {}
@@ -82,7 +84,9 @@ class LoggedProgress:
         rate = (done - self.first_done) / max(now - self.start, 1e-9)
         parts = [f"{self.stage}: {done}/{total}{self.unit} ({100 * done / max(total, 1):.0f}%)"]
         parts += [metrics_text(self.notes)] if self.notes else []
-        if rate > 0 and done > self.first_done:
+        if not self.even:
+            parts += [f"in {duration_text(now - self.start)}"] if done == total else []
+        elif rate > 0 and done > self.first_done:
             parts.append(f"{rate:.3g}{self.unit or ' steps'}/s")
             if done < total:
                 parts.append(f"ETA {duration_text((total - done) / rate)}")

@@ -49,7 +49,8 @@ def describe_plan(cohort_uri: str, cfg: EvalConfig) -> str:
 def evaluate_task(cohort_uri: str, cfg: EvalConfig, force: bool) -> EvalResult:
     logger = get_run_logger()
     logger.info(describe_plan(cohort_uri, cfg))
-    progress = combine(prefect_progress(f"evaluate {cohort_uri}"), LoggedProgress(logger, "evaluate", " stages"))
+    logged = LoggedProgress(logger, "evaluate", " stages", even=False)  # unequal stages: no rate or ETA
+    progress = combine(prefect_progress(f"evaluate {cohort_uri}"), logged)
     return run_evaluation(cohort_uri, cfg, progress, force=force)
 
 

@@ -130,7 +130,8 @@ def pipeline(
                          latent, ae_preset, ae_steps, latent_umap, tstr)
 
     def progress(stage: str):
-        return combine(prefect_progress(f"{stage} ({dataset})"), LoggedProgress(logger, stage, UNITS[stage]))
+        logged = LoggedProgress(logger, stage, UNITS[stage], even=stage != "evaluate")  # its stages are unequal
+        return combine(prefect_progress(f"{stage} ({dataset})"), logged)
 
     with user_errors():
         result = run_pipeline(cfg, storage_root, progress, call=run_as_task, log=logger.info)

@@ -50,6 +50,19 @@ def test_logged_progress_has_loss_rate_and_eta_and_is_throttled(logger, monkeypa
     assert lines[2].startswith("train: 100/100 (100%)") and "ETA" not in lines[2]
 
 
+def test_unequal_stages_get_no_rate_or_eta_only_the_time_taken(logger, monkeypatch):
+    """evaluate's 6 stages are far from equal: the pipeline logged 'ETA 10 min 10 s' 28 s before the end."""
+    log, lines = logger
+    clock = iter([0.0, 152.0, 180.0])
+    monkeypatch.setattr("flows.common.time.monotonic", lambda: next(clock))
+    p = LoggedProgress(log, "evaluate", " stages", every_s=30, even=False)
+    p(1, 6)
+    p(2, 6)   # t=152: the slow stage done
+    p(6, 6)   # t=180
+    assert lines == ["evaluate: 1/6 stages (17%)", "evaluate: 2/6 stages (33%)",
+                     "evaluate: 6/6 stages (100%), in 3 min 00 s"]
+
+
 def test_told_lines_pass_through_combined_and_throttled_callbacks_to_the_flow_log(logger):
     """What the library tells its user (resuming, waiting on another builder) reaches a flow's run log."""
     log, lines = logger
