@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, get_args
 
-from meddiff.errors import COUNT_FORMS, MeddiffError, StorageError
+from meddiff.errors import COUNT_FORMS, Interrupted, MeddiffError, StorageError
 from meddiff.progress import duration_text, metrics_text
 
 MEDMNIST_ENV = "MEDMNIST_ROOT"  # the same variable the CLI reads for --medmnist-root
@@ -175,7 +175,8 @@ def phrased(fn):
 
 
 class _OneTraceback(logging.Filter):
-    """Drop the traceback from a log record whose exception was already logged with one."""
+    """Drop the traceback from a log record whose exception was already logged with one, and from every
+    record of a Ctrl-C (``Interrupted``): the user stopped the run, and its message says how to resume."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,7 +185,7 @@ class _OneTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            if id(exc) in self.seen:
+            if id(exc) in self.seen or isinstance(exc, Interrupted):
                 record.exc_info, record.exc_text = None, None
             else:
                 self.seen.add(id(exc))
@@ -204,7 +205,8 @@ def required(value: str, name: str, made_by: str) -> str:
 
 
 def one_traceback_per_failure() -> None:
-    """Install (once) the filter: a failing task logs its traceback, its flow only the failure line."""
+    """Install (once) the filter: a failing task logs its traceback, its flow only the failure line (and a
+    Ctrl-C no traceback at all)."""
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logger = logging.getLogger(name)
         if _ONE_TRACEBACK not in logger.filters:

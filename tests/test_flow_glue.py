@@ -168,3 +168,33 @@ def test_logged_progress_says_the_end_once(logger):
     p(1000, 1000)
     p(1000, 1000)  # ingest reports its total twice
     assert len(lines) == 2 and lines[-1].startswith("ingest: 1000/1000 images (100%)")
+
+
+def test_a_failure_logs_one_traceback_and_a_ctrl_c_none():
+    """A task's failure is logged with its traceback once (not again by its flow); Ctrl-C (Interrupted) is
+    the user stopping the run, not a failure to debug: `meddiff pipeline` printed ~90 lines of traceback."""
+    import io
+
+    from flows.common import one_traceback_per_failure
+    from meddiff.errors import Interrupted
+
+    one_traceback_per_failure()
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    kept = [(log.handlers, log.propagate) for log in loggers]
+    for log in loggers:  # to this handler alone (not to Prefect's API handler: no flow run here)
+        log.handlers, log.propagate = [handler], False
+    try:
+        for exc in (ValueError("a bug"), Interrupted("stopped at step 77 of 800, its checkpoint saved")):
+            try:
+                raise exc
+            except Exception as e:  # noqa: BLE001
+                for log in loggers:  # the task's log, then its flow's, each with the exception
+                    log.error("Encountered exception during execution: %r", e, exc_info=True)
+    finally:
+        for log, (handlers, propagate) in zip(loggers, kept):
+            log.handlers, log.propagate = handlers, propagate
+    text = out.getvalue()
+    assert text.count("Traceback (most recent call last)") == 1 and text.count("ValueError: a bug") == 1
+    assert text.count("Interrupted('stopped at step 77") == 2  # its lines, without a traceback
