@@ -7,14 +7,15 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, retry_transient
+from flows.common import LoggedProgress, artifact_key, retry_transient
 from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies as run_detection
 
 
 @task(name="score-anomalies", retries=1, retry_delay_seconds=[10], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
 def score_task(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, storage_root: str | None) -> dict:
-    return run_detection(model_uri, dataset_uri, cfg, storage_root)
+    logged = LoggedProgress(get_run_logger(), "anomaly", " reconstructions")  # two per image with the ratio score
+    return run_detection(model_uri, dataset_uri, cfg, storage_root, logged)
 
 
 @flow(name="detect-anomalies")

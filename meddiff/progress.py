@@ -84,6 +84,16 @@ def _with_note(update: Progress, *targets: Progress | None) -> Progress:
     return update
 
 
+def told_as(progress: Progress, prefix: str) -> Progress:
+    """``progress`` with ``prefix`` before each message it is told (which part of a larger run speaks)."""
+    def update(done: int, total: int) -> None:
+        progress(done, total)
+
+    update.note = lambda **metrics: note(progress, **metrics)  # type: ignore[attr-defined]
+    update.tell = lambda message: tell(progress, prefix + message)  # type: ignore[attr-defined]
+    return update
+
+
 def combine(*callbacks: Progress | None) -> Progress:
     """One callback that forwards to several (None entries ignored), notes included."""
     live = [c for c in callbacks if c is not None]

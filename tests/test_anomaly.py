@@ -71,8 +71,12 @@ def test_breastmnist_anomaly_scores_are_written_and_reused(breast_anomaly, breas
     for name in ("heatmaps.png", "distributions.png"):
         assert storage.read_bytes(storage.join(rec["uri"], name))[:4] == b"\x89PNG"
     cfg = AnomalyConfig(**{**rec["config"], "device": "cpu"})
-    again = detect_anomalies(breast_normal_model, breastmnist_uri, cfg, session_storage)  # reused
+    from told import Told
+
+    told = Told()
+    again = detect_anomalies(breast_normal_model, breastmnist_uri, cfg, session_storage, told)  # reused
     assert again["created_at"] == rec["created_at"]
+    assert told == [f"reusing {rec['uri']}: the same request was scored before"] and told.counts == []
 
 
 def test_the_cli_says_which_scores_are_label_free(breast_anomaly, breast_normal_model, breastmnist_uri,
@@ -109,13 +113,19 @@ def test_breastmnist_malignant_scores_above_chance(breast_conditional_model, bre
     closer by any model; measured 0.38–0.42 on the test split.)"""
     from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies
 
+    from told import Told
+
+    told = Told()  # the progress of the last run: two reconstructions per image (the ratio score's second)
+
     def run(split: str, level: float) -> dict:
         cfg = AnomalyConfig(normal="normal, benign", split=split, level=level, steps=10, max_images=None,
                             heatmaps=4, device="cpu")
-        return detect_anomalies(breast_conditional_model, breastmnist_uri, cfg, session_storage)["auroc"]
+        told.counts.clear()
+        return detect_anomalies(breast_conditional_model, breastmnist_uri, cfg, session_storage, told)["auroc"]
 
     val = {level: run("val", level)["ratio"]["all anomalies"]["auroc"] for level in (0.1, 0.5)}
     test = run("test", max(val, key=val.get))  # model selection on val, the verdict on test
+    assert told.counts[-1] == (2 * 156, 2 * 156) and told.counts == sorted(told.counts) and len(told.counts) > 2
     ratio, pixel = test["ratio"]["all anomalies"], test["pixel"]["all anomalies"]
     assert ratio["n_anomalous"] == 42 and ratio["n_normal"] == 114
     assert ratio["auroc"] > 0.55 and ratio["auroc"] > pixel["auroc"] + 0.1, (val, test)

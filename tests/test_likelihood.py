@@ -93,6 +93,7 @@ def test_likelihood_command_on_a_tiny_breastmnist_model(tiny_per_class_model_uri
             "--timesteps", "8", "--device", "cpu"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
+    assert "likelihood" in res.output and "24/24" in res.output  # the progress bar, at its end
     rec = storage.read_json(res.output.strip().splitlines()[-1])
     bpd = rec["overall"]["bits_per_dim"]
     # a 10-step model is worse than uniform 8-bit noise (8 bits/dim): this pins the plumbing, not quality
@@ -101,3 +102,4 @@ def test_likelihood_command_on_a_tiny_breastmnist_model(tiny_per_class_model_uri
     assert rec["overall"]["n"] == 24 and set(rec["per_class"]) <= {"malignant", "normal, benign"}
     again = CliRunner().invoke(app, args)  # the record is reused, not recomputed
     assert again.exit_code == 0 and again.output.strip().splitlines()[-1] == res.output.strip().splitlines()[-1]
+    assert again.output.startswith(f"reusing {rec['uri']}: this model scored the same request before")

@@ -76,9 +76,18 @@ BASE = {"mode": "conditional", "preset": "tiny", "steps": 20, "batch_size": 16, 
 def test_two_by_two_sweep_on_breastmnist(breastmnist_uri, session_storage):
     from meddiff.analysis.sweep import run_sweep
 
+    from told import Told
+
     cfg = SweepConfig(breastmnist_uri, parse_grid(GRID), BASE, **SMALL)
-    rec = run_sweep(cfg, session_storage)
+    told = Told()
+    rec = run_sweep(cfg, session_storage, progress=told)
     rows = rec["rows"]
+    stages = ["train", "generate", "evaluate", "likelihood"]  # what a user watching the sweep is told first
+    assert [t for t in told if t.split(": ", 1)[1] in stages] == [
+        f"combination {i} of 4 (schedule={s} attention={a}): {stage}"
+        for i, (s, a) in enumerate([("linear", "none"), ("linear", "coarse"), ("cosine", "none"),
+                                    ("cosine", "coarse")], 1) for stage in stages]
+    assert told.counts and told.counts[-1][0] == told.counts[-1][1]
     assert [(r["schedule"], r["attention"]) for r in rows] == [
         ("linear", "none"), ("linear", "coarse"), ("cosine", "none"), ("cosine", "coarse")]
     assert len({r["model_uri"] for r in rows}) == 4  # four distinct trained models
@@ -96,7 +105,9 @@ def test_two_by_two_sweep_on_breastmnist(breastmnist_uri, session_storage):
     assert "class=best" in page and best_sentence(rec) in page
     assert rec["tied_with_best"] == [{k: rows[i][k] for k in ("schedule", "attention")}
                                      for i in not_separated(rows, "kid", best)]
-    assert run_sweep(cfg, session_storage)["created_at"] == rec["created_at"]  # a finished sweep is reused
+    told = Told()
+    assert run_sweep(cfg, session_storage, progress=told)["created_at"] == rec["created_at"]  # a finished sweep
+    assert told == [f"reusing {rec['uri']}/sweep.json: the same sweep finished before"]  # is reused
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ import numpy as np
 
 from meddiff import storage
 from meddiff.errors import MeddiffError, check_seed
+from meddiff.progress import Progress, tell
 from meddiff.records import content_hash, make_record
 
 SCORES = ("pixel", "feature", "ratio")  # "ratio" only for conditional models with a null label
@@ -169,10 +170,11 @@ def auroc_table(table, class_names: list[str], normal: str) -> dict[str, Any]:
     return out
 
 
-def detect_anomalies(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, root: str | None = None
-                     ) -> dict[str, Any]:
+def detect_anomalies(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, root: str | None = None,
+                     progress: Progress | None = None) -> dict[str, Any]:
     """Score a real split with a model of the normal class; returns the ``anomaly.json`` record
-    (``uri`` = its folder). Reuses a finished folder of the same request."""
+    (``uri`` = its folder). Reuses a finished folder of the same request (``progress`` is told so);
+    ``progress(reconstructions done, reconstructions)``: one per image, two with the ratio score."""
     from meddiff.analysis.reconstruct import reconstruct
     from meddiff.data.shards import open_dataset
     from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
@@ -189,13 +191,14 @@ def detect_anomalies(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, root:
                         "config": {**vars(replace(cfg, normal=normal)), "device": None}})
     out_uri = storage.join(storage.storage_root(root), "anomaly", f"{ds.card.get('name', 'dataset')}-{key}")
     if storage.exists(storage.join(out_uri, "anomaly.json")):
+        tell(progress, f"reusing {out_uri}: the same request was scored before")
         return storage.read_json(storage.join(out_uri, "anomaly.json"))
     table, images, recon, heat = _score_split(ds, model, normal_id, cfg, reconstruct, load_or_train_domain,
-                                              DomainTrainConfig())
+                                              DomainTrainConfig(), progress)
     return _publish(out_uri, table, images, recon, heat, ds, model, normal, cfg)
 
 
-def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg):
+def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg, progress=None):
     import pandas as pd
 
     from meddiff.data.shards import iter_shard
@@ -212,15 +215,23 @@ def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg
     keys, images, labels = [s[0] for s in samples], np.stack([s[1] for s in samples]), np.array([s[2] for s in samples])
     if not (labels == normal_id).any() or (labels == normal_id).all():
         raise MeddiffError(f"the {cfg.split} split needs normal and anomalous images to compute an AUROC")
-    recon = reconstruct(model, images, normal_id, cfg.level, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size)
+    ratio = model.mode == "conditional" and model.null_class is not None and label_dropout(model) != 0
+    passes = 2 if ratio else 1  # the ratio score reconstructs every image a second time
+
+    def done(offset: int):  # reconstruct's count of one pass → progress over all passes
+        return None if progress is None else lambda n: progress(offset + n, passes * len(images))
+
+    recon = reconstruct(model, images, normal_id, cfg.level, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size,
+                        done(0))
     extractor = load_domain(ds, domain_cfg, str(next(next(iter(model.networks.values())).parameters()).device))
     sc = scores_of(images, recon, extractor)
     table = pd.DataFrame({"key": keys, "label": labels, "class_name": [ds.class_names[c] for c in labels],
                           "anomalous": labels != normal_id, "pixel_score": sc["pixel"],
                           "feature_score": sc["feature"]})
-    if model.mode == "conditional" and model.null_class is not None and label_dropout(model) != 0:
+    if ratio:
         # the same noise, the null label (trained by label dropout): reconstruction under p(x) vs p(x | normal)
-        recon_null = reconstruct(model, images, model.null_class, cfg.level, cfg.steps, 1.0, cfg.seed, cfg.batch_size)
+        recon_null = reconstruct(model, images, model.null_class, cfg.level, cfg.steps, 1.0, cfg.seed, cfg.batch_size,
+                                 done(len(images)))
         table["ratio_score"] = sc["pixel"] / np.maximum(pixel_error(images, recon_null), 1e-12)
     return table, images, recon, sc["heatmap"]
 

@@ -64,11 +64,12 @@ def normal_denoiser(model: Any, normal_id: int, batch: int, guidance: float, dev
 
 
 def reconstruct(model: Any, images: np.ndarray, normal_id: int, level: float, steps: int, guidance: float,
-                seed: int, batch_size: int = 64) -> np.ndarray:
+                seed: int, batch_size: int = 64, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """Reconstructions (float32 (N, C, H, W) in [0, 1]) of uint8 images (N, C, H, W) by the normal model
     (a latent model: in its autoencoder's latent space, decoded).
 
     Image i's noise comes from its own generator (seed + i): independent of the batching.
+    ``progress(images done)`` after each batch.
     """
     from meddiff.models.diffusion import build_scheduler
 
@@ -94,6 +95,8 @@ def reconstruct(model: Any, images: np.ndarray, normal_id: int, level: float, st
             if ae is not None:
                 rec = ae.from_latent(rec)  # (B, C, H, W) in [-1, 1]
         out[start:start + len(rec)] = ((rec + 1) / 2).cpu().numpy()
+        if progress is not None:
+            progress(start + len(rec))
     return out
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, get_args
 
 from meddiff import storage
 from meddiff.errors import MeddiffError, check_seed
+from meddiff.progress import Progress, tell, told_as
 from meddiff.records import content_hash, make_record
 
 RankBy = Literal["kid", "fid", "bits_per_dim", "label_fidelity"]
@@ -109,25 +110,31 @@ def report_row(report: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_combination(cfg: SweepConfig, combo: dict[str, str], root: str | None = None) -> dict[str, Any]:
-    """Train (or reuse), generate (or reuse), evaluate and score one combination; returns its table row."""
+def run_combination(cfg: SweepConfig, combo: dict[str, str], root: str | None = None,
+                    progress: Progress | None = None) -> dict[str, Any]:
+    """Train (or reuse), generate (or reuse), evaluate and score one combination; returns its table row.
+    ``progress`` follows each stage in turn, told which one starts."""
     from meddiff.evaluate import EvalConfig, evaluate_cohort
     from meddiff.generate import CohortSpec, generate
     from meddiff.models.likelihood import LikelihoodConfig, likelihood
     from meddiff.train import train
 
     tcfg = train_config(cfg, combo)
-    model = train(tcfg, root)
+    tell(progress, "train")
+    model = train(tcfg, root, progress)
+    tell(progress, "generate")
     cohort = generate(CohortSpec(model.uri, per_class=cfg.per_class, steps=cfg.sample_steps, seed=cfg.seed,
-                                 device=cfg.device), root)
-    ev = evaluate_cohort(cohort.uri, EvalConfig(features=("domain",), device=cfg.device, seed=cfg.seed))
+                                 device=cfg.device), root, progress)
+    tell(progress, "evaluate")
+    ev = evaluate_cohort(cohort.uri, EvalConfig(features=("domain",), device=cfg.device, seed=cfg.seed), progress)
     row: dict[str, Any] = {**combo, "model_uri": model.uri, "cohort_uri": cohort.uri,
                            "objective": tcfg.objective, **report_row(ev.report)}
     row["bits_per_dim"] = row["bits_per_dim_ci"] = None
     if tcfg.objective == "ddpm" and cfg.likelihood_images:
+        tell(progress, "likelihood")
         lk = likelihood(model.uri, cfg.dataset_uri, LikelihoodConfig(
             split="test", max_images=cfg.likelihood_images, timesteps=cfg.likelihood_timesteps,
-            device=cfg.device, seed=cfg.seed))
+            device=cfg.device, seed=cfg.seed), progress)
         row["bits_per_dim"], row["bits_per_dim_ci"] = lk["overall"]["bits_per_dim"], lk["overall"]["ci"]
     return row
 
@@ -255,13 +262,19 @@ def finish_sweep(cfg: SweepConfig, rows: list[dict[str, Any]], root: str | None 
 
 
 def run_sweep(cfg: SweepConfig, root: str | None = None,
-              call: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+              call: Callable[..., dict[str, Any]] | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """The whole sweep, combination after combination (``call(run_combination, cfg, combo, root)``
-    lets a flow run each as a task); a finished sweep is returned as recorded."""
+    lets a flow run each as a task); a finished sweep is returned as recorded. ``progress`` (without
+    ``call``) follows each stage of each combination, told which combination and stage start."""
     cfg = cfg.check()
     done = storage.join(sweep_uri(cfg, root), "sweep.json")
     if storage.exists(done):
+        tell(progress, f"reusing {done}: the same sweep finished before")
         return storage.read_json(done)
-    call = call or (lambda fn, *a: fn(*a))
-    rows = [call(run_combination, cfg, combo, root) for combo in combinations(cfg)]
+    if call is not None:
+        return finish_sweep(cfg, [call(run_combination, cfg, combo, root) for combo in combinations(cfg)], root)
+    combos, rows = combinations(cfg), []
+    for i, combo in enumerate(combos):  # what each says is prefixed: "combination 2 of 4 (schedule=cosine): train"
+        which = f"combination {i + 1} of {len(combos)} ({combo_label(combo, list(combo))}): "
+        rows.append(run_combination(cfg, combo, root, None if progress is None else told_as(progress, which)))
     return finish_sweep(cfg, rows, root)

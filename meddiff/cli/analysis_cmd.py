@@ -11,6 +11,7 @@ from rich.table import Table
 from meddiff.cli import app
 from meddiff.cli.tables import titled
 from meddiff.cli.train_cmd import parse_channels
+from meddiff.progress import rich_progress
 
 console = Console()
 
@@ -43,7 +44,8 @@ def sweep(
         base["network_channels"] = parse_channels(channels)
     cfg = SweepConfig(dataset_uri, parse_grid(grid), base, per_class, sample_steps, likelihood_images,
                       likelihood_timesteps, rank_by, device, seed)
-    rec = run_sweep(cfg, storage_root)
+    with rich_progress("sweep") as progress:  # each stage of each combination in turn, named above the bar
+        rec = run_sweep(cfg, storage_root, progress=progress)
     console.print(sweep_table(rec))
     console.print(best_sentence(rec), markup=False, highlight=False)
     print(rec["uri"])
@@ -93,7 +95,8 @@ def anomaly(
     from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies
 
     cfg = AnomalyConfig(normal, split, level, steps, guidance, max_images or None, batch_size, heatmaps, device, seed)
-    rec = detect_anomalies(model_uri, dataset_uri, cfg, storage_root)
+    with rich_progress("anomaly") as progress:  # reconstructions (two per image with the ratio score)
+        rec = detect_anomalies(model_uri, dataset_uri, cfg, storage_root, progress)
     t = titled(f"AUROC, normal = {rec['config']['normal']} ({rec['config']['split']} split)")
     for c in ("score", "anomalies", "AUROC", "95% CI", "n anomalous / normal"):
         t.add_column(c)

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from meddiff.cli import app
 from meddiff.cli.tables import titled
+from meddiff.progress import rich_progress
 
 console = Console()
 
@@ -32,7 +33,8 @@ def likelihood(
     cfg = LikelihoodConfig(split=split, max_images=max_images or None, timesteps=timesteps or None,
                            batch_size=batch_size, conditional=not unconditional, variance=variance,
                            device=device, seed=seed)
-    rec = run(model_uri, dataset_uri, cfg)
+    with rich_progress("likelihood") as progress:  # images scored
+        rec = run(model_uri, dataset_uri, cfg, progress)
     t = titled(f"bits/dim ({rec['conditioning']}) on {split}: {rec['estimator']}")
     for col in ("scope", "bits/dim", "95% CI", "n"):
         t.add_column(col)

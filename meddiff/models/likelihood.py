@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from meddiff.errors import MeddiffError, check_seed
+from meddiff.progress import Progress, tell
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,C,H,W), t (B,)) → network output
 Prediction = Literal["epsilon", "v_prediction"]  # MONAI's prediction_type names (scheduler_config)
@@ -184,8 +185,8 @@ def check_ddpm(model: Any) -> None:
                            "for DDPM models only (an ODE likelihood for rectified flow is not implemented)")
 
 
-def model_bits_per_dim(model: Any, images: np.ndarray, labels: np.ndarray, cfg: LikelihoodConfig
-                       ) -> dict[str, np.ndarray]:
+def model_bits_per_dim(model: Any, images: np.ndarray, labels: np.ndarray, cfg: LikelihoodConfig,
+                       progress: Progress | None = None) -> dict[str, np.ndarray]:
     """Per-image bits/dim of uint8 images (N, C, H, W) with class ids (N,): terms ``total``, ``prior``,
     ``diffusion``, ``decoder`` → float64 arrays (N,). Per-class models score each image with its
     class's network (p(x | y)); so do conditional ones unless ``cfg.conditional`` is False."""
@@ -198,6 +199,7 @@ def model_bits_per_dim(model: Any, images: np.ndarray, labels: np.ndarray, cfg: 
     prediction = model.scheduler_config["prediction_type"]
     dims = int(np.prod(images.shape[1:]))
     out = {k: np.zeros(len(images)) for k in ("total", "prior", "diffusion", "decoder")}
+    done = 0
     for sel in batches_by_class(labels, cfg.batch_size, per_class=model.mode == "per-class"):
         x0 = torch.from_numpy(images[sel]).to(device).double() / 127.5 - 1  # [0, 255] → [-1, 1]
         y = torch.from_numpy(labels[sel]).to(device)
@@ -207,6 +209,9 @@ def model_bits_per_dim(model: Any, images: np.ndarray, labels: np.ndarray, cfg: 
             terms = vlb_terms(denoise, x0, abar, prediction, cfg.timesteps, g, variance=cfg.variance)
         for name, v in terms.items():
             out[name][sel] = bits_per_dim(v, dims).cpu().numpy()
+        done += len(sel)
+        if progress is not None:
+            progress(done, len(images))
     return out
 
 
@@ -229,9 +234,11 @@ def summarize(per_image: dict[str, np.ndarray], labels: np.ndarray, class_names:
     return {"overall": overall, "per_class": per_class}
 
 
-def likelihood(model_uri: str, dataset_uri: str, cfg: LikelihoodConfig | None = None) -> dict[str, Any]:
+def likelihood(model_uri: str, dataset_uri: str, cfg: LikelihoodConfig | None = None,
+               progress: Progress | None = None) -> dict[str, Any]:
     """Bits/dim of a DDPM model on a real split; the record is written (atomically) to
-    ``<model>/likelihood/<split>-<hash>.json`` and reused when it exists. Returns the record."""
+    ``<model>/likelihood/<split>-<hash>.json`` and reused when it exists (``progress`` is told so).
+    Returns the record; ``progress(images scored, images)``."""
     from meddiff import storage
     from meddiff.data.shards import open_dataset
     from meddiff.models.trained import load_model
@@ -248,6 +255,7 @@ def likelihood(model_uri: str, dataset_uri: str, cfg: LikelihoodConfig | None = 
                         "config": {**vars(cfg), "device": None}})
     uri = storage.join(model.uri, "likelihood", f"{cfg.split}-{key}.json")
     if storage.exists(uri):
+        tell(progress, f"reusing {uri}: this model scored the same request before")
         return storage.read_json(uri)
     images, labels = ds.load_split(cfg.split)
     if len(images) == 0:
@@ -255,7 +263,7 @@ def likelihood(model_uri: str, dataset_uri: str, cfg: LikelihoodConfig | None = 
     if cfg.max_images is not None and len(images) > cfg.max_images:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(images), cfg.max_images, replace=False))
         images, labels = images[keep], labels[keep]
-    per_image = model_bits_per_dim(model, images, labels, cfg)
+    per_image = model_bits_per_dim(model, images, labels, cfg, progress)
     record = make_record("likelihood", cfg, {"model": model.uri, "checkpoint_sha256": model.checkpoint_sha256,
                                              "dataset": ds.uri, "dataset_version": ds.version},
                          estimator=("variational bound (Ho et al. 2020, eq. 5), bits/dim; KL sum over "
