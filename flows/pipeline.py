@@ -25,7 +25,8 @@ _D = PipelineConfig()  # the library's defaults: the flow restates them (tests/t
 # object storage and downloads are retried with backoff; training is not (it resumes from checkpoints)
 RETRIES = {"ingest": 2, "train-autoencoder": 1, "encode": 2, "train": 1, "generate": 2, "evaluate": 2}
 # the unit of each stage's progress lines (steps print bare); every stage that takes a progress callback
-UNITS = {"ingest": " images", "train-autoencoder": "", "train": "", "generate": " images", "evaluate": " stages"}
+UNITS = {"ingest": " images", "train-autoencoder": "", "encode": " images", "train": "", "generate": " images",
+         "evaluate": " stages"}
 
 
 def run_name() -> str:

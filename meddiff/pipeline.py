@@ -179,7 +179,7 @@ def _latent_stages(cfg: PipelineConfig, dataset_uri: str, root: str, device: str
               progress("train-autoencoder"))
     record("train-autoencoder", ae.uri, ae.existed)
     enc = call("encode", encode_with_report, dataset_uri, ae.uri, device, 1000, root, cfg.domain_steps,
-               cfg.latent_umap)
+               cfg.latent_umap, None, progress("encode"))
     record("encode", enc["uri"], enc["existed"])
     return ae.uri
 

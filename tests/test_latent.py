@@ -92,9 +92,15 @@ def test_encode_writes_codes_shards_and_report(breastmnist_uri, vqvae_uri, sessi
     from meddiff.data.shards import iter_shard, open_dataset
     from meddiff.evaluate.reconstruction import encode_with_report
 
+    from told import Told
+
+    told = Told()
     out = encode_with_report(breastmnist_uri, vqvae_uri, "cpu", max_images=40, root=session_storage,
-                             domain_steps=5, with_umap=False)
+                             domain_steps=5, with_umap=False, progress=told)
     card, ds = out["card"], open_dataset(breastmnist_uri)
+    assert not out["existed"] and told == ["reconstruction report on up to 40 val images",
+                                           "encoding every split into latent shards"]
+    assert told.counts[-1] == (780, 780) and told.counts == sorted(told.counts)  # every split's images, in order
     assert card["counts"] == {s: sum(ds.card["counts"][s].values()) for s in card["counts"]}
     sample = next(iter_shard(str(Path(out["uri"]) / card["shards"]["train"][0])))
     codes = np.load(io.BytesIO(sample["npy"]))
@@ -104,7 +110,9 @@ def test_encode_writes_codes_shards_and_report(breastmnist_uri, vqvae_uri, sessi
     assert rec["n"] == 40 and 5 < rec["psnr_db"]["mean"] < 60 and -1 <= rec["ssim"]["mean"] <= 1
     assert rec["ms_ssim"] is None  # 28 px < 161 px
     assert rec["features"]["fid"] >= 0 and "baseline" in rec["features"]
-    assert encode_with_report(breastmnist_uri, vqvae_uri, "cpu", root=session_storage)["existed"]
+    told = Told()
+    assert encode_with_report(breastmnist_uri, vqvae_uri, "cpu", root=session_storage, progress=told)["existed"]
+    assert told == [f"reusing {out['uri']}: this dataset was encoded with this autoencoder before"]
 
 
 def test_latent_conditional_generate_verify_regenerate(latent_conditional_uri, vae_uri, session_storage):

@@ -63,8 +63,9 @@ def encode(
     """Encode a dataset into latent shards (float16 or VQ codes) + reconstruction report; prints their URI."""
     from meddiff.evaluate.reconstruction import encode_with_report
 
-    out = encode_with_report(dataset_uri, autoencoder_uri, device, max_images, storage_root,
-                             perceptual_weights=perceptual_weights)
+    with rich_progress("encode") as progress:  # the report's steps told above the bar; it counts images encoded
+        out = encode_with_report(dataset_uri, autoencoder_uri, device, max_images, storage_root,
+                                 perceptual_weights=perceptual_weights, progress=progress)
     card = out["card"]
     typer.echo(f"{card['total_images']} images: {card['pixel_bytes_total']:,} → {card['latent_bytes_total']:,} bytes "
                f"(saved {card['bytes_saved']:,})", err=True)

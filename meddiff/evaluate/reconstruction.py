@@ -25,6 +25,7 @@ from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
 from meddiff.evaluate.fidelity import fid, kid
 from meddiff.evaluate.similarity import ms_ssim_pairs, ssim_pairs
 from meddiff.models.autoencoders import TrainedAutoencoder, load_autoencoder
+from meddiff.progress import Progress, tell
 
 RELIABLE_N = 250  # below this, set-level metrics carry a warning
 
@@ -158,16 +159,20 @@ def reconstruction_report(dataset_uri: str, ae_uri: str, device: str = "auto", m
 
 def encode_with_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_images: int = 1000,
                        root: str | None = None, domain_steps: int | None = None, with_umap: bool = True,
-                       perceptual_weights: str | None = None) -> dict:
+                       perceptual_weights: str | None = None, progress: Progress | None = None) -> dict:
     """``meddiff encode``: check the AE fits the dataset, write the reconstruction report and pictures,
-    then the latent shards with ``latents.json`` last (it carries the report). Idempotent."""
+    then the latent shards with ``latents.json`` last (it carries the report). Idempotent.
+    ``progress`` is told each step and counts the images encoded."""
     from meddiff.train.latent import autoencoder_ref
     from meddiff.train.latent_shards import RECORD, find_latents, latents_uri, write_latents
 
     ds = open_dataset(dataset_uri)
     ref = autoencoder_ref(ae_uri, ds)  # another dataset / size / channels → MeddiffError, nothing written
     if (uri := find_latents(ds, ref)) is not None:
+        tell(progress, f"reusing {uri}: this dataset was encoded with this autoencoder before")
         return {"uri": uri, "card": storage.read_json(storage.join(uri, RECORD)), "existed": True}
+    tell(progress, f"reconstruction report on up to {max_images} val images"
+                   + (", with a UMAP of their latents" if with_umap else ""))
     report, pictures = reconstruction_report(dataset_uri, ae_uri, device, max_images, domain_steps, with_umap,
                                              perceptual_weights)
     from pathlib import Path
@@ -176,5 +181,6 @@ def encode_with_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_
     for name, png in pictures.items():
         storage.write_bytes(storage.join(uri, name), png)
     dev = str(resolve_device(device))
-    uri, card = write_latents(ds, load_autoencoder(ae_uri, dev), {"reconstruction": report})
+    tell(progress, "encoding every split into latent shards")
+    uri, card = write_latents(ds, load_autoencoder(ae_uri, dev), {"reconstruction": report}, progress)
     return {"uri": uri, "card": card, "existed": False}

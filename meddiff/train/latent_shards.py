@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from meddiff.data.images import decode_png
 from meddiff.data.shards import DatasetVersion, iter_shard, write_shard
 from meddiff.errors import MeddiffError
 from meddiff.models.autoencoders import TrainedAutoencoder
+from meddiff.progress import Progress
 from meddiff.records import make_record
 
 SPLITS = ("train", "val", "test")
@@ -48,9 +49,9 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 @torch.no_grad()
-def encode_split(ds: DatasetVersion, ae: TrainedAutoencoder, split: str, out: Path, batch: int = 64
-                 ) -> tuple[list[str], int, int]:
-    """Write ``out/<split>-%06d.tar``; returns (shard names, images, latent bytes)."""
+def encode_split(ds: DatasetVersion, ae: TrainedAutoencoder, split: str, out: Path, batch: int = 64,
+                 done: Callable[[int], None] | None = None) -> tuple[list[str], int, int]:
+    """Write ``out/<split>-%06d.tar``; returns (shard names, images, latent bytes). ``done(images so far)``."""
     vq = ae.card["ae_kind"] == "vqvae"
     samples, names, n, nbytes = [], [], 0, 0
 
@@ -69,6 +70,8 @@ def encode_split(ds: DatasetVersion, ae: TrainedAutoencoder, split: str, out: Pa
             samples.append({"__key__": s["__key__"], "npy": _npy(zi), "cls": s["cls"]})
             nbytes += zi.nbytes
         n += len(chunk)
+        if done is not None:
+            done(n)
         if len(samples) >= SHARD_SIZE:
             flush()
     if samples or not names:
@@ -76,8 +79,10 @@ def encode_split(ds: DatasetVersion, ae: TrainedAutoencoder, split: str, out: Pa
     return names, n, nbytes
 
 
-def write_latents(ds: DatasetVersion, ae: TrainedAutoencoder, extra: dict[str, Any] | None = None) -> tuple[str, dict]:
-    """Encode every split of ``ds`` (a re-run with a complete record does nothing); ``latents.json`` last."""
+def write_latents(ds: DatasetVersion, ae: TrainedAutoencoder, extra: dict[str, Any] | None = None,
+                  progress: Progress | None = None) -> tuple[str, dict]:
+    """Encode every split of ``ds`` (a re-run with a complete record does nothing); ``latents.json`` last.
+    ``progress(images encoded, images)`` over all splits."""
     ref = {"uri": ae.uri, "sha256": ae.sha256}
     uri = latents_uri(ds, Path(ae.uri).name)
     if find_latents(ds, ref):
@@ -85,9 +90,12 @@ def write_latents(ds: DatasetVersion, ae: TrainedAutoencoder, extra: dict[str, A
     work = storage.local_staging(storage.storage_root(None), "latents") if storage.is_remote(uri) else Path(uri)
     work.mkdir(parents=True, exist_ok=True)
     shards, counts, latent_bytes = {}, {}, 0
+    total = sum(ds.card["totals"].get(s, 0) for s in SPLITS if ds.card["shards"].get(s))
     for split in SPLITS:
         if ds.card["shards"].get(split):
-            shards[split], counts[split], b = encode_split(ds, ae, split, work)
+            before = sum(counts.values())
+            done = None if progress is None else (lambda n, before=before: progress(before + n, total))
+            shards[split], counts[split], b = encode_split(ds, ae, split, work, done=done)
             latent_bytes += b
     total = sum(counts.values())
     pixel_bytes = total * ds.channels * ds.image_size ** 2
