@@ -57,6 +57,7 @@ def test_calibrate_breastmnist_via_cli(breastmnist_uri):
     out = CliRunner().invoke(app, ["calibrate", breastmnist_uri, "--domain-steps", "150", "--device", "cpu",
                                        "--tstr-steps", "100"])
     assert out.exit_code == 0, out.output
+    assert "scoring the memorizer generator (3 of 5)" in out.output and "5/5" in out.output  # progress
     json_uri = out.output.strip().splitlines()[-1]
     assert json_uri.endswith("calibration.json") and Path(json_uri).with_name("calibration.html").is_file()
     assert "Fit for use" in out.output and "Not fit for use" in out.output  # the three verdict sentences
@@ -76,13 +77,22 @@ def test_calibrate_breastmnist_via_cli(breastmnist_uri):
 def test_calibrate_bloodmnist(bloodmnist_uri, tmp_path):
     cfg = CalibrationConfig(eval=EvalConfig(features=("domain",), device="cpu", cache_root=str(tmp_path / "cache"),
                                             domain=DomainTrainConfig(steps=300)))
-    json_uri, record = calibrate(bloodmnist_uri, cfg, root=str(tmp_path))
+    from told import Told
+
+    told = Told()
+    json_uri, record = calibrate(bloodmnist_uri, cfg, root=str(tmp_path), progress=told)
     assert json_uri == f"{calibration_uri(bloodmnist_uri, cfg, str(tmp_path))}/calibration.json"
+    assert told == ["features: the domain classifier (trained once per dataset version, cached after) (1 of 5)",
+                    "scoring the perfect generator (2 of 5)", "scoring the memorizer generator (3 of 5)",
+                    "scoring the collapsed generator (4 of 5)", "TSTR classifiers (5 of 5)"]
+    assert told.counts == [(i, 5) for i in range(6)]
     assert record["perfect"]["n"] == 400
     check_expected(record)
     check_tstr_matches_real(record)
-    again_uri, again = calibrate(bloodmnist_uri, cfg, root=str(tmp_path))  # content-addressed: reused
-    assert again_uri == json_uri and again["created_at"] == record["created_at"]
+    told = Told()
+    again_uri, again = calibrate(bloodmnist_uri, cfg, root=str(tmp_path), progress=told)  # content-addressed:
+    assert again_uri == json_uri and again["created_at"] == record["created_at"]  # reused, and says so
+    assert told == [f"reusing {json_uri}: the same calibration was made before (--force to redo)"]
     # a record judged by older verdict rules (report schema 3) is recomputed, not served as current
     Path(json_uri).write_text(json.dumps({**record, "report_schema_version": 3}))
     _, fresh = calibrate(bloodmnist_uri, cfg, root=str(tmp_path))

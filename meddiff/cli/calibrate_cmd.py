@@ -10,6 +10,7 @@ from rich.console import Console
 
 from meddiff.cli import app
 from meddiff.cli.tables import titled
+from meddiff.progress import rich_progress
 
 console = Console()
 
@@ -41,8 +42,9 @@ def calibrate(
     domain = DomainTrainConfig() if domain_steps is None else replace(DomainTrainConfig(), steps=domain_steps)
     ecfg = EvalConfig(features=tuple(f.strip() for f in features.split(",") if f.strip()), domain=domain,
                       device=device, seed=seed, tstr_steps=tstr_steps)
-    uri, record = run(dataset_uri, CalibrationConfig(cohort_size=cohort_size, seed=seed, tstr=tstr, eval=ecfg),
-                      force=force)
+    with rich_progress("calibrate") as progress:  # stages, each named above the bar as it starts
+        uri, record = run(dataset_uri, CalibrationConfig(cohort_size=cohort_size, seed=seed, tstr=tstr, eval=ecfg),
+                          force=force, progress=progress)
     n = record["perfect"]["n"]  # the perfect generator draws from half the test split: it may cap the size
     limit = f"; the test split's other half limits it, --cohort-size asked {cohort_size}" if n < cohort_size else ""
     t = titled(f"calibration of {dataset_uri} ({n} images per generator{limit})")

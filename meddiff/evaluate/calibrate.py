@@ -38,6 +38,7 @@ from meddiff.evaluate.loading import Images, RealSplits, load_real
 from meddiff.evaluate.report import REPORT_SCHEMA_VERSION
 from meddiff.evaluate.scoring import evaluate_images
 from meddiff.evaluate.summary import headline_rows
+from meddiff.progress import Progress, tell
 from meddiff.records import content_hash, make_record
 
 GENERATORS = ("perfect", "memorizer", "collapsed")
@@ -165,8 +166,9 @@ def calibration_uri(dataset_uri: str, cfg: CalibrationConfig, root: str | None =
 
 
 def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str | None = None,
-              force: bool = False) -> tuple[str, dict[str, Any]]:
-    """Score the three reference generators; returns (calibration.json URI, its content)."""
+              force: bool = False, progress: Progress | None = None) -> tuple[str, dict[str, Any]]:
+    """Score the three reference generators; returns (calibration.json URI, its content). ``progress``
+    counts the stages (features, each generator, TSTR), each told as it starts."""
     cfg = (cfg or CalibrationConfig()).check()
     ecfg = replace(cfg.eval, umap_points=0).check()  # calibration.html draws no per-generator UMAP
     out = calibration_uri(dataset_uri, cfg, root)
@@ -174,19 +176,34 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
     if not force and storage.exists(json_uri) and storage.exists(storage.join(out, "calibration.html")):
         old = storage.read_json(json_uri)
         if old.get("report_schema_version") == REPORT_SCHEMA_VERSION:  # else judged by older rules: recompute
+            tell(progress, f"reusing {json_uri}: the same calibration was made before (--force to redo)")
             return json_uri, old
+    stages = ["features: the domain classifier (trained once per dataset version, cached after)",
+              *(f"scoring the {g} generator" for g in GENERATORS), *(["TSTR classifiers"] if cfg.tstr else [])]
+
+    def stage(i: int) -> None:  # stage i starts (i == len(stages): all done)
+        if progress is not None:
+            progress(i, len(stages))
+        if i < len(stages):
+            tell(progress, f"{stages[i]} ({i + 1} of {len(stages)})")
+
+    stage(0)
     dataset = open_dataset(dataset_uri)
     device = str(resolve_device(ecfg.device))
     gens, real = reference_generators(load_real(dataset, ecfg.heldout_split), cfg)
     domain = _SameRealFeatures(load_or_train_domain(dataset, ecfg.domain, device, ecfg.cache_root))
     inception = load_inception(device) if "inception" in ecfg.features else None
     results = {}
-    for name, imgs in gens.items():
+    for i, (name, imgs) in enumerate(gens.items(), 1):
+        stage(i)
         body = evaluate_images(imgs, real, ecfg, dataset.class_names, domain, inception).body
         results[name] = {"verdict": body["verdict"]["verdict"], "sentence": body["verdict"]["sentence"],
                          "n": len(imgs), "headline": body["headline"], "metrics": body["metrics"],
                          "flagged_fraction": body["memorization"]["flagged"] / max(len(imgs), 1)}
+    if cfg.tstr:
+        stage(len(stages) - 1)
     tstr = calibration_tstr(gens, real, dataset.num_classes, ecfg, cfg.seed, device) if cfg.tstr else None
+    stage(len(stages))
     for name in GENERATORS:
         results[name]["tstr"] = tstr and tstr["generators"][name]
     record = make_record("calibration", cfg, {"dataset_uri": dataset.uri, "dataset_version": dataset.version},
