@@ -293,6 +293,29 @@ def test_two_processes_training_the_same_autoencoder_share_the_work(breastmnist_
     assert load_autoencoder(str(run), "cpu").card["steps"] == 150  # its weights match the card's sha256
 
 
+def test_two_processes_encoding_the_same_latents_share_the_work(medmnist_dir, tmp_path):
+    """encode took no lock: two identical runs both computed the reconstruction report and wrote every
+    latent shard into the same folder (harmless bytes, twice the work); now one waits, then reuses them."""
+    from meddiff.data.ingest import IngestConfig, ingest
+    from meddiff.train.ae_config import AETrainConfig
+    from meddiff.train.autoencoder import train_autoencoder
+
+    root = str(tmp_path / "root")
+    ds = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), root).uri
+    ae = train_autoencoder(AETrainConfig(ds, kind="vae", steps=4, batch_size=8, adv_warmup_steps=2,
+                                         device="cpu"), root).uri
+    args = [str(Path(sys.executable).with_name("meddiff")), "encode", ds, ae, "--max-images", "40",
+            "--device", "cpu", "--storage", root]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-1500:] for _, err in outs]
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1  # the same latents
+    errs = "".join(err for _, err in outs)
+    assert errs.count("encoding every split into latent shards") == 1, errs  # one process did the work
+    assert errs.count("this dataset was encoded with this autoencoder before") == 1  # the other reused it
+
+
 # --------------------------------------------------------------------------- chaos, CI-sized
 
 @pytest.mark.slow

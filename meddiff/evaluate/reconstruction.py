@@ -161,26 +161,30 @@ def encode_with_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_
                        root: str | None = None, domain_steps: int | None = None, with_umap: bool = True,
                        perceptual_weights: str | None = None, progress: Progress | None = None) -> dict:
     """``meddiff encode``: check the AE fits the dataset, write the reconstruction report and pictures,
-    then the latent shards with ``latents.json`` last (it carries the report). Idempotent.
+    then the latent shards with ``latents.json`` last (it carries the report). Idempotent; a second
+    process asking for the same latents waits for the first, then reuses them (the artifact lock).
     ``progress`` is told each step and counts the images encoded."""
+    from pathlib import Path
+
+    from meddiff.locks import artifact_lock, tell_waiting
     from meddiff.train.latent import autoencoder_ref
     from meddiff.train.latent_shards import RECORD, find_latents, latents_uri, write_latents
 
     ds = open_dataset(dataset_uri)
     ref = autoencoder_ref(ae_uri, ds)  # another dataset / size / channels → MeddiffError, nothing written
-    if (uri := find_latents(ds, ref)) is not None:
-        tell(progress, f"reusing {uri}: this dataset was encoded with this autoencoder before")
-        return {"uri": uri, "card": storage.read_json(storage.join(uri, RECORD)), "existed": True}
-    tell(progress, f"reconstruction report on up to {max_images} val images"
-                   + (", with a UMAP of their latents" if with_umap else ""))
-    report, pictures = reconstruction_report(dataset_uri, ae_uri, device, max_images, domain_steps, with_umap,
-                                             perceptual_weights)
-    from pathlib import Path
-
     uri = latents_uri(ds, Path(ref["uri"]).name)
-    for name, png in pictures.items():
-        storage.write_bytes(storage.join(uri, name), png)
-    dev = str(resolve_device(device))
-    tell(progress, "encoding every split into latent shards")
-    uri, card = write_latents(ds, load_autoencoder(ae_uri, dev), {"reconstruction": report}, progress)
-    return {"uri": uri, "card": card, "existed": False}
+    if find_latents(ds, ref) is None:
+        with artifact_lock(uri, tell_waiting(progress, uri)):
+            if find_latents(ds, ref) is None:  # (another process may have finished them while this one waited)
+                tell(progress, f"reconstruction report on up to {max_images} val images"
+                               + (", with a UMAP of their latents" if with_umap else ""))
+                report, pictures = reconstruction_report(dataset_uri, ae_uri, device, max_images, domain_steps,
+                                                         with_umap, perceptual_weights)
+                for name, png in pictures.items():
+                    storage.write_bytes(storage.join(uri, name), png)
+                tell(progress, "encoding every split into latent shards")
+                ae = load_autoencoder(ae_uri, str(resolve_device(device)))
+                uri, card = write_latents(ds, ae, {"reconstruction": report}, progress)
+                return {"uri": uri, "card": card, "existed": False}
+    tell(progress, f"reusing {uri}: this dataset was encoded with this autoencoder before")
+    return {"uri": uri, "card": storage.read_json(storage.join(uri, RECORD)), "existed": True}
