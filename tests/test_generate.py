@@ -46,6 +46,39 @@ def test_per_class_quota_exact_and_verified(tiny_conditional_model_uri, bloodmni
     assert again.existed and again.uri == r.uri
 
 
+def test_cohort_id_does_not_depend_on_where_the_model_is_stored(tiny_conditional_model_uri, tmp_path):
+    """The cohort's id once hashed the model's absolute URI: the same model in another clone, on another
+    worker's mount or under a moved storage root made a new cohort id, so a re-run generated it again."""
+    import shutil
+
+    moved = tmp_path / "elsewhere" / "models" / Path(tiny_conditional_model_uri).name
+    shutil.copytree(tiny_conditional_model_uri, moved)
+    here = generate(spec(tiny_conditional_model_uri, per_class=1), str(tmp_path / "a"))
+    there = generate(spec(str(moved), per_class=1), str(tmp_path / "b"))
+    assert Path(here.uri).name == Path(there.uri).name
+    images = [open_cohort(r.uri).manifest().set_index("key")["image_sha256"] for r in (here, there)]
+    assert len(images[0]) == 8 and images[0].equals(images[1])  # the same images (each records its model_uri)
+
+
+def test_a_cohort_made_under_the_old_id_is_still_found(tiny_conditional_model_uri, tmp_path):
+    """Cohorts made before the change (id and spec.json naming the model by its URI) are reused where
+    their storage has not moved, not generated again under the new id."""
+    import json
+
+    from meddiff.generate.cohort import legacy_identity
+    from meddiff.records import content_hash
+
+    made = generate(spec(tiny_conditional_model_uri, per_class=1), str(tmp_path))
+    ident = json.loads((Path(made.uri) / "spec.json").read_text())
+    legacy = legacy_identity(ident, load_model(tiny_conditional_model_uri, "cpu"))
+    assert legacy["model_uri"] == tiny_conditional_model_uri and "model" not in legacy
+    old = Path(made.uri).with_name(f"{Path(tiny_conditional_model_uri).name}-{content_hash(legacy)}")
+    Path(made.uri).rename(old)
+    (old / "spec.json").write_text(json.dumps(legacy))
+    again = generate(spec(tiny_conditional_model_uri, per_class=1), str(tmp_path))
+    assert again.existed and again.uri == str(old) and not Path(made.uri).exists()
+
+
 def test_total_balanced_and_ratios(tiny_conditional_model_uri, tiny_per_class_model_uri, tmp_path):
     r = generate(spec(tiny_conditional_model_uri, total=10), str(tmp_path))
     assert list(r.counts.values()) == [2, 2, 1, 1, 1, 1, 1, 1]

@@ -59,11 +59,19 @@ def identity(spec: CohortSpec, model: TrainedModel, quotas: dict[str, int], guid
              device: torch.device) -> dict:
     """What determines the cohort's bytes. Batch size is in: CPU/GPU kernels choose their blocking by
     batch size, so it can move the last bits of an image (at most ±1 grey level on rare pixels); so are
-    the device type and the network's autocast dtype, so a cohort never mixes CPU- and GPU-made shards."""
-    return {"model_uri": model.uri, "checkpoint_sha256": model.checkpoint_sha256, "quotas": quotas,
+    the device type and the network's autocast dtype, so a cohort never mixes CPU- and GPU-made shards.
+    The model is named by its run id, its bytes pinned by the checkpoint's sha256: not by its URI, so the
+    cohort's id does not depend on where the storage is mounted (another clone, worker or bucket path)."""
+    return {"model": Path(model.uri).name, "checkpoint_sha256": model.checkpoint_sha256, "quotas": quotas,
             "sampler": spec.sampler, "steps": spec.steps, "guidance": guidance, "seed": spec.seed,
             "shard_size": spec.shard_size, "batch_size": spec.batch_size, **precision(device),
             "write_order": WRITE_ORDER, **({"unconditional": True} if spec.unconditional else {})}
+
+
+def legacy_identity(ident: dict, model: TrainedModel) -> dict:
+    """``ident`` as cohorts made before 2026-12-06 recorded it: the model by its URI (so that such a
+    cohort is still found, and resumed, where its storage has not moved)."""
+    return {"model_uri": model.uri, **{k: v for k, v in ident.items() if k != "model"}}
 
 
 @dataclass(frozen=True)
@@ -114,10 +122,13 @@ def plan_cohort(spec: CohortSpec, root: str | None = None) -> CohortPlan | Cohor
     guidance = check_compatible(spec, model)
     quotas, class_of = _plan(spec, model)
     ident = identity(spec, model, quotas, guidance, device)
-    cohort_id = spec.name or f"{Path(model.uri).name}-{content_hash(ident)}"
+    legacy, run = legacy_identity(ident, model), Path(model.uri).name
+    cohort_id = spec.name or f"{run}-{content_hash(ident)}"
+    if not spec.name and storage.exists(storage.join(root, "cohorts", f"{run}-{content_hash(legacy)}", "spec.json")):
+        cohort_id = f"{run}-{content_hash(legacy)}"  # made (or begun) before the id stopped naming the model's URI
     uri = storage.join(root, "cohorts", cohort_id)
     if storage.exists(storage.join(uri, "spec.json")):
-        if storage.read_json(storage.join(uri, "spec.json")) != ident:
+        if storage.read_json(storage.join(uri, "spec.json")) not in (ident, legacy):
             raise MeddiffError(f"cohort {cohort_id!r} already exists at {uri} with a different spec; "
                                "choose another --name or delete it")
         if storage.exists(storage.join(uri, "cohort.json")):
