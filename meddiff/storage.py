@@ -74,6 +74,30 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
+LAYOUT = ("datasets", "models", "autoencoders", "cohorts")  # the folders directly under a storage root
+
+
+def relocated(recorded: str, anchor: str, record: str) -> str:
+    """Where an artifact a card names (``recorded``, e.g. a cohort's dataset) is now: ``recorded`` while
+    its ``record`` file is there, else the same layout path (``datasets/<name>/<version>``,
+    ``models/<run>``) under the storage root that ``anchor`` (the artifact being read) sits in, when its
+    ``record`` is there: a root that was moved, copied or mounted elsewhere keeps working. Else
+    ``recorded`` unchanged (the caller's error names it)."""
+    if exists(join(recorded, record)):
+        return recorded
+
+    def split(uri: str) -> tuple[str, str] | None:  # (root, layout path) at the last layout folder
+        parts = uri.rstrip("/").split("/")
+        top = max((i for i, p in enumerate(parts) if p in LAYOUT), default=None)
+        return None if top is None else ("/".join(parts[:top]), "/".join(parts[top:]))
+
+    old, here = split(recorded), split(anchor)
+    if old is None or here is None or not here[0]:
+        return recorded
+    moved = join(here[0], old[1])
+    return moved if exists(join(moved, record)) else recorded
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     try:

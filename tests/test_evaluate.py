@@ -180,6 +180,32 @@ def test_a_report_made_with_other_settings_is_replaced_with_a_word_saying_which(
     assert not again.existed and told[1:] == [f"replacing {uri}/report.json: its report.html is gone"]
 
 
+def test_a_moved_storage_root_still_finds_the_cohorts_dataset(breast, cfg, tmp_path):
+    """A cohort names its real dataset by the URI it had when generated; after the storage root moved,
+    evaluate used to fail with '<old path> does not exist'. It now finds the same version under the
+    cohort's root and says so; with no copy there it asks for --real."""
+    import shutil
+
+    from told import Told
+
+    ds, _, (xte, yte) = breast
+    name, version = Path(ds.uri).parent.name, Path(ds.uri).name
+    gone = f"{tmp_path}/old-root/datasets/{name}/{version}"  # where the root used to be
+    shutil.copytree(ds.uri, tmp_path / "root" / "datasets" / name / version)
+    uri = make_cohort(tmp_path / "root" / "cohorts" / "c", gone, ds.class_names, xte[:40], yte[:40])
+    told = Told()
+    result = evaluate_cohort(uri, cfg, told)
+    here = f"{tmp_path}/root/datasets/{name}/{version}"
+    assert result.report["inputs"]["dataset_uri"] == here and result.report["inputs"]["dataset_version"] == version
+    assert told == [f"the cohort's dataset is no longer at {gone}: using {here}, the same version under this "
+                    "cohort's storage root"]
+    lost = make_cohort(tmp_path / "elsewhere" / "cohorts" / "c", gone, ds.class_names, xte[:40], yte[:40])
+    with pytest.raises(MeddiffError, match=r"its real dataset .* is not there, nor under this cohort's storage "
+                                           r"root: pass the dataset version with --real"):
+        evaluate_cohort(lost, cfg)
+    assert _no_report(lost)
+
+
 def test_tstr_end_to_end(breast, cfg, tmp_path):
     ds, (xtr, ytr), (xte, yte) = breast
     uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:60], yte[:60])

@@ -51,13 +51,19 @@ def test_cohort_id_does_not_depend_on_where_the_model_is_stored(tiny_conditional
     worker's mount or under a moved storage root made a new cohort id, so a re-run generated it again."""
     import shutil
 
-    moved = tmp_path / "elsewhere" / "models" / Path(tiny_conditional_model_uri).name
+    from meddiff.data.cohorts import stored_png
+
+    moved = tmp_path / "b" / "models" / Path(tiny_conditional_model_uri).name
     shutil.copytree(tiny_conditional_model_uri, moved)
     here = generate(spec(tiny_conditional_model_uri, per_class=1), str(tmp_path / "a"))
     there = generate(spec(str(moved), per_class=1), str(tmp_path / "b"))
     assert Path(here.uri).name == Path(there.uri).name
     images = [open_cohort(r.uri).manifest().set_index("key")["image_sha256"] for r in (here, there)]
     assert len(images[0]) == 8 and images[0].equals(images[1])  # the same images (each records its model_uri)
+    # the whole root moved (model and cohort): regenerate follows the recorded model_uri to the new root
+    (tmp_path / "b").rename(tmp_path / "c")
+    cohort = str(tmp_path / "c" / "cohorts" / Path(there.uri).name)
+    assert regenerate(cohort, 3) == stored_png(cohort, 3)
 
 
 def test_a_cohort_made_under_the_old_id_is_still_found(tiny_conditional_model_uri, tmp_path):

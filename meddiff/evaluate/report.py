@@ -52,18 +52,30 @@ class EvalResult:
 
 
 def real_dataset_uri(cohort: Cohort, cfg: EvalConfig) -> str:
-    """The real dataset to compare with: the config's, else the cohort card's, else the model card's."""
+    """The real dataset to compare with: the config's, else the cohort card's, else the model card's (a
+    recorded URI followed to this cohort's storage root when that root was moved: storage.relocated)."""
     if cfg.real_uri:
         return cfg.real_uri
     if cohort.card.get("dataset_uri"):
-        return cohort.card["dataset_uri"]
-    model_uri = cohort.card.get("model_uri")
+        uri = storage.relocated(cohort.card["dataset_uri"], cohort.uri, "dataset.json")
+        if not storage.exists(storage.join(uri, "dataset.json")):
+            raise MeddiffError(f"{cohort.uri}: its real dataset {uri} (named in cohort.json) is not there, nor "
+                               "under this cohort's storage root: pass the dataset version with --real "
+                               "(`meddiff datasets list` shows them)")
+        return uri
+    model_uri = model_of(cohort)
     if model_uri and storage.exists(storage.join(model_uri, "model.json")):
         uri = (storage.read_json(storage.join(model_uri, "model.json")).get("dataset") or {}).get("uri")
         if uri:
-            return uri
+            return storage.relocated(uri, cohort.uri, "dataset.json")
     raise MeddiffError(f"{cohort.uri}: cohort.json names no real dataset (nor does its model card); "
                        "pass the dataset version with --real")
+
+
+def model_of(cohort: Cohort) -> str | None:
+    """The cohort's model (its card's URI, followed to this cohort's storage root if that was moved)."""
+    uri = cohort.card.get("model_uri")
+    return uri and storage.relocated(uri, cohort.uri, "model.json")
 
 
 def _config_hash(cfg: EvalConfig, dataset_uri: str) -> str:
@@ -158,6 +170,9 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress 
     device = str(resolve_device(cfg.device))
     report_uri = storage.join(cohort.uri, REPORT_JSON)
     dataset = open_dataset(real_dataset_uri(cohort, cfg))
+    if not cfg.real_uri and cohort.card.get("dataset_uri") not in (None, dataset.uri):
+        tell(progress, f"the cohort's dataset is no longer at {cohort.card['dataset_uri']}: using {dataset.uri}, "
+                       "the same version under this cohort's storage root")
     chash = _config_hash(cfg, dataset.uri)
     old, stale = (None, None) if force else _existing(report_uri, cohort.uri, chash, cfg, dataset.uri)
     if old is not None:
@@ -194,7 +209,7 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress 
 def write_report(cohort: Cohort, dataset: DatasetVersion, manifest: pd.DataFrame, syn: Images, real: RealSplits,
                  ev: Evaluation, cfg: EvalConfig, chash: str, device: str, report_uri: str) -> None:
     """report.html, the manifest's quality columns, then report.json (written last)."""
-    model_uri = cohort.card.get("model_uri")
+    model_uri = model_of(cohort)
     inputs = {"cohort_uri": cohort.uri, "cohort_id": cohort.card.get("cohort_id"), "dataset_uri": dataset.uri,
               "dataset_version": dataset.version, "model_uri": model_uri,
               "checkpoint_sha256": (cohort.card.get("inputs") or {}).get("checkpoint_sha256")}  # what made it, by hash
