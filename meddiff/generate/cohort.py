@@ -123,9 +123,10 @@ def plan_cohort(spec: CohortSpec, root: str | None = None) -> CohortPlan | Cohor
     quotas, class_of = _plan(spec, model)
     ident = identity(spec, model, quotas, guidance, device)
     legacy, run = legacy_identity(ident, model), Path(model.uri).name
+    legacy_id = f"{run}-{content_hash(legacy)}"  # a cohort made (or begun) before the id stopped naming the model's URI
     cohort_id = spec.name or f"{run}-{content_hash(ident)}"
-    if not spec.name and storage.exists(storage.join(root, "cohorts", f"{run}-{content_hash(legacy)}", "spec.json")):
-        cohort_id = f"{run}-{content_hash(legacy)}"  # made (or begun) before the id stopped naming the model's URI
+    if not spec.name and storage.exists(storage.join(root, "cohorts", legacy_id, "spec.json")):
+        cohort_id = legacy_id
     uri = storage.join(root, "cohorts", cohort_id)
     if storage.exists(storage.join(uri, "spec.json")):
         if storage.read_json(storage.join(uri, "spec.json")) not in (ident, legacy):
