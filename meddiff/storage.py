@@ -77,12 +77,11 @@ def join(uri: str, *parts: str) -> str:
 LAYOUT = ("datasets", "models", "autoencoders", "cohorts")  # the folders directly under a storage root
 
 
-def relocated(recorded: str, anchor: str, record: str) -> str:
+def relocated(recorded: str, anchor: str, record: str) -> str | None:
     """Where an artifact a card names (``recorded``, e.g. a cohort's dataset) is now: ``recorded`` while
     its ``record`` file is there, else the same layout path (``datasets/<name>/<version>``,
     ``models/<run>``) under the storage root that ``anchor`` (the artifact being read) sits in, when its
-    ``record`` is there: a root that was moved, copied or mounted elsewhere keeps working. Else
-    ``recorded`` unchanged (the caller's error names it)."""
+    ``record`` is there: a root that was moved, copied or mounted elsewhere keeps working. Else None."""
     if exists(join(recorded, record)):
         return recorded
 
@@ -93,9 +92,9 @@ def relocated(recorded: str, anchor: str, record: str) -> str:
 
     old, here = split(recorded), split(anchor)
     if old is None or here is None or not here[0]:
-        return recorded
+        return None
     moved = join(here[0], old[1])
-    return moved if exists(join(moved, record)) else recorded
+    return moved if exists(join(moved, record)) else None
 
 
 def exists(uri: str) -> bool:

@@ -58,16 +58,16 @@ def real_dataset_uri(cohort: Cohort, cfg: EvalConfig) -> str:
         return cfg.real_uri
     if cohort.card.get("dataset_uri"):
         uri = storage.relocated(cohort.card["dataset_uri"], cohort.uri, "dataset.json")
-        if not storage.exists(storage.join(uri, "dataset.json")):
-            raise MeddiffError(f"{cohort.uri}: its real dataset {uri} (named in cohort.json) is not there, nor "
-                               "under this cohort's storage root: pass the dataset version with --real "
-                               "(`meddiff datasets list` shows them)")
+        if uri is None:
+            raise MeddiffError(f"{cohort.uri}: its real dataset {cohort.card['dataset_uri']} (named in cohort.json) "
+                               "is not there, nor under this cohort's storage root: pass the dataset version with "
+                               "--real (`meddiff datasets list` shows them)")
         return uri
-    model_uri = model_of(cohort)
-    if model_uri and storage.exists(storage.join(model_uri, "model.json")):
+    recorded = cohort.card.get("model_uri")
+    if recorded and (model_uri := storage.relocated(recorded, cohort.uri, "model.json")):
         uri = (storage.read_json(storage.join(model_uri, "model.json")).get("dataset") or {}).get("uri")
         if uri:
-            return storage.relocated(uri, cohort.uri, "dataset.json")
+            return storage.relocated(uri, cohort.uri, "dataset.json") or uri  # (open_dataset names it if gone)
     raise MeddiffError(f"{cohort.uri}: cohort.json names no real dataset (nor does its model card); "
                        "pass the dataset version with --real")
 
@@ -75,7 +75,7 @@ def real_dataset_uri(cohort: Cohort, cfg: EvalConfig) -> str:
 def model_of(cohort: Cohort) -> str | None:
     """The cohort's model (its card's URI, followed to this cohort's storage root if that was moved)."""
     uri = cohort.card.get("model_uri")
-    return uri and storage.relocated(uri, cohort.uri, "model.json")
+    return uri and (storage.relocated(uri, cohort.uri, "model.json") or uri)
 
 
 def _config_hash(cfg: EvalConfig, dataset_uri: str) -> str:

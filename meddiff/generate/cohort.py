@@ -313,7 +313,8 @@ def regenerate(cohort_uri: str, sample_id: int, device: str | None = None, alone
                             f"({manifest.index.min()}..{manifest.index.max()})")
     row = manifest.loc[sample_id]
     dev = regenerate_device(card, device)
-    model = load_model(storage.relocated(row["model_uri"], cohort_uri, "model.json"), str(dev))  # root moved?
+    model_uri = storage.relocated(row["model_uri"], cohort_uri, "model.json") or row["model_uri"]  # root moved?
+    model = load_model(model_uri, str(dev))
     guidance = None if pd.isna(row["guidance_scale"]) else float(row["guidance_scale"])
     batch = [sample_id]
     if not alone:
