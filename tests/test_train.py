@@ -159,6 +159,30 @@ def test_rerun_finds_the_finished_model(blood_conditional, bloodmnist_uri):
     assert other.uri != blood_conditional.uri  # the run id follows the weights-defining config
 
 
+def test_the_same_training_writes_the_same_checkpoint_bytes_from_any_storage_root(breastmnist_uri, tmp_path):
+    """Checkpoints held the wall time and the dataset's absolute path, so the same training written from
+    two clones of a storage root (or after a move) had different sha256s, and so different cohort ids."""
+    version = Path(breastmnist_uri)
+    cards = []
+    for root in (tmp_path / "a", tmp_path / "elsewhere" / "b"):
+        uri = root / "datasets" / version.parent.name / version.name
+        shutil.copytree(version, uri)
+        cfg = TrainConfig(str(uri), steps=12, batch_size=16, device="cpu", log_every=4, checkpoint_every=6,
+                          preview_steps=2, cpu_threads=1)  # CPU kernels split work by thread count
+        cards.append(train(cfg, str(root)).card)
+    a, b = (Path(c["uri"]) for c in cards)
+    assert a.name == b.name and a != b  # the same run id under two roots
+    assert cards[0]["checkpoint_sha256"] == cards[1]["checkpoint_sha256"]
+    assert (a / cards[0]["checkpoint"]).read_bytes() == (b / cards[1]["checkpoint"]).read_bytes()
+    state = load_checkpoint(a / cards[0]["checkpoint"])
+    assert state["config"]["dataset_version"] == version.name and "dataset_uri" not in state["config"]
+    assert "wall_time_s" not in state  # it sits beside the checkpoint, in its session record
+    records = sorted(p.name for p in (a / "checkpoints").glob("*.json"))
+    assert records == ["step-0000006.json", "step-0000012.json"]
+    session = json.loads((a / "checkpoints" / "step-0000012.json").read_text())
+    assert session["step"] == 12 and 0 < session["wall_time_s"] <= cards[0]["wall_time_s"] + 0.01
+
+
 _FORWARD = """
 import sys, torch
 from meddiff.models import load_model
@@ -226,6 +250,7 @@ def test_sigkill_then_resume_reaches_the_same_final_step(breastmnist_uri, tmp_pa
     assert killed_at < 60
     for ckpt in list_checkpoints(run):  # whatever the kill interrupted, no checkpoint is partial
         load_checkpoint(ckpt)
+    before = json.loads(list_checkpoints(run)[-1].with_suffix(".json").read_text())["wall_time_s"]
 
     out = subprocess.run(args, env=SUBPROCESS_ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -235,7 +260,8 @@ def test_sigkill_then_resume_reaches_the_same_final_step(breastmnist_uri, tmp_pa
     assert [r["step"] for r in rows] == list(range(5, 61, 5))  # continuous: no gap, no duplicate
     assert all(r["loss"] < 3 for r in rows) and loss_went_down(rows)
     assert [p.name for p in list_checkpoints(run)] == ["step-0000050.pt", "step-0000060.pt"]  # --keep 2
-    assert card["steps"] == 60
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.json")) == ["step-0000050.json", "step-0000060.json"]
+    assert card["steps"] == 60 and card["wall_time_s"] > before > 0  # the killed session's time counts too
 
 
 @pytest.mark.parametrize("command", [["train", "--preview-steps", "2"], ["train-autoencoder", "--kind", "vae"]])

@@ -36,7 +36,8 @@ from meddiff.records import make_record, sha256_bytes, sha256_file, to_jsonable
 from meddiff.train.ae_config import AERunPlan, AETrainConfig, plan_autoencoder
 from meddiff.train.ae_step import AEState, ae_step, build_ae_state, val_loss
 from meddiff.train.batches import DataSpec, batches
-from meddiff.train.checkpoint import list_checkpoints, save_checkpoint
+from meddiff.train.checkpoint import (checkpoint_files, list_checkpoints, portable_config, save_checkpoint,
+                                      wall_time_before)
 from meddiff.train.loop import _peak_memory_mb, rng_state, set_rng_state
 from meddiff.train.records import append_metrics, read_metrics, truncate_metrics, write_grid
 from meddiff.train.run_folder import RunFolder
@@ -93,7 +94,7 @@ def _start(plan: AERunPlan, folder: RunFolder, device: torch.device) -> tuple[AE
     st.load_state_dict(state)
     set_rng_state(state["rng"])
     truncate_metrics(folder.local, int(state["step"]))
-    return st, int(state["step"]), float(state.get("wall_time_s", 0.0))
+    return st, int(state["step"]), wall_time_before(ckpts[-1], state)
 
 
 def _val_batches(plan: AERunPlan, device: torch.device) -> list[torch.Tensor]:
@@ -147,11 +148,11 @@ def _log(folder: RunFolder, st: AEState, step: int, sums: dict[str, float], n: i
 
 
 def _save(plan: AERunPlan, folder: RunFolder, st: AEState, step: int, wall: float) -> None:
-    path = save_checkpoint(folder.local, step, {**st.state_dict(), "rng": rng_state(), "wall_time_s": wall,
-                                                "config": plan.config_record(), "identity": _identity(plan)},
-                           keep=plan.cfg.keep)
+    path = save_checkpoint(folder.local, step, {
+        **st.state_dict(), "rng": rng_state(), "config": portable_config(plan.config_record(), plan.dataset.version),
+        "identity": _identity(plan)}, keep=plan.cfg.keep, wall_time_s=wall)
     write_ae_curve(folder.local, plan.run_id)
-    folder.push(["metrics.jsonl", "config.json", "loss_curve.png", f"checkpoints/{path.name}"])
+    folder.push(["metrics.jsonl", "config.json", "loss_curve.png", *checkpoint_files(path)])
 
 
 def train_autoencoder(cfg: AETrainConfig, root: str | None = None, progress: Progress | None = None
@@ -264,6 +265,6 @@ def finish_autoencoder(plan: AERunPlan, folder: RunFolder, st: AEState, device: 
         weights=WEIGHTS, weights_sha256=sha256_file(folder.local / WEIGHTS), samples=f"samples/step-{cfg.steps:07d}")
     storage.write_json(str(folder.local / "model.json"), card)
     samples = [p.relative_to(folder.local).as_posix() for p in sorted((folder.local / "samples").rglob("*.png"))]
-    folder.push(["config.json", "metrics.jsonl", "loss_curve.png", f"checkpoints/{ckpt.name}", WEIGHTS, *samples,
+    folder.push(["config.json", "metrics.jsonl", "loss_curve.png", *checkpoint_files(ckpt), WEIGHTS, *samples,
                  "model.json"])
     return card

@@ -12,7 +12,7 @@ from meddiff import storage
 from meddiff.errors import ArtifactError
 from meddiff.models.networks import param_count
 from meddiff.records import make_record, sha256_bytes, sha256_file, to_jsonable
-from meddiff.train.checkpoint import list_checkpoints
+from meddiff.train.checkpoint import checkpoint_files, list_checkpoints
 from meddiff.train.config import RunPlan
 from meddiff.train.distributed import DistInfo
 from meddiff.train.records import read_metrics, write_loss_curve
@@ -30,7 +30,7 @@ def finish_part(plan: RunPlan, class_id: int | None, identity: dict[str, Any], f
                       wall_time_s)
     storage.write_json(str(folder.local / "model.json"), card)
     samples = [p.relative_to(folder.local).as_posix() for p in sorted((folder.local / "samples").rglob("*.png"))]
-    folder.push(["config.json", "metrics.jsonl", "loss_curve.png", f"checkpoints/{ckpt.name}", *samples,
+    folder.push(["config.json", "metrics.jsonl", "loss_curve.png", *checkpoint_files(ckpt), *samples,
                  "model.json"])
     return card
 

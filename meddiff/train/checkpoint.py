@@ -3,10 +3,16 @@
 A run folder ``<root>/models/<run-id>/`` (or its ``class-<i>/`` parts) holds
 ``checkpoints/step-XXXXXXX.pt``. Each checkpoint is written to a temp file in the same folder,
 fsynced and renamed, so a killed writer never leaves a partial file under a checkpoint name.
+
+A checkpoint holds only what training computed (weights, optimiser, RNG, step, the config without
+paths), so the same training writes the same bytes wherever and however fast it runs: its sha256
+names the weights in model and cohort identities. What differs run to run, the wall time spent,
+sits beside it in ``step-XXXXXXX.json`` (its session record).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +34,43 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(d.glob("step-*.pt")) if d.is_dir() else []
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` atomically as ``checkpoints/step-<step>.pt``; keep the ``keep`` newest."""
+def session_record(checkpoint: Path) -> Path:
+    """``step-XXXXXXX.json`` beside ``step-XXXXXXX.pt``: the run-to-run facts of that checkpoint."""
+    return checkpoint.with_suffix(".json")
+
+
+def checkpoint_files(checkpoint: Path) -> list[str]:
+    """A checkpoint and its session record, relative to the run folder (what a remote run uploads)."""
+    return [f"{CHECKPOINT_DIR}/{checkpoint.name}", f"{CHECKPOINT_DIR}/{session_record(checkpoint).name}"]
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int, wall_time_s: float) -> Path:
+    """Write ``state`` atomically as ``checkpoints/step-<step>.pt``, then its session record (the wall
+    time of every session up to here); keep the ``keep`` newest pairs."""
     d = run_dir / CHECKPOINT_DIR
     d.mkdir(parents=True, exist_ok=True)
     dest = d / checkpoint_name(step)
     with storage.atomic_file(dest) as f:
         torch.save({"format": CHECKPOINT_FORMAT, "step": step, **state}, f)
+    storage.write_json(str(session_record(dest)), {"step": step, "wall_time_s": round(wall_time_s, 3)})
     for old in list_checkpoints(run_dir)[:-max(keep, 1)]:
         old.unlink(missing_ok=True)
+        session_record(old).unlink(missing_ok=True)
     for stale in d.glob(".step-*.tmp"):  # left by a writer that was killed
         stale.unlink(missing_ok=True)
     return dest
+
+
+def wall_time_before(checkpoint: Path, state: dict[str, Any]) -> float:
+    """Wall time of the sessions that reached ``checkpoint``: its session record; a checkpoint written
+    before records existed kept it inside; a writer killed between the two files leaves neither (0)."""
+    record = session_record(checkpoint)
+    if record.exists():
+        return float(json.loads(record.read_text())["wall_time_s"])
+    return float(state.get("wall_time_s", 0.0))
+
+
+def portable_config(config_record: dict[str, Any], dataset_version: str) -> dict[str, Any]:
+    """A run's config as a checkpoint keeps it: the dataset by version, not by path, so the same run
+    reached through another storage root (a clone, a moved root, a worker's mount) has the same bytes."""
+    return {**{k: v for k, v in config_record.items() if k != "dataset_uri"}, "dataset_version": dataset_version}

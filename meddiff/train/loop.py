@@ -35,7 +35,8 @@ from meddiff.progress import Progress, note, tell
 from meddiff.records import make_record, to_jsonable
 from meddiff.train.batches import DataSpec, batches
 from meddiff.train.cards import finish_group, finish_part
-from meddiff.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from meddiff.train.checkpoint import (checkpoint_files, list_checkpoints, load_checkpoint, portable_config,
+                                      save_checkpoint, wall_time_before)
 from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
 from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
 from meddiff.train.records import (append_metrics, preview_samples, truncate_metrics, write_grid,
@@ -170,7 +171,7 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
         _check_compatible(state, identity, ckpts[-1])
         st.load_state_dict(state)
         run.step = run.last_saved = int(state["step"])
-        run.wall_before = float(state.get("wall_time_s", 0.0))
+        run.wall_before = wall_time_before(ckpts[-1], state)
         if info.is_main:
             set_rng_state(state["rng"])  # rank 0 continues its exact random stream
             truncate_metrics(folder.local, run.step)
@@ -197,10 +198,11 @@ def _save(run: PartRun) -> None:
     run.last_saved = run.step
     if run.info.is_main:
         path = save_checkpoint(run.folder.local, run.step, {
-            **run.st.state_dict(), "rng": rng_state(), "config": run.plan.config_record(),
-            "wall_time_s": run.wall_time(), **run.identity}, keep=run.plan.cfg.keep)
+            **run.st.state_dict(), "rng": rng_state(),
+            "config": portable_config(run.plan.config_record(), run.plan.dataset.version), **run.identity},
+            keep=run.plan.cfg.keep, wall_time_s=run.wall_time())
         write_loss_curve(run.folder.local, run.title)
-        run.folder.push(["metrics.jsonl", "config.json", "loss_curve.png", f"checkpoints/{path.name}"])
+        run.folder.push(["metrics.jsonl", "config.json", "loss_curve.png", *checkpoint_files(path)])
     barrier(run.info)
 
 

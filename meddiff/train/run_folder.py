@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meddiff import storage
-from meddiff.train.checkpoint import list_checkpoints
+from meddiff.train.checkpoint import checkpoint_files, list_checkpoints
 from meddiff.records import content_hash
 
 
@@ -47,10 +47,17 @@ class RunFolder:
                 fs.get_file(f"{path}/{name}", str(self.local / name))
         if names and not (self.local / "checkpoints" / names[-1]).exists():
             (self.local / "checkpoints").mkdir(exist_ok=True)
-            tmp = self.local / "checkpoints" / f".{names[-1]}.download"
-            storage.with_retries(lambda: fs.get_file(f"{path}/checkpoints/{names[-1]}", str(tmp)),
-                                 what=f"download checkpoint {names[-1]}")
-            tmp.replace(self.local / "checkpoints" / names[-1])
+            ckpt, record = checkpoint_files(self.local / "checkpoints" / names[-1])
+            self._download(ckpt)
+            if fs.exists(f"{path}/{record}"):  # checkpoints written before session records have none
+                self._download(record)
+
+    def _download(self, rel: str) -> None:
+        """Remote file → the same relative path here, through a temp name (never a partial file)."""
+        fs, path = storage.filesystem(self.uri)
+        tmp = (self.local / rel).with_name(f".{Path(rel).name}.download")
+        storage.with_retries(lambda: fs.get_file(f"{path}/{rel}", str(tmp)), what=f"download {rel}")
+        tmp.replace(self.local / rel)
 
     def push(self, rel_paths: list[str]) -> None:
         """Remote: upload these files (in order); local: nothing to do."""
@@ -61,7 +68,7 @@ class RunFolder:
             src = self.local / rel
             if src.is_file():
                 storage.with_retries(lambda: fs.put_file(str(src), f"{path}/{rel}"), what=f"upload {rel}")
-        keep = {p.name for p in list_checkpoints(self.local)}
+        keep = {Path(rel).name for p in list_checkpoints(self.local) for rel in checkpoint_files(p)}
         for name in storage.listdir(storage.join(self.uri, "checkpoints")):
             if name.startswith("step-") and name not in keep:
                 fs.rm(f"{path}/checkpoints/{name}")
