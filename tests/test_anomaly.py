@@ -3,6 +3,8 @@ malignant images must score above chance (image-level AUROC), with the outputs o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -77,6 +79,25 @@ def test_breastmnist_anomaly_scores_are_written_and_reused(breast_anomaly, breas
     again = detect_anomalies(breast_normal_model, breastmnist_uri, cfg, session_storage, told)  # reused
     assert again["created_at"] == rec["created_at"]
     assert told == [f"reusing {rec['uri']}: the same request was scored before"] and told.counts == []
+
+
+def test_a_second_request_waits_for_the_process_scoring_it_then_reuses_its_folder(
+        breast_anomaly, breast_normal_model, breastmnist_uri, session_storage, tmp_path):
+    """anomaly took no lock: two identical requests at once both reconstructed every image."""
+    import shutil
+
+    from held_lock import waits_then_reuses
+    from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies
+
+    rec = breast_anomaly
+    cfg = AnomalyConfig(**{**rec["config"], "device": "cpu"})
+    record, aside = Path(rec["uri"]) / "anomaly.json", tmp_path / "anomaly.json"
+    shutil.move(record, aside)  # as if the first request were still scoring
+    told, again = waits_then_reuses(
+        lambda told: detect_anomalies(breast_normal_model, breastmnist_uri, cfg, session_storage, told),
+        rec["uri"], lambda: shutil.move(aside, record))
+    assert again["created_at"] == rec["created_at"] and told.counts == []  # no image reconstructed twice
+    assert told[-1] == f"reusing {rec['uri']}: the same request was scored before"
 
 
 def test_the_cli_says_which_scores_are_label_free(breast_anomaly, breast_normal_model, breastmnist_uri,

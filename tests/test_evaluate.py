@@ -458,3 +458,24 @@ def test_headline_table_never_breaks_an_interval(planted, width):
     assert cells and all(c.split(" [")[1] in text for c in cells)  # every interval whole
     beside = all(c in text for c in cells)  # each value with its interval on one line
     assert beside == (width == 200), text
+
+
+def test_a_second_evaluation_waits_for_the_domain_classifier_being_trained_then_loads_it(breast, cfg, tmp_path):
+    """The domain classifier cache took no lock: evaluations of two cohorts of one dataset at once (a
+    fan-out, a sweep) each trained it."""
+    import shutil
+
+    from held_lock import waits_then_reuses
+
+    ds = breast[0]
+    small = DomainTrainConfig(steps=3, batch_size=16)
+    first = features.load_or_train_domain(ds, small, "cpu", str(tmp_path / "cache"))
+    uri = features.domain_cache_uri(ds.uri, replace(small, flips=bool(ds.card.get("flip_symmetric", False))),
+                                    str(tmp_path / "cache"))
+    aside = tmp_path / "domain.pt"
+    shutil.move(uri, aside)  # as if the first evaluation were still training it
+    told, again = waits_then_reuses(
+        lambda told: features.load_or_train_domain(ds, small, "cpu", str(tmp_path / "cache"), told),
+        uri, lambda: shutil.move(aside, uri))
+    assert told.counts == []  # not trained a second time: loaded
+    assert again.val_accuracy == first.val_accuracy

@@ -103,3 +103,21 @@ def test_likelihood_command_on_a_tiny_breastmnist_model(tiny_per_class_model_uri
     again = CliRunner().invoke(app, args)  # the record is reused, not recomputed
     assert again.exit_code == 0 and again.output.strip().splitlines()[-1] == res.output.strip().splitlines()[-1]
     assert again.output.startswith(f"reusing {rec['uri']}: this model scored the same request before")
+
+
+def test_a_second_request_waits_for_the_process_scoring_it_then_reuses_its_record(tiny_per_class_model_uri,
+                                                                                   breastmnist_uri, tmp_path):
+    """likelihood took no lock: two identical requests at once both scored every image."""
+    import shutil
+
+    from held_lock import waits_then_reuses
+    from meddiff.models.likelihood import LikelihoodConfig, likelihood
+
+    cfg = LikelihoodConfig(split="test", max_images=12, timesteps=4, device="cpu", seed=5)
+    rec = likelihood(tiny_per_class_model_uri, breastmnist_uri, cfg)
+    aside = tmp_path / "record.json"
+    shutil.move(rec["uri"], aside)  # as if the first request were still scoring
+    told, again = waits_then_reuses(lambda told: likelihood(tiny_per_class_model_uri, breastmnist_uri, cfg, told),
+                                    rec["uri"], lambda: shutil.move(aside, rec["uri"]))
+    assert again["created_at"] == rec["created_at"] and told.counts == []  # no image scored twice
+    assert told[-1] == f"reusing {rec['uri']}: this model scored the same request before"

@@ -178,6 +178,7 @@ def detect_anomalies(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, root:
     from meddiff.analysis.reconstruct import reconstruct
     from meddiff.data.shards import open_dataset
     from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
+    from meddiff.locks import artifact_lock, tell_waiting
     from meddiff.models.trained import load_model
 
     cfg = cfg.check()
@@ -190,12 +191,21 @@ def detect_anomalies(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, root:
     key = content_hash({"model": model.checkpoint_sha256, "dataset": ds.version,
                         "config": {**vars(replace(cfg, normal=normal)), "device": None}})
     out_uri = storage.join(storage.storage_root(root), "anomaly", f"{ds.card.get('name', 'dataset')}-{key}")
-    if storage.exists(storage.join(out_uri, "anomaly.json")):
+
+    def reused() -> dict[str, Any] | None:
+        if not storage.exists(storage.join(out_uri, "anomaly.json")):
+            return None
         tell(progress, f"reusing {out_uri}: the same request was scored before")
         return storage.read_json(storage.join(out_uri, "anomaly.json"))
-    table, images, recon, heat = _score_split(ds, model, normal_id, cfg, reconstruct, load_or_train_domain,
-                                              DomainTrainConfig(), progress)
-    return _publish(out_uri, table, images, recon, heat, ds, model, normal, cfg)
+
+    if (found := reused()) is not None:
+        return found
+    with artifact_lock(out_uri, tell_waiting(progress, out_uri)):  # a second process asking the same waits
+        if (found := reused()) is not None:
+            return found
+        table, images, recon, heat = _score_split(ds, model, normal_id, cfg, reconstruct, load_or_train_domain,
+                                                  DomainTrainConfig(), progress)
+        return _publish(out_uri, table, images, recon, heat, ds, model, normal, cfg)
 
 
 def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg, progress=None):

@@ -30,6 +30,7 @@ from torch import nn
 
 from meddiff import storage
 from meddiff.errors import MeddiffError
+from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.records import content_hash
 
 ExtractorName = Literal["inception", "domain"]
@@ -317,11 +318,19 @@ def load_or_train_domain(dataset, cfg: DomainTrainConfig, device: str = "cpu", c
     Flip augmentation follows the dataset card's ``flip_symmetric`` (default False), whatever ``cfg`` says."""
     cfg = replace(cfg, flips=bool(dataset.card.get("flip_symmetric", False)))
     uri = domain_cache_uri(dataset.uri, cfg, cache_root)
+    if not storage.exists(uri):
+        with artifact_lock(uri, tell_waiting(progress, f"the domain classifier {uri}")):
+            if not storage.exists(uri):  # (another process, e.g. a parallel evaluate, may have cached it meanwhile)
+                return _train_and_cache(dataset, cfg, uri, device, progress)
     net = DomainNet(dataset.channels, dataset.num_classes)
-    if storage.exists(uri):
-        blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-        net.load_state_dict(blob["state_dict"])
-        return DomainExtractor(net, device, val_accuracy=blob.get("val_accuracy"))
+    blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    net.load_state_dict(blob["state_dict"])
+    return DomainExtractor(net, device, val_accuracy=blob.get("val_accuracy"))
+
+
+def _train_and_cache(dataset, cfg: DomainTrainConfig, uri: str, device: str,
+                     progress: Callable[[int, int], None] | None) -> DomainExtractor:
+    """Train the domain classifier on ``dataset``'s train split, measure it on val, write it to ``uri``."""
     xtr, ytr = dataset.load_split("train")
     if len(xtr) < 2:
         raise MeddiffError(f"{dataset.uri} has < 2 training images to train the domain classifier on")

@@ -242,7 +242,8 @@ def likelihood(model_uri: str, dataset_uri: str, cfg: LikelihoodConfig | None = 
     from meddiff import storage
     from meddiff.data.shards import open_dataset
     from meddiff.models.trained import load_model
-    from meddiff.records import content_hash, make_record
+    from meddiff.locks import artifact_lock, tell_waiting
+    from meddiff.records import content_hash
 
     cfg = (cfg or LikelihoodConfig()).check()
     ds = open_dataset(dataset_uri)
@@ -254,12 +255,27 @@ def likelihood(model_uri: str, dataset_uri: str, cfg: LikelihoodConfig | None = 
     key = content_hash({"dataset": ds.version, "model": model.checkpoint_sha256,
                         "config": {**vars(cfg), "device": None}})
     uri = storage.join(model.uri, "likelihood", f"{cfg.split}-{key}.json")
-    if storage.exists(uri):
+
+    def reused() -> dict[str, Any] | None:
+        if not storage.exists(uri):
+            return None
         tell(progress, f"reusing {uri}: this model scored the same request before")
         return storage.read_json(uri)
+
+    if (found := reused()) is not None:
+        return found
+    with artifact_lock(uri, tell_waiting(progress, uri)):  # a second process asking the same waits, then reuses
+        return reused() or _score(model, ds, cfg, uri, progress)
+
+
+def _score(model, ds, cfg: LikelihoodConfig, uri: str, progress: Progress | None) -> dict[str, Any]:
+    """Score ``cfg.split`` of ``ds`` (its seeded subsample) and write the record to ``uri``."""
+    from meddiff import storage
+    from meddiff.records import make_record
+
     images, labels = ds.load_split(cfg.split)
     if len(images) == 0:
-        raise MeddiffError(f"{dataset_uri} has no {cfg.split} images; pick another --split")
+        raise MeddiffError(f"{ds.uri} has no {cfg.split} images; pick another --split")
     if cfg.max_images is not None and len(images) > cfg.max_images:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(len(images), cfg.max_images, replace=False))
         images, labels = images[keep], labels[keep]
