@@ -438,10 +438,13 @@ def test_ctrl_c_leaves_the_report_as_it_was(breast, tmp_path):
 
 
 
+@pytest.mark.parametrize("values", ["measured", "longest"])
 @pytest.mark.parametrize("width", [80, 100, 200])
-def test_headline_table_never_breaks_an_interval(planted, width):
+def test_headline_table_never_breaks_an_interval(planted, width, values):
     """At 80 columns the table used to break '0.2418 [0.226, / 0.257]' across lines; an interval now goes
-    below its value where the row is too wide, and the table fits the terminal."""
+    below its value where the row is too wide, and the table fits the terminal. KID's small signed
+    intervals ('[-0.00157, 0.00167]') were still broken at 80 columns: the metric names now give way."""
+    import copy
     import io
 
     from rich.console import Console
@@ -449,12 +452,17 @@ def test_headline_table_never_breaks_an_interval(planted, width):
     from meddiff.cli.evaluate_cmd import headline_table
     from meddiff.evaluate.summary import headline_rows
 
-    _, _, result = planted
+    report = copy.deepcopy(planted[2].report)
+    if values == "longest":  # the widest cells .4g/.3g can print: '-0.0001235 [-0.000123, -0.000457]'
+        for row in report["headline"].values():
+            if isinstance(row, dict) and row.get("ci"):
+                row.update(value=-0.00012345, baseline=-0.00012345, ci=[-0.000123, -0.000457],
+                           baseline_ci=[-0.000123, -0.000457])
     out = io.StringIO()
-    Console(file=out, width=width).print(headline_table(result.report, width))
+    Console(file=out, width=width).print(headline_table(report, width))
     text = out.getvalue()
     assert max(map(len, text.splitlines())) <= width
-    cells = [c for row in headline_rows(result.report) for c in row[1:3] if "[" in c]
+    cells = [c for row in headline_rows(report) for c in row[1:3] if "[" in c]
     assert cells and all(c.split(" [")[1] in text for c in cells)  # every interval whole
     beside = all(c in text for c in cells)  # each value with its interval on one line
     assert beside == (width == 200), text

@@ -18,24 +18,30 @@ console = Console()
 
 HEADERS = ("metric", "synthetic [95 % CI]", "real baseline, same n [95 % CI]", "n", "verdict")
 METRIC_MIN_WIDTH = 17  # "KID vs held-out", "(n-dependent)" and the like stay whole
+METRIC_LAST_WIDTH = 8  # narrower terminals: metric names wrap at words, or within them, before a number breaks
 
 
 def headline_table(report: dict, width: int | None = None) -> Table:
     """The headline metrics in ``width`` columns: each interval beside its value where that fits, else on the
-    line below it, never broken across lines ("0.2418 [0.226, / 0.257]"); the metric names wrap."""
+    line below it, never broken across lines ("0.2418 [0.226, / 0.257]"); the metric names wrap: at
+    phrases, else at words, else anywhere."""
     from meddiff.evaluate.summary import headline_rows
 
     borders = 3 * len(HEADERS) + 1  # a rule and a space either side of each cell
+    layouts = []  # (room left for the metric names, headers, rows, column widths)
     # the interval beside its value, headers whole; below it, headers whole; below it, headers one word a line
     for ci_sep, header_lines in ((" ", str.splitlines), ("\n", str.splitlines), ("\n", str.split)):
         rows = headline_rows(report, ci_sep)
         headers = [h.replace(" [", ci_sep + "[") for h in HEADERS]
         widths = [max(len(line) for line in "\n".join(column).splitlines() + header_lines(header))
                   for column, header in zip(zip(*rows), headers)]  # the widest line of each column
-        room = (width or 100_000) - borders - sum(widths[1:])  # what is left for the metric names
-        if room >= METRIC_MIN_WIDTH:
-            return _headline_table(report, headers, rows, [min(widths[0], room)] + widths[1:])
-    return _headline_table(report, headers, rows, None)  # a very narrow terminal: cells wrap where they must
+        layouts.append(((width or 100_000) - borders - sum(widths[1:]), headers, rows, widths))
+    # the first layout whose metric names keep their phrases, else the one leaving them the most room
+    room, headers, rows, widths = next((lay for lay in layouts if lay[0] >= METRIC_MIN_WIDTH),
+                                       max(layouts, key=lambda lay: lay[0]))
+    if room < METRIC_LAST_WIDTH:  # a very narrow terminal: cells wrap where they must
+        return _headline_table(report, headers, rows, None)
+    return _headline_table(report, headers, rows, [min(widths[0], room)] + widths[1:])
 
 
 def _headline_table(report: dict, headers: list[str], rows: list[tuple[str, ...]], widths: list[int] | None) -> Table:
