@@ -206,6 +206,30 @@ def test_a_moved_storage_root_still_finds_the_cohorts_dataset(breast, cfg, tmp_p
     assert _no_report(lost)
 
 
+def test_a_report_stays_up_to_date_when_its_storage_root_moves(breast, cfg, tmp_path):
+    """The report's freshness key held the real dataset's path: after moving the root (or evaluating a
+    copy of it), evaluate threw the report away ('made with other settings (real dataset <old> → <new>)')
+    and spent minutes making the same one again."""
+    import shutil
+
+    from told import Told
+
+    ds, _, (xte, yte) = breast
+    name, version = Path(ds.uri).parent.name, Path(ds.uri).name
+    shutil.copytree(ds.uri, tmp_path / "root" / "datasets" / name / version)
+    uri = make_cohort(tmp_path / "root" / "cohorts" / "c", f"{tmp_path}/root/datasets/{name}/{version}",
+                      ds.class_names, xte[:40], yte[:40])
+    first = evaluate_cohort(uri, cfg)
+    shutil.move(tmp_path / "root", tmp_path / "moved")
+    told = Told()
+    again = evaluate_cohort(f"{tmp_path}/moved/cohorts/c", replace(cfg, cache_root=str(tmp_path / "other-cache")), told)
+    assert again.existed and again.report["created_at"] == first.report["created_at"]
+    assert told.counts == [] and not any(line.startswith("replacing") for line in told), told
+    other = evaluate_cohort(f"{tmp_path}/moved/cohorts/c", replace(cfg, knn_k=3), told)  # a real change still counts
+    assert not other.existed and told[-1].startswith(f"replacing {tmp_path}/moved/cohorts/c/report.json: it was "
+                                                     "made with other settings (knn_k 5 → 3)")
+
+
 def test_tstr_end_to_end(breast, cfg, tmp_path):
     ds, (xtr, ytr), (xte, yte) = breast
     uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:60], yte[:60])

@@ -9,7 +9,7 @@ when it exists) into the cohort folder.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -78,11 +78,22 @@ def model_of(cohort: Cohort) -> str | None:
     return uri and (storage.relocated(uri, cohort.uri, "model.json") or uri)
 
 
-def _config_hash(cfg: EvalConfig, dataset_uri: str) -> str:
+PLACES = ("real_uri", "cache_root")  # where things are, not what is computed: outside the report's key
+
+
+def _config_hash(cfg: EvalConfig, dataset: DatasetVersion) -> str:
+    """What a report depends on: the settings and the real dataset by name and version, not by path,
+    so a storage root moved, copied or mounted elsewhere keeps its reports up to date."""
+    return content_hash({"config": replace(cfg, real_uri=None, cache_root=None),
+                         "dataset": f"{dataset.card.get('name')}/{dataset.version}", "schema": REPORT_SCHEMA_VERSION})
+
+
+def _legacy_config_hash(cfg: EvalConfig, dataset_uri: str) -> str:
+    """The key reports had before it left paths out: such a report, where it has not moved, is still current."""
     return content_hash({"config": cfg, "dataset_uri": dataset_uri, "schema": REPORT_SCHEMA_VERSION})
 
 
-def _existing(report_uri: str, cohort_uri: str, chash: str, cfg: EvalConfig, dataset_uri: str
+def _existing(report_uri: str, cohort_uri: str, chash: str, cfg: EvalConfig, dataset: DatasetVersion
               ) -> tuple[dict[str, Any] | None, str | None]:
     """The up-to-date report to reuse, or None and why the report there (if any) is replaced."""
     if not storage.exists(report_uri):
@@ -91,15 +102,17 @@ def _existing(report_uri: str, cohort_uri: str, chash: str, cfg: EvalConfig, dat
         old = storage.read_json(report_uri)
     except (ValueError, OSError):
         return None, "it cannot be read"
-    if old.get("config_hash") == chash:
+    if old.get("config_hash") in (chash, _legacy_config_hash(cfg, dataset.uri)):
         html = storage.exists(storage.join(cohort_uri, REPORT_HTML))
         return (old, None) if html else (None, f"its {REPORT_HTML} is gone")
     if (schema := old.get("report_schema_version")) != REPORT_SCHEMA_VERSION:
         return None, f"it has report schema {schema}, this meddiff writes {REPORT_SCHEMA_VERSION}"
     before, now = old.get("config") or {}, to_jsonable(cfg)
-    changed = [f"{k} {json.dumps(before.get(k))} → {json.dumps(v)}" for k, v in now.items() if before.get(k) != v]
-    if (old.get("inputs") or {}).get("dataset_uri") != dataset_uri:
-        changed.append(f"real dataset {(old.get('inputs') or {}).get('dataset_uri')} → {dataset_uri}")
+    changed = [f"{k} {json.dumps(before.get(k))} → {json.dumps(v)}" for k, v in now.items()
+               if before.get(k) != v and k not in PLACES]
+    inputs = old.get("inputs") or {}
+    if inputs.get("dataset_version") != dataset.version:
+        changed.append(f"real dataset {inputs.get('dataset_uri')} → {dataset.uri}")
     return None, f"it was made with other settings ({', '.join(changed) or 'not recorded'})"
 
 
@@ -173,8 +186,8 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress 
     if not cfg.real_uri and cohort.card.get("dataset_uri") not in (None, dataset.uri):
         tell(progress, f"the cohort's dataset is no longer at {cohort.card['dataset_uri']}: using {dataset.uri}, "
                        "the same version under this cohort's storage root")
-    chash = _config_hash(cfg, dataset.uri)
-    old, stale = (None, None) if force else _existing(report_uri, cohort.uri, chash, cfg, dataset.uri)
+    chash = _config_hash(cfg, dataset)
+    old, stale = (None, None) if force else _existing(report_uri, cohort.uri, chash, cfg, dataset)
     if old is not None:
         return EvalResult(report_uri, old, existed=True)
     if stale:  # the report a user (or the pipeline) made before is overwritten: say so, and why
