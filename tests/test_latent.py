@@ -201,6 +201,33 @@ def test_latent_model_without_or_with_a_corrupt_autoencoder(latent_conditional_u
     assert not (tmp_path / "cohorts").exists()
 
 
+def test_a_latent_model_finds_its_autoencoder_in_a_moved_storage_root(latent_conditional_uri, vae_uri, tmp_path):
+    """A latent model's card names its autoencoder by path: after the storage root moved, loading the
+    model failed ('<old path> ... not a finished autoencoder'), so nothing could be generated from it."""
+    import numpy as np
+
+    from meddiff.data.cohorts import open_cohort
+    from meddiff.evaluate.loading import load_cohort_images
+    from meddiff.generate import CohortSpec, generate
+    from meddiff.models.trained import load_model
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    model, ae = old / "models" / Path(latent_conditional_uri).name, old / "autoencoders" / Path(vae_uri).name
+    shutil.copytree(latent_conditional_uri, model)
+    shutil.copytree(vae_uri, ae)
+    card = json.loads((model / "model.json").read_text())
+    (model / "model.json").write_text(json.dumps({**card, "latent": {**card["latent"], "uri": str(ae)}}))  # made there
+    shutil.move(old, new)
+    moved = load_model(str(new / "models" / model.name), "cpu")
+    assert moved.autoencoder.uri == str(new / "autoencoders" / ae.name)
+
+    def images(model_uri: str, root: Path) -> np.ndarray:
+        cohort = open_cohort(generate(CohortSpec(model_uri, per_class=2, steps=2, device="cpu"), str(root)).uri)
+        return load_cohort_images(cohort, cohort.manifest().sort_values("sample_id")).x
+
+    assert np.array_equal(images(moved.uri, new), images(latent_conditional_uri, tmp_path / "original"))
+
+
 def test_latent_model_scores_anomalies_in_latent_space_and_refuses_a_likelihood(latent_conditional_uri,
                                                                                  breastmnist_uri, session_storage):
     """Both once crashed on the first convolution (images given to a latent network); anomaly scores now

@@ -123,7 +123,9 @@ def load_model(uri: str, device: str = "cpu") -> TrainedModel:
     if card.get("latent"):  # latent diffusion: the autoencoder it was trained with, checked by sha256
         from meddiff.models.autoencoders import load_autoencoder
 
-        autoencoder = load_autoencoder(card["latent"]["uri"], device, expected_sha256=card["latent"]["sha256"])
+        recorded = card["latent"]["uri"]  # where it was; a moved or copied root has it at the same layout path
+        ae_uri = storage.relocated(recorded, uri, "model.json") or recorded  # (load_autoencoder names it if gone)
+        autoencoder = load_autoencoder(ae_uri, device, expected_sha256=card["latent"]["sha256"])
         sha["autoencoder"] = autoencoder.sha256
     return TrainedModel(uri=uri, card=card, mode=card["mode"], class_names=names, channels=int(card["channels"]),
                         image_size=int(card["image_size"]), objective=card["objective"],
