@@ -1,3 +1,3 @@
-from meddiff.cli import main
+from meddiff.command import main
 
 main()

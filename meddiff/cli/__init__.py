@@ -37,6 +37,11 @@ from meddiff.cli import devstack_cmd  # noqa: E402,F401  (registers dev-stack st
 from meddiff.cli import autoencoder_cmd  # noqa: E402,F401  (registers train-autoencoder, encode)
 
 
+# every write is atomic and every stage resumes (README, "Reliability"), so this holds wherever Ctrl-C lands
+STOPPED = ("stopped before the command finished; what it had finished is kept and nothing is left half-written: "
+           "re-run the same command to go on")
+
+
 def main() -> None:
     from meddiff.errors import Interrupted, MeddiffError
 
@@ -48,3 +53,7 @@ def main() -> None:
     except MeddiffError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
+    except SystemExit as e:
+        if e.code == 130:  # typer's silent answer to a Ctrl-C that no stage turned into an Interrupted
+            typer.secho(f"interrupted: {STOPPED}", fg="yellow", err=True)
+        raise

@@ -10,7 +10,7 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
 
-    from meddiff.cli import main as cli_main
+    from meddiff.command import main as cli_main
 
     sys.argv = ["meddiff", "train", *(sys.argv[1:] if argv is None else argv)]
     try:
