@@ -94,6 +94,15 @@ def told_as(progress: Progress, prefix: str) -> Progress:
     return update
 
 
+def told_only(progress: Progress | None) -> Progress:
+    """``progress``'s messages without its counts: for a sub-step whose counts do not fit its bar."""
+    def update(done: int, total: int) -> None:
+        pass
+
+    update.tell = lambda message: tell(progress, message)  # type: ignore[attr-defined]
+    return update
+
+
 def combine(*callbacks: Progress | None) -> Progress:
     """One callback that forwards to several (None entries ignored), notes included."""
     live = [c for c in callbacks if c is not None]

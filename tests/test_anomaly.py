@@ -100,6 +100,30 @@ def test_a_second_request_waits_for_the_process_scoring_it_then_reuses_its_folde
     assert told[-1] == f"reusing {rec['uri']}: the same request was scored before"
 
 
+def test_a_first_run_says_it_trains_the_domain_classifier_and_keeps_its_steps_off_the_bar(
+        breast_normal_model, breastmnist_uri, tmp_path):
+    """The first anomaly run on a dataset trained the domain classifier (minutes on a CPU) in silence,
+    its bar already full."""
+    from functools import partial
+
+    from told import Told
+
+    from meddiff.analysis.anomaly import AnomalyConfig, _score_split
+    from meddiff.analysis.reconstruct import reconstruct
+    from meddiff.data.shards import open_dataset
+    from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
+    from meddiff.models.trained import load_model
+
+    ds, model = open_dataset(breastmnist_uri), load_model(breast_normal_model, "cpu")
+    cfg = AnomalyConfig(normal="normal, benign", split="test", level=0.25, steps=2, max_images=12, device="cpu")
+    told = Told()
+    _score_split(ds, model, ds.class_names.index("normal, benign"), cfg, reconstruct,
+                 partial(load_or_train_domain, cache_root=str(tmp_path)), DomainTrainConfig(steps=3, batch_size=16),
+                 told)
+    assert [line.split(" (")[0] for line in told] == [f"training the domain classifier of breastmnist {ds.version}"]
+    assert told.counts and {total for _, total in told.counts} == {12}  # reconstructions only, not its 3 steps
+
+
 def test_the_cli_says_which_scores_are_label_free(breast_anomaly, breast_normal_model, breastmnist_uri,
                                                   session_storage):
     """The feature score (often the best AUROC in the table) uses a classifier trained on the anomaly

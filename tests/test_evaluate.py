@@ -35,11 +35,13 @@ def breast(breastmnist_uri):
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory) -> EvalConfig:
-    """CI-sized: domain features only (Inception is exercised in test_metrics), a short domain training."""
-    return EvalConfig(features=("domain",), domain=DomainTrainConfig(steps=40, batch_size=64), interval_resamples=100,
-                      ssim_pairs=100, device="cpu",
-                      cache_root=str(tmp_path_factory.mktemp("eval-cache")))
+def cfg(breast, tmp_path_factory) -> EvalConfig:
+    """CI-sized: domain features only (Inception is exercised in test_metrics), a short domain training,
+    done here once, so that each test sees only what its own evaluation tells."""
+    cfg = EvalConfig(features=("domain",), domain=DomainTrainConfig(steps=40, batch_size=64), interval_resamples=100,
+                     ssim_pairs=100, device="cpu", cache_root=str(tmp_path_factory.mktemp("eval-cache")))
+    features.load_or_train_domain(breast[0], cfg.domain, "cpu", cfg.cache_root)
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -492,15 +494,23 @@ def test_headline_table_never_breaks_an_interval(planted, width, values):
     assert beside == (width == 200), text
 
 
-def test_a_second_evaluation_waits_for_the_domain_classifier_being_trained_then_loads_it(breast, cfg, tmp_path):
-    """The domain classifier cache took no lock: evaluations of two cohorts of one dataset at once (a
+def test_the_domain_classifier_is_trained_once_said_so_and_waited_for(breast, cfg, tmp_path):
+    """The first evaluation of a dataset trained its domain classifier (minutes on a CPU) with the bar at
+    0 of 6 and no word; and the cache took no lock: evaluations of two cohorts of one dataset at once (a
     fan-out, a sweep) each trained it."""
     import shutil
 
     from held_lock import waits_then_reuses
 
-    ds = breast[0]
+    from told import Told
+
+    ds, _, (xte, yte) = breast
     small = DomainTrainConfig(steps=3, batch_size=16)
+    trained = Told()  # the first evaluation trains it, and says so; its steps stay off the stages' bar
+    evaluate_cohort(make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:20], yte[:20]),
+                    replace(cfg, domain=small, cache_root=str(tmp_path / "cache"), umap_points=0), trained)
+    assert [line.split(" (")[0] for line in trained] == [f"training the domain classifier of breastmnist {ds.version}"]
+    assert {total for _, total in trained.counts} == {6}
     first = features.load_or_train_domain(ds, small, "cpu", str(tmp_path / "cache"))
     uri = features.domain_cache_uri(ds.uri, replace(small, flips=bool(ds.card.get("flip_symmetric", False))),
                                     str(tmp_path / "cache"))

@@ -25,7 +25,7 @@ import numpy as np
 
 from meddiff import storage
 from meddiff.errors import MeddiffError, check_seed
-from meddiff.progress import Progress, tell
+from meddiff.progress import Progress, tell, told_only
 from meddiff.records import content_hash, make_record
 
 SCORES = ("pixel", "feature", "ratio")  # "ratio" only for conditional models with a null label
@@ -233,7 +233,8 @@ def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg
 
     recon = reconstruct(model, images, normal_id, cfg.level, cfg.steps, cfg.guidance, cfg.seed, cfg.batch_size,
                         done(0))
-    extractor = load_domain(ds, domain_cfg, str(next(next(iter(model.networks.values())).parameters()).device))
+    device = str(next(next(iter(model.networks.values())).parameters()).device)
+    extractor = load_domain(ds, domain_cfg, device, progress=told_only(progress))  # its steps are not reconstructions
     sc = scores_of(images, recon, extractor)
     table = pd.DataFrame({"key": keys, "label": labels, "class_name": [ds.class_names[c] for c in labels],
                           "anomalous": labels != normal_id, "pixel_score": sc["pixel"],

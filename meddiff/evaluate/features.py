@@ -31,6 +31,7 @@ from torch import nn
 from meddiff import storage
 from meddiff.errors import MeddiffError
 from meddiff.locks import artifact_lock, tell_waiting
+from meddiff.progress import tell
 from meddiff.records import content_hash
 
 ExtractorName = Literal["inception", "domain"]
@@ -321,6 +322,8 @@ def load_or_train_domain(dataset, cfg: DomainTrainConfig, device: str = "cpu", c
     if not storage.exists(uri):
         with artifact_lock(uri, tell_waiting(progress, f"the domain classifier {uri}")):
             if not storage.exists(uri):  # (another process, e.g. a parallel evaluate, may have cached it meanwhile)
+                tell(progress, f"training the domain classifier of {dataset.card.get('name')} {dataset.version} "
+                               f"({cfg.steps} steps, once: it is cached at {uri})")
                 return _train_and_cache(dataset, cfg, uri, device, progress)
     net = DomainNet(dataset.channels, dataset.num_classes)
     blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)

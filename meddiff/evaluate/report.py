@@ -28,7 +28,7 @@ from meddiff.threads import configure_threads
 from meddiff.evaluate.html import render_html
 from meddiff.evaluate.loading import Images, RealSplits, check_compatible, load_cohort_images, load_real
 from meddiff.evaluate.scoring import Evaluation, evaluate_images
-from meddiff.progress import Progress, tell
+from meddiff.progress import Progress, tell, told_only
 from meddiff.records import content_hash, make_record, sha256_bytes, to_jsonable
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate_cohort", "run_tstr"]
@@ -204,7 +204,7 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress 
     syn = load_cohort_images(cohort, manifest)
     check_compatible(cohort, manifest, dataset, syn)
     real = load_real(dataset, cfg.heldout_split)
-    domain = load_or_train_domain(dataset, cfg.domain, device, cfg.cache_root)
+    domain = load_or_train_domain(dataset, cfg.domain, device, cfg.cache_root, told_only(progress))  # says if it trains
     inception = load_inception(device) if "inception" in cfg.features else None
     step()
     ev = evaluate_images(syn, real, cfg, dataset.class_names, domain, inception, step,
