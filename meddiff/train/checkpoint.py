@@ -5,8 +5,9 @@ A run folder ``<root>/models/<run-id>/`` (or its ``class-<i>/`` parts) holds
 fsynced and renamed, so a killed writer never leaves a partial file under a checkpoint name.
 
 A checkpoint holds only what training computed (weights, optimiser, RNG, step, the config without
-paths), so the same training writes the same bytes wherever and however fast it runs: its sha256
-names the weights in model and cohort identities. What differs run to run, the wall time spent,
+paths), so the same training writes the same bytes whatever its storage root and however long it took
+(on a CPU, with the same thread count: kernels' last bits follow it): its sha256 names the weights in
+model and cohort identities. What differs run to run, the wall time spent,
 sits beside it in ``step-XXXXXXX.json`` (its session record).
 """
 
@@ -62,8 +63,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int, 
 
 
 def wall_time_before(checkpoint: Path, state: dict[str, Any]) -> float:
-    """Wall time of the sessions that reached ``checkpoint``: its session record; a checkpoint written
-    before records existed kept it inside; a writer killed between the two files leaves neither (0)."""
+    """Wall time of the sessions that reached ``checkpoint``: from its session record; a checkpoint written
+    before records existed kept it inside; one whose writer was killed before its record counts 0."""
     record = session_record(checkpoint)
     if record.exists():
         return float(json.loads(record.read_text())["wall_time_s"])
