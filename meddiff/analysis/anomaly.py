@@ -201,11 +201,9 @@ def detect_anomalies(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, root:
     if (found := reused()) is not None:
         return found
     with artifact_lock(out_uri, tell_waiting(progress, out_uri)):  # a second process asking the same waits
-        if (found := reused()) is not None:
-            return found
-        table, images, recon, heat = _score_split(ds, model, normal_id, cfg, reconstruct, load_or_train_domain,
-                                                  DomainTrainConfig(), progress)
-        return _publish(out_uri, table, images, recon, heat, ds, model, normal, cfg)
+        return reused() or _publish(out_uri, *_score_split(ds, model, normal_id, cfg, reconstruct,
+                                                           load_or_train_domain, DomainTrainConfig(), progress),
+                                    ds, model, normal, cfg)
 
 
 def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg, progress=None):

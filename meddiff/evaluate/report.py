@@ -84,7 +84,7 @@ PLACES = ("real_uri", "cache_root")  # where things are, not what is computed: o
 def _config_hash(cfg: EvalConfig, dataset: DatasetVersion) -> str:
     """What a report depends on: the settings and the real dataset by name and version, not by path,
     so a storage root moved, copied or mounted elsewhere keeps its reports up to date."""
-    return content_hash({"config": replace(cfg, real_uri=None, cache_root=None),
+    return content_hash({"config": replace(cfg, **dict.fromkeys(PLACES)),
                          "dataset": f"{dataset.card.get('name')}/{dataset.version}", "schema": REPORT_SCHEMA_VERSION})
 
 
