@@ -105,6 +105,52 @@ def test_explicit_threads_win_over_the_environment_and_auto(monkeypatch):
         torch.set_num_threads(before)
 
 
+class _Sized(Exception):
+    """Raised where a stage sizes torch's thread pool (its work has not started yet)."""
+
+
+@pytest.mark.parametrize("stage", ["train-autoencoder", "encode", "likelihood", "anomaly", "calibrate"])
+def test_every_cpu_heavy_stage_sizes_its_thread_pool(stage, breastmnist_uri, tiny_per_class_model_uri, tmp_path,
+                                                     monkeypatch):
+    """Only train, generate and evaluate sized torch's pool: train-autoencoder, encode, likelihood, anomaly
+    and calibrate ran on torch's default (a thread per core however busy the machine) and ignored
+    ``meddiff --threads 1``. Each now sizes it (here to MEDDIFF_THREADS=1) before its work starts."""
+    import torch
+
+    from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies
+    from meddiff.evaluate.calibrate import calibrate
+    from meddiff.evaluate.reconstruction import encode_with_report
+    from meddiff.models.likelihood import LikelihoodConfig, likelihood
+    from meddiff.train.ae_config import AETrainConfig
+    from meddiff.train.autoencoder import train_autoencoder
+
+    root, model = str(tmp_path), tiny_per_class_model_uri
+    ae = AETrainConfig(breastmnist_uri, kind="vae", steps=2, batch_size=8, adv_warmup_steps=1, device="cpu")
+    ae_uri = train_autoencoder(ae, root).uri if stage == "encode" else None
+    runs = {"train-autoencoder": lambda: train_autoencoder(ae, root),
+            "encode": lambda: encode_with_report(breastmnist_uri, ae_uri, "cpu", 40, root),
+            "likelihood": lambda: likelihood(model, breastmnist_uri, LikelihoodConfig(max_images=4, timesteps=2,
+                                                                                      device="cpu", seed=9)),
+            "anomaly": lambda: detect_anomalies(model, breastmnist_uri, AnomalyConfig(
+                "normal, benign", steps=2, max_images=12, device="cpu"), root),
+            "calibrate": lambda: calibrate(breastmnist_uri, root=root)}
+    before, set_threads = torch.get_num_threads(), torch.set_num_threads
+    set_threads(2)  # torch's default on this 2-core machine: sizing to 1 must change it
+
+    def sized(n: int) -> None:
+        raise _Sized(n)
+
+    monkeypatch.setenv("MEDDIFF_THREADS", "1")  # what `meddiff --threads 1 <command>` sets
+    monkeypatch.setattr(torch, "set_num_threads", sized)
+    try:
+        with pytest.raises(_Sized) as sizing:
+            runs[stage]()
+    finally:
+        monkeypatch.undo()
+        set_threads(before)
+    assert sizing.value.args == (1,)
+
+
 # --------------------------------------------------------------------------- locks with real processes
 
 _HOLD = """

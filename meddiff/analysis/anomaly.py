@@ -27,6 +27,7 @@ from meddiff import storage
 from meddiff.errors import MeddiffError, check_seed
 from meddiff.progress import Progress, tell, told_only
 from meddiff.records import content_hash, make_record
+from meddiff.threads import configure_threads
 
 SCORES = ("pixel", "feature", "ratio")  # "ratio" only for conditional models with a null label
 
@@ -212,6 +213,8 @@ def _score_split(ds, model, normal_id, cfg, reconstruct, load_domain, domain_cfg
     from meddiff.data.shards import iter_shard
     from meddiff.data.images import decode_png
     from meddiff.generate.sampling import label_dropout
+
+    configure_threads()  # CPU threads that fit the machine now, as evaluate's (meddiff.threads)
 
     samples = [(s["__key__"], decode_png(s["png"]), int(s["cls"])) for u in ds.shard_uris(cfg.split)
                for s in iter_shard(u)]

@@ -40,6 +40,7 @@ from meddiff.evaluate.scoring import evaluate_images
 from meddiff.evaluate.summary import headline_rows
 from meddiff.progress import Progress, tell
 from meddiff.records import content_hash, make_record
+from meddiff.threads import configure_threads
 
 GENERATORS = ("perfect", "memorizer", "collapsed")
 
@@ -178,6 +179,7 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
         if old.get("report_schema_version") == REPORT_SCHEMA_VERSION:  # else judged by older rules: recompute
             tell(progress, f"reusing {json_uri}: the same calibration was made before (--force to redo)")
             return json_uri, old
+    configure_threads()  # CPU threads that fit the machine now, as evaluate's (meddiff.threads)
     stages = ["features: the domain classifier (trained once per dataset version, cached after)",
               *(f"scoring the {g} generator" for g in GENERATORS), *(["TSTR classifiers"] if cfg.tstr else [])]
 

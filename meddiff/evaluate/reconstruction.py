@@ -26,6 +26,7 @@ from meddiff.evaluate.fidelity import fid, kid
 from meddiff.evaluate.similarity import ms_ssim_pairs, ssim_pairs
 from meddiff.models.autoencoders import TrainedAutoencoder, load_autoencoder
 from meddiff.progress import Progress, tell
+from meddiff.threads import configure_threads
 
 RELIABLE_N = 250  # below this, set-level metrics carry a warning
 
@@ -176,6 +177,9 @@ def encode_with_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_
     if find_latents(ds, ref) is None:
         with artifact_lock(uri, tell_waiting(progress, uri)):
             if find_latents(ds, ref) is None:  # (another process may have finished them while this one waited)
+                # latents are tensors a model trains on: sized by the machine, not the moment's load, as
+                # generation is (the thread count moves CPU kernels' last bits)
+                configure_threads(load_aware=False)
                 tell(progress, f"reconstruction report on up to {max_images} val images"
                                + (", with a UMAP of their latents" if with_umap else ""))
                 report, pictures = reconstruction_report(dataset_uri, ae_uri, device, max_images, domain_steps,

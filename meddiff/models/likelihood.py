@@ -28,6 +28,7 @@ import torch
 
 from meddiff.errors import MeddiffError, check_seed
 from meddiff.progress import Progress, tell
+from meddiff.threads import configure_threads
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t (B,C,H,W), t (B,)) → network output
 Prediction = Literal["epsilon", "v_prediction"]  # MONAI's prediction_type names (scheduler_config)
@@ -273,6 +274,7 @@ def _score(model, ds, cfg: LikelihoodConfig, uri: str, progress: Progress | None
     from meddiff import storage
     from meddiff.records import make_record
 
+    configure_threads()  # CPU threads that fit the machine now, as evaluate's (meddiff.threads)
     images, labels = ds.load_split(cfg.split)
     if len(images) == 0:
         raise MeddiffError(f"{ds.uri} has no {cfg.split} images; pick another --split")

@@ -33,6 +33,7 @@ from meddiff.models.autoencoders import latent_shape
 from meddiff.models.networks import param_count
 from meddiff.progress import Progress, note, tell
 from meddiff.records import make_record, sha256_bytes, sha256_file, to_jsonable
+from meddiff.threads import configure_threads
 from meddiff.train.ae_config import AERunPlan, AETrainConfig, plan_autoencoder
 from meddiff.train.ae_step import AEState, ae_step, build_ae_state, val_loss
 from meddiff.train.batches import DataSpec, batches
@@ -172,6 +173,7 @@ def train_autoencoder(cfg: AETrainConfig, root: str | None = None, progress: Pro
 def _train_locked(plan: AERunPlan, progress: Progress | None) -> AETrainResult:
     cfg = plan.cfg
     device = resolve_device(cfg.device)
+    configure_threads()  # CPU threads that fit the machine now, as training's (meddiff.threads)
     folder = RunFolder.for_uri(plan.uri)
     st, step, wall_before = _start(plan, folder, device)
     if step:
