@@ -77,6 +77,13 @@ def join(uri: str, *parts: str) -> str:
 LAYOUT = ("datasets", "models", "autoencoders", "cohorts")  # the folders directly under a storage root
 
 
+def dataset_root(dataset_uri: str) -> str | None:
+    """The storage root of a dataset version at ``<root>/datasets/<name>/<version>``; None elsewhere
+    (a version folder outside a storage root's layout)."""
+    parts = dataset_uri.rstrip("/").split("/")
+    return "/".join(parts[:-3]) if len(parts) >= 4 and parts[-3] == "datasets" else None
+
+
 def relocated(recorded: str, anchor: str, record: str) -> str | None:
     """Where an artifact a card names (``recorded``, e.g. a cohort's dataset) is now: ``recorded`` while
     its ``record`` file is there, else the same layout path (``datasets/<name>/<version>``,

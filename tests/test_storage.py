@@ -55,3 +55,20 @@ def test_fetch_local_returns_local_paths_untouched(tmp_path):
     p = tmp_path / "a.bin"
     p.write_bytes(b"x")
     assert storage.fetch_local(str(p)) == p
+
+
+def test_dataset_root_is_the_root_above_datasets_name_version_and_none_elsewhere(tmp_path):
+    """Calibration and the domain-classifier cache sit under a dataset's storage root: both found it by
+    hand-written index arithmetic, now by this one rule."""
+    from meddiff.evaluate.calibrate import CalibrationConfig, calibration_uri
+    from meddiff.evaluate.features import DomainTrainConfig, domain_cache_uri
+
+    assert storage.dataset_root(f"{tmp_path}/st/datasets/bloodmnist/abc123/") == f"{tmp_path}/st"
+    assert storage.dataset_root("s3://bucket/prefix/datasets/bloodmnist/abc123") == "s3://bucket/prefix"
+    assert storage.dataset_root(f"{tmp_path}/elsewhere/bloodmnist/abc123") is None
+    assert domain_cache_uri(f"{tmp_path}/st/datasets/b/v", DomainTrainConfig()).startswith(
+        f"{tmp_path}/st/cache/domain-classifier/b/v/")
+    assert domain_cache_uri(f"{tmp_path}/x/b/v", DomainTrainConfig()).startswith(
+        f"{tmp_path}/x/b/.meddiff-cache/domain-classifier/b/v/")
+    assert calibration_uri("s3://bucket/datasets/b/v", CalibrationConfig()).startswith("s3://bucket/calibration/b/v/")
+    assert calibration_uri(f"{tmp_path}/x/b/v", CalibrationConfig()).startswith(f"{tmp_path}/x/b/calibration/b/v/")

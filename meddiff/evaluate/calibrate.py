@@ -161,8 +161,8 @@ def calibration_tstr(gens: dict[str, Images], real: RealSplits, num_classes: int
 def calibration_uri(dataset_uri: str, cfg: CalibrationConfig, root: str | None = None) -> str:
     """``<root>/calibration/<dataset>/<version>/<config hash>`` (root: the dataset's storage root)."""
     parts = dataset_uri.rstrip("/").split("/")
-    if root is None:
-        root = "/".join(parts[:-3]) if len(parts) >= 4 and parts[-3] == "datasets" else "/".join(parts[:-1])
+    if root is None:  # beside the dataset's own folder when it is outside a storage root
+        root = storage.dataset_root(dataset_uri) or "/".join(parts[:-1])
     return storage.join(root, "calibration", parts[-2], parts[-1], content_hash(cfg)[:16])
 
 

@@ -307,8 +307,8 @@ def domain_cache_uri(dataset_uri: str, cfg: DomainTrainConfig, cache_root: str |
     parts = dataset_uri.rstrip("/").split("/")
     name, version = parts[-2], parts[-1]
     if cache_root is None:
-        cache_root = "/".join(parts[:-3]) + "/cache" if len(parts) >= 4 and parts[-3] == "datasets" \
-            else "/".join(parts[:-1]) + "/.meddiff-cache"
+        root = storage.dataset_root(dataset_uri)
+        cache_root = f"{root}/cache" if root is not None else "/".join(parts[:-1]) + "/.meddiff-cache"
     return storage.join(cache_root, "domain-classifier", name, version, f"{content_hash(cfg)}.pt")
 
 
