@@ -349,6 +349,28 @@ def test_train_model_flow(prefect_harness, breastmnist_uri, tmp_path):
     assert not (Path(uri) / "class-1" / "samples").exists()
 
 
+def test_loss_curves_drawn_by_threads_at_once_all_succeed(tmp_path):
+    """``parallel_classes`` trains a per-class model's parts in threads; two parts finishing together
+    crashed the flow inside matplotlib (one mathtext parser per process, for a log axis's tick labels:
+    "ParseException: exception raised in parse action"; 25 of 40 curves failed with 4 threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from meddiff.train.records import write_loss_curve
+
+    def draw(i: int) -> tuple[int, int]:
+        run = tmp_path / f"part-{i}"
+        run.mkdir()
+        rows = [{"step": s, "loss": 0.9 * 0.97**s + 1e-3 * i} for s in range(1, 60)]  # log-scaled: mathtext ticks
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_loss_curve(run, f"part {i}")
+        return Image.open(run / "loss_curve.png").size
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(draw, range(24))) == [(600, 350)] * 24
+
+
 def test_s3_root_trains_uploads_and_resumes_from_the_bucket(medmnist_dir, moto_s3, monkeypatch, tmp_path):
     import s3fs
 

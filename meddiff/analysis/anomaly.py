@@ -17,7 +17,6 @@ images, their reconstructions and |x − x̂|), ``distributions.png`` (scores pe
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from meddiff import storage
 from meddiff.errors import MeddiffError, check_seed
+from meddiff.figures import new_figure, to_png
 from meddiff.progress import Progress, tell, told_only
 from meddiff.records import content_hash, make_record
 from meddiff.threads import configure_threads
@@ -83,13 +83,9 @@ def scores_of(images: np.ndarray, recon: np.ndarray, extractor: Any) -> dict[str
 
 def heatmap_png(images: np.ndarray, recon: np.ndarray, heat: np.ndarray, titles: list[str]) -> bytes:
     """Rows: image | reconstruction | |x − x̂| (shared colour scale) for each of the given images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(images)
-    fig, axes = plt.subplots(max(n, 1), 3, figsize=(5, 1.7 * max(n, 1)), squeeze=False)
+    fig = new_figure(figsize=(5, 1.7 * max(n, 1)))  # no pyplot (meddiff.figures)
+    axes = fig.subplots(max(n, 1), 3, squeeze=False)
     vmax = float(heat.max()) if n else 1.0
     for i in range(n):
         img, rec = images[i].transpose(1, 2, 0) / 255, recon[i].transpose(1, 2, 0)  # (C,H,W) → (H,W,C)
@@ -102,19 +98,14 @@ def heatmap_png(images: np.ndarray, recon: np.ndarray, heat: np.ndarray, titles:
         ax.set_title(t, fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([]), ax.set_yticks([])
-    return _fig_png(fig)
+    return to_png(fig, dpi=110)
 
 
 def distributions_png(table, class_names: list[str], normal: str) -> bytes:
     """One panel per score: its histogram per class (normal class first)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     scores = [sc for sc in SCORES if f"{sc}_score" in table]
-    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.2), squeeze=False)
-    axes = axes[0]
+    fig = new_figure(figsize=(5 * len(scores), 3.2))  # no pyplot (meddiff.figures)
+    axes = fig.subplots(1, len(scores), squeeze=False)[0]
     order = [normal] + [c for c in class_names if c != normal]
     for ax, score in zip(axes, scores):
         v = table[f"{score}_score"].to_numpy()
@@ -125,7 +116,7 @@ def distributions_png(table, class_names: list[str], normal: str) -> bytes:
                 ax.hist(v[sel.to_numpy()], bins=bins, alpha=0.5, density=True, label=f"{c} (n={int(sel.sum())})")
         ax.set_title(f"{score} score"), ax.set_xlabel("score (higher = more anomalous)")
     axes[0].legend(fontsize=7)
-    return _fig_png(fig)
+    return to_png(fig, dpi=110)
 
 
 def _bins(v: np.ndarray, n: int = 30) -> np.ndarray:
@@ -139,16 +130,6 @@ def _bins(v: np.ndarray, n: int = 30) -> np.ndarray:
         return np.histogram_bin_edges(v, n)
     pad = 0.05 * max(abs(hi), 1e-12)
     return np.linspace(lo - pad, hi + pad, n + 1)
-
-
-def _fig_png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def auroc_table(table, class_names: list[str], normal: str) -> dict[str, Any]:

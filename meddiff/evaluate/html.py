@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from meddiff import storage
 from meddiff.evaluate.summary import headline_rows, per_class_cells
+from meddiff.figures import to_png
 
 SECTIONS = ("summary", "samples", "reverse-diffusion", "umap", "metrics", "memorization", "tstr", "loss-curve", "notes")
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -25,12 +25,8 @@ img{max-width:100%}code{background:#f5f5f5;padding:0 3px}"""
 
 
 def _png(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    data = to_png(fig, tight=False, dpi=100, bbox_inches="tight")  # meddiff.figures: one drawing thread at a time
+    return f'<img src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
 def _hwc(img: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ latents coloured by class; the compression ratio from the autoencoder card.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from meddiff.evaluate.bootstrap import mean_ci, small_n_warning, subsample_inter
 from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
 from meddiff.evaluate.fidelity import fid, kid
 from meddiff.evaluate.similarity import ms_ssim_pairs, ssim_pairs
+from meddiff.figures import new_figure, to_png
 from meddiff.models.autoencoders import TrainedAutoencoder, load_autoencoder
 from meddiff.progress import Progress, tell
 from meddiff.threads import configure_threads
@@ -115,25 +115,17 @@ def umap_png(latents: torch.Tensor, labels: np.ndarray, class_names: list[str], 
         import umap
     except ImportError:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     emb = umap.UMAP(n_neighbors=min(15, len(latents) - 1), random_state=seed, n_jobs=1).fit_transform(
         latents.flatten(1).numpy())  # (N, C_lat·h·w) → (N, 2)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
+    fig = new_figure(figsize=(5.5, 4.5), dpi=100)  # no pyplot (meddiff.figures)
+    ax = fig.subplots()
     for c, name in enumerate(class_names):
         m = labels == c
         if m.any():
             ax.scatter(emb[m, 0], emb[m, 1], s=6, alpha=0.7, label=name)
     ax.set(title="UMAP of the latents (val)", xticks=[], yticks=[])
     ax.legend(fontsize=7, markerscale=2, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return to_png(fig)
 
 
 def reconstruction_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_images: int = 1000,

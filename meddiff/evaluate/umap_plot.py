@@ -8,12 +8,12 @@ or collapsed into a point, is what FID/precision/recall summarise as one number.
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 
 from meddiff.errors import MeddiffError
+from meddiff.figures import new_figure, to_png
 
 
 def embed(features: np.ndarray, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
@@ -35,16 +35,13 @@ def umap_png(real: np.ndarray, real_labels: np.ndarray, syn: np.ndarray, syn_lab
     """PNG bytes: one panel per class (plus "all classes"); real (R, D) and synthetic (S, D) features
     with their class ids (R,), (S,)."""
     from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: no global figure state (flows run tasks in threads)
 
     xy = embed(np.concatenate([real, syn]), seed=seed)  # (R+S, 2)
     xy_real, xy_syn = xy[: len(real)], xy[len(real):]
     panels = [("all classes", None)] + [(name, c) for c, name in enumerate(class_names)]
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(3.2 * cols, 3.0 * rows))
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(3.2 * cols, 3.0 * rows))  # no pyplot; drawn under meddiff.figures' lock
     axes = fig.subplots(rows, cols, squeeze=False)
     colours = colormaps["tab10"]
     for ax, (name, c) in zip(axes.ravel(), panels):
@@ -59,7 +56,4 @@ def umap_png(real: np.ndarray, real_labels: np.ndarray, syn: np.ndarray, syn_lab
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return to_png(fig, dpi=100)

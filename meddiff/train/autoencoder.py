@@ -14,7 +14,6 @@ Single process (no DDP). The latent scale factor is 1/std of the encoded latents
 
 from __future__ import annotations
 
-import io
 import math
 import shutil
 import time
@@ -27,6 +26,7 @@ import torch
 from meddiff import storage
 from meddiff.devices import resolve_device
 from meddiff.errors import ArtifactError, Interrupted, MeddiffError
+from meddiff.figures import new_figure, to_png
 from meddiff.interrupts import stop_on_interrupt
 from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.models.autoencoders import latent_shape
@@ -106,13 +106,9 @@ def _val_batches(plan: AERunPlan, device: torch.device) -> list[torch.Tensor]:
 
 def write_ae_curve(run_dir: Path, title: str) -> None:
     """loss_curve.png: train L1 and val L1 per logged step (log scale), plus the discriminator once on."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = new_figure(figsize=(6, 3.5), dpi=100)  # no pyplot (meddiff.figures)
+    ax = fig.subplots()
     for key, label in (("l1", "train L1"), ("val_l1", "val L1"), ("disc", "discriminator")):
         pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
@@ -120,11 +116,7 @@ def write_ae_curve(run_dir: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    storage.write_bytes(str(run_dir / "loss_curve.png"), buf.getvalue())
+    storage.write_bytes(str(run_dir / "loss_curve.png"), to_png(fig))
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from meddiff import storage
+from meddiff.figures import new_figure, to_png
 from meddiff.models.diffusion import parameterization, sampling_grid
 from meddiff.models.samplers import AUTO_SAMPLER, StackedNoise, predictor, run_sampler
 
@@ -43,13 +44,9 @@ def truncate_metrics(run_dir: Path, max_step: int) -> None:
 
 
 def write_loss_curve(run_dir: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = new_figure(figsize=(6, 3.5), dpi=100)  # no pyplot: parallel parts draw from threads (meddiff.figures)
+    ax = fig.subplots()
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train loss")
     val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if val:  # the EMA network on fixed val draws (meddiff.train.val_loss), at every checkpoint
@@ -59,11 +56,7 @@ def write_loss_curve(run_dir: Path, title: str) -> None:
     if rows and min(min(r["loss"] for r in rows), min((v for _, v in val), default=1)) > 0:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    storage.write_bytes(str(run_dir / LOSS_CURVE), buf.getvalue())
+    storage.write_bytes(str(run_dir / LOSS_CURVE), to_png(fig))
 
 
 @torch.no_grad()
