@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -266,8 +267,11 @@ def test_models_show_and_list_cover_latent_models_and_autoencoders(latent_condit
     model = runner.invoke(app, ["models", "show", latent_conditional_uri], env={"COLUMNS": "200"})
     assert model.exit_code == 0, model.output
     assert f"{vae_uri} (latent 4×7×7)" in model.output and "cross-attention" in model.output
-    ae = runner.invoke(app, ["models", "show", vae_uri], env={"COLUMNS": "200"})
+    ae = runner.invoke(app, ["models", "show", vae_uri], env={"COLUMNS": "400"})
     assert ae.exit_code == 0 and "4×7×7 (scale factor" in ae.output and "val L1" in ae.output, ae.output
+    threads = json.loads((Path(vae_uri) / "model.json").read_text())["sessions"][0]["cpu_threads"]
+    assert re.search(rf"steps 0–{AE_KW['steps']} on cpu, {threads} CPU threads? \(\w+\) — to write these exact "
+                     rf"weights again on a CPU: --threads {threads} ", ae.output), ae.output
     wrong = runner.invoke(app, ["models", "show", breastmnist_uri])
     assert wrong.exit_code != 0 and "is a dataset version, not what this command takes" in str(wrong.exception)
     listed = runner.invoke(app, ["models", "list", "--storage", session_storage], env={"COLUMNS": "300"}).output

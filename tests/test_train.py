@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,52 @@ def test_the_same_training_writes_the_same_checkpoint_bytes_from_any_storage_roo
     assert records == ["step-0000006.json", "step-0000012.json"]
     session = json.loads((a / "checkpoints" / "step-0000012.json").read_text())
     assert session["step"] == 12 and 0 < session["wall_time_s"] <= cards[0]["wall_time_s"] + 0.01
+    for sessions in (session["sessions"], cards[0]["sessions"]):  # the record's and the card's: one session
+        assert [(s["steps"], s["cpu_threads"], s["threads_source"]) for s in sessions] == [([0, 12], 1, "explicit")]
+
+
+def test_card_names_the_cpu_threads_of_every_session_that_trained_the_weights(breastmnist_uri, tmp_path,
+                                                                             monkeypatch):
+    """CPU kernels' last bits follow the thread count, which meddiff sizes by the machine's load unless
+    pinned, yet neither the card nor the checkpoint records said which count a run used: a user could
+    not tell how to reproduce its weights, nor that a run resumed under another count never can be."""
+    import meddiff.train.loop as loop
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    calls, real_step = [], loop.train_step
+
+    def crash_after_6(*args, **kwargs):
+        if len(calls) == 6:
+            raise RuntimeError("worker lost")
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    threads = torch.get_num_threads()
+    cfg = TrainConfig(breastmnist_uri, steps=12, batch_size=8, device="cpu", log_every=3, checkpoint_every=6,
+                      preview_steps=2, cpu_threads=2)
+    try:
+        monkeypatch.setattr(loop, "train_step", crash_after_6)
+        with pytest.raises(RuntimeError, match="worker lost"):
+            train(cfg, str(tmp_path))
+        monkeypatch.setattr(loop, "train_step", real_step)
+        monkeypatch.setenv("MEDDIFF_THREADS", "1")
+        card = train(replace(cfg, cpu_threads=None), str(tmp_path)).card  # resumed at step 6, another count
+    finally:
+        torch.set_num_threads(threads)
+    run = Path(card["uri"])
+    first = json.loads((run / "checkpoints" / "step-0000006.json").read_text())["sessions"]
+    assert [(s["steps"], s["device"], s["cpu_threads"], s["threads_source"]) for s in first] == \
+        [([0, 6], "cpu", 2, "explicit")]
+    last = json.loads((run / "checkpoints" / "step-0000012.json").read_text())["sessions"]
+    for sessions in (card["sessions"], last):
+        assert [(s["steps"], s["cpu_threads"], s["threads_source"]) for s in sessions] == \
+            [([0, 6], 2, "explicit"), ([6, 12], 1, "MEDDIFF_THREADS")]
+    shown = CliRunner().invoke(app, ["models", "show", str(run)], env={"COLUMNS": "400"})
+    assert shown.exit_code == 0, shown.output
+    assert ("steps 0–6 on cpu, 2 CPU threads (explicit); steps 6–12 on cpu, 1 CPU thread (MEDDIFF_THREADS) — "
+            "trained under several CPU thread counts") in " ".join(shown.output.split())
 
 
 _FORWARD = """
@@ -298,6 +345,9 @@ def test_ctrl_c_checkpoints_at_the_step_and_says_how_to_resume(command, breastmn
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming from its checkpoint at step {step} of 400 (--no-resume starts over)\n" in again.stderr
     assert [r["step"] for r in metrics(run)] == list(range(5, 401, 5))  # resumed there: no gap, no duplicate
+    sessions = json.loads((run / "model.json").read_text())["sessions"]  # both sessions, OMP_NUM_THREADS=1
+    assert [(s["steps"], s["cpu_threads"], s["threads_source"]) for s in sessions] == \
+        [([0, step], 1, "OMP_NUM_THREADS"), ([step, 400], 1, "OMP_NUM_THREADS")]
     assert json.loads((run / "model.json").read_text())["steps"] == 400
 
 

@@ -12,6 +12,7 @@ from meddiff import storage
 from meddiff.cli import app
 from meddiff.cli.tables import print_table, unfinished_status
 from meddiff.data.shards import read_card
+from meddiff.train.sessions import cpu_thread_counts, describe
 
 models = typer.Typer(no_args_is_help=True, help="Inspect trained models.")
 app.add_typer(models, name="models")
@@ -61,12 +62,31 @@ def card_rows(card: dict) -> list[tuple[str, str]]:
         ("steps", card.get("steps")),
         ("final loss", f"{card['final_loss']:.4g}" if card.get("final_loss") is not None else None),
         ("wall time", f"{card['wall_time_s']:.0f} s" if card.get("wall_time_s") is not None else None),
-        ("device", card.get("device_name") or card.get("device")), ("created", card.get("created_at")),
+        ("device", card.get("device_name") or card.get("device")), ("sessions", sessions_row(card.get("sessions"))),
+        ("created", card.get("created_at")),
         ("weights sha256", card.get("weights_sha256")),
         ("checkpoint sha256", sha if isinstance(sha, str) else
          "; ".join(f"{k} {v[:12]}…" for k, v in (sha or {}).items()) or None),
     ]
     return [(k, str(v)) for k, v in rows if v not in (None, "")]
+
+
+def sessions_row(sessions: list | dict | None) -> str | None:
+    """The sessions that trained the weights (a per-class model: per class, once where they agree), and a
+    warning when CPU sessions used several thread counts (kernels' last bits follow it)."""
+    if not sessions:
+        return None
+    per_part = sessions if isinstance(sessions, dict) else {None: sessions}
+    lines = {name: describe(s or []) for name, s in per_part.items()}
+    text = next(iter(lines.values())) if len(set(lines.values())) == 1 else \
+        "; ".join(f"class {name}: {line}" for name, line in lines.items())
+    counts = {n for s in per_part.values() for n in cpu_thread_counts(s or [])}
+    if len(counts) > 1:
+        text += (" — trained under several CPU thread counts (or steps not recorded): no single re-run with "
+                 "--threads writes these exact weights")
+    elif counts and None not in counts:
+        text += f" — to write these exact weights again on a CPU: --threads {counts.pop()}"
+    return text
 
 
 @models.command("show")

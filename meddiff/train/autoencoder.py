@@ -33,15 +33,15 @@ from meddiff.models.autoencoders import latent_shape
 from meddiff.models.networks import param_count
 from meddiff.progress import Progress, note, tell
 from meddiff.records import make_record, sha256_bytes, sha256_file, to_jsonable
-from meddiff.threads import configure_threads
+from meddiff.threads import ThreadPlan, configure_threads
 from meddiff.train.ae_config import AERunPlan, AETrainConfig, plan_autoencoder
 from meddiff.train.ae_step import AEState, ae_step, build_ae_state, val_loss
 from meddiff.train.batches import DataSpec, batches
-from meddiff.train.checkpoint import (checkpoint_files, list_checkpoints, portable_config, save_checkpoint,
-                                      wall_time_before)
+from meddiff.train.checkpoint import checkpoint_files, list_checkpoints, portable_config, save_checkpoint
 from meddiff.train.loop import _peak_memory_mb, rng_state, set_rng_state
 from meddiff.train.records import append_metrics, read_metrics, truncate_metrics, write_grid
 from meddiff.train.run_folder import RunFolder
+from meddiff.train.sessions import SessionLog
 
 WEIGHTS = "weights.pt"
 
@@ -73,8 +73,10 @@ def _load_ae_checkpoint(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _start(plan: AERunPlan, folder: RunFolder, device: torch.device) -> tuple[AEState, int, float]:
-    """Prepare the folder, build the state, resume from the newest checkpoint if any."""
+def _start(plan: AERunPlan, folder: RunFolder, device: torch.device, threads: ThreadPlan
+           ) -> tuple[AEState, SessionLog]:
+    """Prepare the folder, build the state, resume from the newest checkpoint if any; the session log
+    starts at the step resumed from."""
     cfg = plan.cfg
     folder.local.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
@@ -90,12 +92,12 @@ def _start(plan: AERunPlan, folder: RunFolder, device: torch.device) -> tuple[AE
     ckpts = list_checkpoints(folder.local) if cfg.resume else []
     if not ckpts:
         torch.manual_seed(cfg.seed * 1000 + 12)
-        return st, 0, 0.0
+        return st, SessionLog.start(0, device, 1, threads)
     state = _load_ae_checkpoint(ckpts[-1], _identity(plan))
     st.load_state_dict(state)
     set_rng_state(state["rng"])
     truncate_metrics(folder.local, int(state["step"]))
-    return st, int(state["step"]), wall_time_before(ckpts[-1], state)
+    return st, SessionLog.start(int(state["step"]), device, 1, threads, ckpts[-1], state)
 
 
 def _val_batches(plan: AERunPlan, device: torch.device) -> list[torch.Tensor]:
@@ -140,10 +142,10 @@ def _log(folder: RunFolder, st: AEState, step: int, sums: dict[str, float], n: i
     note(progress, loss=row["loss"], images_per_s=row["images_per_s"])
 
 
-def _save(plan: AERunPlan, folder: RunFolder, st: AEState, step: int, wall: float) -> None:
+def _save(plan: AERunPlan, folder: RunFolder, st: AEState, step: int, session: SessionLog) -> None:
     path = save_checkpoint(folder.local, step, {
         **st.state_dict(), "rng": rng_state(), "config": portable_config(plan.config_record(), plan.dataset.version),
-        "identity": _identity(plan)}, keep=plan.cfg.keep, wall_time_s=wall)
+        "identity": _identity(plan)}, keep=plan.cfg.keep, record=session.record(step))
     write_ae_curve(folder.local, plan.run_id)
     folder.push(["metrics.jsonl", "config.json", "loss_curve.png", *checkpoint_files(path)])
 
@@ -165,12 +167,12 @@ def train_autoencoder(cfg: AETrainConfig, root: str | None = None, progress: Pro
 def _train_locked(plan: AERunPlan, progress: Progress | None) -> AETrainResult:
     cfg = plan.cfg
     device = resolve_device(cfg.device)
-    configure_threads()  # CPU threads that fit the machine now, as training's (meddiff.threads)
+    threads = configure_threads()  # CPU threads that fit the machine now, as training's (meddiff.threads)
     folder = RunFolder.for_uri(plan.uri)
-    st, step, wall_before = _start(plan, folder, device)
+    st, session = _start(plan, folder, device, threads)
+    step = session.first_step
     if step:
         tell(progress, f"resuming from its checkpoint at step {step} of {cfg.steps} (--no-resume starts over)")
-    started = time.time()
     val = _val_batches(plan, device)
     data = batches(plan.dataset, DataSpec(), cfg.batch_size, cfg.seed, step)
     sums: dict[str, float] = {}
@@ -189,16 +191,16 @@ def _train_locked(plan: AERunPlan, progress: Progress | None) -> AETrainResult:
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 _write_recon_grid(st, val[0], folder.local / "samples" / f"step-{step:07d}" / "reconstructions.png")
             if is_ckpt:
-                _save(plan, folder, st, step, wall_before + time.time() - started)
+                _save(plan, folder, st, step, session)
             if progress is not None:
                 progress(step, cfg.steps)
             if stop.requested and step < cfg.steps:
                 if not is_ckpt:
-                    _save(plan, folder, st, step, wall_before + time.time() - started)
+                    _save(plan, folder, st, step, session)
                 raise Interrupted(f"stopped at step {step} of {cfg.steps}, its checkpoint saved: re-run the same "
                                   f"command to resume from step {step}")
 
-    card = finish_autoencoder(plan, folder, st, device, wall_before + time.time() - started)
+    card = finish_autoencoder(plan, folder, st, device, session)
     return AETrainResult(plan.uri, card, existed=False)
 
 
@@ -233,7 +235,7 @@ def compression(plan: AERunPlan, shape: tuple[int, int, int]) -> dict[str, Any]:
 
 
 def finish_autoencoder(plan: AERunPlan, folder: RunFolder, st: AEState, device: torch.device,
-                       wall_time_s: float) -> dict[str, Any]:
+                       session: SessionLog) -> dict[str, Any]:
     """Scale factor, weights.pt, loss curve, then the card (model.json) last."""
     ds, cfg = plan.dataset, plan.cfg
     ckpt = list_checkpoints(folder.local)[-1]
@@ -255,7 +257,8 @@ def finish_autoencoder(plan: AERunPlan, folder: RunFolder, st: AEState, device: 
         scale_estimate={"batches": plan.train.scale_batches, "batch_size": cfg.batch_size, "latents": count},
         **compression(plan, shape), param_count=param_count(st.ae), steps=cfg.steps,
         final={k: rows[-1].get(k) for k in ("l1", "val_l1", "kl", "vq", "gen_adv", "disc")} if rows else {},
-        wall_time_s=round(wall_time_s, 2), device=str(device), checkpoint=f"checkpoints/{ckpt.name}",
+        wall_time_s=round(session.wall_time(), 2), sessions=session.sessions(cfg.steps), device=str(device),
+        checkpoint=f"checkpoints/{ckpt.name}",
         weights=WEIGHTS, weights_sha256=sha256_file(folder.local / WEIGHTS), samples=f"samples/step-{cfg.steps:07d}")
     storage.write_json(str(folder.local / "model.json"), card)
     samples = [p.relative_to(folder.local).as_posix() for p in sorted((folder.local / "samples").rglob("*.png"))]

@@ -7,13 +7,13 @@ fsynced and renamed, so a killed writer never leaves a partial file under a chec
 A checkpoint holds only what training computed (weights, optimiser, RNG, step, the config without
 paths), so the same training writes the same bytes whatever its storage root and however long it took
 (on a CPU, with the same thread count: kernels' last bits follow it): its sha256 names the weights in
-model and cohort identities. What differs run to run, the wall time spent,
-sits beside it in ``step-XXXXXXX.json`` (its session record).
+model and cohort identities. What differs run to run, the wall time spent and the sessions (device,
+CPU threads) that reached it, sits beside it in ``step-XXXXXXX.json``, its session record
+(``meddiff.train.sessions``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -45,30 +45,21 @@ def checkpoint_files(checkpoint: Path) -> list[str]:
     return [f"{CHECKPOINT_DIR}/{checkpoint.name}", f"{CHECKPOINT_DIR}/{session_record(checkpoint).name}"]
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int, wall_time_s: float) -> Path:
-    """Write ``state`` atomically as ``checkpoints/step-<step>.pt``, then its session record (the wall
-    time of every session up to here); keep the ``keep`` newest pairs."""
+def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int, record: dict[str, Any]) -> Path:
+    """Write ``state`` atomically as ``checkpoints/step-<step>.pt``, then its session ``record`` (the wall
+    time and the sessions up to here: ``SessionLog.record``); keep the ``keep`` newest pairs."""
     d = run_dir / CHECKPOINT_DIR
     d.mkdir(parents=True, exist_ok=True)
     dest = d / checkpoint_name(step)
     with storage.atomic_file(dest) as f:
         torch.save({"format": CHECKPOINT_FORMAT, "step": step, **state}, f)
-    storage.write_json(str(session_record(dest)), {"step": step, "wall_time_s": round(wall_time_s, 3)})
+    storage.write_json(str(session_record(dest)), record)
     for old in list_checkpoints(run_dir)[:-max(keep, 1)]:
         old.unlink(missing_ok=True)
         session_record(old).unlink(missing_ok=True)
     for stale in d.glob(".step-*.tmp"):  # left by a writer that was killed
         stale.unlink(missing_ok=True)
     return dest
-
-
-def wall_time_before(checkpoint: Path, state: dict[str, Any]) -> float:
-    """Wall time of the sessions that reached ``checkpoint``: from its session record; a checkpoint written
-    before records existed kept it inside; one whose writer was killed before its record counts 0."""
-    record = session_record(checkpoint)
-    if record.exists():
-        return float(json.loads(record.read_text())["wall_time_s"])
-    return float(state.get("wall_time_s", 0.0))
 
 
 def portable_config(config_record: dict[str, Any], dataset_version: str) -> dict[str, Any]:

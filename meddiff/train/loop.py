@@ -36,14 +36,15 @@ from meddiff.records import make_record, to_jsonable
 from meddiff.train.batches import DataSpec, batches
 from meddiff.train.cards import finish_group, finish_part
 from meddiff.train.checkpoint import (checkpoint_files, list_checkpoints, load_checkpoint, portable_config,
-                                      save_checkpoint, wall_time_before)
+                                      save_checkpoint)
 from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
 from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
 from meddiff.train.records import (append_metrics, preview_samples, truncate_metrics, write_grid,
                                    write_loss_curve)
 from meddiff.locks import artifact_lock, tell_waiting
-from meddiff.threads import configure_threads
+from meddiff.threads import ThreadPlan, configure_threads
 from meddiff.train.run_folder import RunFolder
+from meddiff.train.sessions import SessionLog
 from meddiff.train.step import TrainingState, build_training_state, drop_labels, train_step
 from meddiff.train.val_loss import ValProbe, load_probe
 
@@ -58,10 +59,10 @@ def process_device(requested: str, info: DistInfo | None = None) -> torch.device
     return resolve_device(requested, local_rank=info.local_rank, world=info.world)
 
 
-def _set_cpu_threads(cfg: TrainConfig, device: torch.device, info: DistInfo) -> None:
+def _set_cpu_threads(cfg: TrainConfig, device: torch.device, info: DistInfo) -> ThreadPlan:
     """Size the CPU thread pool for this machine now (meddiff.threads); ranks on one host share it."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world)) if device.type == "cpu" else 1
-    configure_threads(cfg.cpu_threads, local_world)
+    return configure_threads(cfg.cpu_threads, local_world)
 
 
 def rng_state() -> dict[str, Any]:
@@ -127,17 +128,14 @@ class PartRun:
     info: DistInfo
     device: torch.device
     st: TrainingState
+    session: SessionLog  # this session and the recorded ones it resumed from (wall time, CPU threads)
     step: int = 0  # optimiser steps done
-    wall_before: float = 0.0  # wall time of earlier sessions of this run (resumed)
-    started: float = 0.0  # time.time() when this session started
     last_saved: int = -1  # step of the newest checkpoint
 
     @property
     def title(self) -> str:
         return self.plan.run_id if self.class_id is None else f"{self.plan.run_id} class {self.class_id}"
 
-    def wall_time(self) -> float:
-        return self.wall_before + time.time() - self.started
 
 
 def _prepare_folder(plan: RunPlan, folder: RunFolder, identity: dict[str, Any]) -> None:
@@ -153,7 +151,8 @@ def _prepare_folder(plan: RunPlan, folder: RunFolder, identity: dict[str, Any]) 
     storage.write_json(str(folder.local / "config.json"), config_rec)
 
 
-def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info: DistInfo) -> PartRun:
+def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info: DistInfo,
+                threads: ThreadPlan) -> PartRun:
     """Prepare the folder (rank 0), build the state, resume from the newest checkpoint if any."""
     cfg = plan.cfg
     folder = RunFolder.for_uri(plan.part_uri(class_id))
@@ -164,14 +163,14 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
     torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 1)  # same initial weights on every rank
     st = build_training_state(plan.network, plan.net_channels, identity["num_class_embeds"], device, cfg.lr,
                               cfg.weight_decay, cfg.warmup_steps, cfg.ema_decay, identity["conditioning"])
-    run = PartRun(plan, class_id, folder, identity, info, device, st, started=time.time())
+    run = PartRun(plan, class_id, folder, identity, info, device, st, SessionLog.start(0, device, info.world, threads))
     ckpts = list_checkpoints(folder.local) if cfg.resume else []
     if ckpts:
         state = load_resume_state(ckpts[-1])
         _check_compatible(state, identity, ckpts[-1])
         st.load_state_dict(state)
         run.step = run.last_saved = int(state["step"])
-        run.wall_before = wall_time_before(ckpts[-1], state)
+        run.session = SessionLog.start(run.step, device, info.world, threads, ckpts[-1], state)
         if info.is_main:
             set_rng_state(state["rng"])  # rank 0 continues its exact random stream
             truncate_metrics(folder.local, run.step)
@@ -200,7 +199,7 @@ def _save(run: PartRun) -> None:
         path = save_checkpoint(run.folder.local, run.step, {
             **run.st.state_dict(), "rng": rng_state(),
             "config": portable_config(run.plan.config_record(), run.plan.dataset.version), **run.identity},
-            keep=run.plan.cfg.keep, wall_time_s=run.wall_time())
+            keep=run.plan.cfg.keep, record=run.session.record(run.step))
         write_loss_curve(run.folder.local, run.title)
         run.folder.push(["metrics.jsonl", "config.json", "loss_curve.png", *checkpoint_files(path)])
     barrier(run.info)
@@ -253,8 +252,7 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
     info = ensure_process_group(device)
     if cfg.batch_size % info.world:
         raise MeddiffError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
-    _set_cpu_threads(cfg, device, info)
-    run = _start_part(plan, class_id, device, info)
+    run = _start_part(plan, class_id, device, info, _set_cpu_threads(cfg, device, info))
     part = "" if class_id is None else f"class {plan.dataset.class_names[class_id]!r}: "
     if run.step and info.is_main:
         tell(progress, f"{part}resuming from its checkpoint at step {run.step} of {cfg.steps} "
@@ -310,8 +308,7 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
 
     card: dict[str, Any] = {}
     if info.is_main:
-        card = finish_part(plan, class_id, run.identity, run.folder, run.st.ema.module, device, info,
-                           run.wall_time())
+        card = finish_part(plan, class_id, run.identity, run.folder, run.st.ema.module, device, info, run.session)
     barrier(info)
     return card
 
