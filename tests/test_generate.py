@@ -64,6 +64,17 @@ def test_cohort_id_does_not_depend_on_where_the_model_is_stored(tiny_conditional
     (tmp_path / "b").rename(tmp_path / "c")
     cohort = str(tmp_path / "c" / "cohorts" / Path(there.uri).name)
     assert regenerate(cohort, 3) == stored_png(cohort, 3)
+    # and `cohorts show` prints where the model is now, not the path it had (it printed a path that was gone)
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    shown = CliRunner().invoke(app, ["cohorts", "show", cohort])
+    assert shown.exit_code == 0, shown.output
+    assert f"model_uri: {tmp_path / 'c' / 'models' / moved.name}\n" in shown.output
+    (tmp_path / "c" / "models").rename(tmp_path / "c" / "gone")
+    assert f"model_uri: {moved} (not there now: moved or deleted)\n" in \
+        CliRunner().invoke(app, ["cohorts", "show", cohort]).output
 
 
 def test_a_cohort_made_under_the_old_id_is_still_found(tiny_conditional_model_uri, tmp_path):

@@ -258,7 +258,7 @@ def test_latent_model_scores_anomalies_in_latent_space_and_refuses_a_likelihood(
 
 
 def test_models_show_and_list_cover_latent_models_and_autoencoders(latent_conditional_uri, vae_uri, breastmnist_uri,
-                                                                    session_storage):
+                                                                    session_storage, tmp_path):
     from typer.testing import CliRunner
 
     from meddiff.cli import app
@@ -272,6 +272,18 @@ def test_models_show_and_list_cover_latent_models_and_autoencoders(latent_condit
     threads = json.loads((Path(vae_uri) / "model.json").read_text())["sessions"][0]["cpu_threads"]
     assert re.search(rf"steps 0–{AE_KW['steps']} on cpu, {threads} CPU threads? \(\w+\) — to write these exact "
                      rf"weights again on a CPU: --threads {threads} ", ae.output), ae.output
+    # a root moved elsewhere: the card still names the autoencoder and dataset by their old URIs
+    moved = tmp_path / "root" / "models" / Path(latent_conditional_uri).name
+    shutil.copytree(latent_conditional_uri, moved)
+    shutil.copytree(vae_uri, tmp_path / "root" / "autoencoders" / Path(vae_uri).name)
+    card = json.loads((moved / "model.json").read_text())
+    card["latent"]["uri"] = f"/old/root/autoencoders/{Path(vae_uri).name}"
+    card["dataset"]["uri"] = "/old/root/datasets/breastmnist/v1"
+    (moved / "model.json").write_text(json.dumps(card))
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in runner.invoke(
+        app, ["models", "show", str(moved)], env={"COLUMNS": "400"}).output.splitlines() if line.count("│") == 3}
+    assert rows["latent"] == f"{tmp_path / 'root' / 'autoencoders' / Path(vae_uri).name} (latent 4×7×7)"
+    assert rows["dataset"] == "/old/root/datasets/breastmnist/v1 (not there now: moved or deleted)"
     wrong = runner.invoke(app, ["models", "show", breastmnist_uri])
     assert wrong.exit_code != 0 and "is a dataset version, not what this command takes" in str(wrong.exception)
     listed = runner.invoke(app, ["models", "list", "--storage", session_storage], env={"COLUMNS": "300"}).output

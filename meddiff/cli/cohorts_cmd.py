@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from meddiff.cli import app
-from meddiff.cli.tables import print_table, titled, unfinished_status
+from meddiff.cli.tables import print_table, titled, unfinished_status, where_now
 from meddiff import storage
 from meddiff.data.cohorts import open_cohort, verify as verify_cohort
 from meddiff.errors import MeddiffError
@@ -101,10 +101,13 @@ def show(uri: str = typer.Argument(
     card = open_cohort(uri).card
     console.print(f"[bold]cohort[/] {card.get('cohort_id') or uri.rstrip('/').rsplit('/', 1)[-1]}", soft_wrap=True)
     console.print(counts_table("", card["counts"]))
+    now = {"model_uri": where_now(card.get("model_uri"), uri, "model.json"),  # where they are now (a moved root)
+           "dataset_uri": where_now(card.get("dataset_uri"), uri, "dataset.json")}
     for k in ("model_uri", "dataset_uri", "sampler", "steps", "guidance_scale", "seed", "created_at", "seconds"):
-        console.print(f"[bold]{k}[/]: {card.get(k)}", soft_wrap=True)
+        console.print(f"[bold]{k}[/]: {now.get(k, card.get(k))}", soft_wrap=True)
     if ae := card.get("autoencoder"):  # latent cohorts: the images were decoded through this AE
-        console.print(f"[bold]autoencoder[/]: {ae['uri']} (sha256 {ae['sha256'][:16]}…)", soft_wrap=True)
+        console.print(f"[bold]autoencoder[/]: {where_now(ae['uri'], uri, 'model.json')} "
+                      f"(sha256 {ae['sha256'][:16]}…)", soft_wrap=True)
     sentence = report_sentence(uri)  # what a consumer asks next: is it fit for use?
     console.print(Text.assemble(("report", "bold"), f": {sentence} ({storage.join(uri, 'report.html')})" if sentence
                                 else f": none yet (meddiff evaluate {uri})"), soft_wrap=True)

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from meddiff import storage
 from meddiff.cli import app
-from meddiff.cli.tables import print_table, unfinished_status
+from meddiff.cli.tables import print_table, unfinished_status, where_now
 from meddiff.data.shards import read_card
 from meddiff.train.sessions import cpu_thread_counts, describe
 
@@ -37,8 +37,9 @@ def list_(storage_root: Optional[str] = typer.Option(
                       (c.get("dataset") or {}).get("name", ""), uri)
     print_table(t)
 
-def card_rows(card: dict) -> list[tuple[str, str]]:
-    """(field, value) rows of a model or autoencoder card, for people (the card itself is model.json)."""
+def card_rows(card: dict, here: str) -> list[tuple[str, str]]:
+    """(field, value) rows of the model or autoencoder card at ``here``, for people (the card itself is
+    model.json); the dataset and autoencoder it names are shown where they are now."""
     ds, latent, final = card.get("dataset") or {}, card.get("latent") or {}, card.get("final") or {}
     sha = card.get("checkpoint_sha256")
     side = card.get("image_size")
@@ -48,10 +49,12 @@ def card_rows(card: dict) -> list[tuple[str, str]]:
 
     rows = [
         ("kind", card.get("kind")), ("run", card.get("run_id")), ("mode", card.get("mode")),
-        ("preset", card.get("preset")), ("objective", card.get("objective")), ("dataset", ds.get("uri")),
+        ("preset", card.get("preset")), ("objective", card.get("objective")),
+        ("dataset", where_now(ds.get("uri"), here, "dataset.json")),
         ("classes", ", ".join(card.get("class_names") or [])),
         ("images", shape([card["channels"], side, side]) if side else None),
-        ("latent", f"{latent['uri']} (latent {shape(latent.get('latent_shape'))})" if latent else None),
+        ("latent", f"{where_now(latent['uri'], here, 'model.json')} (latent {shape(latent.get('latent_shape'))})"
+         if latent else None),
         ("autoencoder", card.get("ae_kind")),
         ("latent shape", f"{shape(card['latent_shape'])} (scale factor {card['scale_factor']:.4g}, "
                          f"{card['compression_ratio']:.3g}× smaller than uint8 pixels)"
@@ -94,6 +97,6 @@ def show(uri: str = typer.Argument(
         ..., help="A model's URI (printed by meddiff train; see meddiff models list).")) -> None:
     """Show a model's (or an autoencoder's) card: what it was trained on, how, and its checkpoint."""
     t = Table("field", "value")
-    for k, v in card_rows(read_card(uri, "model.json")):
+    for k, v in card_rows(read_card(uri, "model.json"), uri):
         t.add_row(k, v)
     print_table(t)

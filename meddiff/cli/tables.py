@@ -31,3 +31,15 @@ def unfinished_status(uri: str, idle: str) -> str:
         return f"[yellow]{idle}"
     who = f" (pid {owner['pid']} on {owner.get('host') or '?'})" if owner.get("pid") else ""
     return f"[cyan]in progress now{who}"
+
+
+def where_now(recorded: str | None, here: str, record: str) -> str | None:
+    """Where an artifact a card names (by the URI it had then) is now: ``storage.relocated`` follows a
+    moved or copied storage root from ``here``, the artifact being shown; a URI found nowhere is printed
+    as recorded, marked as such, instead of as if it were still there."""
+    from meddiff import storage
+
+    if not recorded:
+        return recorded
+    return storage.relocated(recorded, here, record) or f"{recorded} (not there now: moved or deleted)"
+
