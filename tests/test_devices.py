@@ -14,7 +14,7 @@ from meddiff.devices import DeviceUnavailableError, part_device, resolve_device
 from meddiff.errors import MeddiffError
 from meddiff.train import distributed
 from meddiff.train.checkpoint import list_checkpoints
-from meddiff.train.loop import load_resume_state, process_device, set_rng_state
+from meddiff.train.loop import load_resume_state, process_device, restore_generator, set_rng_state
 
 
 @pytest.mark.parametrize("requested, count, local_rank, world, expected", [
@@ -80,10 +80,16 @@ def test_resume_restores_rng_from_a_checkpoint_whatever_device_it_was_mapped_to(
     # non-CPU device here), and torch's RNG setters accept CPU ByteTensors only
     mapped = torch.load(ckpt, map_location="meta", weights_only=True)
     with pytest.raises((TypeError, RuntimeError, NotImplementedError)):
-        torch.set_rng_state(mapped["rng"]["torch"])
+        torch.Generator().set_state(mapped["rng"]["generator"])
     state = load_resume_state(ckpt)
-    assert state["rng"]["torch"].device.type == "cpu" and state["rng"]["torch"].dtype == torch.uint8
-    set_rng_state(state["rng"])
-    first = torch.rand(4)
-    set_rng_state(state["rng"])
-    assert torch.equal(torch.rand(4), first)  # the saved stream continues exactly
+    saved = state["rng"]["generator"]  # the part's own training stream (not torch's global one)
+    assert saved.device.type == "cpu" and saved.dtype == torch.uint8 and state["rng"]["device"] == "cpu"
+    g = torch.Generator()
+    assert restore_generator(g, state["rng"])
+    first = torch.rand(4, generator=g)
+    assert restore_generator(g, state["rng"]) and torch.equal(torch.rand(4, generator=g), first)  # continues exactly
+    # a checkpoint from before per-part generators saved torch's global streams, which training drew from
+    assert restore_generator(g, {"torch": saved}) and torch.equal(torch.rand(4, generator=g), first)
+    assert not restore_generator(g, {"generator": saved, "device": "cuda"})  # another kind of device: fresh
+    set_rng_state({"torch": saved})  # autoencoder training still resumes torch's global stream
+    assert torch.equal(torch.rand(4), first)

@@ -399,6 +399,31 @@ def test_train_model_flow(prefect_harness, breastmnist_uri, tmp_path):
     assert not (Path(uri) / "class-1" / "samples").exists()
 
 
+def test_per_class_parts_trained_side_by_side_in_threads_equal_those_trained_one_after_another(breastmnist_uri,
+                                                                                               tmp_path):
+    """``parallel_classes`` trains a per-class model's parts in threads of one process. Every part drew its
+    noise, timesteps and initial weights from torch's one global generator, so its weights depended on how
+    the threads interleaved: not reproducible, and not the model that training one part after another
+    writes. Now each part trains on its own generator (initial weights: one part at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meddiff.train import finish_group, train_part
+
+    cfg = TrainConfig(breastmnist_uri, mode="per-class", steps=24, batch_size=8, device="cpu", log_every=8,
+                      checkpoint_every=12, preview_steps=2, cpu_threads=1)  # CPU kernels split work by thread count
+    threads = torch.get_num_threads()
+    try:
+        one_by_one = train(cfg, str(tmp_path / "a")).card
+        plan = plan_run(cfg, str(tmp_path / "b"))
+        with ThreadPoolExecutor(2) as pool:
+            assert all(card["steps"] == 24 for card in pool.map(lambda c: train_part(plan, c), plan.parts))
+        side_by_side = finish_group(plan)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(set(one_by_one["checkpoint_sha256"].values())) == 2
+    assert side_by_side["checkpoint_sha256"] == one_by_one["checkpoint_sha256"]
+
+
 def test_loss_curves_drawn_by_threads_at_once_all_succeed(tmp_path):
     """``parallel_classes`` trains a per-class model's parts in threads; two parts finishing together
     crashed the flow inside matplotlib (one mathtext parser per process, for a log axis's tick labels:

@@ -45,11 +45,18 @@ def build_scheduler(config: dict[str, Any]) -> DDPMScheduler | RFlowScheduler:
     return DDPMScheduler(**kw) if config["objective"] == "ddpm" else RFlowScheduler(**kw)
 
 
-def sample_timesteps(scheduler: DDPMScheduler | RFlowScheduler, x0: torch.Tensor) -> torch.Tensor:
-    """Training timesteps, one per image: (B,), uniform over [0, T)."""
+def sample_timesteps(scheduler: DDPMScheduler | RFlowScheduler, x0: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training timesteps, one per image: (B,), uniform over [0, T): integers for DDPM, reals for rectified
+    flow (MONAI's ``RFlowScheduler.sample_timesteps`` for ``scheduler_config``'s settings, which draws from
+    torch's global stream only). ``generator``: the stream to draw from (None: torch's global one)."""
+    B, T = x0.shape[0], scheduler.num_train_timesteps
     if isinstance(scheduler, RFlowScheduler):
-        return scheduler.sample_timesteps(x0)
-    return torch.randint(0, scheduler.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        if generator is None or scheduler.sample_method != "uniform" or scheduler.use_discrete_timesteps \
+                or scheduler.use_timestep_transform:
+            return scheduler.sample_timesteps(x0)
+        return torch.rand((B,), generator=generator, device=x0.device) * T
+    return torch.randint(0, T, (B,), generator=generator, device=x0.device)
 
 
 def ddpm_target(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -88,10 +95,11 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
 
 
 def diffusion_loss(net, x0: torch.Tensor, labels: torch.Tensor | None, scheduler, prediction: Prediction,
-                   min_snr_gamma: float | None = None) -> torch.Tensor:
-    """One Monte-Carlo estimate of the training loss for a batch x0: (B, C, H, W) in [-1, 1]."""
-    eps = torch.randn_like(x0)
-    t = sample_timesteps(scheduler, x0)  # (B,)
+                   min_snr_gamma: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One Monte-Carlo estimate of the training loss for a batch x0: (B, C, H, W) in [-1, 1]; ε and t
+    drawn from ``generator`` (None: torch's global stream)."""
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)  # (B, C, H, W)
+    t = sample_timesteps(scheduler, x0, generator)  # (B,)
     x_t = scheduler.add_noise(original_samples=x0, noise=eps, timesteps=t)  # (B, C, H, W)
     pred = net(x_t, timesteps=t, class_labels=labels)
     if isinstance(scheduler, RFlowScheduler):

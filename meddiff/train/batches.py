@@ -78,7 +78,9 @@ def one_pass(ds: DatasetVersion, spec: DataSpec, seed: int, rank: int, world: in
     if not workers:
         return wds.DataPipeline(*stages)
     stages.append(wds.batched(256, collation_fn=_collate, partial=True))  # few large IPC messages
-    loader = torch.utils.data.DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers)
+    loader = torch.utils.data.DataLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(seed * 7919 + rank))  # not torch's
+    # global stream: parts trained side by side in threads must not draw from each other's (meddiff.train.loop)
     return ((x, int(y)) for xs, ys in loader for x, y in zip(xs, ys))
 
 

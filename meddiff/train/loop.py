@@ -18,6 +18,7 @@ import math
 import os
 import resource
 import shutil
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from meddiff.train.step import TrainingState, build_training_state, drop_labels,
 from meddiff.train.val_loss import ValProbe, load_probe
 
 PREVIEW_PER_CLASS = 8  # images per class in each preview grid
+_INIT_LOCK = threading.Lock()  # torch's global generator is one per process: one part seeds it and draws its
+# initial weights at a time (parts trained side by side run in threads; each trains on its own generator)
 
 
 # --------------------------------------------------------------------------- process and RNG
@@ -65,6 +68,28 @@ def _set_cpu_threads(cfg: TrainConfig, device: torch.device, info: DistInfo) -> 
     return configure_threads(cfg.cpu_threads, local_world)
 
 
+def generator_state(gen: torch.Generator) -> dict[str, Any]:
+    """A checkpoint's ``rng``: the part's own training stream (ε, t, dropped labels) and its device type."""
+    return {"generator": gen.get_state(), "device": gen.device.type}
+
+
+def restore_generator(gen: torch.Generator, rng: dict[str, Any]) -> bool:
+    """Continue a checkpoint's training stream in ``gen``. Checkpoints from before per-part generators
+    saved torch's global streams, which training drew from: the CPU one, or the GPU's own. False (a fresh
+    stream, then) when the stream was on another kind of device or GPU count."""
+    if "generator" in rng:
+        state, kind = rng["generator"], rng["device"]
+    elif gen.device.type == "cpu":
+        state, kind = rng["torch"], "cpu"
+    else:
+        streams, index = rng.get("cuda") or [], gen.device.index or 0
+        state, kind = (streams[index], "cuda") if index < len(streams) else (None, None)
+    if state is None or kind != gen.device.type:
+        return False
+    gen.set_state(state.cpu())  # the setter takes a CPU ByteTensor
+    return True
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -73,7 +98,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore ``rng_state()``. The setters take CPU ByteTensors only, so states are moved there first."""
+    """Restore ``rng_state()`` (torch's global streams: autoencoder training). The setters take CPU
+    ByteTensors only, so states are moved there first."""
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])  # (another GPU count: fresh streams)
@@ -128,6 +154,7 @@ class PartRun:
     info: DistInfo
     device: torch.device
     st: TrainingState
+    gen: torch.Generator  # this part's training stream (ε, t, dropped labels), on its device
     session: SessionLog  # this session and the recorded ones it resumed from (wall time, CPU threads)
     step: int = 0  # optimiser steps done
     last_saved: int = -1  # step of the newest checkpoint
@@ -160,10 +187,13 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
     if info.is_main:
         _prepare_folder(plan, folder, identity)
     barrier(info)
-    torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 1)  # same initial weights on every rank
-    st = build_training_state(plan.network, plan.net_channels, identity["num_class_embeds"], device, cfg.lr,
-                              cfg.weight_decay, cfg.warmup_steps, cfg.ema_decay, identity["conditioning"])
-    run = PartRun(plan, class_id, folder, identity, info, device, st, SessionLog.start(0, device, info.world, threads))
+    with _INIT_LOCK:
+        torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 1)  # same initial weights on every rank
+        st = build_training_state(plan.network, plan.net_channels, identity["num_class_embeds"], device, cfg.lr,
+                                  cfg.weight_decay, cfg.warmup_steps, cfg.ema_decay, identity["conditioning"])
+    run = PartRun(plan, class_id, folder, identity, info, device, st, torch.Generator(device),
+                  SessionLog.start(0, device, info.world, threads))
+    resumed = False
     ckpts = list_checkpoints(folder.local) if cfg.resume else []
     if ckpts:
         state = load_resume_state(ckpts[-1])
@@ -172,12 +202,12 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
         run.step = run.last_saved = int(state["step"])
         run.session = SessionLog.start(run.step, device, info.world, threads, ckpts[-1], state)
         if info.is_main:
-            set_rng_state(state["rng"])  # rank 0 continues its exact random stream
+            resumed = restore_generator(run.gen, state["rng"])  # rank 0 continues its exact random stream
             truncate_metrics(folder.local, run.step)
     elif info.is_main and (folder.local / "metrics.jsonl").exists():
         truncate_metrics(folder.local, 0)  # rows of a session killed before its first checkpoint (chaos)
-    if not (ckpts and info.is_main):
-        torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 2 + 7919 * info.rank + run.step)
+    if not resumed:
+        run.gen.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 2 + 7919 * info.rank + run.step)
     barrier(info)
     return run
 
@@ -197,7 +227,7 @@ def _save(run: PartRun) -> None:
     run.last_saved = run.step
     if run.info.is_main:
         path = save_checkpoint(run.folder.local, run.step, {
-            **run.st.state_dict(), "rng": rng_state(),
+            **run.st.state_dict(), "rng": generator_state(run.gen),
             "config": portable_config(run.plan.config_record(), run.plan.dataset.version), **run.identity},
             keep=run.plan.cfg.keep, record=run.session.record(run.step))
         write_loss_curve(run.folder.local, run.title)
@@ -279,9 +309,9 @@ def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = 
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             labels = None if class_id is not None else drop_labels(y.to(device), cfg.label_dropout,
-                                                                   plan.dataset.num_classes)
+                                                                   plan.dataset.num_classes, run.gen)
             loss_sum += train_step(model, run.st, scheduler, x, labels, cfg.prediction, cfg.min_snr_gamma,
-                                   cfg.grad_clip, autocast)
+                                   cfg.grad_clip, autocast, run.gen)
             run.step, n_sum = run.step + 1, n_sum + 1
             is_ckpt = run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps
             if run.step % cfg.log_every == 0 or is_ckpt:

@@ -56,21 +56,22 @@ def build_training_state(network: NetworkConfig, channels: int, num_class_embeds
     return TrainingState(net, ema, opt, lr_sched)
 
 
-def drop_labels(y: torch.Tensor, p: float, null_class: int) -> torch.Tensor:
+def drop_labels(y: torch.Tensor, p: float, null_class: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Replace each label by ``null_class`` with probability p (classifier-free guidance). y: (B,) → (B,)."""
-    drop = torch.rand(y.shape, device=y.device) < p
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
     return torch.where(drop, torch.full_like(y, null_class), y)
 
 
 def train_step(model: torch.nn.Module, state: TrainingState, scheduler, x: torch.Tensor, labels: torch.Tensor | None,
                prediction: Prediction, min_snr_gamma: float | None, grad_clip: float,
-               autocast: torch.autocast) -> torch.Tensor:
+               autocast: torch.autocast, generator: torch.Generator | None = None) -> torch.Tensor:
     """One AdamW step on a batch x: (B, C, H, W) in [-1, 1]; updates the EMA. Returns the loss (no sync).
 
     ``model`` is what runs the forward pass: ``state.net`` itself, or its DDP / compiled wrapper.
+    ``generator``: the part's own stream for ε and t (None: torch's global one).
     """
     with autocast:
-        loss = diffusion_loss(model, x, labels, scheduler, prediction, min_snr_gamma)
+        loss = diffusion_loss(model, x, labels, scheduler, prediction, min_snr_gamma, generator)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(state.net.parameters(), grad_clip)
     state.opt.step()

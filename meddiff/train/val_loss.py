@@ -65,10 +65,7 @@ def make_probe(images: torch.Tensor, labels: torch.Tensor, scheduler, class_id: 
         with torch.no_grad():
             x0 = encode(x0).float().cpu()  # (n, C_lat, h, w)
     eps = torch.randn(x0.shape, generator=g)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # sample_timesteps draws from the global stream (MONAI's RFlow sampler too)
-    t = sample_timesteps(scheduler, x0)
-    torch.random.set_rng_state(state)
+    t = sample_timesteps(scheduler, x0, torch.Generator().manual_seed(seed))  # (n,); never the global stream
     return ValProbe(x0, None if labels is None else labels[idx], t, eps)
 
 
