@@ -164,7 +164,6 @@ class PartRun:
         return self.plan.run_id if self.class_id is None else f"{self.plan.run_id} class {self.class_id}"
 
 
-
 def _prepare_folder(plan: RunPlan, folder: RunFolder, identity: dict[str, Any]) -> None:
     """Rank 0: create (or, without resume, clear) the run folder; fetch remote state; write config.json."""
     folder.local.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ class SessionLog:
 
 
 def describe(sessions: list[dict[str, Any]]) -> str:
-    """One line per the card's ``sessions``: ``steps 0–300 on cpu, 2 CPU threads (auto); …``."""
+    """The card's ``sessions`` on one line: ``steps 0–300 on cpu, 2 CPU threads (auto); …``."""
     parts = []
     for s in sessions:
         first, last = s["steps"]
