@@ -49,7 +49,8 @@ def sample_timesteps(scheduler: DDPMScheduler | RFlowScheduler, x0: torch.Tensor
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """Training timesteps, one per image: (B,), uniform over [0, T): integers for DDPM, reals for rectified
     flow (MONAI's ``RFlowScheduler.sample_timesteps`` for ``scheduler_config``'s settings, which draws from
-    torch's global stream only). ``generator``: the stream to draw from (None: torch's global one)."""
+    torch's global stream only). ``generator``: the stream to draw from (None: torch's global one; a
+    rectified-flow scheduler with other settings than ``scheduler_config``'s draws MONAI's way, from it)."""
     B, T = x0.shape[0], scheduler.num_train_timesteps
     if isinstance(scheduler, RFlowScheduler):
         if generator is None or scheduler.sample_method != "uniform" or scheduler.use_discrete_timesteps \
