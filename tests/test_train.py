@@ -162,15 +162,19 @@ def test_rerun_finds_the_finished_model(blood_conditional, bloodmnist_uri):
 
 def test_the_same_training_writes_the_same_checkpoint_bytes_from_any_storage_root(breastmnist_uri, tmp_path):
     """Checkpoints held the wall time and the dataset's absolute path, so the same training written from
-    two clones of a storage root (or after a move) had different sha256s, and so different cohort ids."""
+    two clones of a storage root (or after a move) had different sha256s, and so different cohort ids;
+    and the thread-count request: the same weights trained by `meddiff pipeline` (threads picked: 2) and by
+    `meddiff --threads 2 train` differed only in the checkpoint's config.cpu_threads (None vs 2)."""
     version = Path(breastmnist_uri)
     cards = []
-    for root in (tmp_path / "a", tmp_path / "elsewhere" / "b"):
+    for root, threads in ((tmp_path / "a", {"cpu_threads": 1}), (tmp_path / "elsewhere" / "b", {})):
         uri = root / "datasets" / version.parent.name / version.name
         shutil.copytree(version, uri)
         cfg = TrainConfig(str(uri), steps=12, batch_size=16, device="cpu", log_every=4, checkpoint_every=6,
-                          preview_steps=2, cpu_threads=1)  # CPU kernels split work by thread count
-        cards.append(train(cfg, str(root)).card)
+                          preview_steps=2, **threads)  # CPU kernels split work by thread count: 1 both times
+        with pytest.MonkeyPatch.context() as mp:  # b: left to pick, and picks 1 (the checkpoint once held the request)
+            mp.setenv("MEDDIFF_THREADS", "1")
+            cards.append(train(cfg, str(root)).card)
     a, b = (Path(c["uri"]) for c in cards)
     assert a.name == b.name and a != b  # the same run id under two roots
     assert cards[0]["checkpoint_sha256"] == cards[1]["checkpoint_sha256"]
@@ -183,7 +187,7 @@ def test_the_same_training_writes_the_same_checkpoint_bytes_from_any_storage_roo
     session = json.loads((a / "checkpoints" / "step-0000012.json").read_text())
     assert session["step"] == 12 and 0 < session["wall_time_s"] <= cards[0]["wall_time_s"] + 0.01
     for sessions in (session["sessions"], cards[0]["sessions"]):  # the record's and the card's: one session
-        assert [(s["steps"], s["cpu_threads"], s["threads_source"]) for s in sessions] == [([0, 12], 1, "explicit")]
+        assert [(s["steps"], s["cpu_threads"]) for s in sessions] == [([0, 12], 1)]
 
 
 def test_card_names_the_cpu_threads_of_every_session_that_trained_the_weights(breastmnist_uri, tmp_path,

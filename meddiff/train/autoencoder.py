@@ -144,7 +144,8 @@ def _log(folder: RunFolder, st: AEState, step: int, sums: dict[str, float], n: i
 
 def _save(plan: AERunPlan, folder: RunFolder, st: AEState, step: int, session: SessionLog) -> None:
     path = save_checkpoint(folder.local, step, {
-        **st.state_dict(), "rng": rng_state(), "config": portable_config(plan.config_record(), plan.dataset.version),
+        **st.state_dict(), "rng": rng_state(), "config": portable_config(plan.config_record(), plan.dataset.version,
+                                                      AETrainConfig.OPERATIONAL),
         "identity": _identity(plan)}, keep=plan.cfg.keep, record=session.record(step))
     write_ae_curve(folder.local, plan.run_id)
     folder.push(["metrics.jsonl", "config.json", "loss_curve.png", *checkpoint_files(path)])

@@ -62,7 +62,12 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep: int, 
     return dest
 
 
-def portable_config(config_record: dict[str, Any], dataset_version: str) -> dict[str, Any]:
+def portable_config(config_record: dict[str, Any], dataset_version: str, operational: tuple[str, ...] = ()
+                    ) -> dict[str, Any]:
     """A run's config as a checkpoint keeps it: the dataset by version, not by path, so the same run
-    reached through another storage root (a clone, a moved root, a worker's mount) has the same bytes."""
-    return {**{k: v for k, v in config_record.items() if k != "dataset_uri"}, "dataset_version": dataset_version}
+    reached through another storage root (a clone, a moved root, a worker's mount) has the same bytes;
+    without the ``operational`` settings (the config's OPERATIONAL: device, thread count, intervals...),
+    which do not change the weights, so the same training asked for with ``--threads 2`` or left to pick
+    2 threads writes the same bytes too (the threads used are in the session record)."""
+    drop = {"dataset_uri", *operational}
+    return {**{k: v for k, v in config_record.items() if k not in drop}, "dataset_version": dataset_version}

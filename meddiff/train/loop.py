@@ -227,7 +227,8 @@ def _save(run: PartRun) -> None:
     if run.info.is_main:
         path = save_checkpoint(run.folder.local, run.step, {
             **run.st.state_dict(), "rng": generator_state(run.gen),
-            "config": portable_config(run.plan.config_record(), run.plan.dataset.version), **run.identity},
+            "config": portable_config(run.plan.config_record(), run.plan.dataset.version, TrainConfig.OPERATIONAL),
+            **run.identity},
             keep=run.plan.cfg.keep, record=run.session.record(run.step))
         write_loss_curve(run.folder.local, run.title)
         run.folder.push(["metrics.jsonl", "config.json", "loss_curve.png", *checkpoint_files(path)])
