@@ -97,13 +97,10 @@ def train_part_task(cfg: TrainConfig, storage_root: str | None, class_id: int | 
 
 def fan_out_parts(cfg: TrainConfig, plan, storage_root: str | None, logger) -> bool:
     """Under a server with a train-part deployment: one flow run per class part (see flows/fanout.py)."""
-    from dataclasses import asdict
-
     from flows.fanout import PART_DEPLOYMENT, FanoutConfig, train_parts_fanned_out
+    from flows.train_part import part_parameters  # it imports this module
 
-    names = ("dataset_uri", "mode", "preset", "steps", "batch_size", "resume", "device", "objective", "schedule",
-             "prediction", "min_snr_gamma", "seed")
-    params = {k: v for k, v in asdict(cfg).items() if k in names} | {"storage_root": storage_root}
+    params = part_parameters(cfg, storage_root, plan.run_id)
     return train_parts_fanned_out(params, plan.run_id, list(plan.parts),
                                   lambda c: storage.exists(storage.join(plan.part_uri(c), "model.json")),
                                   FanoutConfig(deployment=PART_DEPLOYMENT, poll_s=15.0), logger.info)

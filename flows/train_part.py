@@ -8,13 +8,16 @@ an interrupted one resumes from its latest checkpoint (checkpoints are written a
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import asdict
 from typing import Literal
 
 from prefect import flow, get_run_logger
 
 from flows.common import prefect_progress
 import meddiff.train as tr
-from flows.train_model import PresetName
+from flows.train_model import PresetName, config_from
+from meddiff.errors import MeddiffError
 from meddiff.train import TrainConfig, plan_run
 
 PART_TIMEOUT_S = 24 * 3600  # one class model; a day means a hung worker
@@ -45,6 +48,8 @@ def train_part(  # named like the flow: `prefect deploy --name train-part/...` m
     min_snr_gamma: float | None = _D.min_snr_gamma,
     seed: int = _D.seed,
     storage_root: str | None = None,
+    latent: str | None = _D.latent,
+    run_id: str | None = None,
 ) -> str:
     """Train (or resume, or find) class ``class_id``'s model of a per-class run; returns the part's URI.
 
@@ -63,14 +68,28 @@ def train_part(  # named like the flow: `prefect deploy --name train-part/...` m
         min_snr_gamma: Min-SNR-γ loss weighting (γ=5 typical; DDPM only); empty = off.
         seed: Seeds weights, noise, timesteps and data order.
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+        latent: Autoencoder URI of a latent per-class run (its parts train on the latents); empty = pixels.
+        run_id: The parent train-model run's id: the part refuses to train another run's part (a worker
+            with other meddiff code, or a parameter lost on the way); empty = no check.
     """
-    cfg = TrainConfig(dataset_uri, mode, preset, steps, batch_size, device, seed, resume, objective, schedule,
-                      prediction, min_snr_gamma).check()
+    cfg = config_from(dict(dataset_uri=dataset_uri, mode=mode, preset=preset, steps=steps, batch_size=batch_size,
+                           device=device, seed=seed, resume=resume, objective=objective, schedule=schedule,
+                           prediction=prediction, min_snr_gamma=min_snr_gamma, latent=latent))
     plan = plan_run(cfg, storage_root)
+    if run_id is not None and plan.run_id != run_id:
+        raise MeddiffError(f"train-part was asked for a part of {run_id} but its parameters plan {plan.run_id}: this "
+                           "worker's meddiff differs from the parent run's, or the deployment drops a parameter; "
+                           "update the workers and re-run `meddiff deploy`")
     if class_id not in plan.parts:
-        from meddiff.errors import MeddiffError
-
         raise MeddiffError(f"class {class_id} is not a part of {plan.run_id} (parts: {plan.parts})")
     tr.train_part(plan, class_id, prefect_progress(f"train {plan.run_id} class {class_id}"))
     get_run_logger().info("class %d of %s trained", class_id, plan.run_id)
     return plan.part_uri(class_id)
+
+
+def part_parameters(cfg: TrainConfig, storage_root: str | None, run_id: str) -> dict:
+    """The ``train-part`` parameters (all but ``class_id``) of a part of ``cfg``'s run: every config
+    field the flow takes, read from its signature (so a parameter added to the flow travels without a
+    second list), the storage root, and the parent's run id it must plan."""
+    takes = inspect.signature(train_part.fn).parameters
+    return {k: v for k, v in asdict(cfg).items() if k in takes} | {"storage_root": storage_root, "run_id": run_id}

@@ -159,6 +159,25 @@ def test_latent_per_class_trains_from_latent_shards(breastmnist_uri, vqvae_uri, 
     assert cohort.counts == {"malignant": 1, "normal, benign": 1}
 
 
+def test_a_fanned_out_latent_part_trains_its_parents_run(prefect_harness, breastmnist_uri, vqvae_uri,
+                                                        session_storage):
+    """Under a server, train-model hands each class of a per-class run to a train-part flow run. Its
+    parameters once left out the autoencoder: every part of a latent run trained a pixel model under
+    another run id, and the parent re-submitted each part until it failed. A part now gets every
+    parameter the flow takes, and refuses to plan a run other than its parent's."""
+    from flows.train_part import part_parameters, train_part
+    from meddiff import storage
+    from meddiff.train import TrainConfig, plan_run
+
+    cfg = TrainConfig(breastmnist_uri, mode="per-class", steps=2, batch_size=8, device="cpu", latent=vqvae_uri)
+    plan = plan_run(cfg, session_storage)
+    params = part_parameters(cfg, session_storage, plan.run_id)
+    assert train_part(**params, class_id=1) == plan.part_uri(1)
+    assert storage.read_json(storage.join(plan.part_uri(1), "model.json"))["latent"]["kind"] == "vqvae"
+    with pytest.raises(MeddiffError, match=f"asked for a part of other-run but its parameters plan {plan.run_id}"):
+        train_part(**{**params, "run_id": "other-run"}, class_id=1)
+
+
 def test_autoencoder_of_another_dataset_is_refused(bloodmnist_uri, vae_uri, tmp_path):
     from meddiff.evaluate.reconstruction import encode_with_report
     from meddiff.train import TrainConfig, train
