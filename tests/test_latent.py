@@ -248,6 +248,34 @@ def test_a_latent_model_finds_its_autoencoder_in_a_moved_storage_root(latent_con
     assert np.array_equal(images(moved.uri, new), images(latent_conditional_uri, tmp_path / "original"))
 
 
+def test_a_latent_run_resumes_in_a_copied_root_and_writes_the_same_bytes(breastmnist_uri, vae_uri, session_storage,
+                                                                        tmp_path):
+    """Checkpoints of a latent run kept its autoencoder's URI: in a copied or moved root (or on a worker
+    that mounts the storage elsewhere) the run could not resume ('has a different latent'), and the same
+    training wrote other bytes there, so its weights got another sha256 and its cohorts other ids."""
+    from meddiff.train import TrainConfig, train
+
+    inputs = [Path(uri).relative_to(session_storage) for uri in (breastmnist_uri, vae_uri)]  # same layout
+
+    def run(root: Path):
+        ds, ae = (str(root / rel) for rel in inputs)
+        return train(TrainConfig(ds, steps=2, batch_size=8, device="cpu", preview_steps=2, objective="rflow",
+                                 latent=ae, cpu_threads=1), str(root))
+
+    a, copy, b = tmp_path / "a", tmp_path / "copy", tmp_path / "b"
+    for root in (a, b):
+        for rel in inputs:
+            shutil.copytree(Path(session_storage) / rel, root / rel)
+    first = run(a)
+    shutil.copytree(a, copy)
+    (copy / "models" / Path(first.uri).name / "model.json").unlink()  # all but its card: the re-run resumes
+    resumed = run(copy)
+    assert not resumed.existed and resumed.card["checkpoint_sha256"] == first.card["checkpoint_sha256"]
+    assert resumed.card["latent"]["uri"] == str(copy / inputs[1])  # the card says where the autoencoder is now
+    fresh = run(b)  # the same training from scratch in another root
+    assert fresh.card["checkpoint_sha256"] == first.card["checkpoint_sha256"]
+
+
 def test_latent_model_scores_anomalies_in_latent_space_and_refuses_a_likelihood(latent_conditional_uri,
                                                                                  breastmnist_uri, session_storage):
     """Both once crashed on the first convolution (images given to a latent network); anomaly scores now
@@ -370,6 +398,25 @@ def test_perceptual_loss_reads_local_backbone_weights_only(tmp_path):
     torch.save({"weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(MeddiffError, match="AlexNet or VGG16"):
         PerceptualLoss(str(tmp_path / "other.pt"))
+
+
+def test_autoencoder_checkpoints_name_the_perceptual_weights_by_content(breastmnist_uri, tmp_path):
+    """An autoencoder checkpoint kept the perceptual-loss weights' path in its config, so the same training
+    with the same file at another path wrote other bytes."""
+    import torchvision
+
+    from meddiff.records import sha256_file
+    from meddiff.train.ae_config import AETrainConfig, plan_autoencoder
+
+    feats = torchvision.models.alexnet(weights=None).features.state_dict()
+    for d in ("here", "there"):
+        (tmp_path / d).mkdir()
+        torch.save({f"features.{k}": v for k, v in feats.items()}, tmp_path / d / "alexnet.pt")
+    here, there = (plan_autoencoder(AETrainConfig(breastmnist_uri, perceptual_weights=str(tmp_path / d / "alexnet.pt"),
+                                                  **AE_KW), str(tmp_path)) for d in ("here", "there"))
+    assert here.run_id == there.run_id
+    assert here.portable_record() == there.portable_record()
+    assert here.portable_record()["perceptual_weights"] == sha256_file(tmp_path / "here" / "alexnet.pt")
 
 
 def test_reconstruction_lpips_with_local_weights_on_28px_images(breastmnist_uri, tmp_path):

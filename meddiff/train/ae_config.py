@@ -83,10 +83,21 @@ class AERunPlan:
     run_id: str
     uri: str  # <root>/autoencoders/<run-id>
     root: str
+    perceptual_sha256: str | None = None  # the perceptual-loss weights file by content (None: no such file)
 
     def config_record(self) -> dict[str, Any]:
         return {**to_jsonable(self.cfg), "autoencoder": to_jsonable(self.definition),
                 "train_defaults": to_jsonable(self.train)}
+
+    def portable_record(self) -> dict[str, Any]:
+        """The config as checkpoints keep it (``portable_config``): no operational settings, the dataset
+        by version and the perceptual-loss weights by sha256, not by where they lie."""
+        from meddiff.train.checkpoint import portable_config
+
+        d = self.config_record()
+        if self.perceptual_sha256:
+            d["perceptual_weights"] = self.perceptual_sha256
+        return portable_config(d, self.dataset.version, AETrainConfig.OPERATIONAL)
 
 
 def plan_autoencoder(cfg: AETrainConfig, root: str | None = None) -> AERunPlan:
@@ -106,10 +117,12 @@ def plan_autoencoder(cfg: AETrainConfig, root: str | None = None) -> AERunPlan:
     d = preset.definition(cfg.kind)
     weights_cfg = {k: v for k, v in to_jsonable(cfg).items() if k not in AETrainConfig.OPERATIONAL}
     weights_cfg["dataset_uri"] = None  # the dataset is identified by its version hash
+    perceptual_sha256 = None
     if cfg.perceptual_weights:  # the file, not where it lies
         from meddiff.records import sha256_file
-        weights_cfg["perceptual_weights"] = sha256_file(storage.fetch_local(cfg.perceptual_weights))
+        perceptual_sha256 = weights_cfg["perceptual_weights"] = sha256_file(storage.fetch_local(cfg.perceptual_weights))
     digest = content_hash({"dataset": ds.version, "config": weights_cfg, "autoencoder": d})
     run_id = cfg.run_name or f"{ds.card.get('name', 'dataset')}-ae-{cfg.kind}-{cfg.preset}-{digest}"
     root = storage.storage_root(root)
-    return AERunPlan(cfg, d, preset.train, ds, run_id, storage.join(root, "autoencoders", run_id), root)
+    return AERunPlan(cfg, d, preset.train, ds, run_id, storage.join(root, "autoencoders", run_id), root,
+                     perceptual_sha256)

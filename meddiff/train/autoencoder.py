@@ -37,7 +37,7 @@ from meddiff.threads import ThreadPlan, configure_threads
 from meddiff.train.ae_config import AERunPlan, AETrainConfig, plan_autoencoder
 from meddiff.train.ae_step import AEState, ae_step, build_ae_state, val_loss
 from meddiff.train.batches import DataSpec, batches
-from meddiff.train.checkpoint import checkpoint_files, list_checkpoints, portable_config, save_checkpoint
+from meddiff.train.checkpoint import checkpoint_files, list_checkpoints, save_checkpoint
 from meddiff.train.loop import _peak_memory_mb, rng_state, set_rng_state
 from meddiff.train.records import append_metrics, read_metrics, truncate_metrics, write_grid
 from meddiff.train.run_folder import RunFolder
@@ -144,8 +144,7 @@ def _log(folder: RunFolder, st: AEState, step: int, sums: dict[str, float], n: i
 
 def _save(plan: AERunPlan, folder: RunFolder, st: AEState, step: int, session: SessionLog) -> None:
     path = save_checkpoint(folder.local, step, {
-        **st.state_dict(), "rng": rng_state(), "config": portable_config(plan.config_record(), plan.dataset.version,
-                                                      AETrainConfig.OPERATIONAL),
+        **st.state_dict(), "rng": rng_state(), "config": plan.portable_record(),
         "identity": _identity(plan)}, keep=plan.cfg.keep, record=session.record(step))
     write_ae_curve(folder.local, plan.run_id)
     folder.push(["metrics.jsonl", "config.json", "loss_curve.png", *checkpoint_files(path)])

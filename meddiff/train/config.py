@@ -181,6 +181,16 @@ class RunPlan:
         d["scheduler_config"] = self.scheduler_config
         return d
 
+    def portable_record(self) -> dict[str, Any]:
+        """The config as checkpoints keep it (``portable_config``): no operational settings, the dataset
+        by version and the autoencoder by sha256, not by where they lie."""
+        from meddiff.train.checkpoint import portable_config
+
+        d = self.config_record()
+        if self.autoencoder:
+            d["latent"] = self.autoencoder["sha256"]
+        return portable_config(d, self.dataset.version, TrainConfig.OPERATIONAL)
+
 
 def plan_run(cfg: TrainConfig, root: str | None = None) -> RunPlan:
     """Check the request against the dataset and preset; name its run folder. Raises MeddiffError."""

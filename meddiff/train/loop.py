@@ -36,7 +36,7 @@ from meddiff.progress import Progress, note, tell
 from meddiff.records import make_record, to_jsonable
 from meddiff.train.batches import DataSpec, batches
 from meddiff.train.cards import finish_group, finish_part
-from meddiff.train.checkpoint import (checkpoint_files, list_checkpoints, load_checkpoint, portable_config,
+from meddiff.train.checkpoint import (checkpoint_files, list_checkpoints, load_checkpoint,
                                       save_checkpoint)
 from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
 from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
@@ -120,8 +120,17 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 # --------------------------------------------------------------------------- one part
 
+def portable_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """A part's identity as its checkpoints keep it: the autoencoder of a latent run by what it is
+    (sha256, scale, latent shape), not where it lies, so a copied or moved root, or a worker that
+    mounts the storage elsewhere, resumes the run and writes the same bytes (the card keeps the URI)."""
+    latent = identity.get("latent")
+    return identity if latent is None else {**identity, "latent": {k: v for k, v in latent.items() if k != "uri"}}
+
+
 def _check_compatible(state: dict[str, Any], part: dict[str, Any], path: Path) -> None:
     """A checkpoint being resumed must come from the same classes and the same network."""
+    state, part = portable_identity(state), portable_identity(part)  # checkpoints from before kept the AE's URI
     if state.get("num_classes") != part["num_classes"]:
         raise MeddiffError(f"checkpoint {path} was trained on {state.get('num_classes')} classes but the dataset "
                            f"has {part['num_classes']}; use another run name or --no-resume")
@@ -227,8 +236,7 @@ def _save(run: PartRun) -> None:
     if run.info.is_main:
         path = save_checkpoint(run.folder.local, run.step, {
             **run.st.state_dict(), "rng": generator_state(run.gen),
-            "config": portable_config(run.plan.config_record(), run.plan.dataset.version, TrainConfig.OPERATIONAL),
-            **run.identity},
+            "config": run.plan.portable_record(), **portable_identity(run.identity)},
             keep=run.plan.cfg.keep, record=run.session.record(run.step))
         write_loss_curve(run.folder.local, run.title)
         run.folder.push(["metrics.jsonl", "config.json", "loss_curve.png", *checkpoint_files(path)])
