@@ -89,6 +89,21 @@ def test_autoencoder_resumes_from_its_checkpoint(breastmnist_uri, tmp_path, monk
     assert again.existed and again.card == second.card
 
 
+def test_a_named_autoencoder_answers_only_the_request_it_was_trained_for(breastmnist_uri, tmp_path):
+    """A finished autoencoder named with --run-name was returned for any request with its name."""
+    from meddiff.train.ae_config import AETrainConfig
+    from meddiff.train.autoencoder import train_autoencoder
+
+    kw = {**AE_KW, "steps": 3, "run_name": "named-ae"}
+    first = train_autoencoder(AETrainConfig(breastmnist_uri, kind="vae", **kw), str(tmp_path))
+    assert train_autoencoder(AETrainConfig(breastmnist_uri, kind="vae", **kw), str(tmp_path)).existed
+    with pytest.raises(MeddiffError, match="named-ae is finished at 3 steps and this request asks for 6"):
+        train_autoencoder(AETrainConfig(breastmnist_uri, kind="vae", **{**kw, "steps": 6}), str(tmp_path))
+    with pytest.raises(MeddiffError, match=r"named-ae was trained with other settings \(kl_weight: "):
+        train_autoencoder(AETrainConfig(breastmnist_uri, kind="vae", kl_weight=0.5, **kw), str(tmp_path))
+    assert first.card["weights_config"]["steps"] == 3
+
+
 def test_encode_writes_codes_shards_and_report(breastmnist_uri, vqvae_uri, session_storage):
     from meddiff.data.shards import iter_shard, open_dataset
     from meddiff.evaluate.reconstruction import encode_with_report

@@ -79,6 +79,31 @@ def test_class_count_differs_from_the_checkpoint_resumed(breastmnist_uri, bloodm
         train(tiny(bloodmnist_uri, run_name="shared"), str(tmp_path))
 
 
+def test_a_named_run_answers_only_the_request_it_was_trained_for(breastmnist_uri, tmp_path):
+    """--run-name stands in for the content-addressed run id: a finished named run was returned for any
+    request with its name ('model already trained; nothing to do' for twice the steps or another learning
+    rate), and an unfinished one resumed under changed settings (and rewrote its config.json first)."""
+    root = str(tmp_path)
+    first = train(tiny(breastmnist_uri, run_name="named"), root)
+    run = Path(first.uri)
+    assert train(tiny(breastmnist_uri, run_name="named"), root).existed  # its own request finds it
+    files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    for change, message in (({"steps": 6}, "named is finished at 4 steps and this request asks for 6"),
+                            ({"lr": 1e-3}, r"named was trained with other settings \(lr: 0.002 → 0.001\)")):
+        with pytest.raises(MeddiffError, match=message):
+            train(tiny(breastmnist_uri, run_name="named", **change), root)
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
+    (run / "model.json").unlink()  # as if killed after its last checkpoint
+    config = (run / "config.json").read_bytes()
+    with pytest.raises(MeddiffError, match=r"checkpoints trained with other settings \(lr: 0.002 → 0.001\)"):
+        train(tiny(breastmnist_uri, run_name="named", lr=1e-3), root)
+    with pytest.raises(MeddiffError, match="at step 4 already .* past the 2 steps asked for"):
+        train(tiny(breastmnist_uri, run_name="named", steps=2), root)
+    assert (run / "config.json").read_bytes() == config
+    longer = train(tiny(breastmnist_uri, run_name="named", steps=6), root)  # until it finishes, steps may change
+    assert longer.card["steps"] == 6 and [s["steps"] for s in longer.card["sessions"]] == [[0, 4], [4, 6]]
+
+
 def test_corrupt_checkpoint(breastmnist_uri, tmp_path):
     result = train(tiny(breastmnist_uri), str(tmp_path))
     run = Path(result.uri)

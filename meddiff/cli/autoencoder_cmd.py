@@ -30,7 +30,7 @@ def train_autoencoder(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue from the latest checkpoint."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Steps between checkpoints; default: preset."),
     log_every: Optional[int] = typer.Option(None, help="Steps between metrics rows; default: preset."),
-    run_name: Optional[str] = typer.Option(None, help="Fixed run id instead of the content hash."),
+    run_name: Optional[str] = typer.Option(None, help="Fixed run id instead of the content hash; only --steps may change, until it finishes."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Train an autoencoder for latent diffusion; prints its URI (last line)."""

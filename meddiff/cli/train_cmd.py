@@ -46,7 +46,7 @@ def train(
     log_every: Optional[int] = typer.Option(None, help="Steps between metrics rows; default: preset."),
     keep: int = typer.Option(2, help="Checkpoints kept per run."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the network."),
-    run_name: Optional[str] = typer.Option(None, help="Fixed run id instead of the content hash."),
+    run_name: Optional[str] = typer.Option(None, help="Fixed run id instead of the content hash; only --steps may change, until it finishes."),
     cpu_threads: Optional[int] = typer.Option(None, help="CPU threads per process (default: the CPUs free right now, see meddiff.threads)."),
     preview_steps: int = typer.Option(25, help="Sampler steps of the preview grids."),
     num_workers: int = typer.Option(0, help="Data-loading worker processes per rank (capped at the shard count)."),

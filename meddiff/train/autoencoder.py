@@ -37,7 +37,8 @@ from meddiff.threads import ThreadPlan, configure_threads
 from meddiff.train.ae_config import AERunPlan, AETrainConfig, plan_autoencoder
 from meddiff.train.ae_step import AEState, ae_step, build_ae_state, val_loss
 from meddiff.train.batches import DataSpec, batches
-from meddiff.train.checkpoint import checkpoint_files, list_checkpoints, save_checkpoint
+from meddiff.train.checkpoint import (check_named_run, check_steps_ahead, checkpoint_files, list_checkpoints,
+                                      save_checkpoint)
 from meddiff.train.loop import _peak_memory_mb, rng_state, set_rng_state
 from meddiff.train.records import append_metrics, read_metrics, truncate_metrics, write_grid
 from meddiff.train.run_folder import RunFolder
@@ -84,20 +85,30 @@ def _start(plan: AERunPlan, folder: RunFolder, device: torch.device, threads: Th
         (folder.local / "metrics.jsonl").unlink(missing_ok=True)
     elif folder.remote:
         folder.pull_latest()
-    storage.write_json(str(folder.local / "config.json"),
-                       make_record("autoencoder-config", plan.config_record(), {"dataset": plan.dataset.uri},
-                                   run_id=plan.run_id))
     torch.manual_seed(cfg.seed * 1000 + 11)
     st = build_ae_state(plan, device)
     ckpts = list_checkpoints(folder.local) if cfg.resume else []
     if not ckpts:
+        _write_config(plan, folder)
         torch.manual_seed(cfg.seed * 1000 + 12)
         return st, SessionLog.start(0, device, 1, threads)
     state = _load_ae_checkpoint(ckpts[-1], _identity(plan))
+    if cfg.run_name:  # older checkpoints name the perceptual weights by path
+        check_named_run(plan.run_id, state.get("config"), plan.portable_record(), False,
+                        ignore=("perceptual_weights",))
+    check_steps_ahead(plan.run_id, int(state["step"]), cfg.steps, ckpts[-1])
+    _write_config(plan, folder)  # once the checkpoint was found to fit the request
     st.load_state_dict(state)
     set_rng_state(state["rng"])
     truncate_metrics(folder.local, int(state["step"]))
     return st, SessionLog.start(int(state["step"]), device, 1, threads, ckpts[-1], state)
+
+
+def _write_config(plan: AERunPlan, folder: RunFolder) -> None:
+    """config.json: the request being trained."""
+    storage.write_json(str(folder.local / "config.json"),
+                       make_record("autoencoder-config", plan.config_record(), {"dataset": plan.dataset.uri},
+                                   run_id=plan.run_id))
 
 
 def _val_batches(plan: AERunPlan, device: torch.device) -> list[torch.Tensor]:
@@ -156,12 +167,20 @@ def train_autoencoder(cfg: AETrainConfig, root: str | None = None, progress: Pro
     plan = plan_autoencoder(cfg, root)
     card_uri = storage.join(plan.uri, "model.json")
     if storage.exists(card_uri):
-        return AETrainResult(plan.uri, storage.read_json(card_uri), existed=True)
+        return AETrainResult(plan.uri, _finished(plan, card_uri), existed=True)
     # one builder per run folder: a concurrent run of the same autoencoder waits here, then finds it finished
     with artifact_lock(plan.uri, tell_waiting(progress, plan.uri)):
         if storage.exists(card_uri):
-            return AETrainResult(plan.uri, storage.read_json(card_uri), existed=True)
+            return AETrainResult(plan.uri, _finished(plan, card_uri), existed=True)
         return _train_locked(plan, progress)
+
+
+def _finished(plan: AERunPlan, card_uri: str) -> dict[str, Any]:
+    """The card of a finished autoencoder; a named run's must hold the settings asked for."""
+    card = storage.read_json(card_uri)
+    if plan.cfg.run_name:
+        check_named_run(plan.run_id, card.get("weights_config"), plan.portable_record(), finished=True)
+    return card
 
 
 def _train_locked(plan: AERunPlan, progress: Progress | None) -> AETrainResult:
@@ -259,7 +278,8 @@ def finish_autoencoder(plan: AERunPlan, folder: RunFolder, st: AEState, device: 
         final={k: rows[-1].get(k) for k in ("l1", "val_l1", "kl", "vq", "gen_adv", "disc")} if rows else {},
         wall_time_s=round(session.wall_time(), 2), sessions=session.sessions(cfg.steps), device=str(device),
         checkpoint=f"checkpoints/{ckpt.name}",
-        weights=WEIGHTS, weights_sha256=sha256_file(folder.local / WEIGHTS), samples=f"samples/step-{cfg.steps:07d}")
+        weights=WEIGHTS, weights_sha256=sha256_file(folder.local / WEIGHTS), samples=f"samples/step-{cfg.steps:07d}",
+        weights_config=plan.portable_record())
     storage.write_json(str(folder.local / "model.json"), card)
     samples = [p.relative_to(folder.local).as_posix() for p in sorted((folder.local / "samples").rglob("*.png"))]
     folder.push(["config.json", "metrics.jsonl", "loss_curve.png", *checkpoint_files(ckpt), WEIGHTS, *samples,

@@ -51,7 +51,7 @@ def part_card(plan: RunPlan, class_id: int | None, identity: dict[str, Any], fol
         wall_time_s=round(session.wall_time(), 2), sessions=session.sessions(cfg.steps), device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         world_size=info.world, checkpoint=f"checkpoints/{ckpt.name}", checkpoint_sha256=sha256_file(ckpt),
-        samples=f"samples/step-{cfg.steps:07d}",
+        samples=f"samples/step-{cfg.steps:07d}", weights_config=plan.portable_record(),
     )
 
 
@@ -68,7 +68,7 @@ def group_card(plan: RunPlan, parts: dict[int, dict[str, Any]]) -> dict[str, Any
         param_count=sum(p["param_count"] for p in parts.values()), steps=cfg.steps,
         wall_time_s=round(sum(p["wall_time_s"] for p in parts.values()), 2),
         sessions={ds.class_names[c]: p.get("sessions") for c, p in parts.items()}, device=first["device"],
-        device_name=first["device_name"], world_size=first["world_size"],
+        device_name=first["device_name"], world_size=first["world_size"], weights_config=plan.portable_record(),
     )
 
 

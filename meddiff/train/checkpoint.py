@@ -14,12 +14,15 @@ CPU threads) that reached it, sits beside it in ``step-XXXXXXX.json``, its sessi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from meddiff import storage
+from meddiff.errors import MeddiffError
+from meddiff.records import to_jsonable
 from meddiff.models.trained import CHECKPOINT_FORMAT, load_checkpoint  # noqa: F401  (the reader lives with the loader)
 
 CHECKPOINT_DIR = "checkpoints"
@@ -71,3 +74,45 @@ def portable_config(config_record: dict[str, Any], dataset_version: str, operati
     2 threads writes the same bytes too (the threads used are in the session record)."""
     drop = {"dataset_uri", *operational}
     return {**{k: v for k, v in config_record.items() if k not in drop}, "dataset_version": dataset_version}
+
+
+def setting_differences(recorded: dict[str, Any], requested: dict[str, Any], ignore: tuple[str, ...] = ()
+                        ) -> list[str]:
+    """``name: recorded → requested`` for each setting that two portable configs both hold and differ in."""
+    def short(v: Any) -> str:
+        text = json.dumps(to_jsonable(v), sort_keys=True)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{k}: {short(recorded[k])} → {short(requested[k])}" for k in sorted(recorded.keys() & requested.keys())
+            if k not in ignore and to_jsonable(recorded[k]) != to_jsonable(requested[k])]
+
+
+def check_named_run(run_id: str, recorded: dict[str, Any] | None, requested: dict[str, Any], finished: bool,
+                    ignore: tuple[str, ...] = ()) -> None:
+    """A run named by ``--run-name`` is not content-addressed: only this check keeps a request from being
+    answered with weights trained otherwise. A finished run must hold the settings asked for, steps
+    included; an unfinished one (resumed from ``recorded``, its checkpoint's config) may change its steps
+    only. ``recorded`` None (a card from before cards kept it): nothing to check against."""
+    if recorded is None:
+        return
+    diffs = setting_differences(recorded, requested, ignore + (() if finished else ("steps",)))
+    if not diffs:
+        return
+    if finished and [d.split(":")[0] for d in diffs] == ["steps"]:
+        raise MeddiffError(f"{run_id} is finished at {recorded['steps']} steps and this request asks for "
+                           f"{requested['steps']}: a finished run is never changed (its cohorts name its weights); "
+                           "train it under another --run-name, or leave --run-name out")
+    if finished:
+        raise MeddiffError(f"{run_id} was trained with other settings ({'; '.join(diffs)}): a named run answers only "
+                           "the request it was trained for; use another --run-name, or leave --run-name out (the run "
+                           "id then follows the settings)")
+    raise MeddiffError(f"{run_id} has checkpoints trained with other settings ({'; '.join(diffs)}): only --steps may "
+                       "change before a named run finishes; use another --run-name, leave --run-name out (the run id "
+                       "then follows the settings), or --no-resume to start this one over")
+
+
+def check_steps_ahead(run_id: str, step: int, steps: int, checkpoint: Path) -> None:
+    """A checkpoint past the steps asked for (a named run asked for fewer steps) cannot be resumed."""
+    if step > steps:
+        raise MeddiffError(f"{run_id} is at step {step} already ({checkpoint}), past the {steps} steps asked for: "
+                           f"ask for {step} or more, or --no-resume to start over")

@@ -58,7 +58,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes per rank for shard decoding (0 = in the training process)
     cpu_threads: int | None = None  # CPU intra-op threads per process; None = the CPUs free now (meddiff.threads; ÷ ranks under torchrun)
     preview_steps: int = 25  # sampler steps of the preview grids (DDIM or rectified-flow Euler)
-    run_name: str | None = None  # fixed run id instead of the content hash (e.g. to extend a run's steps)
+    run_name: str | None = None  # fixed run id instead of the content hash; checked against the run's settings
     # network overrides of the preset (ablations); they enter the run id through the resolved network
     network_channels: tuple[int, ...] | None = None  # feature channels per U-Net level, e.g. (64, 128, 256); None = preset
     attention_levels: str | None = None  # none | coarse | coarsest | all | 0/1 per level ("0,1,1"); None = preset

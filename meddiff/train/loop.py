@@ -36,8 +36,8 @@ from meddiff.progress import Progress, note, tell
 from meddiff.records import make_record, to_jsonable
 from meddiff.train.batches import DataSpec, batches
 from meddiff.train.cards import finish_group, finish_part
-from meddiff.train.checkpoint import (checkpoint_files, list_checkpoints, load_checkpoint,
-                                      save_checkpoint)
+from meddiff.train.checkpoint import (check_named_run, check_steps_ahead, checkpoint_files, list_checkpoints,
+                                      load_checkpoint, save_checkpoint)
 from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
 from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
 from meddiff.train.records import (append_metrics, preview_samples, truncate_metrics, write_grid,
@@ -173,14 +173,18 @@ class PartRun:
         return self.plan.run_id if self.class_id is None else f"{self.plan.run_id} class {self.class_id}"
 
 
-def _prepare_folder(plan: RunPlan, folder: RunFolder, identity: dict[str, Any]) -> None:
-    """Rank 0: create (or, without resume, clear) the run folder; fetch remote state; write config.json."""
+def _prepare_folder(plan: RunPlan, folder: RunFolder) -> None:
+    """Rank 0: create (or, without resume, clear) the run folder; fetch remote state."""
     folder.local.mkdir(parents=True, exist_ok=True)
     if not plan.cfg.resume:
         shutil.rmtree(folder.local / "checkpoints", ignore_errors=True)
         (folder.local / "metrics.jsonl").unlink(missing_ok=True)
     elif folder.remote:
         folder.pull_latest()
+
+
+def _write_config(plan: RunPlan, folder: RunFolder, identity: dict[str, Any]) -> None:
+    """Rank 0: config.json, the request being trained (once its checkpoint, if any, was found to fit)."""
     config_rec = make_record("train-config", plan.config_record(), {"dataset": plan.dataset.uri}, part=identity,
                              run_id=plan.run_id)
     storage.write_json(str(folder.local / "config.json"), config_rec)
@@ -193,7 +197,7 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
     folder = RunFolder.for_uri(plan.part_uri(class_id))
     identity = part_identity(plan, class_id)
     if info.is_main:
-        _prepare_folder(plan, folder, identity)
+        _prepare_folder(plan, folder)
     barrier(info)
     with _INIT_LOCK:
         torch.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 1)  # same initial weights on every rank
@@ -206,6 +210,9 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
     if ckpts:
         state = load_resume_state(ckpts[-1])
         _check_compatible(state, identity, ckpts[-1])
+        if cfg.run_name:  # the autoencoder is compared by _check_compatible (older checkpoints name it by URI)
+            check_named_run(plan.run_id, state.get("config"), plan.portable_record(), False, ignore=("latent",))
+        check_steps_ahead(plan.run_id, int(state["step"]), cfg.steps, ckpts[-1])
         st.load_state_dict(state)
         run.step = run.last_saved = int(state["step"])
         run.session = SessionLog.start(run.step, device, info.world, threads, ckpts[-1], state)
@@ -214,6 +221,8 @@ def _start_part(plan: RunPlan, class_id: int | None, device: torch.device, info:
             truncate_metrics(folder.local, run.step)
     elif info.is_main and (folder.local / "metrics.jsonl").exists():
         truncate_metrics(folder.local, 0)  # rows of a session killed before its first checkpoint (chaos)
+    if info.is_main:
+        _write_config(plan, folder, identity)
     if not resumed:
         run.gen.manual_seed(cfg.seed * 1000 + (class_id or 0) * 7 + 2 + 7919 * info.rank + run.step)
     barrier(info)
@@ -279,13 +288,21 @@ def _write_previews(run: PartRun, ae=None) -> None:
     ema_net.train()
 
 
+def _finished(plan: RunPlan, card_uri: str) -> dict[str, Any]:
+    """The card of a finished run or part; a named run's must hold the settings asked for."""
+    card = storage.read_json(card_uri)
+    if plan.cfg.run_name:
+        check_named_run(plan.run_id, card.get("weights_config"), plan.portable_record(), finished=True)
+    return card
+
+
 def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = None,
                progress_offset: int = 0, progress_total: int | None = None) -> dict[str, Any]:
     """Train (or resume, or find finished) one network; returns its card. Only rank 0 writes."""
     cfg = plan.cfg
     card_uri = storage.join(plan.part_uri(class_id), "model.json")
     if storage.exists(card_uri):
-        return storage.read_json(card_uri)
+        return _finished(plan, card_uri)
     device = process_device(cfg.device)
     info = ensure_process_group(device)
     if cfg.batch_size % info.world:
@@ -364,7 +381,7 @@ def train(cfg: TrainConfig, root: str | None = None, progress: Progress | None =
 def _train_locked(plan: RunPlan, progress: Progress | None) -> TrainResult:
     card_uri = storage.join(plan.uri, "model.json")
     if storage.exists(card_uri):
-        return TrainResult(plan.uri, storage.read_json(card_uri), existed=True)
+        return TrainResult(plan.uri, _finished(plan, card_uri), existed=True)
     parts = plan.parts
     total = plan.cfg.steps * len(parts)
     cards = {}
