@@ -37,9 +37,10 @@ class ShardFailed(MeddiffError):
     """A child flow run (shard or class part) failed on every attempt."""
 
 
-def shard_parameters(spec: CohortSpec, k: int, storage_root: str | None) -> dict:
-    """The ``generate-shard`` parameters of shard ``k``: the whole spec, the shard index, the root."""
-    return {**asdict(spec), "shard": k, "storage_root": storage_root}
+def shard_parameters(spec: CohortSpec, k: int, storage_root: str | None, cohort_id: str) -> dict:
+    """The ``generate-shard`` parameters of shard ``k``: the whole spec, the shard index, the root, and
+    the cohort they must plan (the shard refuses another)."""
+    return {**asdict(spec), "shard": k, "storage_root": storage_root, "cohort_id": cohort_id}
 
 
 def fan_out_reason(deployment: str) -> str | None:
@@ -126,8 +127,8 @@ def generate_fanned_out(spec: CohortSpec, storage_root: str | None, run_in_proce
         f"{cfg.deployment} workers")
 
     def start(k: int, attempt: int):
-        return submit(cfg.deployment, shard_parameters(spec, k, storage_root), f"{plan.cohort_id}-{k}", attempt,
-                      f"{plan.cohort_id}-shard-{k}", cfg.job_variables)
+        return submit(cfg.deployment, shard_parameters(spec, k, storage_root, plan.cohort_id), f"{plan.cohort_id}-{k}",
+                      attempt, f"{plan.cohort_id}-shard-{k}", cfg.job_variables)
 
     wait_for_runs({k: start(k, 0) for k in todo}, start, plan.shard_done, cfg, "shard", log)
     generated = sum(len(plan.shard_ids(k)) for k in todo)

@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 
 import meddiff.generate as gen
 from flows.generate_cohort import SamplerChoice
+from meddiff.errors import MeddiffError
 from meddiff.generate import CohortResult, CohortSpec, plan_cohort
 
 SHARD_TIMEOUT_S = 6 * 3600  # a shard is minutes of GPU time; hours means a hung worker
@@ -53,19 +54,26 @@ def generate_shard(  # named like the flow: `prefect deploy --name generate-shar
     name: str | None = None,
     unconditional: bool = False,
     storage_root: str | None = None,
+    cohort_id: str | None = None,
 ) -> dict:
-    """Generate shard ``shard`` of the cohort these parameters describe (skipped when committed)."""
+    """Generate shard ``shard`` of the cohort these parameters describe (skipped when committed).
+
+    ``cohort_id``: the parent's cohort, which these parameters must plan (a worker with other meddiff
+    code could otherwise write its shard into another cohort); None = no check."""
     logger = get_run_logger()
     spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size, device,
                       shard_size, name, unconditional).check()
     plan = plan_cohort(spec, storage_root)
     worker = os.environ.get("MEDDIFF_WORKER", "")
+    planned = plan.uri.rstrip("/").rsplit("/", 1)[-1] if isinstance(plan, CohortResult) else plan.cohort_id
+    if cohort_id is not None and planned != cohort_id:
+        raise MeddiffError(f"generate-shard was asked for a shard of {cohort_id} but its parameters plan {planned}: "
+                           "this worker's meddiff differs from the parent run's, or the deployment drops a "
+                           "parameter; update the workers and re-run `meddiff deploy`")
     if isinstance(plan, CohortResult):
         logger.info("cohort %s is complete; nothing to do", plan.uri)
         return {"cohort_uri": plan.uri, "shard": shard, "generated": False, "worker": worker}
     if not 0 <= shard < len(plan.shard_names):
-        from meddiff.errors import MeddiffError
-
         raise MeddiffError(f"shard {shard} is out of range: cohort {plan.cohort_id} has {len(plan.shard_names)} shards")
     made = gen.generate_shard(plan, shard)
     logger.info("shard %d of %s: %s on %s (worker %s)", shard, plan.cohort_id, "generated" if made else

@@ -13,7 +13,7 @@ import pytest
 
 from meddiff import storage
 from meddiff.data.cohorts import open_cohort, verify
-from meddiff.errors import ArtifactError
+from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.generate import CohortSpec, finish_cohort, generate, generate_shard, plan_cohort
 
 # 8 classes × 2 images, 4 per shard: 4 shards, each a single batch
@@ -63,6 +63,25 @@ def test_shards_from_separate_workers_merge_byte_identical_on_s3(s3_server, sing
     assert result.uri == f"{root}/cohorts/{Path(single_process).name}"
     assert verify(result.uri).ok, verify(result.uri).problems
     assert cohort_bytes(result.uri) == cohort_bytes(single_process), f"on {kind}"
+
+
+def test_a_shard_run_makes_its_parents_shard_and_refuses_another_cohort(prefect_harness, single_process,
+                                                                       tiny_conditional_model_uri, tmp_path):
+    """The generate-shard flow run a parent starts (its parameters from shard_parameters) commits the
+    shard of the parent's cohort, byte for byte; parameters that plan another cohort (a worker with other
+    meddiff code) are refused before anything is written."""
+    from flows.fanout import shard_parameters
+    from flows.generate_shard import generate_shard as shard_flow
+
+    spec = CohortSpec(tiny_conditional_model_uri, **SPEC)
+    plan = plan_cohort(spec, str(tmp_path))
+    with pytest.raises(MeddiffError, match=f"asked for a shard of other-cohort but its parameters plan {plan.cohort_id}"):
+        shard_flow(**shard_parameters(spec, 1, str(tmp_path), "other-cohort"))
+    assert not plan.shard_done(1)
+    made = shard_flow(**shard_parameters(spec, 1, str(tmp_path), plan.cohort_id))
+    assert made["generated"] and plan.shard_done(1)
+    name = plan.shard_names[1]
+    assert (Path(plan.uri) / name).read_bytes() == (Path(single_process) / name).read_bytes()
 
 
 def test_finish_refuses_a_cohort_with_missing_shards(single_process, tiny_conditional_model_uri, tmp_path):
