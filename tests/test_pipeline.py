@@ -167,3 +167,18 @@ def test_pipeline_command_rejects_bad_input_before_running(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2 and "mode must be one of" in proc.stderr
     assert not (tmp_path / "storage").exists()
+
+
+def test_pipeline_command_stops_on_bad_input_mid_run_without_a_traceback(medmnist_dir, tmp_path):
+    """Bad input that only a stage finds (here ingest: MedMNIST has no 32 px images) printed Prefect's
+    80-odd-line traceback of the failed flow run above the command's one-line error."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDDIFF_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([str(Path(sys.executable).parent / "meddiff"), "pipeline", "--dataset", "medmnist:breastmnist",
+                           "--medmnist-root", str(medmnist_dir), "--size", "32", "--storage", str(tmp_path / "storage")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: MedMNIST size must be one of (28, 64, 128, 224), got 32"], proc.stderr[-3000:]
+    assert "Encountered exception during execution: SourceError('MedMNIST size" in proc.stderr  # the run's log line
+    assert not list((tmp_path / "storage").glob("datasets/*/*/dataset.json"))

@@ -6,6 +6,7 @@ SQLite); storage is ./storage unless MEDDIFF_STORAGE says otherwise.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -34,6 +35,33 @@ def _patient_ephemeral_server() -> Iterator[None]:
         return
     with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_TIMEOUT_S}):
         yield
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed flow run's exception with its traceback (80-odd lines). For a MeddiffError,
+    bad input whose message says what to do, the traceback only buries that message; the log line
+    keeps the message and the command's last line repeats it (``error: ...``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from meddiff.errors import MeddiffError
+
+        if record.exc_info and isinstance(record.exc_info[1], MeddiffError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextmanager
+def _user_errors_in_one_line() -> Iterator[None]:
+    """While the flow runs in this process: no traceback for user errors in its run loggers' lines."""
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    quiet = _UserErrorsWithoutTraceback()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 @app.command()
@@ -83,7 +111,7 @@ def pipeline(
                    eval_features=features, eval_max_images=eval_max_images, domain_steps=domain_steps,
                    objective=objective, latent=latent, ae_preset=ae_preset, ae_steps=ae_steps,  # type: ignore[arg-type]
                    latent_umap=latent_umap, tstr=tstr).check()
-    with _patient_ephemeral_server():
+    with _patient_ephemeral_server(), _user_errors_in_one_line():
         out = pipeline_flow(storage_root=storage_root, dataset=dataset, size=size, medmnist_root=medmnist_root,
                    mode=mode, preset=preset, steps=steps, batch_size=batch_size, preview_steps=preview_steps,
                    per_class=per_class, total=total, sample_steps=sample_steps, guidance=guidance, device=device,
