@@ -65,7 +65,7 @@ def generate_shard(  # named like the flow: `prefect deploy --name generate-shar
                       shard_size, name, unconditional).check()
     plan = plan_cohort(spec, storage_root)
     worker = os.environ.get("MEDDIFF_WORKER", "")
-    planned = plan.uri.rstrip("/").rsplit("/", 1)[-1] if isinstance(plan, CohortResult) else plan.cohort_id
+    planned = plan.card["cohort_id"] if isinstance(plan, CohortResult) else plan.cohort_id
     if cohort_id is not None and planned != cohort_id:
         raise MeddiffError(f"generate-shard was asked for a shard of {cohort_id} but its parameters plan {planned}: "
                            "this worker's meddiff differs from the parent run's, or the deployment drops a "

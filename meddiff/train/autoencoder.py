@@ -37,8 +37,8 @@ from meddiff.threads import ThreadPlan, configure_threads
 from meddiff.train.ae_config import AERunPlan, AETrainConfig, plan_autoencoder
 from meddiff.train.ae_step import AEState, ae_step, build_ae_state, val_loss
 from meddiff.train.batches import DataSpec, batches
-from meddiff.train.checkpoint import (check_named_run, check_steps_ahead, checkpoint_files, list_checkpoints,
-                                      save_checkpoint)
+from meddiff.train.checkpoint import (check_named_run, check_steps_ahead, checkpoint_files, finished_card,
+                                      list_checkpoints, save_checkpoint)
 from meddiff.train.loop import _peak_memory_mb, rng_state, set_rng_state
 from meddiff.train.records import append_metrics, read_metrics, truncate_metrics, write_grid
 from meddiff.train.run_folder import RunFolder
@@ -167,20 +167,12 @@ def train_autoencoder(cfg: AETrainConfig, root: str | None = None, progress: Pro
     plan = plan_autoencoder(cfg, root)
     card_uri = storage.join(plan.uri, "model.json")
     if storage.exists(card_uri):
-        return AETrainResult(plan.uri, _finished(plan, card_uri), existed=True)
+        return AETrainResult(plan.uri, finished_card(card_uri, plan), existed=True)
     # one builder per run folder: a concurrent run of the same autoencoder waits here, then finds it finished
     with artifact_lock(plan.uri, tell_waiting(progress, plan.uri)):
         if storage.exists(card_uri):
-            return AETrainResult(plan.uri, _finished(plan, card_uri), existed=True)
+            return AETrainResult(plan.uri, finished_card(card_uri, plan), existed=True)
         return _train_locked(plan, progress)
-
-
-def _finished(plan: AERunPlan, card_uri: str) -> dict[str, Any]:
-    """The card of a finished autoencoder; a named run's must hold the settings asked for."""
-    card = storage.read_json(card_uri)
-    if plan.cfg.run_name:
-        check_named_run(plan.run_id, card.get("weights_config"), plan.portable_record(), finished=True)
-    return card
 
 
 def _train_locked(plan: AERunPlan, progress: Progress | None) -> AETrainResult:

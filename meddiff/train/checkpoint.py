@@ -77,14 +77,14 @@ def portable_config(config_record: dict[str, Any], dataset_version: str, operati
 
 
 def setting_differences(recorded: dict[str, Any], requested: dict[str, Any], ignore: tuple[str, ...] = ()
-                        ) -> list[str]:
-    """``name: recorded → requested`` for each setting that two portable configs both hold and differ in."""
+                        ) -> dict[str, str]:
+    """``{name: "recorded → requested"}`` for each setting that two portable configs both hold and differ in."""
     def short(v: Any) -> str:
         text = json.dumps(to_jsonable(v), sort_keys=True)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    return [f"{k}: {short(recorded[k])} → {short(requested[k])}" for k in sorted(recorded.keys() & requested.keys())
-            if k not in ignore and to_jsonable(recorded[k]) != to_jsonable(requested[k])]
+    return {k: f"{short(recorded[k])} → {short(requested[k])}" for k in sorted(recorded.keys() & requested.keys())
+            if k not in ignore and to_jsonable(recorded[k]) != to_jsonable(requested[k])}
 
 
 def check_named_run(run_id: str, recorded: dict[str, Any] | None, requested: dict[str, Any], finished: bool,
@@ -98,17 +98,27 @@ def check_named_run(run_id: str, recorded: dict[str, Any] | None, requested: dic
     diffs = setting_differences(recorded, requested, ignore + (() if finished else ("steps",)))
     if not diffs:
         return
-    if finished and [d.split(":")[0] for d in diffs] == ["steps"]:
+    listed = "; ".join(f"{k}: {v}" for k, v in diffs.items())
+    if finished and list(diffs) == ["steps"]:
         raise MeddiffError(f"{run_id} is finished at {recorded['steps']} steps and this request asks for "
                            f"{requested['steps']}: a finished run is never changed (its cohorts name its weights); "
                            "train it under another --run-name, or leave --run-name out")
     if finished:
-        raise MeddiffError(f"{run_id} was trained with other settings ({'; '.join(diffs)}): a named run answers only "
+        raise MeddiffError(f"{run_id} was trained with other settings ({listed}): a named run answers only "
                            "the request it was trained for; use another --run-name, or leave --run-name out (the run "
                            "id then follows the settings)")
-    raise MeddiffError(f"{run_id} has checkpoints trained with other settings ({'; '.join(diffs)}): only --steps may "
+    raise MeddiffError(f"{run_id} has checkpoints trained with other settings ({listed}): only --steps may "
                        "change before a named run finishes; use another --run-name, leave --run-name out (the run id "
                        "then follows the settings), or --no-resume to start this one over")
+
+
+def finished_card(card_uri: str, plan: Any) -> dict[str, Any]:
+    """The card of a finished model, part or autoencoder (``plan``: its RunPlan or AERunPlan); a named
+    run's must hold the settings asked for (:func:`check_named_run`)."""
+    card = storage.read_json(card_uri)
+    if plan.cfg.run_name:
+        check_named_run(plan.run_id, card.get("weights_config"), plan.portable_record(), finished=True)
+    return card
 
 
 def check_steps_ahead(run_id: str, step: int, steps: int, checkpoint: Path) -> None:

@@ -36,8 +36,8 @@ from meddiff.progress import Progress, note, tell
 from meddiff.records import make_record, to_jsonable
 from meddiff.train.batches import DataSpec, batches
 from meddiff.train.cards import finish_group, finish_part
-from meddiff.train.checkpoint import (check_named_run, check_steps_ahead, checkpoint_files, list_checkpoints,
-                                      load_checkpoint, save_checkpoint)
+from meddiff.train.checkpoint import (check_named_run, check_steps_ahead, checkpoint_files, finished_card,
+                                      list_checkpoints, load_checkpoint, save_checkpoint)
 from meddiff.train.config import RunPlan, TrainConfig, TrainResult, plan_run
 from meddiff.train.distributed import DistInfo, barrier, ensure_process_group, env_info, mean_across
 from meddiff.train.records import (append_metrics, preview_samples, truncate_metrics, write_grid,
@@ -288,21 +288,13 @@ def _write_previews(run: PartRun, ae=None) -> None:
     ema_net.train()
 
 
-def _finished(plan: RunPlan, card_uri: str) -> dict[str, Any]:
-    """The card of a finished run or part; a named run's must hold the settings asked for."""
-    card = storage.read_json(card_uri)
-    if plan.cfg.run_name:
-        check_named_run(plan.run_id, card.get("weights_config"), plan.portable_record(), finished=True)
-    return card
-
-
 def train_part(plan: RunPlan, class_id: int | None, progress: Progress | None = None,
                progress_offset: int = 0, progress_total: int | None = None) -> dict[str, Any]:
     """Train (or resume, or find finished) one network; returns its card. Only rank 0 writes."""
     cfg = plan.cfg
     card_uri = storage.join(plan.part_uri(class_id), "model.json")
     if storage.exists(card_uri):
-        return _finished(plan, card_uri)
+        return finished_card(card_uri, plan)
     device = process_device(cfg.device)
     info = ensure_process_group(device)
     if cfg.batch_size % info.world:
@@ -381,7 +373,7 @@ def train(cfg: TrainConfig, root: str | None = None, progress: Progress | None =
 def _train_locked(plan: RunPlan, progress: Progress | None) -> TrainResult:
     card_uri = storage.join(plan.uri, "model.json")
     if storage.exists(card_uri):
-        return TrainResult(plan.uri, _finished(plan, card_uri), existed=True)
+        return TrainResult(plan.uri, finished_card(card_uri, plan), existed=True)
     parts = plan.parts
     total = plan.cfg.steps * len(parts)
     cards = {}
