@@ -121,3 +121,34 @@ def test_sweep_flow_reuses_the_finished_sweep(prefect_harness, breastmnist_uri, 
     uri = sweep(breastmnist_uri, GRID, **{k: v for k, v in BASE.items()}, **SMALL, storage_root=session_storage)
     assert uri == rec["uri"] == sweep_uri(cfg, session_storage)
     assert storage.read_json(storage.join(uri, "sweep.json"))["created_at"] == rec["created_at"]
+
+
+@pytest.mark.parametrize("width", [60, 80, 200])
+def test_the_sweep_table_never_cuts_a_figure(monkeypatch, width):
+    """At 80 columns the sweep's table cut a KID of 2.004e+04 to '2.004e+…', which read as the 2020 of the
+    row below it (the better one). Every figure, interval bound and header now prints whole, the cells
+    wrapping at spaces; where the table's longest words are wider than the terminal, it is printed wider."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from meddiff.analysis import sweep as sweep_mod
+    from meddiff.cli import app
+
+    rows = [{"lr": lr, "n_synthetic": 32, "kid": kid, "kid_ci": ci, "kid_baseline": -0.1648, "fid": 2398.0,
+             "fid_ci": [2160.0, 2730.0], "label_fidelity": 0.5, "label_fidelity_ci": [0.336, 0.664],
+             "bits_per_dim": 7.235, "bits_per_dim_ci": [7.16, 7.31]}
+            for lr, kid, ci in (("1e-3", 20038.01, [15662.19, 26153.4]), ("2e-3", 2020.49, [1342.87, 2894.12]))]
+    rec = {"uri": "s3://meddiff/u1/sweeps/breastmnist-8e0de74ca18a", "rows": rows, "rank_by": "kid",
+           "config": {"grid": [["lr", ["1e-3", "2e-3"]]]}}
+    monkeypatch.setattr(sweep_mod, "run_sweep", lambda *a, **k: rec)
+    out = CliRunner().invoke(app, ["sweep", "ds", "--grid", "lr=1e-3,2e-3"], env={"COLUMNS": str(width)})
+    assert out.exit_code == 0, out.output
+    text = out.output
+    assert "…" not in text
+    words = set(re.findall(r"[^\s│┃]+", text))
+    for figure in ["2.004e+04", "[1.57e+04,", "2.62e+04]", "2020", "[1.34e+03,", "2.89e+03]", "-0.1648",
+                   "label_fidelity", "ssim_to_nearest_train", "bits_per_dim", "7.235"]:
+        assert figure in words, (figure, text)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= max(width, 110), text  # 110: its longest words, side by side

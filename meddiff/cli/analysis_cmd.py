@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meddiff.cli import app
-from meddiff.cli.tables import titled
+from meddiff.cli.tables import print_fitted, titled
 from meddiff.cli.train_cmd import parse_channels
 from meddiff.progress import rich_progress
 
@@ -46,7 +46,7 @@ def sweep(
                       likelihood_timesteps, rank_by, device, seed)
     with rich_progress("sweep") as progress:  # each stage of each combination in turn, named above the bar
         rec = run_sweep(cfg, storage_root, progress=progress)
-    console.print(sweep_table(rec))
+    print_fitted(console, sweep_table(rec))
     console.print(best_sentence(rec), markup=False, highlight=False)
     print(rec["uri"])
 
@@ -104,6 +104,6 @@ def anomaly(
         for scope, r in rows.items():
             ci = "—" if r["ci"] is None else f"{r['ci'][0]:.3f} – {r['ci'][1]:.3f}"
             t.add_row(score, scope, f"{r['auroc']:.3f}", ci, f"{r['n_anomalous']} / {r['n_normal']}")
-    console.print(t)
+    print_fitted(console, t)
     console.print(f"note: {rec['notes']}")  # which scores are label-free: the feature score is not
     print(rec["uri"])

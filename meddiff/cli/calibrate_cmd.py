@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from meddiff.cli import app
-from meddiff.cli.tables import titled
+from meddiff.cli.tables import print_fitted, titled
 from meddiff.progress import rich_progress
 
 console = Console()
@@ -52,7 +52,7 @@ def calibrate(
         t.add_column(col, justify="left" if col == "metric" else "right")
     for row in calibration_table(record):
         t.add_row(*row)
-    console.print(t)
+    print_fitted(console, t)
     for g in GENERATORS:
         console.print(f"{g}: {record[g]['sentence']}", markup=False, highlight=False)
     if record.get("tstr"):

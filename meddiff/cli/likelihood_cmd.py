@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from meddiff.cli import app
-from meddiff.cli.tables import titled
+from meddiff.cli.tables import print_fitted, titled
 from meddiff.progress import rich_progress
 
 console = Console()
@@ -40,5 +40,5 @@ def likelihood(
         t.add_column(col)
     for scope, r in [("overall", rec["overall"]), *rec["per_class"].items()]:
         t.add_row(scope, f"{r['bits_per_dim']:.4f}", f"{r['ci'][0]:.4f} – {r['ci'][1]:.4f}", str(r["n"]))
-    console.print(t)
+    print_fitted(console, t)
     print(rec["uri"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 
 def titled(title: str, *columns: str) -> Table:
@@ -19,6 +20,43 @@ def print_table(table: Table) -> None:
     console = Console(width=100_000)
     width = Measurement.get(console, console.options, table).maximum
     Console(width=max(width, 1), soft_wrap=False).print(table)
+
+
+def print_fitted(console: Console, table: Table) -> None:
+    """Print a table of figures in the terminal's width where its words fit: cells wrap at spaces, and
+    no word is ever cut. Rich's own fitting cuts a cell that does not fit with an ellipsis: at 80
+    columns a sweep's KID of 2.004e+04 printed as '2.004e+…', beside another row's 2020. A table whose
+    longest words are wider than the terminal is printed that wide (the terminal wraps its lines)."""
+    widths = word_widths(table, console.width)
+    for col, width in zip(table.columns, widths):
+        col.width = width
+    need = sum(widths) + _chrome(table)
+    Console(file=console.file, width=max(console.width, need, table.min_width or 0), soft_wrap=False,
+            color_system=console.color_system, force_terminal=console.is_terminal).print(table)
+
+
+def word_widths(table: Table, width: int) -> list[int]:
+    """Column widths (padding excluded) for a table printed ``width`` wide: each column's longest line
+    where all fit, else its longest word plus a share of the room left, by how much more it wants."""
+    def plain(cell) -> str:
+        return cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
+
+    cells = [[plain(c) for c in (col.header, *col._cells)] for col in table.columns]
+    lo = [max((len(w) for c in col for w in c.split()), default=1) for col in cells]  # the longest word
+    hi = [max(lo_i, *(len(line) for c in col for line in c.splitlines() or [""])) for lo_i, col in zip(lo, cells)]
+    room = width - _chrome(table)
+    if sum(hi) <= room or sum(lo) >= room:
+        return hi if sum(hi) <= room else lo
+    want = [h - l for h, l in zip(hi, lo)]  # how much wider each column would like to be
+    share = [(room - sum(lo)) * w // sum(want) for w in want]
+    return [l + s for l, s in zip(lo, share)]
+
+
+def _chrome(table: Table) -> int:
+    """Width of a table's padding and rules."""
+    n = len(table.columns)
+    rules = (n + 1 if table.show_edge else n - 1) if table.box else 0
+    return n * (table.padding[1] + table.padding[3]) + rules
 
 
 def unfinished_status(uri: str, idle: str) -> str:
