@@ -3,12 +3,17 @@ split, then an AUROC table artifact."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import LoggedProgress, artifact_key, retry_transient
 from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies as run_detection
+
+
+_D = AnomalyConfig("")  # the library's defaults: the flow restates them (tests/test_flow_defaults.py)
 
 
 @task(name="score-anomalies", retries=1, retry_delay_seconds=[10], retry_condition_fn=retry_transient,
@@ -23,16 +28,30 @@ def detect_anomalies(
     model_uri: str,
     dataset_uri: str,
     normal: str,
-    split: str = "test",
-    level: float = 0.3,
-    steps: int = 10,
-    guidance: float = 1.0,
-    max_images: int | None = 1000,
-    device: str = "auto",
-    seed: int = 0,
+    split: Literal["train", "val", "test"] = _D.split,
+    level: float = _D.level,
+    steps: int = _D.steps,
+    guidance: float = _D.guidance,
+    max_images: int | None = _D.max_images,
+    device: str = _D.device,
+    seed: int = _D.seed,
     storage_root: str | None = None,
 ) -> str:
-    """Anomaly scores of a real split against a model of the ``normal`` class; returns the result folder."""
+    """Anomaly scores of a real split against a model of the ``normal`` class; returns the result folder.
+
+    Args:
+        model_uri: A model trained on (or conditioned on) the normal class (the train-model run's result).
+        dataset_uri: The real dataset version to score (the ingest-dataset run's result).
+        normal: The normal class (name or 0-based id); every other class is an anomaly.
+        split: The real split scored.
+        level: Noise level in (0, 1]: the fraction of the diffusion chain each image is noised to.
+        steps: Deterministic denoising steps back from the noise level.
+        guidance: Conditional models: classifier-free guidance scale toward the normal class (1 = plain).
+        max_images: Seeded subsample of the split (CPU budget); empty = all.
+        device: auto (a GPU when the worker has one, else CPU), cpu, cuda or cuda:N.
+        seed: Noise and subsample seed.
+        storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+    """
     cfg = AnomalyConfig(normal, split, level, steps, guidance, max_images, device=device, seed=seed).check()
     rec = score_task(model_uri, dataset_uri, cfg, storage_root)
     rows = [{"score": s, "anomalies": scope, "auroc": round(r["auroc"], 4),

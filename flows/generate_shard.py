@@ -58,8 +58,27 @@ def generate_shard(  # named like the flow: `prefect deploy --name generate-shar
 ) -> dict:
     """Generate shard ``shard`` of the cohort these parameters describe (skipped when committed).
 
-    ``cohort_id``: the parent's cohort, which these parameters must plan (a worker with other meddiff
-    code could otherwise write its shard into another cohort); None = no check."""
+    generate-cohort starts these runs with its own parameters; they are the cohort's, as in generate-cohort.
+
+    Args:
+        model_uri: The cohort's trained model (the train-model run's result).
+        shard: Which shard of the cohort this run writes (0-based; the cohort's shard_size images each).
+        per_class: Images of every class (give this or total).
+        total: Total images, split evenly over the classes or by ratios (give this or per_class).
+        ratios: Prevalence ratios of total, "name=p,...".
+        sampler: auto = the measured best for what the model predicts; else the cohort's sampler.
+        steps: Reverse-diffusion steps per image; empty = the sampler's measured default.
+        guidance: Classifier-free guidance scale (conditional models); empty = 2.0.
+        seed: Base seed; every image's seed derives from it and its sample id.
+        batch_size: Images per forward pass (recorded: it can move an image's last bits).
+        device: auto (this worker's GPU when it has one, else CPU), cpu, cuda or cuda:N.
+        shard_size: Images per shard (the resumable chunk).
+        name: Cohort id; empty = <model run>-<content hash of the spec>.
+        unconditional: Sample through the null label, no class asked (needs total).
+        storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+        cohort_id: The parent's cohort, which these parameters must plan (a worker with other meddiff code could
+            otherwise write its shard into another cohort); empty = no check.
+    """
     logger = get_run_logger()
     spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size, device,
                       shard_size, name, unconditional).check()

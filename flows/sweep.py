@@ -4,14 +4,20 @@ they are content-addressed), then a task writes the comparison table (+ a Prefec
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import artifact_key, retry_transient
-from meddiff.analysis.sweep import (SweepConfig, best_sentence, combinations, finish_sweep, parse_grid,
+from flows.train_model import PresetName
+from meddiff.analysis.sweep import (RankBy, SweepConfig, best_sentence, combinations, finish_sweep, parse_grid,
                                    run_combination, sweep_uri)
 from meddiff import storage
+
+
+_D = SweepConfig("", ())  # the library's defaults: the flow restates them (tests/test_flow_defaults.py)
 
 
 @task(name="sweep-combination", retries=1, retry_delay_seconds=[10], retry_condition_fn=retry_transient,
@@ -36,23 +42,43 @@ def artifact_rows(rec: dict) -> list[dict]:
 def sweep(
     dataset_uri: str,
     grid: list[str],
-    mode: str = "conditional",
-    preset: str = "tiny",
+    mode: Literal["conditional", "per-class"] = "conditional",
+    preset: PresetName = "tiny",
     steps: int | None = None,
     batch_size: int | None = None,
-    objective: str = "ddpm",
-    per_class: int = 50,
-    sample_steps: int = 25,
-    likelihood_images: int = 200,
-    likelihood_timesteps: int = 50,
-    rank_by: str = "kid",
-    device: str = "auto",
-    seed: int = 0,
+    objective: Literal["ddpm", "rflow"] = "ddpm",
+    per_class: int = _D.per_class,
+    sample_steps: int = _D.sample_steps,
+    likelihood_images: int = _D.likelihood_images,
+    likelihood_timesteps: int = _D.likelihood_timesteps,
+    rank_by: RankBy = _D.rank_by,
+    device: str = _D.device,
+    seed: int = _D.seed,
     storage_root: str | None = None,
     parallel: bool = False,
 ) -> str:
     """Ablation sweep over ``grid`` (e.g. ["schedule=linear,cosine", "attention=none,coarse"]); returns the
-    sweep folder. ``parallel=True`` submits the combinations side by side (one machine: they share it)."""
+    sweep folder. ``parallel=True`` submits the combinations side by side (one machine: they share it).
+
+    Args:
+        dataset_uri: An ingested dataset version (the ingest-dataset run's result).
+        grid: KNOB=v1,v2 entries: schedule, attention, channels (16-32,32-64), objective, prediction, lr, steps,
+            batch_size, preset, mode; every combination is trained, sampled and evaluated.
+        mode: conditional or per-class, for every combination (unless the grid varies it).
+        preset: Network and training size of every combination (unless the grid varies it).
+        steps: Training steps of every combination; empty = the preset's default.
+        batch_size: Training batch size of every combination; empty = the preset's default.
+        objective: ddpm or rflow (bits/dim is measured for ddpm only).
+        per_class: Images generated per class by every model (the same n for every row).
+        sample_steps: Sampler steps of generation.
+        likelihood_images: Test images of the bits/dim estimate of DDPM models (0 = skip).
+        likelihood_timesteps: Stratified timesteps of the bits/dim estimate.
+        rank_by: The metric naming the best combination.
+        device: auto (a GPU when the worker has one, else CPU), cpu, cuda or cuda:N.
+        seed: Seed of every combination.
+        storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+        parallel: Run the combinations side by side (they share this machine) instead of one after another.
+    """
     logger = get_run_logger()
     base = {"mode": mode, "preset": preset, "steps": steps, "batch_size": batch_size, "objective": objective}
     cfg = SweepConfig(dataset_uri, parse_grid(grid), base, per_class, sample_steps, likelihood_images,

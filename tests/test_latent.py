@@ -396,6 +396,9 @@ def test_train_autoencoder_flow_finds_the_trained_run(prefect_harness, breastmni
 
     assert train_autoencoder(breastmnist_uri, kind="vae", steps=6, batch_size=8, adv_warmup_steps=3, device="cpu",
                              storage_root=session_storage) == vae_uri
+    # a deployment run with an empty dataset (the server accepts "") is told which parameter, in one line
+    with pytest.raises(MeddiffError, match="dataset_uri is empty: pass --param dataset_uri=<URI>"):
+        train_autoencoder(" ", storage_root=session_storage)
 
 
 def test_perceptual_loss_reads_local_backbone_weights_only(tmp_path):
