@@ -109,7 +109,50 @@ def exists(uri: str) -> bool:
     try:
         return fs.exists(path)
     except Exception as e:  # noqa: BLE001 - endpoint errors become one clear message
-        raise StorageError(f"cannot reach storage at {uri}: {e}") from e
+        hint = remote_hint(e)
+        raise StorageError(f"cannot reach storage at {uri}: {e}" + (f"; {hint}" if hint else "")) from e
+
+
+REMOTE_CLIENTS = ("botocore", "aiobotocore", "s3fs", "aiohttp", "urllib3")  # where an object store's errors come from
+UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
+               "ClientConnectorError", "ServerDisconnectedError"}
+REFUSED = ("Forbidden", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "(403)")
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from, outermost first."""
+    chain: list[BaseException] = []
+    x: BaseException | None = e
+    while x is not None and not any(x is c for c in chain):
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    return chain
+
+
+def remote_error(e: BaseException) -> str | None:
+    """One line for a failed object-store request (what the server said, then what to fix); None when ``e``
+    did not come from the object store's client."""
+    hint = remote_hint(e)
+    root = _chain(e)[-1]
+    return None if hint is None else f"storage request failed ({type(root).__name__}: {root}): {hint}"
+
+
+def remote_hint(e: BaseException) -> str | None:
+    """What to fix when ``e`` came from the object store's client (no server there, keys refused, no such
+    bucket); None when it did not. The client's own error is a 75–130 line botocore traceback."""
+    chain = _chain(e)
+    if not any(type(c).__module__.split(".")[0] in REMOTE_CLIENTS for c in chain):
+        return None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+    said = " ".join(f"{type(c).__name__} {c}" for c in chain)
+    if any(type(c).__name__ in UNREACHABLE for c in chain):
+        return f"no S3 server answers at {endpoint}: start it, or point AWS_ENDPOINT_URL at it"
+    if "NoSuchBucket" in said:
+        return f"the bucket does not exist at {endpoint}: create it, or fix MEDDIFF_STORAGE / --storage"
+    if isinstance(e, PermissionError) or any(word in said for word in REFUSED):
+        return (f"the S3 server at {endpoint} refused these credentials: check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (and that they may use the bucket)")
+    return "check MEDDIFF_STORAGE, AWS_ENDPOINT_URL and the keys"
 
 
 def read_bytes(uri: str) -> bytes:

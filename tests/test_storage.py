@@ -72,3 +72,34 @@ def test_dataset_root_is_the_root_above_datasets_name_version_and_none_elsewhere
         f"{tmp_path}/x/b/.meddiff-cache/domain-classifier/b/v/")
     assert calibration_uri("s3://bucket/datasets/b/v", CalibrationConfig()).startswith("s3://bucket/calibration/b/v/")
     assert calibration_uri(f"{tmp_path}/x/b/v", CalibrationConfig()).startswith(f"{tmp_path}/x/b/calibration/b/v/")
+
+
+def test_an_object_store_that_refuses_or_is_not_there_is_one_line_saying_what_to_fix(s3_server, monkeypatch,
+                                                                                    capsys):
+    """`meddiff models list` (datasets, cohorts alike) with a wrong secret key printed botocore's 75-line
+    traceback ending 'PermissionError: Forbidden', exit status 1; with AWS_ENDPOINT_URL on a port where no
+    server listens, 131 lines. Each is now one line naming the server's answer and the variable to fix."""
+    import pytest
+    import s3fs
+
+    from meddiff.cli import main
+
+    endpoint, _ = s3_server
+    monkeypatch.setattr(sys, "argv", ["meddiff", "models", "list", "--storage", "s3://meddiff/x"])
+
+    def run() -> str:
+        s3fs.S3FileSystem.clear_instance_cache()  # a client made with other keys is not reused
+        with pytest.raises(SystemExit) as done:
+            main()
+        assert done.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
+    assert run().endswith(f"the S3 server at {endpoint} refused these credentials: check AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY (and that they may use the bucket)")
+    nobody = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", nobody)
+    assert run().endswith(f"no S3 server answers at {nobody}: start it, or point AWS_ENDPOINT_URL at it")
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -1,7 +1,8 @@
 """The ``meddiff`` command: thin wrappers that parse, build a config, and call the library.
 
 Each sub-module registers its commands on ``app``; errors meant for the user
-(:class:`meddiff.errors.MeddiffError`) are printed as one line, exit status 2.
+(:class:`meddiff.errors.MeddiffError`, and an object store refusing a request or not there) are printed
+as one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def main() -> None:
         sys.exit(130)
     except MeddiffError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except Exception as e:
+        from meddiff.storage import remote_error
+
+        line = remote_error(e)  # the object store refused or was not there: what to fix, not botocore's traceback
+        if line is None:
+            raise
+        typer.secho(f"error: {line}", fg="red", err=True)
         sys.exit(2)
     except SystemExit as e:
         if e.code == 130:  # typer's silent answer to a Ctrl-C that no stage turned into an Interrupted
