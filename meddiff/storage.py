@@ -113,6 +113,22 @@ def exists(uri: str) -> bool:
         raise StorageError(f"cannot reach storage at {uri}: {e}" + (f"; {hint}" if hint else "")) from e
 
 
+def endpoint_text() -> str:
+    """The S3 endpoint requests go to, as an error message names it."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+
+
+def missing_reason(root: str) -> str | None:
+    """Why nothing can be under storage root ``root``: its bucket or folder does not exist (None when it does)."""
+    if not is_remote(root):
+        return None if Path(root).expanduser().exists() else "the folder does not exist (check --storage / MEDDIFF_STORAGE)"
+    fs, path = filesystem(root)
+    bucket = path.split("/", 1)[0]
+    if fs.exists(bucket):
+        return None
+    return f"bucket {bucket} does not exist at {endpoint_text()} (check --storage / MEDDIFF_STORAGE)"
+
+
 REMOTE_CLIENTS = ("botocore", "aiobotocore", "s3fs", "aiohttp", "urllib3")  # where an object store's errors come from
 UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
                "ClientConnectorError", "ServerDisconnectedError"}
@@ -143,7 +159,7 @@ def remote_hint(e: BaseException) -> str | None:
     chain = _chain(e)
     if not any(type(c).__module__.split(".")[0] in REMOTE_CLIENTS for c in chain):
         return None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+    endpoint = endpoint_text()
     said = " ".join(f"{type(c).__name__} {c}" for c in chain)
     if any(type(c).__name__ in UNREACHABLE for c in chain):
         return f"no S3 server answers at {endpoint}: start it, or point AWS_ENDPOINT_URL at it"
@@ -401,7 +417,7 @@ def check_reachable(root: str | None = None, attempts: int = 3, backoff_s: float
     fs, path = fsspec.core.url_to_fs(root, skip_instance_cache=True, **opts)
     if hasattr(fs, "retries"):
         fs.retries = 1
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+    endpoint = endpoint_text()
     bucket = path.split("/", 1)[0]
     with_retries(lambda: fs.ls(bucket, refresh=True), attempts=attempts, backoff_s=backoff_s,
                  what=f"reaching storage {root} at {endpoint} (check MEDDIFF_STORAGE, AWS_ENDPOINT_URL and the keys)")

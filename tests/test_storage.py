@@ -78,7 +78,8 @@ def test_an_object_store_that_refuses_or_is_not_there_is_one_line_saying_what_to
                                                                                     capsys):
     """`meddiff models list` (datasets, cohorts alike) with a wrong secret key printed botocore's 75-line
     traceback ending 'PermissionError: Forbidden', exit status 1; with AWS_ENDPOINT_URL on a port where no
-    server listens, 131 lines. Each is now one line naming the server's answer and the variable to fix."""
+    server listens, 131 lines. Each is now one line naming the server's answer and the variable to fix;
+    and a list of a bucket that does not exist says so instead of printing an empty table."""
     import pytest
     import s3fs
 
@@ -96,6 +97,15 @@ def test_an_object_store_that_refuses_or_is_not_there_is_one_line_saying_what_to
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
         return err
 
+    # a mistyped bucket listed nothing, exit status 0, not a word: now stderr says why the list is empty
+    monkeypatch.setattr(sys, "argv", ["meddiff", "models", "list", "--storage", "s3://no-such-bucket/x"])
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
+    assert capsys.readouterr().err.strip() == (f"no models under s3://no-such-bucket/x: bucket no-such-bucket does "
+                                               f"not exist at {endpoint} (check --storage / MEDDIFF_STORAGE)")
+    monkeypatch.setattr(sys, "argv", ["meddiff", "models", "list", "--storage", "s3://meddiff/x"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
     assert run().endswith(f"the S3 server at {endpoint} refused these credentials: check AWS_ACCESS_KEY_ID and "
                           "AWS_SECRET_ACCESS_KEY (and that they may use the bucket)")

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from meddiff.cli import app
-from meddiff.cli.tables import print_table, titled, unfinished_status, where_now
+from meddiff.cli.tables import print_listing, print_table, titled, unfinished_status, where_now
 from meddiff import storage
 from meddiff.data.cohorts import open_cohort, verify as verify_cohort
 from meddiff.errors import MeddiffError
@@ -79,7 +79,7 @@ def list_(storage_root: Optional[str] = typer.Option(
         c = open_cohort(uri).card
         t.add_row(cid, "complete", str(c["total"]), f"{c['sampler']}×{c['steps']}", Path(c["model_uri"]).name,
                   report_label(uri), uri)
-    print_table(t)
+    print_listing(t, "cohorts", storage.storage_root(storage_root), "`meddiff generate`")
 
 
 def report_sentence(uri: str) -> str | None:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meddiff.cli import app
-from meddiff.cli.tables import print_table, titled
+from meddiff.cli.tables import print_listing, print_table, titled
 from meddiff import storage
 from meddiff.data.ingest import IngestConfig, ingest as run_ingest
 from meddiff.progress import rich_progress
@@ -76,7 +76,7 @@ def list_(storage_root: Optional[str] = typer.Option(
             c = open_dataset(uri).card
             t.add_row(name, version, f"{c['image_size']}px×{c['channels']}", str(c["num_classes"]),
                       "/".join(str(c["totals"][s]) for s in ("train", "val", "test")), uri)
-    print_table(t)
+    print_listing(t, "datasets", storage.storage_root(storage_root), "`meddiff ingest`")
 
 
 @datasets.command()

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from meddiff import storage
 from meddiff.cli import app
-from meddiff.cli.tables import print_table, unfinished_status, where_now
+from meddiff.cli.tables import print_listing, print_table, unfinished_status, where_now
 from meddiff.data.shards import read_card
 from meddiff.train.sessions import cpu_thread_counts, describe
 
@@ -35,7 +35,7 @@ def list_(storage_root: Optional[str] = typer.Option(
             mode = f"autoencoder ({c.get('ae_kind', '')})" if c.get("kind") == "autoencoder" else c.get("mode", "")
             t.add_row(run_id, "complete", mode, c.get("objective", ""), str(c.get("steps", "")),
                       (c.get("dataset") or {}).get("name", ""), uri)
-    print_table(t)
+    print_listing(t, "models", root, "`meddiff train`")
 
 def card_rows(card: dict, here: str) -> list[tuple[str, str]]:
     """(field, value) rows of the model or autoencoder card at ``here``, for people (the card itself is

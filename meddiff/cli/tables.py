@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
@@ -20,6 +22,18 @@ def print_table(table: Table) -> None:
     console = Console(width=100_000)
     width = Measurement.get(console, console.options, table).maximum
     Console(width=max(width, 1), soft_wrap=False).print(table)
+
+
+def print_listing(table: Table, what: str, root: str, made_by: str) -> None:
+    """A list table; when it is empty, a line on stderr saying where was looked and why nothing is there
+    (a mistyped bucket or --storage listed nothing, silently, exit status 0)."""
+    print_table(table)
+    if table.row_count:
+        return
+    from meddiff import storage
+
+    why = storage.missing_reason(root)
+    print(f"no {what} under {root}" + (f": {why}" if why else f" ({made_by} makes them)"), file=sys.stderr)
 
 
 def print_fitted(console: Console, table: Table) -> None:
