@@ -102,6 +102,19 @@ def test_a_named_autoencoder_answers_only_the_request_it_was_trained_for(breastm
     with pytest.raises(MeddiffError, match=r"named-ae was trained with other settings \(kl_weight: "):
         train_autoencoder(AETrainConfig(breastmnist_uri, kind="vae", kl_weight=0.5, **kw), str(tmp_path))
     assert first.card["weights_config"]["steps"] == 3
+    # interrupted before its card (checkpoint at step 3): resumed, it may change only its steps; the
+    # perceptual-loss weights were not compared, so a loss it never trained with joined half-way
+    import torchvision
+
+    torch.manual_seed(0)
+    feats = torchvision.models.alexnet(weights=None).features.state_dict()
+    torch.save({f"features.{k}": v for k, v in feats.items()}, tmp_path / "alexnet.pt")
+    (Path(first.uri) / "model.json").unlink()
+    with pytest.raises(MeddiffError, match=r"named-ae has checkpoints trained with other settings \(perceptual_weights: "):
+        train_autoencoder(AETrainConfig(breastmnist_uri, kind="vae", perceptual_weights=str(tmp_path / "alexnet.pt"),
+                                        **{**kw, "steps": 4}), str(tmp_path))
+    assert train_autoencoder(AETrainConfig(breastmnist_uri, kind="vae", **{**kw, "steps": 4}),
+                             str(tmp_path)).card["steps"] == 4
 
 
 def test_encode_writes_codes_shards_and_report(breastmnist_uri, vqvae_uri, session_storage):
