@@ -33,7 +33,7 @@ from meddiff.data.shards import open_dataset
 from meddiff.devices import resolve_device
 from meddiff.errors import MeddiffError, check_seed
 from meddiff.evaluate.config import EvalConfig
-from meddiff.evaluate.features import load_inception, load_or_train_domain
+from meddiff.evaluate.features import load_inception, load_or_train_domain, real_features
 from meddiff.evaluate.loading import Images, RealSplits, load_real
 from meddiff.evaluate.report import REPORT_SCHEMA_VERSION
 from meddiff.evaluate.scoring import evaluate_images
@@ -198,7 +198,8 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
     results = {}
     for i, (name, imgs) in enumerate(gens.items(), 1):
         stage(i)
-        body = evaluate_images(imgs, real, ecfg, dataset.class_names, domain, inception).body
+        body = evaluate_images(imgs, real, ecfg, dataset.class_names, domain, inception,
+                               real_inception=inception and real_features(inception, dataset.uri, ecfg.cache_root)).body
         results[name] = {"verdict": body["verdict"]["verdict"], "sentence": body["verdict"]["sentence"],
                          "n": len(imgs), "headline": body["headline"], "metrics": body["metrics"],
                          "flagged_fraction": body["memorization"]["flagged"] / max(len(imgs), 1)}

@@ -191,6 +191,53 @@ def load_inception(device: str = "cpu") -> InceptionExtractor:
     return InceptionExtractor(find_inception_weights(), device)
 
 
+@lru_cache(maxsize=4)
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class CachedInception:
+    """``inception`` with the features it computes kept in ``folder``, each file named by what determines
+    it: the images' bytes, the weights' sha256 and the device type. For a dataset's real sets, which every
+    evaluation of its cohorts embeds again: 146 s of a 175 s evaluation of a 7-image BreastMNIST cohort
+    on a 2-core CPU; a calibration embedded them once per generator, a sweep once per combination."""
+
+    def __init__(self, inception: InceptionExtractor, folder: str):
+        self.inception, self.folder = inception, folder
+        self.dim, self.weights = inception.dim, inception.weights
+
+    def uri(self, x: torch.Tensor) -> str:
+        """Where the features of uint8 images ``x`` (N, C, H, W) are kept."""
+        import hashlib
+
+        h = hashlib.sha256(f"{tuple(x.shape)} {_file_sha256(self.weights.path)} {self.weights.kind} "
+                           f"{torch.device(self.inception.device).type}\n".encode())
+        h.update(x.contiguous().numpy().tobytes())
+        return storage.join(self.folder, f"{h.hexdigest()[:32]}.pt")
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        x = _as_uint8(images)
+        uri = self.uri(x)
+        if storage.exists(uri):
+            try:
+                feats = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+                if feats.shape == (len(x), self.dim):
+                    return feats
+            except Exception:  # noqa: BLE001 - a damaged cache file is recomputed and replaced
+                pass
+        feats = self.inception(x)
+        buf = io.BytesIO()
+        torch.save(feats, buf)
+        storage.write_bytes(uri, buf.getvalue())  # atomic: a concurrent evaluation reads it whole or not at all
+        return feats
+
+
 # --------------------------------------------------------------------------- domain classifier
 
 class DomainNet(nn.Module):
@@ -298,8 +345,8 @@ def train_domain_net(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     return net.eval()
 
 
-def domain_cache_uri(dataset_uri: str, cfg: DomainTrainConfig, cache_root: str | None = None) -> str:
-    """``<cache root>/domain-classifier/<dataset name>/<version>/<config hash>.pt``.
+def dataset_cache(dataset_uri: str, kind: str, cache_root: str | None = None) -> str:
+    """``<cache root>/<kind>/<dataset name>/<version>``: what evaluations keep per dataset version.
 
     Default cache root: ``<storage root>/cache`` when the dataset lives at ``<root>/datasets/<name>/<version>``,
     else ``<dataset folder>/../.meddiff-cache``.
@@ -309,7 +356,18 @@ def domain_cache_uri(dataset_uri: str, cfg: DomainTrainConfig, cache_root: str |
     if cache_root is None:
         root = storage.dataset_root(dataset_uri)
         cache_root = f"{root}/cache" if root is not None else "/".join(parts[:-1]) + "/.meddiff-cache"
-    return storage.join(cache_root, "domain-classifier", name, version, f"{content_hash(cfg)}.pt")
+    return storage.join(cache_root, kind, name, version)
+
+
+def real_features(inception: InceptionExtractor, dataset_uri: str, cache_root: str | None = None) -> CachedInception:
+    """``inception`` for a dataset version's real images: features kept in ``<cache root>/inception-features/
+    <dataset name>/<version>`` (:func:`dataset_cache`)."""
+    return CachedInception(inception, dataset_cache(dataset_uri, "inception-features", cache_root))
+
+
+def domain_cache_uri(dataset_uri: str, cfg: DomainTrainConfig, cache_root: str | None = None) -> str:
+    """``<cache root>/domain-classifier/<dataset name>/<version>/<config hash>.pt`` (:func:`dataset_cache`)."""
+    return storage.join(dataset_cache(dataset_uri, "domain-classifier", cache_root), f"{content_hash(cfg)}.pt")
 
 
 def load_or_train_domain(dataset, cfg: DomainTrainConfig, device: str = "cpu", cache_root: str | None = None,

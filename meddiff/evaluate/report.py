@@ -22,7 +22,7 @@ from meddiff.data.shards import DatasetVersion, open_dataset
 from meddiff.devices import resolve_device
 from meddiff.errors import Interrupted, MeddiffError
 from meddiff.evaluate.config import EvalConfig
-from meddiff.evaluate.features import domain_cache_uri, load_inception, load_or_train_domain
+from meddiff.evaluate.features import domain_cache_uri, load_inception, load_or_train_domain, real_features
 from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.threads import configure_threads
 from meddiff.evaluate.html import render_html
@@ -208,10 +208,14 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress 
     inception = load_inception(device) if "inception" in cfg.features else None
     step()
     ev = evaluate_images(syn, real, cfg, dataset.class_names, domain, inception, step,
-                         run_tstr(dataset, cfg, device) if cfg.tstr else None, oracle_labels=cohort.unconditional)
+                         run_tstr(dataset, cfg, device) if cfg.tstr else None, oracle_labels=cohort.unconditional,
+                         real_inception=inception and real_features(inception, dataset.uri, cfg.cache_root))
     if cohort.unconditional:  # the report's grids and tables show the oracle's classes
         syn = Images(syn.x, ev.oracle_class.astype(np.int64), syn.keys)
     ev.body["extractors"]["domain"]["cache_uri"] = domain_cache_uri(dataset.uri, cfg.domain, cfg.cache_root)
+    if inception is not None:  # where the real sets' features are kept
+        ev.body["extractors"]["inception"]["real_features_cache"] = real_features(inception, dataset.uri,
+                                                                                 cfg.cache_root).folder
     for p in ev.body["memorization"]["closest_pairs"]:
         p["sample_id"] = int(manifest["sample_id"][p["index"]])
     write_report(cohort, dataset, manifest, syn, real, ev, cfg, chash, device, report_uri)

@@ -83,12 +83,13 @@ def paired_means(syn: list[dict[str, Any]], base: list[dict[str, Any]], baseline
 # --------------------------------------------------------------------------- step 1: features
 
 def extract_features(syn: Images, real: RealSplits, cfg: EvalConfig, domain: DomainExtractor,
-                     inception: Callable | None, oracle_labels: bool = False
+                     inception: Callable | None, oracle_labels: bool = False, real_inception: Callable | None = None
                      ) -> tuple[Images, dict[str, dict[str, torch.Tensor]], dict[str, Any], dict]:
     """``syn`` (relabelled by the oracle when ``oracle_labels``), features per extractor and set
     (syn/train/val/heldout), domain probabilities, extractor info.
 
-    Inception runs on a seeded subsample of at most ``cfg.max_images`` per set (its labels in ``ys``)."""
+    Inception runs on a seeded subsample of at most ``cfg.max_images`` per set (its labels in ``ys``);
+    ``real_inception`` (default ``inception``) embeds the real sets, e.g. through a cache."""
     dom = {"syn": domain.features_and_probs(syn.x)}
     if oracle_labels:  # an unconditional cohort has no intended classes: the oracle's stand in for scopes
         syn = Images(syn.x, dom["syn"][1].argmax(1).numpy().astype(np.int64), syn.keys)
@@ -102,7 +103,8 @@ def extract_features(syn: Images, real: RealSplits, cfg: EvalConfig, domain: Dom
     if inception is not None:
         rng = np.random.default_rng(cfg.seed)
         sub = {k: _subsample(len(v), cfg.max_images, rng) for k, v in sets.items()}
-        feats["inception"] = {k: inception(sets[k].x[i]) for k, i in sub.items()}
+        embed = {"syn": inception} | dict.fromkeys(("train", "val", "heldout"), real_inception or inception)
+        feats["inception"] = {k: embed[k](sets[k].x[i]) for k, i in sub.items()}
         ys["inception"] = {k: sets[k].y[i] for k, i in sub.items()}
         info["inception"] = {"dim": inception.dim, "weights": inception.weights.kind,
                              "weights_path": inception.weights.path,
@@ -280,14 +282,14 @@ def memo_summary(mem: dict[str, Any], syn: Images, real: RealSplits, class_names
 def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names: list[str],
                     domain: DomainExtractor, inception: Callable | None = None,
                     step: Callable[[], None] = lambda: None, tstr: Callable | None = None,
-                    oracle_labels: bool = False) -> Evaluation:
+                    oracle_labels: bool = False, real_inception: Callable | None = None) -> Evaluation:
     """Every metric of ``syn`` against ``real`` (no I/O). ``step`` is called after each stage;
     ``tstr(syn, real, flags, warnings) -> dict | None`` runs the utility check when given.
 
     ``oracle_labels`` (unconditional cohorts, ``syn.y`` all -1): the domain classifier's predicted
     classes define the per-class scopes; label fidelity (circular then) and TSTR are not computed, and
     the oracle's class mix is compared with the real one instead."""
-    syn, feats, aux, info = extract_features(syn, real, cfg, domain, inception, oracle_labels)
+    syn, feats, aux, info = extract_features(syn, real, cfg, domain, inception, oracle_labels, real_inception)
     scopes = _scopes(syn, class_names)
     missing = [n for n in class_names if n not in dict(scopes)]
     warnings = [f"no synthetic images {'the oracle assigns to' if oracle_labels else 'for'} classes {missing}: "
