@@ -129,7 +129,7 @@ def missing_reason(root: str) -> str | None:
     return f"bucket {bucket} does not exist at {endpoint_text()} (check --storage / MEDDIFF_STORAGE)"
 
 
-REMOTE_CLIENTS = ("botocore", "aiobotocore", "s3fs", "aiohttp", "urllib3")  # where an object store's errors come from
+REMOTE_CLIENTS = ("botocore", "aiobotocore", "s3fs")  # an object store's errors pass through these (not Kaggle's)
 UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
                "ClientConnectorError", "ServerDisconnectedError"}
 REFUSED = ("Forbidden", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "(403)")

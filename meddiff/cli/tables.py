@@ -61,9 +61,9 @@ def word_widths(table: Table, width: int) -> list[int]:
     room = width - _chrome(table)
     if sum(hi) <= room or sum(lo) >= room:
         return hi if sum(hi) <= room else lo
-    want = [h - l for h, l in zip(hi, lo)]  # how much wider each column would like to be
+    want = [h - w for h, w in zip(hi, lo)]  # how much wider each column would like to be
     share = [(room - sum(lo)) * w // sum(want) for w in want]
-    return [l + s for l, s in zip(lo, share)]
+    return [w + extra for w, extra in zip(lo, share)]
 
 
 def _chrome(table: Table) -> int:

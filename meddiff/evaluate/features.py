@@ -218,7 +218,7 @@ class CachedInception:
 
         h = hashlib.sha256(f"{tuple(x.shape)} {_file_sha256(self.weights.path)} {self.weights.kind} "
                            f"{torch.device(self.inception.device).type}\n".encode())
-        h.update(x.contiguous().numpy().tobytes())
+        h.update(x.contiguous().numpy())  # the buffer itself: no copy of the images
         return storage.join(self.folder, f"{h.hexdigest()[:32]}.pt")
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
