@@ -195,11 +195,12 @@ def calibrate(dataset_uri: str, cfg: CalibrationConfig | None = None, root: str 
     gens, real = reference_generators(load_real(dataset, ecfg.heldout_split), cfg)
     domain = _SameRealFeatures(load_or_train_domain(dataset, ecfg.domain, device, ecfg.cache_root))
     inception = load_inception(device) if "inception" in ecfg.features else None
+    real_inception = inception and real_features(inception, dataset.uri, ecfg.cache_root)  # real sets: cached
     results = {}
     for i, (name, imgs) in enumerate(gens.items(), 1):
         stage(i)
         body = evaluate_images(imgs, real, ecfg, dataset.class_names, domain, inception,
-                               real_inception=inception and real_features(inception, dataset.uri, ecfg.cache_root)).body
+                               real_inception=real_inception).body
         results[name] = {"verdict": body["verdict"]["verdict"], "sentence": body["verdict"]["sentence"],
                          "n": len(imgs), "headline": body["headline"], "metrics": body["metrics"],
                          "flagged_fraction": body["memorization"]["flagged"] / max(len(imgs), 1)}

@@ -206,16 +206,16 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress 
     real = load_real(dataset, cfg.heldout_split)
     domain = load_or_train_domain(dataset, cfg.domain, device, cfg.cache_root, told_only(progress))  # says if it trains
     inception = load_inception(device) if "inception" in cfg.features else None
+    real_inception = inception and real_features(inception, dataset.uri, cfg.cache_root)  # real sets: cached
     step()
     ev = evaluate_images(syn, real, cfg, dataset.class_names, domain, inception, step,
                          run_tstr(dataset, cfg, device) if cfg.tstr else None, oracle_labels=cohort.unconditional,
-                         real_inception=inception and real_features(inception, dataset.uri, cfg.cache_root))
+                         real_inception=real_inception)
     if cohort.unconditional:  # the report's grids and tables show the oracle's classes
         syn = Images(syn.x, ev.oracle_class.astype(np.int64), syn.keys)
     ev.body["extractors"]["domain"]["cache_uri"] = domain_cache_uri(dataset.uri, cfg.domain, cfg.cache_root)
-    if inception is not None:  # where the real sets' features are kept
-        ev.body["extractors"]["inception"]["real_features_cache"] = real_features(inception, dataset.uri,
-                                                                                 cfg.cache_root).folder
+    if real_inception is not None:  # where the real sets' features are kept
+        ev.body["extractors"]["inception"]["real_features_cache"] = real_inception.folder
     for p in ev.body["memorization"]["closest_pairs"]:
         p["sample_id"] = int(manifest["sample_id"][p["index"]])
     write_report(cohort, dataset, manifest, syn, real, ev, cfg, chash, device, report_uri)

@@ -95,10 +95,10 @@ def _start(plan: AERunPlan, folder: RunFolder, device: torch.device, threads: Th
         return st, SessionLog.start(0, device, 1, threads)
     state = _load_ae_checkpoint(ckpts[-1], _identity(plan))
     if cfg.run_name:
-        recorded = state.get("config") or {}
-        by_path = not re.fullmatch(r"[0-9a-f]{64}", str(recorded.get("perceptual_weights") or "0" * 64))
-        check_named_run(plan.run_id, state.get("config"), plan.portable_record(), False,  # checkpoints before bb05494
-                        ignore=("perceptual_weights",) if by_path else ())  # name the weights by path: not compared
+        weights = (state.get("config") or {}).get("perceptual_weights")
+        by_path = weights is not None and not re.fullmatch(r"[0-9a-f]{64}", weights)  # checkpoints before bb05494
+        check_named_run(plan.run_id, state.get("config"), plan.portable_record(), False,
+                        ignore=("perceptual_weights",) if by_path else ())  # a path is not compared
     check_steps_ahead(plan.run_id, int(state["step"]), cfg.steps, ckpts[-1])
     _write_config(plan, folder)  # once the checkpoint was found to fit the request
     st.load_state_dict(state)
