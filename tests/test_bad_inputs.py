@@ -287,6 +287,10 @@ def regenerate_unknown_sample(tmp, fx):
     return ["cohorts", "regenerate", str(fx.cohort(tmp)), "999", "--out", str(tmp / "x.png")]
 
 
+def regenerate_to_a_jpeg(tmp, fx):
+    return ["cohorts", "regenerate", str(fx.cohort(tmp)), "3", "--out", str(tmp / "x.jpg")]
+
+
 def checkpoint_from_another_network(tmp, fx):
     m = fx.model(tmp)
     part = next(m.glob("class-*/model.json"))
@@ -379,6 +383,7 @@ CASES: list[tuple[str, Callable, str]] = [
     ("manifest-not-parquet", manifest_not_parquet, r"manifest\.parquet is corrupt or unreadable"),
     ("shard-missing-a-sample", shard_missing_a_sample, r"manifest key s0000004 is missing from the shards"),
     ("regenerate-unknown-sample", regenerate_unknown_sample, r"sample id 999 is not in cohort .* \(0\.\.19\)"),
+    ("regenerate-to-a-jpeg", regenerate_to_a_jpeg, r"--out .*x\.jpg must name a \.png file"),
     ("checkpoint-from-another-network", checkpoint_from_another_network,
      r"checkpoint .*does not fit the network in .*model\.json"),
     ("negative-seed", negative_seed, r"--seed must be a whole number from 0 to 2\^63 - 1, got -5"),

@@ -131,7 +131,7 @@ def verify(uri: str = typer.Argument(
 @cohorts.command()
 def regenerate(uri: str = typer.Argument(..., help="The cohort's URI (printed by meddiff generate)."),
                sample_id: int = typer.Argument(..., help="The sample's id (the manifest's sample_id column)."),
-               out: Path = typer.Option(..., help="PNG file to write."),
+               out: Path = typer.Option(..., help="PNG file to write (.png)."),
                device: Optional[str] = typer.Option(None, help="Default: the recorded device type (warns "
                                                     "when it cannot be matched)."),
                alone: bool = typer.Option(False, help="Batch of one: equal up to the last bits (±1 grey level).")) -> None:
@@ -143,6 +143,9 @@ def regenerate(uri: str = typer.Argument(..., help="The cohort's URI (printed by
     from meddiff.generate import regenerate as run_regenerate
     from meddiff.records import sha256_bytes
 
+    if out.suffix.lower() != ".png" or out.is_dir():  # before sampling: the bytes written are PNG, always
+        raise MeddiffError(f"--out {out} must name a .png file (the image is written as PNG, the format the "
+                           "cohort stores and compares byte for byte)")
     png = run_regenerate(uri, sample_id, device, alone)
     storage.write_bytes(str(out), png)  # atomic; the folder is created
     stored = stored_png(uri, sample_id)
