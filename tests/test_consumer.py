@@ -158,6 +158,53 @@ def test_two_dataloader_workers_and_two_ranks(small_sharded, breastmnist_uri):
         assert set(r0) | set(r1) == set(alone)
 
 
+SPAWN_SCRIPT = """
+import hashlib, json, sys, tempfile, torch
+import torch.distributed as dist
+from meddiff.data import ShardDataset
+
+def digest(loader):
+    return [hashlib.sha256(x.numpy().tobytes()).hexdigest() for xb, _ in loader for x in xb]
+
+def rank_main(rank, uri, store, out):
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+    ds = ShardDataset(uri)  # rank and world from torch.distributed, as a DDP script writes it
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, multiprocessing_context="spawn")
+    json.dump({"keys": digest(loader), "len": len(ds)}, open(out + str(rank), "w"))
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    uri, d = sys.argv[1], tempfile.mkdtemp()
+    ds = ShardDataset(uri)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, num_workers=2, persistent_workers=True)
+    epochs = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        epochs.append(digest(loader))
+    torch.multiprocessing.spawn(rank_main, args=(uri, d + "/store", d + "/out"), nprocs=2)
+    ranks = [json.load(open(d + "/out" + str(r))) for r in (0, 1)]
+    print(json.dumps({"epochs": epochs, "in_process": [digest((ds.set_epoch(e) or ds)) for e in (0, 1)], "ranks": ranks}))
+"""
+
+
+@pytest.mark.slow
+def test_persistent_workers_follow_set_epoch_and_spawned_workers_keep_their_rank(small_sharded, tmp_path):
+    """Persistent DataLoader workers (a copy of the dataset made once) still reshuffle at set_epoch; under
+    DDP, spawned workers (no process group of their own) read only their rank's part."""
+    script = tmp_path / "ddp_spawn.py"  # a file: spawned processes import their target from __main__'s file
+    script.write_text(SPAWN_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), small_sharded], env=ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    e0, e1 = out["epochs"]
+    assert e0 != e1 and sorted(e0) == sorted(e1) and len(set(e0)) == 546  # epoch 1 is not epoch 0 again
+    assert [sorted(e) for e in out["epochs"]] == [sorted(e) for e in out["in_process"]]
+    r0, r1 = (r["keys"] for r in out["ranks"])
+    assert len(r0) == len(r1) == out["ranks"][0]["len"] == 273  # not 546 each
+    assert not set(r0) & set(r1) and set(r0) | set(r1) == set(e0)
+
+
 def test_map_style_random_access_and_shuffling_loader(small_sharded):
     ds = ShardDataset(small_sharded, split="val")
     mds = ds.as_map()

@@ -5,7 +5,7 @@
                       mix_ratio=0.5)
     loader = torch.utils.data.DataLoader(ds, batch_size=128, num_workers=4)
     for epoch in range(epochs):
-        ds.set_epoch(epoch)            # a fresh order every epoch (like DistributedSampler.set_epoch)
+        ds.set_epoch(epoch)            # a fresh order every epoch (like DistributedSampler.set_epoch; persistent workers too)
         for x, y in loader: ...
     loader = torch.utils.data.DataLoader(ds.as_map(), batch_size=128, shuffle=True)   # random access
 
@@ -195,7 +195,10 @@ class ShardDataset(IterableDataset):
             if self.mixed.class_names != self.primary.class_names:
                 raise MeddiffError(f"cannot mix {mix_with}: its classes {self.mixed.class_names} differ from "
                                    f"{self.primary.class_names}")
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
+        # in shared memory: persistent DataLoader workers hold a copy of this dataset made at their start, and
+        # must still see set_epoch (a plain int would freeze them on the epoch they started with)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.rank, self.world_size = rank, world_size
         self.class_names = self.primary.class_names
 
@@ -203,13 +206,24 @@ class ShardDataset(IterableDataset):
     def sources(self) -> list[_Source]:
         return [self.primary] + ([self.mixed] if self.mixed else [])
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order the next iteration follows (call before each epoch)."""
-        self.epoch = int(epoch)
+        """Choose the epoch whose order the next iteration follows (call before each epoch); DataLoader
+        workers see it too, persistent ones included."""
+        self._epoch.fill_(int(epoch))
 
     def _rank_world(self) -> tuple[int, int]:
         rank, world = _dist()
         return (rank if self.rank is None else self.rank), (world if self.world_size is None else self.world_size)
+
+    def __getstate__(self) -> dict:
+        """Sent to spawned DataLoader workers: they have no process group, so this rank is fixed here, in
+        the process that has one (else every rank's workers would read the whole epoch)."""
+        rank, world = self._rank_world()
+        return {**self.__dict__, "rank": rank, "world_size": world}
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch (all ranks equal)."""
