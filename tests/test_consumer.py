@@ -19,6 +19,7 @@ from PIL import Image
 from meddiff.data.consumer import ShardDataset, epoch_order, reader_part
 from meddiff.data.ingest import IngestConfig, ingest
 from meddiff.data.shards import open_dataset
+from meddiff.errors import MeddiffError
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -276,6 +277,23 @@ print(json.dumps({"e0": seen[0], "e1": seen[1], "map": maps, "n": len(ds)}))
     assert sorted(out["e0"]) == sorted(out["e1"]) == sorted(out["map"]) and out["e0"] != out["e1"]
     labels = np.array(out["e0"])
     assert abs(largest_class_share(labels, 32) - iid_share(labels, 32)) < 0.1
+
+
+def test_mixing_images_of_another_size_is_refused_up_front(leukemia_zip, tmp_path):
+    """Real blood smears ingested at 32 px and at 16 px: mixing them, or a cohort of the 32 px version
+    with the 16 px one, is one clear error at construction, not a collate failure in the middle of an epoch."""
+    from cohort_factory import make_cohort
+
+    at32, at16 = (ingest(IngestConfig(f"zip:{leukemia_zip}", size=s, classes="Original/Benign=benign,Original/Pro=pro"),
+                         str(tmp_path / f"st{s}")).uri for s in (32, 16))
+    ds = open_dataset(at32)
+    x, y = ds.load_split("train")
+    cohort = make_cohort(tmp_path / "cohorts" / "c1", at32, ds.class_names, x[:20], y[:20])
+    for primary in (cohort, at32):
+        with pytest.raises(MeddiffError, match=r"its images are 3×16×16 \(channels×px\), .* 3×32×32; mix a version"):
+            ShardDataset(primary, mix_with=at16, mix_ratio=0.5)
+    mixed = ShardDataset(cohort, mix_with=at32, mix_ratio=0.5)  # the same shape: mixed
+    assert len(mixed) == 40 and {tuple(x.shape) for x, _ in mixed} == {(3, 32, 32)}
 
 
 def test_write_order_interleaves_every_window():

@@ -45,6 +45,7 @@ class _Source:
     uri: str
     entries: list[Entry]
     class_names: list[str]
+    shape: tuple[int, int] | None = None  # (channels, side in px) from the cards; None = not known
 
     @property
     def keys(self) -> frozenset[str]:
@@ -82,7 +83,18 @@ def _cohort_source(uri: str, classes, exclude_flagged: bool | None) -> _Source:
         df = df[df["class_id"].isin(ids)]
     if exclude_flagged:
         df = df[~df["flagged"].fillna(False).astype(bool)]
-    return _Source(cohort.uri, _entries(cohort.uri, df["shard"], df["key"]), cohort.class_names)
+    return _Source(cohort.uri, _entries(cohort.uri, df["shard"], df["key"]), cohort.class_names,
+                   _dataset_shape(cohort.dataset_uri))
+
+
+def _dataset_shape(uri: str) -> tuple[int, int] | None:
+    """(channels, side) of a dataset version: a cohort's images have its dataset's; None when it is gone."""
+    from meddiff.data.shards import open_dataset
+
+    if not storage.exists(storage.join(uri, "dataset.json")):
+        return None
+    ds = open_dataset(uri)
+    return ds.channels, ds.image_size
 
 
 def _dataset_source(uri: str, split: str, classes, n: int | None = None, seed: int = 0) -> _Source:
@@ -98,7 +110,7 @@ def _dataset_source(uri: str, split: str, classes, n: int | None = None, seed: i
         if n > len(idx):
             raise MeddiffError(f"mix_ratio asks for {n} real images but {uri} ({split}) has {len(idx)}")
         idx = idx.iloc[np.sort(np.random.default_rng(seed).choice(len(idx), size=n, replace=False))]
-    return _Source(ds.uri, _entries(ds.uri, idx["shard"], idx["key"]), ds.class_names)
+    return _Source(ds.uri, _entries(ds.uri, idx["shard"], idx["key"]), ds.class_names, (ds.channels, ds.image_size))
 
 
 def open_source(uri: str, split: str = "train", classes=None, exclude_flagged: bool | None = None) -> _Source:
@@ -195,6 +207,10 @@ class ShardDataset(IterableDataset):
             if self.mixed.class_names != self.primary.class_names:
                 raise MeddiffError(f"cannot mix {mix_with}: its classes {self.mixed.class_names} differ from "
                                    f"{self.primary.class_names}")
+            if None not in (self.primary.shape, self.mixed.shape) and self.mixed.shape != self.primary.shape:
+                (c1, s1), (c2, s2) = self.primary.shape, self.mixed.shape  # else a collate error mid-epoch
+                raise MeddiffError(f"cannot mix {mix_with}: its images are {c2}×{s2}×{s2} (channels×px), {uri}'s "
+                                   f"{c1}×{s1}×{s1}; mix a version ingested at the same --size and channels")
         self.seed = seed
         # in shared memory: persistent DataLoader workers hold a copy of this dataset made at their start, and
         # must still see set_epoch (a plain int would freeze them on the epoch they started with)
