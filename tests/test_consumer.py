@@ -220,6 +220,19 @@ def test_map_style_random_access_and_shuffling_loader(small_sharded):
     assert sorted(digests(got)) == streamed and digests(got) != digests(mds[i] for i in range(len(mds)))
 
 
+def test_transforms_apply_to_every_yielded_sample(small_sharded):
+    """transform / target_transform (torchvision's convention) on the stream and on the map-style view."""
+    plain = ShardDataset(small_sharded, split="val")
+    flipped = ShardDataset(small_sharded, split="val", transform=lambda x: x.flip(-1),
+                           target_transform=lambda y: 1 - y)
+    a, b = list(plain), list(flipped)
+    assert len(a) == len(b) == 78
+    assert all(torch.equal(xb, xa.flip(-1)) and yb == 1 - ya for (xa, ya), (xb, yb) in zip(a, b))
+    xm, ym = flipped.as_map()[5]
+    xp, yp = plain.as_map()[5]
+    assert torch.equal(xm, xp.flip(-1)) and ym == 1 - yp
+
+
 def test_damaged_shard_is_named(small_sharded, tmp_path):
     import shutil
 

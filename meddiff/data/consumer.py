@@ -25,7 +25,7 @@ when there are fewer shards than workers). Every sample is read exactly once per
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -188,7 +188,9 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, uri: str, *, split: str = "train", classes: Sequence[str | int] | None = None,
                  exclude_flagged: bool | None = None, mix_with: str | None = None, mix_ratio: float = 0.0,
-                 mix_split: str = "train", seed: int = 0, rank: int | None = None, world_size: int | None = None):
+                 mix_split: str = "train", seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 transform: Callable[[torch.Tensor], Any] | None = None,
+                 target_transform: Callable[[int], Any] | None = None):
         """
         uri: cohort or dataset version. split: dataset split (ignored for cohorts).
         classes: names or ids to keep (None = all). exclude_flagged: drop memorization-flagged
@@ -196,6 +198,8 @@ class ShardDataset(IterableDataset):
         mix_with: a real dataset version to mix in; mix_ratio: fraction of the yielded images that
         are real (0 ≤ r < 1), e.g. 0.5 = as many real as synthetic. seed: which real images and
         every epoch's order. rank/world_size: this DDP process (None = torch.distributed's, else 0 of 1).
+        transform / target_transform: applied to each image (C, H, W) float32 in [0, 1] / class id as it
+        is yielded, in the DataLoader worker (as torchvision datasets do), e.g. augmentations.
         """
         if not 0 <= mix_ratio < 1:
             raise MeddiffError(f"mix_ratio must be in [0, 1), got {mix_ratio}")
@@ -217,6 +221,7 @@ class ShardDataset(IterableDataset):
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.rank, self.world_size = rank, world_size
         self.class_names = self.primary.class_names
+        self.transform, self.target_transform = transform, target_transform
 
     @property
     def sources(self) -> list[_Source]:
@@ -252,11 +257,17 @@ class ShardDataset(IterableDataset):
         part = reader_part(epoch_order(self.sources, self.seed, self.epoch), rank, world, worker, workers)
         cache = _ShardCache(part)
         for shard, key in part:
-            yield cache.get(shard, key)
+            yield _transformed(cache.get(shard, key), self.transform, self.target_transform)
 
     def as_map(self) -> "ShardMapDataset":
         """The same samples as a map-style dataset (random access; ``DataLoader(shuffle=True)``)."""
-        return ShardMapDataset([e for s in self.sources for e in s.entries], self.class_names)
+        return ShardMapDataset([e for s in self.sources for e in s.entries], self.class_names, self.transform,
+                               self.target_transform)
+
+
+def _transformed(item: tuple[torch.Tensor, int], transform, target_transform) -> tuple[Any, Any]:
+    x, y = item
+    return (x if transform is None else transform(x)), (y if target_transform is None else target_transform(y))
 
 
 class ShardMapDataset(Dataset):
@@ -265,8 +276,11 @@ class ShardMapDataset(Dataset):
     Shards are read whole on first use and kept in memory (per DataLoader worker): meant for cohorts
     and small datasets. Use ``ShardDataset(...).as_map()`` to build one."""
 
-    def __init__(self, entries: list[Entry], class_names: list[str]):
+    def __init__(self, entries: list[Entry], class_names: list[str],
+                 transform: Callable[[torch.Tensor], Any] | None = None,
+                 target_transform: Callable[[int], Any] | None = None):
         self.entries, self.class_names = list(entries), list(class_names)
+        self.transform, self.target_transform = transform, target_transform  # as ShardDataset's
         self._cache: _ShardCache | None = None
 
     def __len__(self) -> int:
@@ -275,7 +289,7 @@ class ShardMapDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self._cache is None:
             self._cache = _ShardCache()
-        return self._cache.get(*self.entries[i])
+        return _transformed(self._cache.get(*self.entries[i]), self.transform, self.target_transform)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_cache": None}  # workers read their own copies
