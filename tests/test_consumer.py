@@ -233,6 +233,22 @@ def test_transforms_apply_to_every_yielded_sample(small_sharded):
     assert torch.equal(xm, xp.flip(-1)) and ym == 1 - yp
 
 
+def test_a_selection_of_nothing_is_an_error_not_an_empty_loader(small_sharded, tmp_path):
+    from cohort_factory import make_cohort
+
+    ds = open_dataset(small_sharded)
+    x, y = ds.load_split("val")
+    cohort = make_cohort(tmp_path / "c1", small_sharded, ds.class_names, x[:10], np.zeros(10, dtype=int))
+    assert len(ShardDataset(cohort, classes=[0])) == 10
+    with pytest.raises(MeddiffError, match=r"no images in .*c1 with split='train', classes=\['normal, benign'\]"):
+        ShardDataset(cohort, classes=["normal, benign"])  # only class 0 was generated
+    card = json.loads((tmp_path / "c1" / "cohort.json").read_text())
+    (tmp_path / "c1" / "cohort.json").write_text(json.dumps({**card, "unconditional": True}))
+    with pytest.raises(MeddiffError, match=r"sampled without labels .* select by the manifest's oracle_class_id"):
+        ShardDataset(cohort, classes=[0])
+    assert len(ShardDataset(cohort)) == 10
+
+
 def test_damaged_shard_is_named(small_sharded, tmp_path):
     import shutil
 

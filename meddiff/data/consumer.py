@@ -79,6 +79,10 @@ def _cohort_source(uri: str, classes, exclude_flagged: bool | None) -> _Source:
         report = storage.join(uri, "report.json")
         exclude_flagged = bool(storage.exists(report) and storage.read_json(report).get("drop_flagged"))
     ids = _class_ids(classes, cohort.class_names)
+    if ids is not None and cohort.unconditional:
+        raise MeddiffError(f"{uri} was sampled without labels (--unconditional): its class ids are all -1, so "
+                           "classes= selects nothing; select by the manifest's oracle_class_id (after meddiff "
+                           "evaluate) instead")
     if ids is not None:
         df = df[df["class_id"].isin(ids)]
     if exclude_flagged:
@@ -204,6 +208,9 @@ class ShardDataset(IterableDataset):
         if not 0 <= mix_ratio < 1:
             raise MeddiffError(f"mix_ratio must be in [0, 1), got {mix_ratio}")
         self.primary = open_source(uri, split, classes, exclude_flagged)
+        if not self.primary.entries:  # else a loader that silently yields nothing
+            raise MeddiffError(f"no images in {uri} with split={split!r}, classes={classes!r}, exclude_flagged="
+                               f"{exclude_flagged!r} (split applies to dataset versions only)")
         self.mixed: _Source | None = None
         if mix_with is not None and mix_ratio > 0:
             n_real = round(len(self.primary.entries) * mix_ratio / (1 - mix_ratio))
