@@ -239,7 +239,11 @@ def test_a_selection_of_nothing_is_an_error_not_an_empty_loader(small_sharded, t
     ds = open_dataset(small_sharded)
     x, y = ds.load_split("val")
     cohort = make_cohort(tmp_path / "c1", small_sharded, ds.class_names, x[:10], np.zeros(10, dtype=int))
-    assert len(ShardDataset(cohort, classes=[0])) == 10
+    assert len(ShardDataset(cohort, classes=[0])) == len(ShardDataset(cohort, classes="malignant")) == 10
+    with pytest.raises(MeddiffError, match=r"unknown class id 5; ids are 0\.\.1 for \['malignant', 'normal, benign'\]"):
+        ShardDataset(cohort, classes=[5])
+    with pytest.raises(MeddiffError, match=r"split must be one of train, val, test, got 'tset'"):
+        ShardDataset(small_sharded, split="tset")
     with pytest.raises(MeddiffError, match=r"no images in .*c1 with split='train', classes=\['normal, benign'\]"):
         ShardDataset(cohort, classes=["normal, benign"])  # only class 0 was generated
     card = json.loads((tmp_path / "c1" / "cohort.json").read_text())

@@ -36,6 +36,7 @@ from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.data.shards import _to_tensor_label, iter_shard
 
 Entry = tuple[str, str]  # (shard URI, sample key)
+SPLITS = ("train", "val", "test")  # a dataset version's splits
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,16 @@ class _Source:
 def _class_ids(classes: Sequence[str | int] | None, names: list[str]) -> set[int] | None:
     if classes is None:
         return None
+    if isinstance(classes, (str, int)):  # one class: "neutrophil", not its letters
+        classes = [classes]
     out = set()
     for c in classes:
-        if isinstance(c, int) or (isinstance(c, str) and c.isdigit()):
-            out.add(int(c))
-        elif c in names:
+        if c in names:
             out.add(names.index(c))
+        elif isinstance(c, int) or (isinstance(c, str) and c.isdigit()):
+            if not 0 <= int(c) < len(names):
+                raise MeddiffError(f"unknown class id {c}; ids are 0..{len(names) - 1} for {names}")
+            out.add(int(c))
         else:
             raise MeddiffError(f"unknown class {c!r}; classes are {names}")
     return out
@@ -207,6 +212,9 @@ class ShardDataset(IterableDataset):
         """
         if not 0 <= mix_ratio < 1:
             raise MeddiffError(f"mix_ratio must be in [0, 1), got {mix_ratio}")
+        for name, value in (("split", split), ("mix_split", mix_split)):
+            if value not in SPLITS:
+                raise MeddiffError(f"{name} must be one of {', '.join(SPLITS)}, got {value!r}")
         self.primary = open_source(uri, split, classes, exclude_flagged)
         if not self.primary.entries:  # else a loader that silently yields nothing
             raise MeddiffError(f"no images in {uri} with split={split!r}, classes={classes!r}, exclude_flagged="
