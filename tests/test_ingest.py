@@ -70,18 +70,44 @@ def test_leukemia_zip(leukemia_zip, tmp_path):
     r = ingest(IngestConfig(f"zip:{leukemia_zip}", size=32), str(tmp_path))
     card = r.card
     assert card["class_names"] == ["Benign", "Early", "Pre", "Pro"]
-    assert card["totals"] == {"train": 280, "val": 40, "test": 80}
-    assert all(card["counts"]["test"][c] == 20 for c in card["class_names"])
-    assert card["num_skipped"] == 0 and card["channels"] == 3
+    # 17 of the 100 Pro smears are byte-identical copies of another Pro file: kept once, so that no test
+    # image is a copy of a train image (10 of the 17 pairs were split apart, 8 of them test/train)
+    assert card["totals"] == {"train": 268, "val": 38, "test": 77}
+    assert card["counts"]["test"] == {"Benign": 20, "Early": 20, "Pre": 20, "Pro": 17}
+    assert card["num_skipped"] == 17 and card["channels"] == 3
+    assert all(s["source_id"].startswith("Original/Pro/") and s["reason"].startswith("exact duplicate of Original/Pro/")
+               for s in card["skipped"])
+    assert card["duplicates"] == {"identical_groups": 0, "across_splits": 0, "dropped_copies": 17,
+                                  "rule": card["duplicates"]["rule"]}
+    index = open_dataset(r.uri).index()
+    assert index["sha256"].is_unique
     images, _ = open_dataset(r.uri).load_split("val")
-    assert images.shape == (40, 3, 32, 32)
+    assert images.shape == (38, 3, 32, 32)
+
+
+def test_official_splits_are_kept_and_their_copies_counted(medmnist_dir, tmp_path):
+    """BreastMNIST as published holds one image in both train and test (with different labels): the
+    official splits stay as they are, and the card says so."""
+    r = ingest(IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)), str(tmp_path))
+    assert r.card["totals"] == {"train": 546, "val": 78, "test": 156}
+    assert {k: v for k, v in r.card["duplicates"].items() if k != "rule"} == \
+        {"identical_groups": 1, "across_splits": 1, "dropped_copies": 0}
+    index = open_dataset(r.uri).index()
+    copies = index[index["sha256"].duplicated(keep=False)]
+    assert sorted(copies["split"]) == ["test", "train"] and copies["label"].nunique() == 2
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    shown = CliRunner().invoke(app, ["datasets", "show", r.uri], env={"COLUMNS": "200"})
+    assert "duplicates: 1 image(s) stored identically in two splits" in shown.output
 
 
 def test_classes_select_and_rename(leukemia_zip, tmp_path):
     r = ingest(IngestConfig(f"zip:{leukemia_zip}", size=16, classes="Original/Benign=benign,Original/Pro=pro"),
                str(tmp_path))
     assert r.card["class_names"] == ["benign", "pro"]
-    assert sum(r.card["totals"].values()) == 200
+    assert sum(r.card["totals"].values()) == 183  # 100 benign + 100 pro, 17 pro copies kept once
 
 
 def test_deterministic_and_idempotent(medmnist_dir, tmp_path):

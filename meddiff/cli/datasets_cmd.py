@@ -89,3 +89,7 @@ def show(uri: str = typer.Argument(
         console.print(f"[bold]{k}[/]: {card.get(k)}")
     if card["skipped"]:
         console.print(f"[yellow]skipped {card['num_skipped']}:[/] {card['skipped'][:10]}")
+    dup = card.get("duplicates")  # versions ingested before 2026-12-07 have no such field
+    if dup and dup["across_splits"]:
+        console.print(f"[yellow]duplicates:[/] {dup['across_splits']} image(s) stored identically in two splits "
+                      f"(held-out copies of other splits' images); {dup['rule']}")

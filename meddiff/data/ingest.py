@@ -92,7 +92,9 @@ class IngestConfig:
                 parse_source(c.source).kind, "size": c.size, "classes": c.classes,
                 "split_seed": c.split_seed, "val_frac": c.val_frac, "test_frac": c.test_frac,
                 "shard_size": c.shard_size, "order": "shuffled", "shuffle_seed": c.shuffle_seed,
-                "bit_depth": c.bit_depth, "window": c.window}
+                "bit_depth": c.bit_depth, "window": c.window,
+                # zip/folder/kaggle: byte-identical files are kept once (an official split is left as published)
+                **({} if parse_source(c.source).kind == "medmnist" else {"duplicates": "exact copies dropped"})}
 
 
 @dataclass(frozen=True)
@@ -289,4 +291,16 @@ def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, sh
         order={"shuffled": True, "shuffle_seed": cfg.shuffle_seed,
                "note": "each split is written in a seeded random order (not class by class)"},
         intensity=intensity.describe() if intensity else {"rule": "none: every input is 8-bit"},
+        duplicates=_duplicates(table, skipped, src.has_official_splits),
     )
+
+
+def _duplicates(table: pa.Table, skipped: list[dict[str, str]], official: bool) -> dict:
+    """Byte-identical stored images: groups, and how many span splits (a held-out image also in train)."""
+    df = table.select(["sha256", "split"]).to_pandas()
+    splits = df.groupby("sha256")["split"].agg(["size", "nunique"])
+    return {"identical_groups": int((splits["size"] > 1).sum()),
+            "across_splits": int((splits["nunique"] > 1).sum()),
+            "dropped_copies": sum(s["reason"].startswith("exact duplicate of") for s in skipped),
+            "rule": ("official splits kept as published (copies across them are counted, not removed)" if official
+                     else "byte-identical source files kept once; stored images identical after resizing counted")}

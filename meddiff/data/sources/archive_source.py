@@ -110,21 +110,32 @@ def _collect(entries: list[tuple[str, callable]], classes: str | None, where: st
     if len(class_names) < 2:
         raise SourceError(f"only one class ({class_names[0]!r}) in {where}; meddiff needs at least two class "
                           "folders (point at the folder holding them, or widen --classes)")
-    _check_label_conflicts(by_class, where)
-    samples = [RawSample(class_names.index(c), rel, read) for c in class_names for rel, read in sorted(by_class[c])]
-    return class_names, samples, skipped
+    kept, copies = _drop_exact_copies(by_class, where)
+    samples = [RawSample(class_names.index(c), rel, read) for c in class_names for rel, read in kept[c]]
+    return class_names, samples, skipped + copies
 
 
-def _check_label_conflicts(by_class: dict[str, list[tuple[str, bytes]]], where: str) -> None:
-    """The same file (bytes) filed under two classes is a labelling error; refuse it."""
+def _drop_exact_copies(by_class: dict[str, list[tuple[str, bytes]]], where: str
+                       ) -> tuple[dict[str, list[tuple[str, bytes]]], list[dict[str, str]]]:
+    """Keep the first (by path) of byte-identical files in a class: a copy split apart would put a test
+    image in train (the leukemia sample has 17 such pairs in 400 files, 10 of them split apart before).
+    The same file under two classes is a labelling error: refused."""
+    kept: dict[str, list[tuple[str, bytes]]] = {}
+    copies: list[dict[str, str]] = []
     first: dict[bytes, tuple[str, str]] = {}
     for cls in sorted(by_class):
+        kept[cls] = []
         for rel, data in sorted(by_class[cls]):
-            digest = hashlib.sha256(data).digest()
-            other = first.setdefault(digest, (cls, rel))
-            if other[0] != cls:
-                raise SourceError(f"the same image is filed under two classes in {where}: {other[1]!r} ({other[0]}) "
+            other_cls, other = first.setdefault(hashlib.sha256(data).digest(), (cls, rel))
+            if other_cls != cls:
+                raise SourceError(f"the same image is filed under two classes in {where}: {other!r} ({other_cls}) "
                                   f"and {rel!r} ({cls}); remove the wrong copy")
+            if other == rel:
+                kept[cls].append((rel, data))
+            else:
+                copies.append({"source_id": rel, "reason": f"exact duplicate of {other} (kept once, so no copy "
+                                                           "can sit in another split)"})
+    return kept, copies
 
 
 def _check_entry(info: zipfile.ZipInfo, path: Path) -> None:
