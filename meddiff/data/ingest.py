@@ -145,7 +145,7 @@ def _prepare(sample: RawSample, size: int, channels: int | None, intensity: Inte
     if isinstance(sample.payload, np.ndarray):
         img = to_pil(sample.payload)
     else:
-        img = load_image(sample.payload, channels, intensity)
+        img = load_image(sample.data(), channels, intensity)
     return encode_png(resize_center_crop(img, size))
 
 
@@ -214,7 +214,7 @@ def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity 
     channels, high_max, deep = 1, -1, False
     for s in src.samples:
         try:
-            with Image.open(io.BytesIO(s.payload)) as im:
+            with Image.open(io.BytesIO(s.data())) as im:
                 if im.mode not in ("L", "1", "LA", *HIGH_BIT_MODES):
                     channels = 3
                 deep = deep or im.mode in HIGH_BIT_MODES

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import numpy as np
 
@@ -73,11 +73,16 @@ def parse_source(uri: str) -> SourceRef:
 
 @dataclass
 class RawSample:
-    """One input image before preprocessing. ``payload`` is an array (MedMNIST) or file bytes."""
+    """One input image before preprocessing. ``payload`` is an array (MedMNIST), file bytes, or a function
+    reading them (zip members and folder files: read when needed, never all held in memory at once)."""
 
     label: int
     source_id: str
-    payload: np.ndarray | bytes
+    payload: np.ndarray | bytes | Callable[[], bytes]
+
+    def data(self) -> bytes:
+        """The file's bytes (not for MedMNIST arrays)."""
+        return self.payload() if callable(self.payload) else self.payload  # type: ignore[return-value]
     split: Split | None = None  # official split when the source has one
 
 

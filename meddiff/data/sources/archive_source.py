@@ -9,6 +9,7 @@ filed under two classes (a label conflict), and fewer than two classes.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import os
 import posixpath
@@ -16,11 +17,13 @@ import stat
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import Callable
 
 from meddiff.errors import SourceError, UnsafeArchiveError
 from meddiff.records import sha256_file
 from meddiff.data.sources import RawSample, SourceData
 
+Reader = Callable[[], bytes]  # reads one file's bytes when called
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 IGNORED = {".DS_Store", "Thumbs.db", "desktop.ini"}
 EMPTY_MARKER = ".meddiff-folder"  # stands for a folder entry; never a sample
@@ -62,11 +65,11 @@ def _class_of(folder: str, rules: list[tuple[str, str | None]]) -> str | None:
     return None
 
 
-def _collect(entries: list[tuple[str, callable]], classes: str | None, where: str):
+def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str):
     """entries: (relative path, read-bytes fn) → class names, samples, skipped."""
     rules = parse_classes(classes)
     skipped: list[dict[str, str]] = []
-    by_class: dict[str, list[tuple[str, callable]]] = {}
+    by_class: dict[str, list[tuple[str, Reader]]] = {}
     folders_of: dict[str, set[str]] = {}
     all_folders: set[str] = set()
     for rel, read in entries:
@@ -111,27 +114,27 @@ def _collect(entries: list[tuple[str, callable]], classes: str | None, where: st
         raise SourceError(f"only one class ({class_names[0]!r}) in {where}; meddiff needs at least two class "
                           "folders (point at the folder holding them, or widen --classes)")
     kept, copies = _drop_exact_copies(by_class, where)
-    samples = [RawSample(class_names.index(c), rel, read) for c in class_names for rel, read in kept[c]]
+    samples = [RawSample(class_names.index(c), rel, read) for c in class_names for rel, read in kept[c]]  # lazy
     return class_names, samples, skipped + copies
 
 
-def _drop_exact_copies(by_class: dict[str, list[tuple[str, bytes]]], where: str
-                       ) -> tuple[dict[str, list[tuple[str, bytes]]], list[dict[str, str]]]:
+def _drop_exact_copies(by_class: dict[str, list[tuple[str, Reader]]], where: str
+                       ) -> tuple[dict[str, list[tuple[str, Reader]]], list[dict[str, str]]]:
     """Keep the first (by path) of byte-identical files in a class: a copy split apart would put a test
     image in train (the leukemia sample has 17 such pairs in 400 files, 10 of them split apart before).
     The same file under two classes is a labelling error: refused."""
-    kept: dict[str, list[tuple[str, bytes]]] = {}
+    kept: dict[str, list[tuple[str, Reader]]] = {}
     copies: list[dict[str, str]] = []
     first: dict[bytes, tuple[str, str]] = {}
     for cls in sorted(by_class):
         kept[cls] = []
-        for rel, data in sorted(by_class[cls]):
-            other_cls, other = first.setdefault(hashlib.sha256(data).digest(), (cls, rel))
+        for rel, read in sorted(by_class[cls], key=lambda e: e[0]):
+            other_cls, other = first.setdefault(hashlib.sha256(read()).digest(), (cls, rel))  # one file at a time
             if other_cls != cls:
                 raise SourceError(f"the same image is filed under two classes in {where}: {other!r} ({other_cls}) "
                                   f"and {rel!r} ({cls}); remove the wrong copy")
             if other == rel:
-                kept[cls].append((rel, data))
+                kept[cls].append((rel, read))
             else:
                 copies.append({"source_id": rel, "reason": f"exact duplicate of {other} (kept once, so no copy "
                                                            "can sit in another split)"})
@@ -148,6 +151,19 @@ def _check_entry(info: zipfile.ZipInfo, path: Path) -> None:
                                  f"from {info.compress_size} (zip bomb?); refusing the archive")
 
 
+def _nothing() -> bytes:
+    return b""
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> bytes:
+    """One member's bytes; a damaged member (CRC, truncated) is a SourceError naming it."""
+    try:
+        return zf.read(info)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        raise SourceError(f"{path} is damaged: entry {info.filename!r} cannot be read ({e}); "
+                          "re-download or re-create the archive") from e
+
+
 def load_zip(path: Path, classes: str | None, name: str) -> SourceData:
     path = Path(path)
     if not path.is_file():
@@ -156,23 +172,17 @@ def load_zip(path: Path, classes: str | None, name: str) -> SourceData:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise SourceError(f"{path} is not a valid zip archive ({e}); re-download or re-create it") from e
-    with zf:
-        for info in zf.infolist():  # checks every entry before reading any
-            safe_member_name(info.filename)
-            _check_entry(info, path)
-        entries = []
-        for info in zf.infolist():
-            rel = safe_member_name(info.filename)
-            if info.is_dir():
-                entries.append((f"{rel}/{EMPTY_MARKER}", b""))  # keeps empty class folders visible
-                continue
-            try:
-                entries.append((rel, zf.read(info)))
-            except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:  # damaged member (CRC)
-                raise SourceError(f"{path} is damaged: entry {info.filename!r} cannot be read ({e}); "
-                                  "re-download or re-create the archive") from e
-    class_names, samples, skipped = _collect(
-        entries, classes, str(path))
+    for info in zf.infolist():  # checks every entry before reading any
+        safe_member_name(info.filename)
+        _check_entry(info, path)
+    entries: list[tuple[str, Reader]] = []
+    for info in zf.infolist():
+        rel = safe_member_name(info.filename)
+        if info.is_dir():
+            entries.append((f"{rel}/{EMPTY_MARKER}", _nothing))  # keeps empty class folders visible
+            continue
+        entries.append((rel, functools.partial(_read_member, zf, info, path)))  # read when needed, not held
+    class_names, samples, skipped = _collect(entries, classes, str(path))  # reads each member once (hashes)
     return SourceData(name=name, class_names=class_names, samples=samples,
                       checksums={path.name: f"sha256:{sha256_file(path)}"}, skipped=skipped)
 
@@ -181,7 +191,7 @@ def load_folder(path: Path, classes: str | None, name: str) -> SourceData:
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"folder not found: {path}")
-    entries: list[tuple[str, bytes]] = []
+    entries: list[tuple[str, Reader]] = []
     listing = hashlib.sha256()
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path).as_posix()
@@ -194,11 +204,10 @@ def load_folder(path: Path, classes: str | None, name: str) -> SourceData:
             raise UnsafeArchiveError(f"{p} is a symbolic link to {p.resolve()}, outside {path}; "
                                      "copy the file in instead") from None
         if p.is_dir():
-            entries.append((f"{rel}/{EMPTY_MARKER}", b""))
+            entries.append((f"{rel}/{EMPTY_MARKER}", _nothing))
             continue
-        data = p.read_bytes()
-        listing.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
-        entries.append((rel, data))
+        listing.update(rel.encode() + b"\0" + bytes.fromhex(sha256_file(p)))  # streamed, not held
+        entries.append((rel, p.read_bytes))
     class_names, samples, skipped = _collect(entries, classes, str(path))
     return SourceData(name=name, class_names=class_names, samples=samples,
                       checksums={"folder": f"sha256:{listing.hexdigest()}"}, skipped=skipped)
