@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,55 @@ def test_kaggle_without_credentials_says_how(tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nokaggle"))
     with pytest.raises(SourceError, match="KAGGLE_USERNAME and KAGGLE_KEY"):
         ingest(IngestConfig("kaggle:mehradaria/leukemia"), str(tmp_path / "st"))
+
+
+class _InterruptedOnceKaggle:
+    """Stands in for kaggle's KaggleApi: the first download writes half the zip where it was told to and
+    is interrupted (Ctrl-C), the next one resumes it there, as the kaggle package does."""
+
+    calls: list[str] = []
+
+    def __init__(self, archive: Path):
+        self.archive = archive
+
+    def authenticate(self) -> None:
+        pass
+
+    def dataset_download_files(self, ref, path, unzip, quiet):
+        out = Path(path) / (ref.split("/")[1] + ".zip")
+        data = self.archive.read_bytes()
+        _InterruptedOnceKaggle.calls.append(path)
+        if len(_InterruptedOnceKaggle.calls) == 1:
+            out.write_bytes(data[: len(data) // 2])
+            raise KeyboardInterrupt
+        out.write_bytes(data)
+
+
+def test_interrupted_kaggle_download_is_resumed_not_read_as_the_dataset(leukemia_zip, tmp_path, monkeypatch):
+    import types
+
+    fake = types.ModuleType("kaggle.api.kaggle_api_extended")
+    fake.KaggleApi = lambda: _InterruptedOnceKaggle(leukemia_zip)
+    for name in ("kaggle", "kaggle.api"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", fake)
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "not-a-key")
+    _InterruptedOnceKaggle.calls.clear()
+    root = tmp_path / "st"
+    with pytest.raises(KeyboardInterrupt):
+        ingest(IngestConfig("kaggle:owner/leukemia-sample", size=16), str(root))
+    raw = root / "raw" / "kaggle" / "owner" / "leukemia-sample"
+    assert not (raw / "leukemia-sample.zip").exists()  # the half zip is not where the dataset is read from
+    r = ingest(IngestConfig("kaggle:owner/leukemia-sample", size=16), str(root))
+    assert len(_InterruptedOnceKaggle.calls) == 2 and sum(r.card["totals"].values()) == 383
+    assert sorted(p.name for p in raw.iterdir()) == ["leukemia-sample.zip"]
+    # a half zip left in place by an older meddiff is fetched again, not read
+    data = (raw / "leukemia-sample.zip").read_bytes()
+    (raw / "leukemia-sample.zip").write_bytes(data[:1000])
+    shutil.rmtree(Path(r.uri))
+    again = ingest(IngestConfig("kaggle:owner/leukemia-sample", size=16), str(root))
+    assert len(_InterruptedOnceKaggle.calls) == 3 and again.uri == r.uri
 
 
 def test_sigkill_mid_ingest_leaves_nothing_complete_then_resumes(medmnist_dir, tmp_path):

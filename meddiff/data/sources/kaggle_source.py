@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import zipfile
 from pathlib import Path
 
 from meddiff.errors import SourceError
@@ -23,28 +25,40 @@ def has_credentials() -> bool:
 
 
 def download(ref: str, dest: Path) -> Path:
-    """Download ``owner/slug`` into ``dest`` as a zip (reused if already there); returns its path."""
+    """Download ``owner/slug`` into ``dest`` as a zip (reused if already there and whole); returns its path.
+
+    The kaggle package writes (and, after an interruption, resumes) into ``dest/.download/``; the zip is
+    moved to ``dest`` only once it is complete, so a partial download is never read as the dataset."""
     owner, slug = ref.split("/", 1)
     zip_path = dest / f"{slug}.zip"
     if zip_path.is_file():
-        return zip_path
+        if zipfile.is_zipfile(zip_path):
+            return zip_path
+        zip_path.unlink()  # cut short by a meddiff older than the .download/ folder: fetch it again
     if not has_credentials():
         raise SourceError(CREDENTIALS_HELP)
-    dest.mkdir(parents=True, exist_ok=True)
+    partial = dest / ".download"
+    partial.mkdir(parents=True, exist_ok=True)
     try:
         # the kaggle package authenticates on import and calls exit(1) on failure
         from kaggle.api.kaggle_api_extended import KaggleApi
 
         api = KaggleApi()
         api.authenticate()
-        api.dataset_download_files(ref, path=str(dest), unzip=False, quiet=True)
+        api.dataset_download_files(ref, path=str(partial), unzip=False, quiet=True)
     except SystemExit as e:
         raise SourceError(f"kaggle rejected the credentials ({e}). {CREDENTIALS_HELP}") from None
     except Exception as e:  # noqa: BLE001 - 401/403/404 and network errors
-        raise SourceError(f"kaggle download of {ref!r} failed: {e}") from e
-    if not zip_path.is_file():
-        zips = sorted(dest.glob("*.zip"))
+        raise SourceError(f"kaggle download of {ref!r} failed: {e}; re-run to resume it") from e
+    got = partial / f"{slug}.zip"
+    if not got.is_file():
+        zips = sorted(partial.glob("*.zip"))
         if not zips:
-            raise SourceError(f"kaggle download of {ref!r} produced no zip in {dest}")
-        zip_path = zips[0]
+            raise SourceError(f"kaggle download of {ref!r} produced no zip in {partial}")
+        got = zips[0]
+    if not zipfile.is_zipfile(got):
+        got.unlink()
+        raise SourceError(f"kaggle download of {ref!r} is not a zip archive (truncated?); re-run to download it again")
+    os.replace(got, zip_path)  # atomic: the zip appears whole or not at all
+    shutil.rmtree(partial, ignore_errors=True)  # the kaggle package's resume markers
     return zip_path
