@@ -224,3 +224,16 @@ def test_every_deployment_can_be_picked_by_name():
             assert load_flow_from_entrypoint(str(repo / d["entrypoint"])).name.replace("-", "_") == func, d
     names = {d["entrypoint"].split(":")[1] for d in entries}
     assert {"generate_shard", "train_part"} <= names
+
+
+def test_dev_stack_outside_the_project_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """Without prefect.yaml the start used to run Postgres, S3 and the Prefect server (27 s here) only to
+    stop them again; now nothing starts, and --no-deploy is offered."""
+    from meddiff.ops.devstack import DevStackConfig
+    from meddiff.ops.services import DevStackError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DevStackError, match=r"no prefect\.yaml in .*: run `meddiff dev-stack start` in the meddiff "
+                                             r"project folder .* or pass --no-deploy"):
+        DevStackConfig(str(tmp_path / "state")).check()
+    assert not (tmp_path / "state").exists()

@@ -40,6 +40,13 @@ class DevStackConfig:
             raise DevStackError("worker counts must be ≥ 0, --worker-limit and --poll-seconds ≥ 1")
         if self.gpus and len(self.gpus) != self.gpu_workers:
             raise DevStackError(f"--gpus names {len(self.gpus)} devices for {self.gpu_workers} gpu workers")
+        from meddiff.ops.deploy import DeployConfig
+
+        prefect_file = DeployConfig().prefect_file
+        if self.deploy and not Path(prefect_file).is_file():  # before any service starts, not after (27 s here)
+            raise DevStackError(f"no {prefect_file} in {Path.cwd()}: run `meddiff dev-stack start` in the meddiff "
+                                "project folder (the repository checkout), or pass --no-deploy to start the "
+                                "services without deployments")
         missing = missing_binaries()
         if missing:
             raise DevStackError("cannot start the dev stack, missing: " + "; ".join(missing))
