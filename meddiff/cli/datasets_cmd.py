@@ -11,9 +11,7 @@ from rich.table import Table
 from meddiff.cli import app
 from meddiff.cli.tables import print_listing, print_table, titled
 from meddiff import storage
-from meddiff.data.ingest import IngestConfig, ingest as run_ingest
 from meddiff.progress import rich_progress
-from meddiff.data.shards import open_dataset
 
 datasets = typer.Typer(no_args_is_help=True, help="Inspect ingested dataset versions.")
 app.add_typer(datasets, name="datasets")
@@ -50,6 +48,8 @@ def ingest(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
+    from meddiff.data.ingest import IngestConfig, ingest as run_ingest  # here: `meddiff --help` stays fast
+
     cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
                        shuffle_seed=shuffle_seed, bit_depth=bit_depth, window=window)
     with rich_progress(f"ingest {source}") as progress:
@@ -66,6 +66,8 @@ def ingest(
 def list_(storage_root: Optional[str] = typer.Option(
         None, "--storage", envvar=storage.ENV_VAR, help="Storage root (a folder or s3://bucket/prefix; default ./storage).")) -> None:
     """List complete dataset versions under the storage root."""
+    from meddiff.data.shards import open_dataset
+
     root = storage.join(storage.storage_root(storage_root), "datasets")
     t = Table("name", "version", "size", "classes", "train/val/test", "uri")
     for name in storage.listdir(root):
@@ -83,6 +85,8 @@ def list_(storage_root: Optional[str] = typer.Option(
 def show(uri: str = typer.Argument(
         ..., help="A dataset version's URI (printed by meddiff ingest; see meddiff datasets list).")) -> None:
     """Show a dataset version's card and per-class counts."""
+    from meddiff.data.shards import open_dataset
+
     card = open_dataset(uri).card
     console.print(counts_table(card))
     for k in ("source", "license", "created_at", "inputs"):

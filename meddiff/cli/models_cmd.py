@@ -11,8 +11,6 @@ from rich.table import Table
 from meddiff import storage
 from meddiff.cli import app
 from meddiff.cli.tables import print_listing, print_table, unfinished_status, where_now
-from meddiff.data.shards import read_card
-from meddiff.train.sessions import cpu_thread_counts, describe
 
 models = typer.Typer(no_args_is_help=True, help="Inspect trained models.")
 app.add_typer(models, name="models")
@@ -77,6 +75,8 @@ def card_rows(card: dict, here: str) -> list[tuple[str, str]]:
 def sessions_row(sessions: list | dict | None) -> str | None:
     """The sessions that trained the weights (a per-class model: per class, once where they agree), and a
     warning when CPU sessions used several thread counts (kernels' last bits follow it)."""
+    from meddiff.train.sessions import cpu_thread_counts, describe  # here: it imports torch and MONAI
+
     if not sessions:
         return None
     per_part = sessions if isinstance(sessions, dict) else {None: sessions}
@@ -96,6 +96,8 @@ def sessions_row(sessions: list | dict | None) -> str | None:
 def show(uri: str = typer.Argument(
         ..., help="A model's URI (printed by meddiff train; see meddiff models list).")) -> None:
     """Show a model's (or an autoencoder's) card: what it was trained on, how, and its checkpoint."""
+    from meddiff.data.shards import read_card
+
     t = Table("field", "value")
     for k, v in card_rows(read_card(uri, "model.json"), uri):
         t.add_row(k, v)
