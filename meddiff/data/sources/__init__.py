@@ -79,11 +79,11 @@ class RawSample:
     label: int
     source_id: str
     payload: np.ndarray | bytes | Callable[[], bytes]
+    split: Split | None = None  # official split when the source has one
 
     def data(self) -> bytes:
         """The file's bytes (not for MedMNIST arrays)."""
         return self.payload() if callable(self.payload) else self.payload  # type: ignore[return-value]
-    split: Split | None = None  # official split when the source has one
 
 
 @dataclass
