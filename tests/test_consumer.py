@@ -329,6 +329,24 @@ def test_mixing_images_of_another_size_is_refused_up_front(leukemia_zip, tmp_pat
     assert len(mixed) == 40 and {tuple(x.shape) for x, _ in mixed} == {(3, 32, 32)}
 
 
+def test_a_cohort_copied_away_from_its_storage_still_mixes(leukemia_zip, tmp_path, monkeypatch):
+    """The cohort's card names its dataset on an object store this machine cannot reach: the shape check
+    is skipped (not an error), as nothing else here needs that store."""
+    from cohort_factory import make_cohort
+
+    at32 = ingest(IngestConfig(f"zip:{leukemia_zip}", size=32, classes="Original/Benign=benign,Original/Pro=pro"),
+                  str(tmp_path / "st")).uri
+    ds = open_dataset(at32)
+    x, y = ds.load_split("train")
+    cohort = make_cohort(tmp_path / "c1", at32, ds.class_names, x[:20], y[:20])
+    card = json.loads((tmp_path / "c1" / "cohort.json").read_text())
+    (tmp_path / "c1" / "cohort.json").write_text(json.dumps({**card, "dataset_uri": "s3://elsewhere/d/v1"}))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: the store is unreachable
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    assert len(ShardDataset(cohort, mix_with=at32, mix_ratio=0.5)) == 40
+
+
 def test_write_order_interleaves_every_window():
     from meddiff.data.cohorts import write_order
 

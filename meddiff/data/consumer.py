@@ -46,7 +46,8 @@ class _Source:
     uri: str
     entries: list[Entry]
     class_names: list[str]
-    shape: tuple[int, int] | None = None  # (channels, side in px) from the cards; None = not known
+    shape: tuple[int, int] | None = None  # (channels, side in px) of a dataset version; None for a cohort
+    dataset_uri: str | None = None  # a cohort's dataset version (its images have that version's shape)
 
     @property
     def keys(self) -> frozenset[str]:
@@ -93,17 +94,21 @@ def _cohort_source(uri: str, classes, exclude_flagged: bool | None) -> _Source:
     if exclude_flagged:
         df = df[~df["flagged"].fillna(False).astype(bool)]
     return _Source(cohort.uri, _entries(cohort.uri, df["shard"], df["key"]), cohort.class_names,
-                   _dataset_shape(cohort.dataset_uri))
+                   dataset_uri=cohort.dataset_uri)
 
 
-def _dataset_shape(uri: str) -> tuple[int, int] | None:
-    """(channels, side) of a dataset version: a cohort's images have its dataset's; None when it is gone."""
+def _shape(src: _Source) -> tuple[int, int] | None:
+    """(channels, side) of a source's images; a cohort's from its dataset version's card, None when that
+    card cannot be read here (a cohort copied away from the storage that made it)."""
+    if src.shape is not None or src.dataset_uri is None:
+        return src.shape
     from meddiff.data.shards import open_dataset
 
-    if not storage.exists(storage.join(uri, "dataset.json")):
+    try:
+        ds = open_dataset(src.dataset_uri)
+        return ds.channels, ds.image_size
+    except Exception:  # noqa: BLE001 - gone, moved, or another machine's storage: the check is skipped
         return None
-    ds = open_dataset(uri)
-    return ds.channels, ds.image_size
 
 
 def _dataset_source(uri: str, split: str, classes, n: int | None = None, seed: int = 0) -> _Source:
@@ -226,8 +231,9 @@ class ShardDataset(IterableDataset):
             if self.mixed.class_names != self.primary.class_names:
                 raise MeddiffError(f"cannot mix {mix_with}: its classes {self.mixed.class_names} differ from "
                                    f"{self.primary.class_names}")
-            if None not in (self.primary.shape, self.mixed.shape) and self.mixed.shape != self.primary.shape:
-                (c1, s1), (c2, s2) = self.primary.shape, self.mixed.shape  # else a collate error mid-epoch
+            shapes = _shape(self.primary), self.mixed.shape
+            if None not in shapes and shapes[0] != shapes[1]:
+                (c1, s1), (c2, s2) = shapes  # else a collate error mid-epoch
                 raise MeddiffError(f"cannot mix {mix_with}: its images are {c2}×{s2}×{s2} (channels×px), {uri}'s "
                                    f"{c1}×{s1}×{s1}; mix a version ingested at the same --size and channels")
         self.seed = seed
