@@ -34,9 +34,9 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from meddiff import storage
 from meddiff.errors import ArtifactError, MeddiffError
 from meddiff.data.shards import _to_tensor_label, iter_shard
+from meddiff.data.sources import SPLITS
 
 Entry = tuple[str, str]  # (shard URI, sample key)
-SPLITS = ("train", "val", "test")  # a dataset version's splits
 
 
 @dataclass(frozen=True)

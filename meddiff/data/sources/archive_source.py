@@ -65,8 +65,10 @@ def _class_of(folder: str, rules: list[tuple[str, str | None]]) -> str | None:
     return None
 
 
-def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str):
-    """entries: (relative path, read-bytes fn) → class names, samples, skipped."""
+def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str,
+             digests: dict[str, bytes] | None = None):
+    """entries: (relative path, read-bytes fn) → class names, samples, skipped. digests: sha256 by path where
+    the caller already has them (a folder's listing), so no file is hashed twice."""
     rules = parse_classes(classes)
     skipped: list[dict[str, str]] = []
     by_class: dict[str, list[tuple[str, Reader]]] = {}
@@ -113,12 +115,12 @@ def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str)
     if len(class_names) < 2:
         raise SourceError(f"only one class ({class_names[0]!r}) in {where}; meddiff needs at least two class "
                           "folders (point at the folder holding them, or widen --classes)")
-    kept, copies = _drop_exact_copies(by_class, where)
+    kept, copies = _drop_exact_copies(by_class, where, digests or {})
     samples = [RawSample(class_names.index(c), rel, read) for c in class_names for rel, read in kept[c]]  # lazy
     return class_names, samples, skipped + copies
 
 
-def _drop_exact_copies(by_class: dict[str, list[tuple[str, Reader]]], where: str
+def _drop_exact_copies(by_class: dict[str, list[tuple[str, Reader]]], where: str, digests: dict[str, bytes]
                        ) -> tuple[dict[str, list[tuple[str, Reader]]], list[dict[str, str]]]:
     """Keep the first (by path) of byte-identical files in a class: a copy split apart would put a test
     image in train (the leukemia sample has 17 such pairs in 400 files, 10 of them split apart before).
@@ -129,7 +131,8 @@ def _drop_exact_copies(by_class: dict[str, list[tuple[str, Reader]]], where: str
     for cls in sorted(by_class):
         kept[cls] = []
         for rel, read in sorted(by_class[cls], key=lambda e: e[0]):
-            other_cls, other = first.setdefault(hashlib.sha256(read()).digest(), (cls, rel))  # one file at a time
+            digest = digests.get(rel) or hashlib.sha256(read()).digest()  # one file at a time
+            other_cls, other = first.setdefault(digest, (cls, rel))
             if other_cls != cls:
                 raise SourceError(f"the same image is filed under two classes in {where}: {other!r} ({other_cls}) "
                                   f"and {rel!r} ({cls}); remove the wrong copy")
@@ -192,6 +195,7 @@ def load_folder(path: Path, classes: str | None, name: str) -> SourceData:
     if not path.is_dir():
         raise SourceError(f"folder not found: {path}")
     entries: list[tuple[str, Reader]] = []
+    digests: dict[str, bytes] = {}
     listing = hashlib.sha256()
     for p in sorted(path.rglob("*")):
         rel = p.relative_to(path).as_posix()
@@ -206,8 +210,9 @@ def load_folder(path: Path, classes: str | None, name: str) -> SourceData:
         if p.is_dir():
             entries.append((f"{rel}/{EMPTY_MARKER}", _nothing))
             continue
-        listing.update(rel.encode() + b"\0" + bytes.fromhex(sha256_file(p)))  # streamed, not held
+        digests[rel] = bytes.fromhex(sha256_file(p))  # streamed, not held; reused for exact copies
+        listing.update(rel.encode() + b"\0" + digests[rel])
         entries.append((rel, p.read_bytes))
-    class_names, samples, skipped = _collect(entries, classes, str(path))
+    class_names, samples, skipped = _collect(entries, classes, str(path), digests)
     return SourceData(name=name, class_names=class_names, samples=samples,
                       checksums={"folder": f"sha256:{listing.hexdigest()}"}, skipped=skipped)
