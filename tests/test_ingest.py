@@ -415,3 +415,105 @@ def test_ctrl_c_says_nothing_was_published(medmnist_dir, tmp_path):
                         err.strip().splitlines()[-1]), err[-1000:]
     assert not list(root.glob("datasets/*/*/dataset.json")) and not list((root / ".staging").glob("*"))
 
+
+
+class _SlowKaggle:
+    """Stands in for kaggle's KaggleApi: writes the zip in 8 pieces, 50 ms apart, as a real download would."""
+
+    calls: list[str] = []
+
+    def __init__(self, archive: Path):
+        self.archive = archive
+
+    def authenticate(self) -> None:
+        pass
+
+    def dataset_download_files(self, ref, path, unzip, quiet):
+        _SlowKaggle.calls.append(path)
+        data = self.archive.read_bytes()
+        step = len(data) // 8 + 1
+        with open(Path(path) / (ref.split("/")[1] + ".zip"), "wb") as f:
+            for i in range(0, len(data), step):
+                f.write(data[i:i + step])
+                f.flush()
+                time.sleep(0.05)
+
+
+def test_concurrent_kaggle_downloads_of_one_dataset_download_it_once(leukemia_zip, tmp_path, monkeypatch):
+    """Two ingests of the same Kaggle dataset at once (two flows on one worker) share raw/kaggle/<ref>/: the
+    second waits for the first's download and reads the same whole zip, instead of writing into its folder."""
+    import threading
+    import types
+
+    from meddiff.data.sources import kaggle_source
+
+    fake = types.ModuleType("kaggle.api.kaggle_api_extended")
+    fake.KaggleApi = lambda: _SlowKaggle(leukemia_zip)
+    for name in ("kaggle", "kaggle.api"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", fake)
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "not-a-key")
+    _SlowKaggle.calls.clear()
+    dest = tmp_path / "raw" / "kaggle" / "owner" / "leukemia-sample"
+    results: list = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = kaggle_source.download("owner/leukemia-sample", dest)
+        except Exception as e:  # noqa: BLE001
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [dest / "leukemia-sample.zip"] * 2, results
+    assert len(_SlowKaggle.calls) == 1
+    assert (dest / "leukemia-sample.zip").read_bytes() == leukemia_zip.read_bytes()
+    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".locks")) == ["leukemia-sample.zip"]
+
+
+def test_concurrent_medmnist_downloads_of_one_file_download_it_once(medmnist_dir, tmp_path, monkeypatch):
+    """Two ingests of one MedMNIST file at once on a machine with internet share raw/medmnist/: the second
+    waits for the first's download and md5-checks the same whole file, instead of writing into its .part."""
+    import io
+    import threading
+    import urllib.request
+
+    from meddiff.data.sources import medmnist_source
+
+    data = (medmnist_dir / "breastmnist.npz").read_bytes()
+    calls: list[str] = []
+
+    class SlowBody(io.BytesIO):
+        def read(self, n=-1):
+            time.sleep(0.02)
+            return super().read(min(n, len(data) // 8 + 1) if n and n > 0 else -1)
+
+        def __exit__(self, *exc):
+            self.close()
+
+    def urlopen(url, timeout=None):
+        calls.append(url)
+        return SlowBody(data)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    raw = tmp_path / "raw" / "medmnist"
+    results: list = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = medmnist_source.fetch_npz("breastmnist", 28, None, raw)[0]
+        except Exception as e:  # noqa: BLE001
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [raw / "breastmnist.npz"] * 2, results
+    assert len(calls) == 1
+    assert (raw / "breastmnist.npz").read_bytes() == data

@@ -104,8 +104,9 @@ class IngestResult:
     existed: bool  # True when the version was already complete (no work done)
 
 
-def load_source(cfg: IngestConfig, root: str) -> SourceData:
-    """Fetch (download if needed) and list the source's samples."""
+def load_source(cfg: IngestConfig, root: str, progress: Progress | None = None) -> SourceData:
+    """Fetch (download if needed) and list the source's samples. A download another process is making is
+    waited for (``progress`` is told), then reused."""
     ref = parse_source(cfg.source)
     # downloads are kept under the local root's raw/ (or the user cache for remote roots)
     raw = (Path.home() / ".cache" / "meddiff" if storage.is_remote(root) else Path(root)) / "raw"
@@ -113,13 +114,15 @@ def load_source(cfg: IngestConfig, root: str) -> SourceData:
         from meddiff.data.sources import medmnist_source
 
         med_root = Path(cfg.medmnist_root).expanduser() if cfg.medmnist_root else None
-        return medmnist_source.load(ref.target, cfg.size, med_root, raw / "medmnist")
+        on_wait = tell_waiting(progress, f"the download of {cfg.source} (size {cfg.size})")
+        return medmnist_source.load(ref.target, cfg.size, med_root, raw / "medmnist", on_wait)
     from meddiff.data.sources import archive_source
 
     if ref.kind == "kaggle":
         from meddiff.data.sources import kaggle_source
 
-        zip_path = kaggle_source.download(ref.target, raw / "kaggle" / ref.target)
+        on_wait = tell_waiting(progress, f"the download of {cfg.source}")
+        zip_path = kaggle_source.download(ref.target, raw / "kaggle" / ref.target, on_wait)
         return archive_source.load_zip(zip_path, cfg.classes, ref.default_name)
     if ref.kind == "zip":
         return archive_source.load_zip(Path(ref.target).expanduser(), cfg.classes, ref.default_name)
@@ -154,7 +157,7 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
     cfg = config.check().resolved()
     root = storage.storage_root(root)
     t0 = time.time()
-    src = load_source(cfg, root)
+    src = load_source(cfg, root, progress)
     name = dataset_name(cfg.name, src.name, cfg.source)
     version = content_hash({"checksums": src.checksums, "config": cfg.identity()})
     uri = storage.join(root, "datasets", name, version)

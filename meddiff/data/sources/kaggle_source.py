@@ -24,13 +24,23 @@ def has_credentials() -> bool:
     return (config_dir / "kaggle.json").is_file() or (config_dir / "access_token").is_file()
 
 
-def download(ref: str, dest: Path) -> Path:
+def download(ref: str, dest: Path, on_wait=None) -> Path:
     """Download ``owner/slug`` into ``dest`` as a zip (reused if already there and whole); returns its path.
 
     The kaggle package writes (and, after an interruption, resumes) into ``dest/.download/``; the zip is
-    moved to ``dest`` only once it is complete, so a partial download is never read as the dataset."""
-    owner, slug = ref.split("/", 1)
-    zip_path = dest / f"{slug}.zip"
+    moved to ``dest`` only once it is complete, so a partial download is never read as the dataset.
+    ``on_wait(owner)`` is called if another process is downloading it (see meddiff.locks.artifact_lock)."""
+    from meddiff.locks import artifact_lock
+
+    zip_path = dest / f"{ref.split('/', 1)[1]}.zip"
+    # two ingests of one dataset at once (two flows on one worker) share dest: one downloads, the other waits
+    # here and then finds the zip whole, rather than writing into (or deleting) the first one's .download/
+    with artifact_lock(str(zip_path), on_wait):
+        return _download(ref, dest, zip_path)
+
+
+def _download(ref: str, dest: Path, zip_path: Path) -> Path:
+    slug = zip_path.stem
     if zip_path.is_file():
         if zipfile.is_zipfile(zip_path):
             return zip_path

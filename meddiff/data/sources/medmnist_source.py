@@ -33,8 +33,9 @@ def npz_name(flag: str, size: int) -> str:
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
 
-def fetch_npz(flag: str, size: int, root: Path | None, download_root: Path) -> tuple[Path, str]:
-    """Path of the verified npz and its md5. ``root`` = already-downloaded files (no download)."""
+def fetch_npz(flag: str, size: int, root: Path | None, download_root: Path, on_wait=None) -> tuple[Path, str]:
+    """Path of the verified npz and its md5. ``root`` = already-downloaded files (no download). ``on_wait(owner)``
+    is called if another process is downloading it (see meddiff.locks.artifact_lock)."""
     if size not in SIZES:
         raise SourceError(f"MedMNIST size must be one of {SIZES}, got {size}")
     info = _info(flag)
@@ -49,9 +50,13 @@ def fetch_npz(flag: str, size: int, root: Path | None, download_root: Path) -> t
                 "or leave --medmnist-root unset to download it automatically"
             )
     else:
+        from meddiff.locks import artifact_lock
+
         path = download_root / name
-        if not path.is_file() or file_digest(path, "md5") != md5:
-            _download(url, path)
+        # two ingests of one file at once share download_root: one downloads, the other waits, then checks it
+        with artifact_lock(str(path), on_wait):
+            if not path.is_file() or file_digest(path, "md5") != md5:
+                _download(url, path)
     actual = file_digest(path, "md5")
     if actual != md5:
         raise SourceError(f"md5 mismatch for {path}: expected {md5}, got {actual}; delete it and re-download")
@@ -78,9 +83,9 @@ def _download(url: str, path: Path) -> None:
         raise SourceError(f"{e}. Offline? Put {path.name} in a folder and pass --medmnist-root DIR") from e
 
 
-def load(flag: str, size: int, root: Path | None, download_root: Path) -> SourceData:
+def load(flag: str, size: int, root: Path | None, download_root: Path, on_wait=None) -> SourceData:
     info = _info(flag)
-    path, md5 = fetch_npz(flag, size, root, download_root)
+    path, md5 = fetch_npz(flag, size, root, download_root, on_wait)
     class_names = [info["label"][str(i)] for i in range(len(info["label"]))]
     samples: list[RawSample] = []
     with np.load(path) as npz:
