@@ -517,3 +517,38 @@ def test_concurrent_medmnist_downloads_of_one_file_download_it_once(medmnist_dir
     assert results == [raw / "breastmnist.npz"] * 2, results
     assert len(calls) == 1
     assert (raw / "breastmnist.npz").read_bytes() == data
+
+
+def test_medmnist_images_are_read_from_disk_not_held_in_memory(medmnist_dir, tmp_path):
+    """A compressed npz split loaded with np.load sits whole in memory (16 GB for PathMNIST at 224 px): the
+    source maps extracted arrays instead, so listing BloodMNIST's 17,092 images holds far less than their
+    40 MiB, and every later ingest of the file reuses the extraction."""
+    import tracemalloc
+
+    from meddiff.data.sources import medmnist_source
+
+    raw = tmp_path / "raw" / "medmnist"
+    medmnist_source.load("bloodmnist", 28, medmnist_dir, raw)  # imports, and extracts the arrays
+    arrays = sorted(raw.glob("extracted/bloodmnist-*/*.npy"))
+    assert [p.name for p in arrays] == ["test_images.npy", "train_images.npy", "val_images.npy"]
+    stamps = [p.stat().st_mtime_ns for p in arrays]
+    tracemalloc.start()
+    src = medmnist_source.load("bloodmnist", 28, medmnist_dir, raw)
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    with np.load(medmnist_dir / "bloodmnist.npz") as npz:
+        images = {split: npz[f"{split}_images"] for split in ("train", "val", "test")}
+    nbytes = sum(a.nbytes for a in images.values())
+    assert len(src.samples) == 17092 and nbytes > 40e6
+    assert held < nbytes / 3, f"{held / 2**20:.0f} MiB held for {nbytes / 2**20:.0f} MiB of images"
+    for s in src.samples[::997]:  # the same pixels, in the same order
+        split, i = s.source_id.split("/")[1], int(s.source_id.split("/")[2])
+        assert s.split == split and np.array_equal(s.payload, images[split][i])
+    assert [p.stat().st_mtime_ns for p in arrays] == stamps  # the extraction is reused
+    # a killed extraction leaves only its .part; a cut-short array (an older, unlocked run) is extracted again
+    with open(arrays[0], "r+b") as f:
+        f.truncate(1000)
+    (arrays[0].parent / "val_images.npy.part").write_bytes(b"half")
+    again = medmnist_source.load("bloodmnist", 28, medmnist_dir, raw)
+    assert np.array_equal(again.samples[-1].payload, images["test"][-1])
+    assert [p.stat().st_mtime_ns for p in arrays][1:] == stamps[1:]  # whole ones reused
