@@ -43,3 +43,25 @@ def test_help_and_listings_do_not_load_torch_or_monai():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_config_errors_name_the_option_the_user_typed():
+    """A config names its field (``steps must be positive``: the same config is built from Python and from
+    flows); the command line says which option that is, including a sub-command's own and renamed ones."""
+    import subprocess
+    import sys
+
+    from meddiff.cli import in_flags
+
+    res = subprocess.run([sys.executable, "-m", "meddiff", "train", "nowhere", "--steps", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == "error: --steps must be positive, not 0"
+    train = ["train", "ds", "--batch-size", "-2"]
+    assert in_flags("batch_size must be positive, not -2", train) == "--batch-size must be positive, not -2"
+    assert in_flags("label_dropout must be in [0, 1), not 2.0", train).startswith("--label-dropout must")
+    assert in_flags("split must be train, val or test, not 'x'", ["likelihood", "m", "d"]).startswith("--split must")
+    assert in_flags("threads must be at least 1", ["--threads", "0", "train"]).startswith("--threads must")
+    # a word that is no option of this command, or a message that does not start with a field, is kept
+    assert in_flags("steps must be positive, not 0", ["ingest", "x"]) == "steps must be positive, not 0"
+    assert in_flags("mode must be one of a, b", []) == "mode must be one of a, b"
+    assert in_flags("dataset x is not a dataset version", ["pipeline"]) == "dataset x is not a dataset version"

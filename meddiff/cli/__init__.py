@@ -43,6 +43,26 @@ STOPPED = ("stopped before the command finished; what it had finished is kept an
            "re-run the same command to go on")
 
 
+def in_flags(message: str, argv: list[str]) -> str:
+    """``message`` with a leading config field named as the command line's option: configs (used from Python
+    and from flows too) say ``steps must be positive``; the ``train`` command says ``--steps must be ...``."""
+    field, _, rest = message.partition(" ")
+    if not rest.startswith("must "):  # only "<field> must ...": other messages may start with any word
+        return message
+    cmd = typer.main.get_command(app)  # typer's own click: read by duck typing, not isinstance
+    params = list(cmd.params)
+    for arg in argv:  # down the command path: global options, then each (sub)command's
+        sub = getattr(cmd, "commands", {}).get(arg)
+        if sub is not None:
+            cmd = sub
+            params += cmd.params
+    for p in params:
+        flags = [o for o in p.opts if o.startswith("--")]
+        if p.name == field and flags:
+            return f"{max(flags, key=len)} {rest}"
+    return message
+
+
 def main() -> None:
     from meddiff.errors import Interrupted, MeddiffError
 
@@ -52,7 +72,7 @@ def main() -> None:
         typer.secho(f"interrupted: {e}", fg="yellow", err=True)
         sys.exit(130)
     except MeddiffError as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
+        typer.secho(f"error: {in_flags(str(e), sys.argv[1:])}", fg="red", err=True)
         sys.exit(2)
     except Exception as e:
         from meddiff.storage import remote_error

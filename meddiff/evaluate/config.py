@@ -64,7 +64,7 @@ class EvalConfig:
         if not 0 < self.memorization_quantile < 1:
             raise MeddiffError(f"memorization_quantile must be in (0, 1), got {self.memorization_quantile}")
         if self.max_images is not None and self.max_images < 2:
-            raise MeddiffError("max_images must be ≥ 2 (or None for all)")
+            raise MeddiffError(f"max_images must be ≥ 2 (0 or None: all images), got {self.max_images}")
         d = self.domain
         if d.steps < 1 or d.batch_size < 1 or not d.lr > 0:
             raise MeddiffError(f"the domain classifier needs --domain-steps ≥ 1, batch size ≥ 1 and lr > 0 (an "

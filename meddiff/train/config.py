@@ -92,7 +92,8 @@ class TrainConfig:
         if not 0 <= self.label_dropout < 1:
             raise MeddiffError(f"label_dropout must be in [0, 1), not {self.label_dropout}")
         if self.min_snr_gamma is not None and (self.objective != "ddpm" or self.min_snr_gamma <= 0):
-            raise MeddiffError("min_snr_gamma applies to the ddpm objective only and must be > 0")
+            raise MeddiffError(f"min_snr_gamma must be > 0 and applies to the ddpm objective only, not "
+                               f"{self.min_snr_gamma} with {self.objective}")
         if self.conditioning != "embedding" and self.mode != "conditional":
             raise MeddiffError("--conditioning applies to conditional models; per-class models are unconditional")
         check_device(self.device)
