@@ -65,3 +65,12 @@ def test_config_errors_name_the_option_the_user_typed():
     assert in_flags("steps must be positive, not 0", ["ingest", "x"]) == "steps must be positive, not 0"
     assert in_flags("mode must be one of a, b", []) == "mode must be one of a, b"
     assert in_flags("dataset x is not a dataset version", ["pipeline"]) == "dataset x is not a dataset version"
+
+
+def test_evaluate_refuses_bad_settings_before_reading_the_cohort(tmp_path):
+    """Bad settings were found only after the cohort was opened and its report lock taken: a typo'd option
+    waited behind a running evaluation, or was hidden behind a wrong path."""
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "no-cohort"), "--max-images", "1"])
+    assert "max_images must be ≥ 2 (0 or None: all images), got 1" in str(res.exception)

@@ -168,6 +168,7 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
     An up-to-date report (same config and dataset) is reused unless ``force``. One evaluation of a
     cohort at a time: a concurrent one waits (meddiff.locks), then reuses the report just written.
     """
+    cfg = (cfg or EvalConfig()).check()  # bad settings are refused first, before any lock is waited on
     cohort = open_cohort(cohort_uri)  # a missing or foreign folder is refused before the lock writes in it
     try:
         with artifact_lock(storage.join(cohort.uri, "report"), tell_waiting(progress, f"the report of {cohort.uri}")):
@@ -178,8 +179,7 @@ def evaluate_cohort(cohort_uri: str, cfg: EvalConfig | None = None, progress: Pr
                           "trained is cached and reused") from None
 
 
-def _evaluate_locked(cohort: Cohort, cfg: EvalConfig | None, progress: Progress | None, force: bool) -> EvalResult:
-    cfg = (cfg or EvalConfig()).check()
+def _evaluate_locked(cohort: Cohort, cfg: EvalConfig, progress: Progress | None, force: bool) -> EvalResult:
     device = str(resolve_device(cfg.device))
     report_uri = storage.join(cohort.uri, REPORT_JSON)
     dataset = open_dataset(real_dataset_uri(cohort, cfg))
