@@ -115,6 +115,7 @@ def distributions_png(table, class_names: list[str], normal: str) -> bytes:
             if sel.any():
                 ax.hist(v[sel.to_numpy()], bins=bins, alpha=0.5, density=True, label=f"{c} (n={int(sel.sum())})")
         ax.set_title(f"{score} score"), ax.set_xlabel("score (higher = more anomalous)")
+    axes[0].set_ylabel("density (each class's area is 1)")
     axes[0].legend(fontsize=7)
     return to_png(fig, dpi=110)
 
