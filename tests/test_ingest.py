@@ -240,16 +240,21 @@ class _InterruptedOnceKaggle:
         out.write_bytes(data)
 
 
-def test_interrupted_kaggle_download_is_resumed_not_read_as_the_dataset(leukemia_zip, tmp_path, monkeypatch):
+def _use_fake_kaggle(monkeypatch, make_api) -> None:
+    """The kaggle package replaced by a module whose KaggleApi is ``make_api()``, with credentials set."""
     import types
 
     fake = types.ModuleType("kaggle.api.kaggle_api_extended")
-    fake.KaggleApi = lambda: _InterruptedOnceKaggle(leukemia_zip)
+    fake.KaggleApi = make_api
     for name in ("kaggle", "kaggle.api"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", fake)
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     monkeypatch.setenv("KAGGLE_KEY", "not-a-key")
+
+
+def test_interrupted_kaggle_download_is_resumed_not_read_as_the_dataset(leukemia_zip, tmp_path, monkeypatch):
+    _use_fake_kaggle(monkeypatch, lambda: _InterruptedOnceKaggle(leukemia_zip))
     _InterruptedOnceKaggle.calls.clear()
     root = tmp_path / "st"
     with pytest.raises(KeyboardInterrupt):
@@ -417,16 +422,30 @@ def test_ctrl_c_says_nothing_was_published(medmnist_dir, tmp_path):
 
 
 
-class _SlowKaggle:
+def _twice_at_once(fn) -> list:
+    """``fn()`` in two threads at once: what each returned, or the exception it raised."""
+    import threading
+
+    results: list = [None, None]
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fn()
+        except Exception as e:  # noqa: BLE001
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+class _SlowKaggle(_InterruptedOnceKaggle):
     """Stands in for kaggle's KaggleApi: writes the zip in 8 pieces, 50 ms apart, as a real download would."""
 
     calls: list[str] = []
-
-    def __init__(self, archive: Path):
-        self.archive = archive
-
-    def authenticate(self) -> None:
-        pass
 
     def dataset_download_files(self, ref, path, unzip, quiet):
         _SlowKaggle.calls.append(path)
@@ -442,33 +461,12 @@ class _SlowKaggle:
 def test_concurrent_kaggle_downloads_of_one_dataset_download_it_once(leukemia_zip, tmp_path, monkeypatch):
     """Two ingests of the same Kaggle dataset at once (two flows on one worker) share raw/kaggle/<ref>/: the
     second waits for the first's download and reads the same whole zip, instead of writing into its folder."""
-    import threading
-    import types
-
     from meddiff.data.sources import kaggle_source
 
-    fake = types.ModuleType("kaggle.api.kaggle_api_extended")
-    fake.KaggleApi = lambda: _SlowKaggle(leukemia_zip)
-    for name in ("kaggle", "kaggle.api"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "kaggle.api.kaggle_api_extended", fake)
-    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
-    monkeypatch.setenv("KAGGLE_KEY", "not-a-key")
+    _use_fake_kaggle(monkeypatch, lambda: _SlowKaggle(leukemia_zip))
     _SlowKaggle.calls.clear()
     dest = tmp_path / "raw" / "kaggle" / "owner" / "leukemia-sample"
-    results: list = [None, None]
-
-    def run(i: int) -> None:
-        try:
-            results[i] = kaggle_source.download("owner/leukemia-sample", dest)
-        except Exception as e:  # noqa: BLE001
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = _twice_at_once(lambda: kaggle_source.download("owner/leukemia-sample", dest))
     assert results == [dest / "leukemia-sample.zip"] * 2, results
     assert len(_SlowKaggle.calls) == 1
     assert (dest / "leukemia-sample.zip").read_bytes() == leukemia_zip.read_bytes()
@@ -479,7 +477,6 @@ def test_concurrent_medmnist_downloads_of_one_file_download_it_once(medmnist_dir
     """Two ingests of one MedMNIST file at once on a machine with internet share raw/medmnist/: the second
     waits for the first's download and md5-checks the same whole file, instead of writing into its .part."""
     import io
-    import threading
     import urllib.request
 
     from meddiff.data.sources import medmnist_source
@@ -501,19 +498,7 @@ def test_concurrent_medmnist_downloads_of_one_file_download_it_once(medmnist_dir
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     raw = tmp_path / "raw" / "medmnist"
-    results: list = [None, None]
-
-    def run(i: int) -> None:
-        try:
-            results[i] = medmnist_source.fetch_npz("breastmnist", 28, None, raw)[0]
-        except Exception as e:  # noqa: BLE001
-            results[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = _twice_at_once(lambda: medmnist_source.fetch_npz("breastmnist", 28, None, raw)[0])
     assert results == [raw / "breastmnist.npz"] * 2, results
     assert len(calls) == 1
     assert (raw / "breastmnist.npz").read_bytes() == data
