@@ -49,15 +49,17 @@ def fetch_npz(flag: str, size: int, root: Path | None, download_root: Path, on_w
                 f"{name} not found in --medmnist-root {root}; download it from {url} "
                 "or leave --medmnist-root unset to download it automatically"
             )
+        actual = file_digest(path, "md5")  # read once (a 224 px file is gigabytes)
     else:
         from meddiff.locks import artifact_lock
 
         path = download_root / name
         # two ingests of one file at once share download_root: one downloads, the other waits, then checks it
         with artifact_lock(str(path), on_wait):
-            if not path.is_file() or file_digest(path, "md5") != md5:
+            actual = file_digest(path, "md5") if path.is_file() else None
+            if actual != md5:
                 _download(url, path)
-    actual = file_digest(path, "md5")
+                actual = file_digest(path, "md5")
     if actual != md5:
         raise SourceError(f"md5 mismatch for {path}: expected {md5}, got {actual}; delete it and re-download")
     return path, md5
