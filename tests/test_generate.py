@@ -236,7 +236,24 @@ def test_bad_input(tiny_conditional_model_uri, tiny_per_class_model_uri, tmp_pat
     assert before == after  # nothing overwritten
 
 
-def test_cli_generate_and_verify_detects_tampering(tiny_conditional_model_uri, tmp_path):
+def _assert_listings_stay_light(models_root: str, cohorts_root: str) -> None:
+    """The three listings, on real artifacts, in a fresh interpreter: they read cards only, so torch (via
+    webdataset) and pandas stay unloaded. `cohorts list` took 2.8 s on the 2-core CPU with no cohort at all."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from meddiff.cli import app; r = CliRunner(); "
+            f"outs = [r.invoke(app, [kind, 'list', '--storage', root]).output for kind, root in "
+            f"(('datasets', {models_root!r}), ('models', {models_root!r}), ('cohorts', {cohorts_root!r}))]; "
+            "print(repr(outs)); print(sorted(m for m in ('torch', 'monai', 'pandas', 'webdataset') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed, loaded = out.stdout.strip().splitlines()[-2:]
+    assert "bloodmnist" in listed and "complete" in listed  # the listings did list the real artifacts
+    assert loaded == "[]"
+
+
+def test_cli_generate_and_verify_detects_tampering(tiny_conditional_model_uri, session_storage, tmp_path):
     from typer.testing import CliRunner
 
     from meddiff.cli import app
@@ -249,6 +266,7 @@ def test_cli_generate_and_verify_detects_tampering(tiny_conditional_model_uri, t
     assert "basophil" in res.output and open_cohort(uri).card["total"] == 16
     assert runner.invoke(app, ["cohorts", "verify", uri]).exit_code == 0
     assert "complete" in runner.invoke(app, ["cohorts", "list", "--storage", str(tmp_path)]).output
+    _assert_listings_stay_light(session_storage, str(tmp_path))
     shard = Path(uri) / "synthetic-000000.tar"
     data = bytearray(shard.read_bytes())
     idx = data.find(b"\x89PNG") + 200  # flip a byte inside the first image's compressed data

@@ -18,10 +18,9 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -29,6 +28,9 @@ from meddiff import storage
 from meddiff.errors import ArtifactError
 from meddiff.records import sha256_bytes
 from meddiff.data.shards import iter_shard, read_card
+
+if TYPE_CHECKING:  # pandas loads with the first manifest read: a listing reads cards only
+    import pandas as pd
 
 SHARD_PREFIX = "synthetic"
 UNKNOWN_CLASS = "(unknown)"  # class_name of an unconditional cohort's images (class_id -1): no class was asked
@@ -125,6 +127,8 @@ class Cohort:
         df = read_parquet(storage.join(self.uri, "manifest.parquet"))
         for col in ADDED_COLUMNS:
             if col not in df.columns:
+                import pandas as pd
+
                 df[col] = pd.Series([pd.NA] * len(df), dtype="Int64")
         missing = [f.name for f in MANIFEST_SCHEMA if f.name not in df.columns]
         if missing:

@@ -15,10 +15,12 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
+
+if TYPE_CHECKING:  # webdataset imports torch (1.4 s): it loads only where shards are written or streamed
+    import webdataset as wds
 
 from meddiff import storage
 from meddiff.errors import ArtifactError
@@ -47,6 +49,8 @@ class ShardSink:
     """
 
     def __init__(self, directory: Path, prefix: str, maxcount: int, start_shard: int = 0):
+        import webdataset as wds
+
         directory.mkdir(parents=True, exist_ok=True)
         self.pattern = str(directory / SHARD_PATTERN.format(prefix=prefix))
         self.writer = wds.ShardWriter(self.pattern, maxcount=maxcount, start_shard=start_shard,
@@ -76,6 +80,8 @@ class ShardSink:
 
 def write_shard(path: Path, samples: Iterable[dict[str, Any]]) -> None:
     """Write one shard atomically (temp file + rename); used for chunked, resumable writers."""
+    import webdataset as wds
+
     with storage.atomic_file(path) as f, wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as tw:
         for s in samples:
             tw.write(s)
@@ -287,6 +293,8 @@ def image_pipeline(
     With several ranks/workers and fewer shards than readers, splitting is skipped (each
     reader would get nothing otherwise); the training loop then shards by sample instead.
     """
+    import webdataset as wds
+
     stages: list[Any] = [wds.SimpleShardList(list(shard_uris), seed=seed if shuffle_shards else None)]
     if split_by_node:
         stages.append(wds.split_by_node)
