@@ -53,19 +53,19 @@ def _owner_dead(owner: dict[str, Any]) -> bool:
     return False
 
 
-def waiting_message(what: str, owner: dict[str, Any]) -> str:
-    """The line a builder waiting on ``artifact_lock`` shows: who holds the lock, and for how long."""
+def waiting_message(what: str, owner: dict[str, Any], doing: str = "building") -> str:
+    """The line a builder waiting on ``artifact_lock`` shows: who holds the lock, for how long, doing what."""
     who = "another process"
     if owner.get("pid"):
         since = owner.get("since")
         held = f", for {duration_text(time.time() - float(since))}" if isinstance(since, (int, float)) else ""
         who += f" (pid {owner['pid']} on {owner.get('host') or 'an unknown host'}{held})"
-    return f"{who} is building {what}: waiting for it to finish, then going on (Ctrl-C stops waiting)"
+    return f"{who} is {doing} {what}: waiting for it to finish, then going on (Ctrl-C stops waiting)"
 
 
-def tell_waiting(progress: Progress | None, what: str) -> Callable[[dict[str, Any]], None]:
+def tell_waiting(progress: Progress | None, what: str, doing: str = "building") -> Callable[[dict[str, Any]], None]:
     """An ``on_wait`` for :func:`artifact_lock` that tells ``progress``'s watcher (meddiff.progress.tell)."""
-    return lambda owner: tell(progress, waiting_message(what, owner))
+    return lambda owner: tell(progress, waiting_message(what, owner, doing))
 
 
 def lock_holder(uri: str) -> dict[str, Any] | None:
@@ -136,7 +136,7 @@ class _LocalLock:
             except BlockingIOError:
                 if not waited:
                     waited = True
-                    on_wait(_read_owner(self.path))
+                    on_wait(_read_owner(self.path, settle_s=0.5))
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                 except BaseException:  # Ctrl-C while waiting: let go of the file
@@ -165,11 +165,18 @@ class _LocalLock:
                 break
 
 
-def _read_owner(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return {}
+def _read_owner(path: Path, settle_s: float = 0.0) -> dict[str, Any]:
+    """The owner record in lock file ``path``, or {}. ``settle_s``: how long to wait for a record a new owner
+    has not written yet (it writes it just after taking the lock; two builds started together meet there)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            owner = json.loads(path.read_text() or "{}")
+        except (OSError, ValueError):
+            owner = {}
+        if owner or time.monotonic() >= deadline:
+            return owner
+        time.sleep(0.02)
 
 
 class _S3Lock:

@@ -504,6 +504,33 @@ def test_concurrent_medmnist_downloads_of_one_file_download_it_once(medmnist_dir
     assert (raw / "breastmnist.npz").read_bytes() == data
 
 
+def test_concurrent_medmnist_ingests_wait_for_one_extraction_and_say_so(medmnist_dir, tmp_path, monkeypatch):
+    """Two ingests of one MedMNIST file at once: one extracts its arrays (minutes at 224 px), the other waits
+    and is told who it waits on and why; the wait used to be silent. Both then map the same arrays."""
+    from meddiff.data.ingest import IngestConfig, load_source
+
+    copy = shutil.copyfileobj
+
+    def slow_copy(src, dst, length=0):
+        time.sleep(0.5)  # an extraction that takes a while, so the second ingest finds the lock held
+        copy(src, dst, length)
+
+    monkeypatch.setattr(shutil, "copyfileobj", slow_copy)
+    told: list[str] = []
+
+    def progress(done: int, total: int) -> None:
+        pass
+
+    progress.tell = told.append  # type: ignore[attr-defined]
+    cfg = IngestConfig("medmnist:breastmnist", medmnist_root=str(medmnist_dir)).resolved()
+    results = _twice_at_once(lambda: load_source(cfg, str(tmp_path), progress))
+    assert all(len(r.samples) == 780 for r in results), results
+    assert len(told) == 1, told
+    assert re.fullmatch(r"another process \(pid \d+ on .+, for \d+ s\) is downloading or unpacking "
+                        r"medmnist:breastmnist \(size 28\): waiting for it to finish, then going on "
+                        r"\(Ctrl-C stops waiting\)", told[0]), told
+
+
 def test_medmnist_images_are_read_from_disk_not_held_in_memory(medmnist_dir, tmp_path):
     """A compressed npz split loaded with np.load sits whole in memory (16 GB for PathMNIST at 224 px): the
     source maps extracted arrays instead, so listing BloodMNIST's 17,092 images holds far less than their

@@ -114,14 +114,14 @@ def load_source(cfg: IngestConfig, root: str, progress: Progress | None = None) 
         from meddiff.data.sources import medmnist_source
 
         med_root = Path(cfg.medmnist_root).expanduser() if cfg.medmnist_root else None
-        on_wait = tell_waiting(progress, f"the download of {cfg.source} (size {cfg.size})")
+        on_wait = tell_waiting(progress, f"{cfg.source} (size {cfg.size})", doing="downloading or unpacking")
         return medmnist_source.load(ref.target, cfg.size, med_root, raw / "medmnist", on_wait)
     from meddiff.data.sources import archive_source
 
     if ref.kind == "kaggle":
         from meddiff.data.sources import kaggle_source
 
-        on_wait = tell_waiting(progress, f"the download of {cfg.source}")
+        on_wait = tell_waiting(progress, cfg.source, doing="downloading")
         zip_path = kaggle_source.download(ref.target, raw / "kaggle" / ref.target, on_wait)
         return archive_source.load_zip(zip_path, cfg.classes, ref.default_name)
     if ref.kind == "zip":

@@ -91,7 +91,7 @@ def load(flag: str, size: int, root: Path | None, download_root: Path, on_wait=N
     path, md5 = fetch_npz(flag, size, root, download_root, on_wait)
     class_names = [info["label"][str(i)] for i in range(len(info["label"]))]
     name = flag if size == 28 else f"{flag}_{size}"
-    images_by_split = image_arrays(path, download_root / "extracted" / f"{name}-{md5}")
+    images_by_split = image_arrays(path, download_root / "extracted" / f"{name}-{md5}", on_wait)
     samples: list[RawSample] = []
     with np.load(path) as npz:
         for split in SPLITS:
@@ -110,13 +110,14 @@ def load(flag: str, size: int, root: Path | None, download_root: Path, on_wait=N
     )
 
 
-def image_arrays(npz_path: Path, folder: Path) -> dict[str, np.ndarray]:
+def image_arrays(npz_path: Path, folder: Path, on_wait=None) -> dict[str, np.ndarray]:
     """Each split's image array, memory-mapped from ``folder/<split>_images.npy``.
 
     MedMNIST's npz files are compressed, so ``np.load`` would decompress a whole split into memory: 2.6 GB for
     BloodMNIST at 224 px, 16 GB for PathMNIST. The arrays are extracted once (streamed, 1 MiB at a time) into
     ``folder`` (named for the file's md5, so reused by every later ingest of it) and mapped, so an ingest holds
-    only the images it is preparing. Extraction is atomic and locked: a killed one leaves no array behind.
+    only the images it is preparing. Extraction is atomic and locked: a killed one leaves no array behind, and
+    ``on_wait(owner)`` is called if another process is extracting them (see meddiff.locks.artifact_lock).
     """
     import shutil
     import zipfile
@@ -124,7 +125,7 @@ def image_arrays(npz_path: Path, folder: Path) -> dict[str, np.ndarray]:
     from meddiff.locks import artifact_lock
 
     out = {}
-    with artifact_lock(str(folder)), zipfile.ZipFile(npz_path) as z:
+    with artifact_lock(str(folder), on_wait), zipfile.ZipFile(npz_path) as z:
         for split in SPLITS:
             dest = folder / f"{split}_images.npy"
             member = z.getinfo(f"{split}_images.npy")
