@@ -61,7 +61,7 @@ def test_report_files_and_schema(planted):
     uri, _, result = planted
     assert result.report_uri == f"{uri}/report.json" and not result.existed
     report = json.loads(Path(result.report_uri).read_text())
-    assert report["kind"] == "evaluation-report" and report["report_schema_version"] == 5
+    assert report["kind"] == "evaluation-report" and report["report_schema_version"] == 6
     assert report["inputs"]["dataset_version"] == Path(report["inputs"]["dataset_uri"]).name  # input hashes
     assert report["drop_flagged"] is True
     assert report["extractors"]["domain"]["dim"] == 128
@@ -79,7 +79,11 @@ def test_report_files_and_schema(planted):
     fid = next(r for r in report["metrics"] if r["metric"] == "fid" and r["scope"] == "overall"
                and r["reference"] == "train")
     assert fid["value"] >= 0 and fid["ci"][0] <= fid["value"] <= fid["ci"][1]  # the interval brackets the estimate
-    assert fid["n"] == min(len(open_dataset(report["inputs"]["dataset_uri"]).load_split("val")[1]), report["cohort"]["n"])
+    # the cohort's class mix, as many as the real val split (21 malignant, 57 benign) allows: ⌊α · s_c⌋ per class
+    s = np.array(list(report["cohort"]["counts"].values()))
+    val = np.bincount(open_dataset(report["inputs"]["dataset_uri"]).load_split("val")[1])
+    alpha = min(1.0, (val / s).min())
+    assert fid["class_mix"] == "the cohort's" and fid["n"] == int(np.floor(alpha * s + 1e-9).sum()) == 77
     assert report["verdict"]["verdict"] in ("pass", "warn", "fail") and report["verdict"]["sentence"]
     assert report["ms_ssim"]["computed"] is False and "161" in report["ms_ssim"]["reason"]
     # the "synthetic" images are real test images: they must look like the real val-vs-train baseline

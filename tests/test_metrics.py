@@ -168,6 +168,35 @@ def test_matched_comparison_uses_one_n_for_synthetic_baseline_and_reference():
         min_n=10, reliable_n=250, cap=None, resamples=0, seed=0))
 
 
+def test_a_balanced_cohort_is_compared_with_real_data_of_its_own_class_mix():
+    """Two well-separated classes, real data 90 % / 10 %, a perfect cohort 50 % / 50 % (as --per-class makes):
+    against the real mix its KID is far above the baseline's; drawn with the cohort's mix, every set gets
+    the same count of each class and the perfect cohort matches its baseline."""
+    from meddiff.evaluate import matched
+
+    def draw(n0: int, n1: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+        x = gaussian(n0 + n1, 8, seed)
+        x[n0:] += 6.0  # class 1 sits 6 σ away on every axis
+        return x, np.repeat([0, 1], [n0, n1])
+
+    (syn, ys), (base, yb), (ref, yr) = draw(150, 150, 0), draw(540, 60, 1), draw(900, 100, 2)
+    kw = dict(extractor="x", scope="overall", reference="train", k=5, min_n=10, reliable_n=250, cap=None,
+              resamples=50, seed=0)
+    kid = {r["metric"]: r for r in matched.compare(syn, base, ref, **kw)}["kid"]
+    assert kid["difference"]["ci"][0] > 0  # the real mix: a perfect cohort judged worse than real data
+    n, picks = matched.mixed_subsets((ys, yb, yr), None, np.random.default_rng(0))
+    assert n == 120 and [np.bincount(y[i]).tolist() for y, i in zip((ys, yb, yr), picks)] == [[60, 60]] * 3
+    kid = {r["metric"]: r for r in matched.compare(syn, base, ref, labels=(ys, yb, yr), **kw)}["kid"]
+    assert kid["n"] == kid["baseline"]["n"] == 120 and kid["class_mix"] == "the cohort's"
+    lo, hi = kid["difference"]["ci"]
+    assert lo <= 0 <= hi, kid
+    # means: the largest baseline subsample with the cohort's mix (60 of class 1 limit it to 60 + 60)
+    i = matched.mixed_like(yb, ys, np.random.default_rng(0))
+    assert np.bincount(yb[i]).tolist() == [60, 60] and len(set(i.tolist())) == 120
+    assert np.bincount(yb[matched.mixed_like(yb, np.repeat([0, 1], [30, 10]), np.random.default_rng(0))]).tolist() \
+        == [180, 60]
+
+
 def test_matched_intervals_stay_in_each_statistic_range():
     """A set far from the reference (precision 0) beside a baseline from it (precision ≈ 1), n = 40 as
     in a small report: the intervals once read 0 [-0.0045, 0.0455] and 1 [0.892, 1.02]."""

@@ -47,15 +47,52 @@ def matched_subsets(sizes: tuple[int, ...], cap: int | None, rng: np.random.Gene
     return n, [np.sort(rng.choice(s, n, replace=False)) if s > n else np.arange(s) for s in sizes]
 
 
+def mixed_subsets(labels: tuple[np.ndarray, ...], cap: int | None, rng: np.random.Generator
+                  ) -> tuple[int, list[np.ndarray]]:
+    """One n and, per set, n sorted indices with the class mix of the first set: every set gets the same
+    count n_c = ⌊α · s_c⌋ of each class c (s_c: its count in the first set), α as large as every set and
+    ``cap`` allow (α ≤ 1). Classes some set lacks are left out."""
+    classes, s = np.unique(labels[0], return_counts=True)
+    have = np.array([[(y == c).sum() for c in classes] for y in labels[1:]]).reshape(-1, len(classes))
+    keep = (have > 0).all(0)
+    classes, s, have = classes[keep], s[keep], have[:, keep]
+    if len(classes) == 0:
+        return 0, [np.zeros(0, dtype=np.int64) for _ in labels]
+    alpha = min(1.0, float((have / s).min()), cap / s.sum() if cap else 1.0)
+    n_c = np.floor(alpha * s + 1e-9).astype(int)
+    picks = [np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), m, replace=False)
+                                     for c, m in zip(classes, n_c)])) for y in labels]
+    return int(n_c.sum()), picks
+
+
+def mixed_like(y: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of the largest subsample of labels ``y`` with the class mix of labels ``target``
+    (each class's count ∝ its count in ``target``; classes ``y`` lacks are left out)."""
+    classes, s = np.unique(target, return_counts=True)
+    have = np.array([(y == c).sum() for c in classes])
+    keep = have > 0
+    if not keep.any():
+        return np.zeros(0, dtype=np.int64)
+    classes, s, have = classes[keep], s[keep], have[keep]
+    n_c = np.floor(float((have / s).min()) * s + 1e-9).astype(int)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), m, replace=False) for c, m in zip(classes, n_c)]))
+
+
 def compare(syn: torch.Tensor, base: torch.Tensor, ref: torch.Tensor, *, extractor: str, scope: str,
             reference: str, k: int, min_n: int, reliable_n: int, cap: int | None, resamples: int,
-            seed: int) -> list[dict[str, Any]]:
+            seed: int, labels: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Records of every set metric (synthetic vs ``ref`` beside baseline vs ``ref``) at a matched n.
 
-    syn S×D, base V×D, ref R×D features of one scope; ``reference``: "train" | "heldout"."""
+    syn S×D, base V×D, ref R×D features of one scope; ``reference``: "train" | "heldout". ``labels`` (the
+    three sets' classes): baseline and reference are drawn with the synthetic set's class mix
+    (:func:`mixed_subsets`), so a cohort is not judged on a class mix its user chose."""
     rng = np.random.default_rng(seed)
-    n, (i_s, i_b, i_r) = matched_subsets((len(syn), len(base), len(ref)), cap, rng)
-    head = {"extractor": extractor, "scope": scope, "reference": reference, "n": n, "n_ref": n}
+    if labels is None:
+        n, (i_s, i_b, i_r) = matched_subsets((len(syn), len(base), len(ref)), cap, rng)
+    else:
+        n, (i_s, i_b, i_r) = mixed_subsets(labels, cap, rng)
+    head = {"extractor": extractor, "scope": scope, "reference": reference, "n": n, "n_ref": n,
+            **({"class_mix": "the cohort's"} if labels is not None else {})}
     need = max(min_n, k + 2)
     if n < need:
         w = f"skipped: only {n} images in the smallest of synthetic/baseline/reference (< {need})"

@@ -45,6 +45,15 @@ def _mask(y: np.ndarray, c: int | None) -> torch.Tensor:
     return torch.ones(len(y), dtype=torch.bool) if c is None else torch.as_tensor(y == c)
 
 
+def _base(y: np.ndarray, c: int | None, mix: np.ndarray | None, seed: int) -> torch.Tensor:
+    """The real baseline samples (labels ``y``) beside scope ``c``: its class; overall, all of them or, given
+    the cohort's intended classes ``mix``, the largest subsample with the cohort's class mix (a cohort of
+    50 per class is not compared with real data of another mix: that alone failed real images' KID)."""
+    if c is not None or mix is None:
+        return _mask(y, c)
+    return torch.as_tensor(matched.mixed_like(y, mix, np.random.default_rng(seed)))
+
+
 # the range of each per-sample value (intervals are clipped to it): fractions of 0/1 flags, SSIMs
 MEAN_RANGE = {"closer_to_train": (0.0, 1.0), "flagged_fraction": (0.0, 1.0), "label_fidelity": (0.0, 1.0),
               "ssim_to_nearest_train": (-1.0, 1.0), "intra_class_ssim": (-1.0, 1.0)}
@@ -124,8 +133,10 @@ def _subsample(n: int, max_n: int | None, rng: np.random.Generator) -> np.ndarra
 # --------------------------------------------------------------------------- step 2: distribution metrics
 
 def distribution_metrics(feats: dict[str, dict[str, torch.Tensor]], ys: dict[str, dict[str, np.ndarray]],
-                         scopes: list[tuple[str, int | None]], cfg: EvalConfig) -> list[dict[str, Any]]:
-    """Set metrics per extractor × reference (train, held-out) × scope, each at its matched n."""
+                         scopes: list[tuple[str, int | None]], cfg: EvalConfig, match_mix: bool = True
+                         ) -> list[dict[str, Any]]:
+    """Set metrics per extractor × reference (train, held-out) × scope, each at its matched n; overall, with
+    ``match_mix`` (intended classes), baseline and reference drawn with the cohort's class mix."""
     out: list[dict[str, Any]] = []
     for name in cfg.features:
         f, y = feats[name], ys[name]
@@ -135,12 +146,14 @@ def distribution_metrics(feats: dict[str, dict[str, torch.Tensor]], ys: dict[str
                     f["syn"][_mask(y["syn"], c)], f["val"][_mask(y["val"], c)], f[ref_key][_mask(y[ref_key], c)],
                     extractor=name, scope=scope, reference=reference, k=cfg.knn_k, min_n=cfg.min_n,
                     reliable_n=cfg.reliable_n, cap=None, seed=cfg.seed + si,
-                    resamples=cfg.interval_resamples if c is None or cfg.class_intervals else 0)
+                    resamples=cfg.interval_resamples if c is None or cfg.class_intervals else 0,
+                    labels=(y["syn"], y["val"], y[ref_key]) if c is None and match_mix else None)
     return out
 
 
 def authenticity(feats: dict[str, torch.Tensor], syn_y: np.ndarray, val_y: np.ndarray, train_y: np.ndarray,
-                 held_y: np.ndarray, scopes: list[tuple[str, int | None]], cfg: EvalConfig) -> list[dict[str, Any]]:
+                 held_y: np.ndarray, scopes: list[tuple[str, int | None]], cfg: EvalConfig,
+                 match_mix: bool = True) -> list[dict[str, Any]]:
     """The two-reference gap: the fraction of images whose nearest neighbour (domain features) lies in
     the training split rather than the held-out split, each reference used whole (a copy's source
     is always there). The larger training split wins more often for any image; the real val baseline,
@@ -149,8 +162,8 @@ def authenticity(feats: dict[str, torch.Tensor], syn_y: np.ndarray, val_y: np.nd
     for scope, c in scopes:
         tr, he = feats["train"][_mask(train_y, c)], feats["heldout"][_mask(held_y, c)]
         vals = {}
-        for key, y in (("syn", syn_y), ("val", val_y)):
-            q = feats[key][_mask(y, c)]
+        for key, sel in (("syn", _mask(syn_y, c)), ("val", _base(val_y, c, syn_y if match_mix else None, cfg.seed))):
+            q = feats[key][sel]
             if len(tr) == 0 or len(he) == 0 or len(q) == 0:
                 vals[key] = torch.zeros(0)
                 continue
@@ -199,10 +212,12 @@ def ssim_to_nearest(x: np.ndarray, train_x: np.ndarray, idx: np.ndarray, chunk: 
 
 
 def memorization_records(mem: dict[str, Any], syn: Images, real: RealSplits,
-                         scopes: list[tuple[str, int | None]], cfg: EvalConfig) -> list[dict[str, Any]]:
+                         scopes: list[tuple[str, int | None]], cfg: EvalConfig, match_mix: bool = True
+                         ) -> list[dict[str, Any]]:
+    mix = syn.y if match_mix else None
     syn_r = [mean_record("flagged_fraction", "domain+pixel", s, mem["flags"][_mask(syn.y, c)], cfg,
                          n_ref=len(real.train)) for s, c in scopes]
-    base_r = [mean_record("flagged_fraction", "domain+pixel", s, mem["flags_va"][_mask(real.val.y, c)], cfg,
+    base_r = [mean_record("flagged_fraction", "domain+pixel", s, mem["flags_va"][_base(real.val.y, c, mix, cfg.seed)], cfg,
                           n_ref=len(real.train)) for s, c in scopes]
     return paired_means(syn_r, base_r, "val")
 
@@ -210,12 +225,14 @@ def memorization_records(mem: dict[str, Any], syn: Images, real: RealSplits,
 # --------------------------------------------------------------------------- step 4: pixel space
 
 def pixel_metrics(syn: Images, real: RealSplits, mem: dict[str, Any], scopes: list[tuple[str, int | None]],
-                  cfg: EvalConfig) -> list[dict[str, Any]]:
+                  cfg: EvalConfig, match_mix: bool = True) -> list[dict[str, Any]]:
     """SSIM to the nearest training image (syn vs val baseline) and intra-class SSIM (syn vs train pairs)."""
+    mix = syn.y if match_mix else None
     ssim_syn = ssim_to_nearest(syn.x, real.train.x, mem["pi_syn"])
     ssim_va = ssim_to_nearest(real.val.x, real.train.x, mem["pi_va"])
     near_s = [mean_record("ssim_to_nearest_train", "pixel", s, ssim_syn[_mask(syn.y, c)], cfg) for s, c in scopes]
-    near_b = [mean_record("ssim_to_nearest_train", "pixel", s, ssim_va[_mask(real.val.y, c)], cfg) for s, c in scopes]
+    near_b = [mean_record("ssim_to_nearest_train", "pixel", s, ssim_va[_base(real.val.y, c, mix, cfg.seed)], cfg)
+              for s, c in scopes]
     div_s, div_t = [], []
     for si, (_, c) in enumerate(scopes[1:]):
         div_s.append(similarity.pairwise_ssim(syn.x[syn.y == c], cfg.ssim_pairs, cfg.seed + si))
@@ -251,7 +268,7 @@ def label_fidelity(syn: Images, real: RealSplits, probs: dict[str, torch.Tensor]
     y_b = np.concatenate([real.val.y, real.heldout.y])
     ok_b = torch.cat([probs["val"], probs["heldout"]]).argmax(1) == torch.as_tensor(y_b)
     s = [mean_record("label_fidelity", "domain", sc, ok_s[_mask(syn.y, c)], cfg) for sc, c in scopes]
-    b = [mean_record("label_fidelity", "domain", sc, ok_b[_mask(y_b, c)], cfg) for sc, c in scopes]
+    b = [mean_record("label_fidelity", "domain", sc, ok_b[_base(y_b, c, syn.y, cfg.seed)], cfg) for sc, c in scopes]
     return paired_means(s, b, "val + heldout")
 
 
@@ -295,15 +312,16 @@ def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names:
     warnings = [f"no synthetic images {'the oracle assigns to' if oracle_labels else 'for'} classes {missing}: "
                 "they are not evaluated"] if missing else []
     step()
-    metrics = distribution_metrics(feats, aux["ys"], scopes, cfg)
+    mixed = not oracle_labels  # the cohort's class mix was chosen (unconditional: the generator's own, judged)
+    metrics = distribution_metrics(feats, aux["ys"], scopes, cfg, mixed)
     d = feats["domain"]
-    metrics += authenticity(d, syn.y, real.val.y, real.train.y, real.heldout.y, scopes, cfg)
+    metrics += authenticity(d, syn.y, real.val.y, real.train.y, real.heldout.y, scopes, cfg, mixed)
     step()
     mirror = domain.mirrored(real.train.x) if cfg.mirror_copies else None
     mem = memorization_step(syn, real, d["syn"], d["val"], d["train"], mirror, cfg)
-    metrics += memorization_records(mem, syn, real, scopes, cfg)
+    metrics += memorization_records(mem, syn, real, scopes, cfg, mixed)
     step()
-    metrics += pixel_metrics(syn, real, mem, scopes, cfg)
+    metrics += pixel_metrics(syn, real, mem, scopes, cfg, mixed)
     if not oracle_labels:
         metrics += label_fidelity(syn, real, aux["probs"], scopes, cfg)
     ms_note, ms_recs = ms_ssim_step(syn, scopes, cfg)
@@ -333,7 +351,8 @@ def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names:
             "real": {"train": len(real.train), "val": len(real.val), cfg.heldout_split: len(real.heldout)},
             "baseline": "real validation images (never seen by the generator) scored exactly like the cohort: "
                         "set metrics at the same n against the same reference subsample; "
-                        "intra-class SSIM: pairs of real training images of the same class",
+                        + ("overall, baseline and reference drawn with the cohort's class mix; " if mixed else "")
+                        + "intra-class SSIM: pairs of real training images of the same class",
             "references": {"train": "the generator's training split",
                            "heldout": f"the real {cfg.heldout_split} split (never seen by the generator)"}}
     png, body["umap"] = umap_step(d["syn"], syn.y, d["heldout"], real.heldout.y, class_names, cfg)
