@@ -67,6 +67,7 @@ def list_(storage_root: Optional[str] = typer.Option(
         None, "--storage", envvar=storage.ENV_VAR, help="Storage root (a folder or s3://bucket/prefix; default ./storage).")) -> None:
     """List complete dataset versions under the storage root."""
     from meddiff.data.shards import open_dataset
+    from meddiff.data.sources import SPLITS
 
     root = storage.join(storage.storage_root(storage_root), "datasets")
     t = Table("name", "version", "size", "classes", "train/val/test", "uri")
@@ -77,7 +78,7 @@ def list_(storage_root: Optional[str] = typer.Option(
                 continue
             c = open_dataset(uri).card
             t.add_row(name, version, f"{c['image_size']}px×{c['channels']}", str(c["num_classes"]),
-                      "/".join(str(c["totals"][s]) for s in ("train", "val", "test")), uri)
+                      "/".join(str(c["totals"][s]) for s in SPLITS), uri)
     print_listing(t, "datasets", storage.storage_root(storage_root), "`meddiff ingest`")
 
 

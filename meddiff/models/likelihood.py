@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal, get_args
 import numpy as np
 import torch
 
+from meddiff.data.sources import SPLITS
 from meddiff.errors import MeddiffError, check_seed
 from meddiff.progress import Progress, tell
 from meddiff.threads import configure_threads
@@ -155,7 +156,7 @@ class LikelihoodConfig:
 
     def check(self) -> "LikelihoodConfig":
         check_seed(self.seed)
-        if self.split not in ("train", "val", "test"):
+        if self.split not in SPLITS:
             raise MeddiffError(f"split must be train, val or test, not {self.split!r}")
         if self.variance not in get_args(Variance):
             raise MeddiffError(f"variance must be one of {get_args(Variance)}, not {self.variance!r}")

@@ -19,12 +19,12 @@ import torch
 from meddiff import storage
 from meddiff.data.images import decode_png
 from meddiff.data.shards import DatasetVersion, iter_shard, write_shard
+from meddiff.data.sources import SPLITS
 from meddiff.errors import MeddiffError
 from meddiff.models.autoencoders import TrainedAutoencoder
 from meddiff.progress import Progress
 from meddiff.records import make_record
 
-SPLITS = ("train", "val", "test")
 RECORD = "latents.json"
 SHARD_SIZE = 10_000  # samples per latent shard
 
