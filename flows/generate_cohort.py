@@ -97,9 +97,9 @@ def generate_cohort(
     tag_run(dataset_tag(model_uri))
     with user_errors():
         required(model_uri, "model_uri", "train-model")
-        spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size,
-                          str(resolve_device(device, allow_cpu_fallback=allow_cpu_fallback)), shard_size, name,
-                          unconditional).check()
+        dev = resolve_device(device, allow_cpu_fallback=allow_cpu_fallback, fallback_switch="allow_cpu_fallback")
+        spec = CohortSpec(model_uri, per_class, total, ratios, sampler, steps, guidance, seed, batch_size, str(dev),
+                          shard_size, name, unconditional).check()
         from flows.fanout import generate_fanned_out  # shards over the workers when served, else in-process
 
         result = generate_fanned_out(spec, storage_root, lambda: generate_task(spec, storage_root), log=logger.info)

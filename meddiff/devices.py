@@ -38,10 +38,12 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def resolve_device(requested: str = "auto", *, allow_cpu_fallback: bool = False, local_rank: int = 0,
-                   world: int = 1, device_count: int | None = None) -> torch.device:
+def resolve_device(requested: str = "auto", *, allow_cpu_fallback: bool = False, fallback_switch: str | None = None,
+                   local_rank: int = 0, world: int = 1, device_count: int | None = None) -> torch.device:
     """The ``torch.device`` this process should use for ``requested``.
 
+    ``fallback_switch``: how the caller's user turns ``allow_cpu_fallback`` on, named in the no-GPU error
+    (None: the caller has no such switch, and the error does not offer one).
     ``local_rank``/``world``: this process's place under torchrun (defaults: a single process).
     ``device_count``: visible GPUs (default: asked from torch; tests pass a fake count).
     """
@@ -58,8 +60,8 @@ def resolve_device(requested: str = "auto", *, allow_cpu_fallback: bool = False,
             return torch.device("cpu")
         raise DeviceUnavailableError(
             f"CUDA was requested (device {requested!r}) but no CUDA GPU is visible on this machine "
-            f"(host {os.uname().nodename}): use device 'cpu' or 'auto', run it on a GPU worker (the 'gpu' work "
-            "pool), or allow the CPU fallback (allow_cpu_fallback / --allow-cpu-fallback)")
+            f"(host {os.uname().nodename}): use device 'cpu' or 'auto', or run it on a GPU worker (the 'gpu' work "
+            "pool)" + (f", or allow the CPU fallback ({fallback_switch})" if fallback_switch else ""))
     base = int(requested.split(":")[1]) if ":" in requested else 0
     index = base + (local_rank if world > 1 else 0)
     if index >= count:

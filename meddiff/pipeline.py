@@ -198,7 +198,8 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
 
     cfg = cfg.check()
     root = storage.check_reachable(root)
-    device = resolve_device(cfg.device, allow_cpu_fallback=cfg.allow_cpu_fallback).type
+    device = resolve_device(cfg.device, allow_cpu_fallback=cfg.allow_cpu_fallback,
+                            fallback_switch="allow_cpu_fallback / --allow-cpu-fallback").type
     call = call or _direct
     progress = progress or (lambda stage: None)
     log = log or (lambda line: None)

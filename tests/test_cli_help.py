@@ -1,6 +1,7 @@
 """The CLI's own help: what a new user reads first."""
 from __future__ import annotations
 
+import pytest
 import typer.main
 
 from meddiff.cli import app
@@ -74,3 +75,23 @@ def test_evaluate_refuses_bad_settings_before_reading_the_cohort(tmp_path):
 
     res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "no-cohort"), "--max-images", "1"])
     assert "max_images must be ≥ 2 (0 or None: all images), got 1" in str(res.exception)
+
+
+def test_the_no_gpu_error_offers_only_switches_the_command_has(tmp_path):
+    """`meddiff generate --device cuda` on a CPU machine advised "--allow-cpu-fallback", an option only
+    `meddiff pipeline` has (generate answered "No such option"); the pipeline still offers it."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    gen = subprocess.run([sys.executable, "-m", "meddiff", "train", "nowhere", "--device", "cuda"],
+                         capture_output=True, text=True, timeout=120)
+    assert gen.returncode != 0 and "no CUDA GPU is visible" in gen.stderr, gen.stderr[-2000:]
+    assert "fallback" not in gen.stderr
+    pipe = subprocess.run([sys.executable, "-m", "meddiff", "pipeline", "--dataset", "medmnist:breastmnist",
+                           "--device", "cuda", "--storage", str(tmp_path / "storage")],
+                          capture_output=True, text=True, timeout=300)
+    assert pipe.returncode != 0 and "--allow-cpu-fallback" in pipe.stderr, pipe.stderr[-2000:]

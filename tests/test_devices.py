@@ -35,8 +35,11 @@ def test_resolve_device_maps_ranks_to_their_own_gpu(requested, count, local_rank
 def test_resolve_device_refuses_what_it_cannot_give():
     with pytest.raises(DeviceUnavailableError, match="only 2 GPU"):
         resolve_device("cuda:1", local_rank=1, world=2, device_count=2)
-    with pytest.raises(DeviceUnavailableError, match="no CUDA GPU is visible.*allow_cpu_fallback"):
+    with pytest.raises(DeviceUnavailableError, match="no CUDA GPU is visible.*allow the CPU fallback \\(--x\\)"):
+        resolve_device("cuda", fallback_switch="--x", device_count=0)
+    with pytest.raises(DeviceUnavailableError, match="no CUDA GPU is visible") as e:
         resolve_device("cuda", device_count=0)
+    assert "fallback" not in str(e.value)  # offered only by callers that have the switch
     with pytest.warns(UserWarning, match="running on the CPU"):
         assert resolve_device("cuda:0", allow_cpu_fallback=True, device_count=0).type == "cpu"
     for bad in ("gpu", "cuda:", "cuda:x", "CPU", "tpu:0"):
