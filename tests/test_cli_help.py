@@ -46,7 +46,7 @@ def test_help_and_listings_do_not_load_torch_or_monai():
     assert out.stdout.strip() == "[]"
 
 
-def test_config_errors_name_the_option_the_user_typed():
+def test_config_errors_name_the_option_the_user_typed(tmp_path):
     """A config names its field (``steps must be positive``: the same config is built from Python and from
     flows); the command line says which option that is, including a sub-command's own and renamed ones."""
     import subprocess
@@ -66,6 +66,18 @@ def test_config_errors_name_the_option_the_user_typed():
     assert in_flags("steps must be positive, not 0", ["ingest", "x"]) == "steps must be positive, not 0"
     assert in_flags("mode must be one of a, b", []) == "mode must be one of a, b"
     assert in_flags("dataset x is not a dataset version", ["pipeline"]) == "dataset x is not a dataset version"
+    # dev-stack's config says which field (it said "worker counts must be ≥ 0, ... --poll-seconds ≥ 1", an option
+    # the command does not have); the command line names the option typed
+    from meddiff.errors import MeddiffError
+    from meddiff.ops.devstack import DevStackConfig
+
+    for field, bad, typed in (("worker_limit", 0, "--worker-limit"), ("gpu_workers", -1, "--gpu-workers"),
+                              ("poll_s", 0, None)):
+        with pytest.raises(MeddiffError) as e:
+            DevStackConfig(str(tmp_path), **{field: bad}).check()
+        assert str(e.value).startswith(f"{field} must be ≥ "), e.value
+        argv = ["dev-stack", "start", typed or "--state-dir", str(bad)]
+        assert in_flags(str(e.value), argv).startswith(f"{typed or field} must be ≥ ")
 
 
 def test_evaluate_refuses_bad_settings_before_reading_the_cohort(tmp_path):

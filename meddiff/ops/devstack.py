@@ -36,8 +36,9 @@ class DevStackConfig:
     deployments: tuple[str, ...] = ()  # 'flow/deployment' names to apply; () = all of prefect.yaml
 
     def check(self) -> "DevStackConfig":
-        if self.gpu_workers < 0 or self.cpu_workers < 0 or self.worker_limit < 1 or self.poll_s < 1:
-            raise DevStackError("worker counts must be ≥ 0, --worker-limit and --poll-seconds ≥ 1")
+        for name, least in (("gpu_workers", 0), ("cpu_workers", 0), ("worker_limit", 1), ("poll_s", 1)):
+            if getattr(self, name) < least:  # "<field> must ...": the CLI names its option (meddiff.cli.in_flags)
+                raise DevStackError(f"{name} must be ≥ {least}, not {getattr(self, name)}")
         if self.gpus and len(self.gpus) != self.gpu_workers:
             raise DevStackError(f"--gpus names {len(self.gpus)} devices for {self.gpu_workers} gpu workers")
         from meddiff.ops.deploy import DeployConfig
