@@ -66,19 +66,24 @@ class EvalConfig:
         if self.max_images is not None and self.max_images < 2:
             raise MeddiffError(f"max_images must be ≥ 2 (0 or None: all images), got {self.max_images}")
         d = self.domain
-        if d.steps < 1 or d.batch_size < 1 or not d.lr > 0:
-            raise MeddiffError(f"the domain classifier needs --domain-steps ≥ 1, batch size ≥ 1 and lr > 0 (an "
-                               f"untrained oracle scores nothing), got {d.steps}, {d.batch_size}, {d.lr}")
+        # "<field> must ...": the CLI names the option typed (meddiff.cli.in_flags), Python users the field
+        for name, bad in (("domain_steps", d.steps < 1), ("domain_batch_size", d.batch_size < 1)):
+            if bad:
+                raise MeddiffError(f"{name} must be ≥ 1 (an untrained domain classifier scores nothing), "
+                                   f"got {getattr(d, name.removeprefix('domain_'))}")
+        if not d.lr > 0:
+            raise MeddiffError(f"domain_lr must be > 0 (an untrained domain classifier scores nothing), got {d.lr}")
         check_seed(d.seed, "domain seed")
         if self.tstr_max_images is not None and self.tstr_max_images < 2:
-            raise MeddiffError(f"--tstr-max-images must be ≥ 2 (or left out for all), got {self.tstr_max_images}")
+            raise MeddiffError(f"tstr_max_images must be ≥ 2 (or left out for all), got {self.tstr_max_images}")
         if self.heldout_split in ("val", "train"):
             raise MeddiffError(f"heldout_split must be 'test' (val is the baseline, train the generator's data), "
                                f"got {self.heldout_split!r}")
         if self.umap_points < 0 or 0 < self.umap_points < 8:
             raise MeddiffError(f"umap_points must be 0 (no UMAP) or ≥ 8, got {self.umap_points}")
-        if self.tstr_steps < 1 or self.knn_k < 1 or self.min_n < 2 or self.interval_resamples < 0:
-            raise MeddiffError("tstr_steps and knn_k must be ≥ 1, min_n ≥ 2, interval_resamples ≥ 0")
+        for name, least in (("tstr_steps", 1), ("knn_k", 1), ("min_n", 2), ("interval_resamples", 0)):
+            if getattr(self, name) < least:
+                raise MeddiffError(f"{name} must be ≥ {least}, got {getattr(self, name)}")
         if 0 < self.interval_resamples < 100:
             raise MeddiffError(f"interval_resamples must be 0 (off) or ≥ 100 for a stable 95 % interval, "
                                f"got {self.interval_resamples}")
