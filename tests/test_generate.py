@@ -245,7 +245,8 @@ def _assert_listings_stay_light(models_root: str, cohorts_root: str) -> None:
     code = ("import sys; from typer.testing import CliRunner; from meddiff.cli import app; r = CliRunner(); "
             f"outs = [r.invoke(app, [kind, 'list', '--storage', root]).output for kind, root in "
             f"(('datasets', {models_root!r}), ('models', {models_root!r}), ('cohorts', {cohorts_root!r}))]; "
-            "print(repr(outs)); print(sorted(m for m in ('torch', 'monai', 'pandas', 'webdataset') if m in sys.modules))")
+            "print(repr(outs)); "
+            "print(sorted(m for m in ('torch', 'monai', 'pandas', 'webdataset') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     listed, loaded = out.stdout.strip().splitlines()[-2:]

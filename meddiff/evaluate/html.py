@@ -280,7 +280,8 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
               "<p>Every number is shown beside its real baseline: real validation images (never seen by the "
               "generator) scored exactly like the cohort — set metrics at the same n against the same reference "
               "subsample" + (", baseline and reference drawn with the cohort's class mix"
-                             if "class mix" in str(report.get("baseline")) else "") + ". Held-out reference: the real test split; train reference: the generator's training "
+                             if "class mix" in str(report.get("baseline")) else "")
+              + ". Held-out reference: the real test split; train reference: the generator's training "
               "split. Verdict: pass = not worse than real data beyond sampling noise and the metric's warn margin "
               "(the reason says within noise, within the margin, or better); warn = measurably worse; fail = "
               "materially worse beyond the 95 % interval; intra-class SSIM is judged both ways (real's is the "

@@ -47,35 +47,36 @@ def matched_subsets(sizes: tuple[int, ...], cap: int | None, rng: np.random.Gene
     return n, [np.sort(rng.choice(s, n, replace=False)) if s > n else np.arange(s) for s in sizes]
 
 
+def _class_quota(target: np.ndarray, others: list[np.ndarray], most: float) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, n_c): n_c = ⌊α · s_c⌋ of each class c of ``target`` (s_c its count there), α as large as every
+    set in ``others`` holds and at most ``most``. Classes some set lacks are left out."""
+    classes, s = np.unique(target, return_counts=True)
+    have = np.array([[(y == c).sum() for c in classes] for y in others]).reshape(len(others), len(classes))
+    keep = (have > 0).all(0)
+    classes, s, have = classes[keep], s[keep], have[:, keep]
+    alpha = min(float((have / s).min()), most) if len(classes) else 0.0
+    return classes, np.floor(alpha * s + 1e-9).astype(int)
+
+
+def _draw(y: np.ndarray, classes: np.ndarray, n_c: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of n_c samples of each class c in labels ``y``, without replacement."""
+    picks = [rng.choice(np.flatnonzero(y == c), m, replace=False) for c, m in zip(classes, n_c)]
+    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
+
+
 def mixed_subsets(labels: tuple[np.ndarray, ...], cap: int | None, rng: np.random.Generator
                   ) -> tuple[int, list[np.ndarray]]:
     """One n and, per set, n sorted indices with the class mix of the first set: every set gets the same
-    count n_c = ⌊α · s_c⌋ of each class c (s_c: its count in the first set), α as large as every set and
-    ``cap`` allow (α ≤ 1). Classes some set lacks are left out."""
-    classes, s = np.unique(labels[0], return_counts=True)
-    have = np.array([[(y == c).sum() for c in classes] for y in labels[1:]]).reshape(-1, len(classes))
-    keep = (have > 0).all(0)
-    classes, s, have = classes[keep], s[keep], have[:, keep]
-    if len(classes) == 0:
-        return 0, [np.zeros(0, dtype=np.int64) for _ in labels]
-    alpha = min(1.0, float((have / s).min()), cap / s.sum() if cap else 1.0)
-    n_c = np.floor(alpha * s + 1e-9).astype(int)
-    picks = [np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), m, replace=False)
-                                     for c, m in zip(classes, n_c)])) for y in labels]
-    return int(n_c.sum()), picks
+    count of each class, as many as every set and ``cap`` allow (at most the first set's own)."""
+    most = min(1.0, cap / len(labels[0])) if cap else 1.0
+    classes, n_c = _class_quota(labels[0], list(labels[1:]), most)
+    return int(n_c.sum()), [_draw(y, classes, n_c, rng) for y in labels]
 
 
 def mixed_like(y: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of the largest subsample of labels ``y`` with the class mix of labels ``target``
-    (each class's count ∝ its count in ``target``; classes ``y`` lacks are left out)."""
-    classes, s = np.unique(target, return_counts=True)
-    have = np.array([(y == c).sum() for c in classes])
-    keep = have > 0
-    if not keep.any():
-        return np.zeros(0, dtype=np.int64)
-    classes, s, have = classes[keep], s[keep], have[keep]
-    n_c = np.floor(float((have / s).min()) * s + 1e-9).astype(int)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), m, replace=False) for c, m in zip(classes, n_c)]))
+    """Sorted indices of the largest subsample of labels ``y`` with the class mix of labels ``target``."""
+    classes, n_c = _class_quota(target, [y], np.inf)
+    return _draw(y, classes, n_c, rng)
 
 
 def compare(syn: torch.Tensor, base: torch.Tensor, ref: torch.Tensor, *, extractor: str, scope: str,

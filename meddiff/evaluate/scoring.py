@@ -217,8 +217,8 @@ def memorization_records(mem: dict[str, Any], syn: Images, real: RealSplits,
     mix = syn.y if match_mix else None
     syn_r = [mean_record("flagged_fraction", "domain+pixel", s, mem["flags"][_mask(syn.y, c)], cfg,
                          n_ref=len(real.train)) for s, c in scopes]
-    base_r = [mean_record("flagged_fraction", "domain+pixel", s, mem["flags_va"][_base(real.val.y, c, mix, cfg.seed)], cfg,
-                          n_ref=len(real.train)) for s, c in scopes]
+    base_r = [mean_record("flagged_fraction", "domain+pixel", s, mem["flags_va"][_base(real.val.y, c, mix, cfg.seed)],
+                          cfg, n_ref=len(real.train)) for s, c in scopes]
     return paired_means(syn_r, base_r, "val")
 
 
