@@ -61,7 +61,7 @@ def summary_markdown(result: EvalResult) -> str:
              f"Real dataset: [{dataset}]({link_url(dataset)})", "",
              f"Report: [{result.html_uri}]({link_url(result.html_uri)})", "",
              f"**{r['verdict']['sentence']}**", "",
-             "| metric | synthetic [95 % CI] | real baseline (val, same n) | n | verdict |", "|---|---:|---:|---:|---|"]
+             "| metric | synthetic [95 % CI] | real baseline (val) [95 % CI] | n | verdict |", "|---|---:|---:|---:|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in headline_rows(r)]
     if r["warnings"]:
         lines += ["", "**Warnings**", ""] + [f"- {w}" for w in r["warnings"][:20]]

@@ -88,6 +88,12 @@ def test_report_files_and_schema(planted):
     assert report["ms_ssim"]["computed"] is False and "161" in report["ms_ssim"]["reason"]
     # the "synthetic" images are real test images: they must look like the real val-vs-train baseline
     h = report["headline"]
+    # each headline number records its baseline's n: the same for set metrics, all it has of the cohort's
+    # class mix for a mean (the CLI table's header had said "real baseline, same n" for both)
+    assert h["kid"]["baseline_n"] == h["kid"]["n"] and h["label_fidelity"]["baseline_n"] > h["label_fidelity"]["n"]
+    from meddiff.cli.evaluate_cmd import HEADERS
+
+    assert "same n" not in " ".join(HEADERS)
     assert abs(h["label_fidelity"]["value"] - h["label_fidelity"]["baseline"]) < 0.15
     assert h["precision"]["value"] > 0.8 and h["recall"]["value"] > 0.8
     # 78 val images per side (< 250): the sentence says its set metrics are unreliable at this size

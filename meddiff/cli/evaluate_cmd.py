@@ -16,7 +16,7 @@ from meddiff.progress import rich_progress
 console = Console()
 
 
-HEADERS = ("metric", "synthetic [95 % CI]", "real baseline, same n [95 % CI]", "n", "verdict")
+HEADERS = ("metric", "synthetic [95 % CI]", "real baseline [95 % CI]", "n", "verdict")
 METRIC_MIN_WIDTH = 17  # "KID vs held-out", "(n-dependent)" and the like stay whole
 METRIC_LAST_WIDTH = 8  # narrower terminals: metric names wrap at words, or within them, before a number breaks
 

@@ -85,7 +85,8 @@ def _pick(r: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
     diff = r.get("difference") or {}
     verdict = None if key in ("fid", "kid_train", "ssim_to_nearest_train") else \
         judge(r["metric"], r["value"], b.get("value"), diff.get("ci"), b.get("ci"))
-    return {"value": r["value"], "baseline": b.get("value"), "n": r["n"], "ci": r["ci"], "baseline_ci": b.get("ci"),
+    return {"value": r["value"], "baseline": b.get("value"), "n": r["n"], "baseline_n": b.get("n"),
+            "ci": r["ci"], "baseline_ci": b.get("ci"),
             "difference": diff.get("value"), "difference_ci": diff.get("ci"), "reference": r.get("reference"),
             "extractor": r["extractor"], "warning": r.get("warning"), "verdict": verdict}
 
