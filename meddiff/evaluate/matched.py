@@ -73,9 +73,10 @@ def mixed_subsets(labels: tuple[np.ndarray, ...], cap: int | None, rng: np.rando
     return int(n_c.sum()), [_draw(y, classes, n_c, rng) for y in labels]
 
 
-def mixed_like(y: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Sorted indices of the largest subsample of labels ``y`` with the class mix of labels ``target``."""
-    classes, n_c = _class_quota(target, [y], np.inf)
+def mixed_like(y: np.ndarray, target: np.ndarray, rng: np.random.Generator, most: int | None = None) -> np.ndarray:
+    """Sorted indices of the largest subsample of labels ``y`` with the class mix of labels ``target`` (at most
+    ``most`` of them)."""
+    classes, n_c = _class_quota(target, [y], most / len(target) if most else np.inf)
     return _draw(y, classes, n_c, rng)
 
 

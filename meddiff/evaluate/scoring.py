@@ -112,6 +112,10 @@ def extract_features(syn: Images, real: RealSplits, cfg: EvalConfig, domain: Dom
     if inception is not None:
         rng = np.random.default_rng(cfg.seed)
         sub = {k: _subsample(len(v), cfg.max_images, rng) for k, v in sets.items()}
+        if not oracle_labels and cfg.max_images:  # capped real sets drawn with the cohort's class mix, so the
+            for k in ("train", "val", "heldout"):  # overall class-mix draw keeps them whole (300 of 300, not 126)
+                if len(sets[k]) > cfg.max_images:
+                    sub[k] = matched.mixed_like(sets[k].y, syn.y[sub["syn"]], rng, most=cfg.max_images)
         embed = {"syn": inception} | dict.fromkeys(("train", "val", "heldout"), real_inception or inception)
         feats["inception"] = {k: embed[k](sets[k].x[i]) for k, i in sub.items()}
         ys["inception"] = {k: sets[k].y[i] for k, i in sub.items()}
