@@ -313,6 +313,17 @@ def test_classes_that_do_not_match_the_real_dataset(breast, cfg, tmp_path):
     with pytest.raises(MeddiffError, match="do not match"):
         evaluate_cohort(uri, cfg)
     assert _no_report(uri)
+    # a report already there (made against the right dataset) is neither replaced nor said to be: evaluate
+    # with a wrong --real used to print "replacing …/report.json: it was made with other settings" first
+    from told import Told
+
+    report = json.dumps({"report_schema_version": 5, "config_hash": "older"}).encode()
+    Path(uri, "report.json").write_bytes(report)
+    Path(uri, "report.html").write_text("<html></html>")
+    told = Told()
+    with pytest.raises(MeddiffError, match="do not match"):
+        evaluate_cohort(uri, cfg, told)
+    assert told == [] and Path(uri, "report.json").read_bytes() == report
 
 
 def test_corrupt_manifest(breast, cfg, tmp_path):

@@ -191,6 +191,9 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig, progress: Progress | None,
     old, stale = (None, None) if force else _existing(report_uri, cohort.uri, chash, cfg, dataset)
     if old is not None:
         return EvalResult(report_uri, old, existed=True)
+    manifest = cohort.manifest().sort_values("sample_id").reset_index(drop=True)
+    syn = load_cohort_images(cohort, manifest)
+    check_compatible(cohort, manifest, dataset, syn)  # a wrong --real is refused before "replacing" is said
     if stale:  # the report a user (or the pipeline) made before is overwritten: say so, and why
         tell(progress, f"replacing {report_uri}: {stale}")
     configure_threads()  # CPU threads that fit the machine now (meddiff.threads)
@@ -201,9 +204,6 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig, progress: Progress | None,
         if progress:
             progress(done[0], stages)
 
-    manifest = cohort.manifest().sort_values("sample_id").reset_index(drop=True)
-    syn = load_cohort_images(cohort, manifest)
-    check_compatible(cohort, manifest, dataset, syn)
     real = load_real(dataset, cfg.heldout_split)
     domain = load_or_train_domain(dataset, cfg.domain, device, cfg.cache_root, told_only(progress))  # says if it trains
     inception = load_inception(device) if "inception" in cfg.features else None
