@@ -582,3 +582,33 @@ def test_the_domain_classifier_is_trained_once_said_so_and_waited_for(breast, cf
         uri, lambda: shutil.move(aside, uri))
     assert told.counts == []  # not trained a second time: loaded
     assert again.val_accuracy == first.val_accuracy
+
+
+def test_a_class_the_real_val_split_lacks_is_named_not_silently_dropped(leukemia_zip, tmp_path):
+    """A folder dataset with a rare class (4 Benign smears: 3 train, 0 val, 1 test at the default fractions):
+    the overall class-mix draw left the cohort's Benign images out of KID & co., and its per-class rows were
+    skipped, with no word in the report. The report now names the class, the split and the images left out."""
+    import zipfile
+
+    from meddiff.data.ingest import IngestConfig, ingest
+
+    with zipfile.ZipFile(leukemia_zip) as z:
+        z.extractall(tmp_path / "src")
+    for png in sorted((tmp_path / "src" / "Original" / "Benign").iterdir())[4:]:
+        png.unlink()
+    ds = open_dataset(ingest(IngestConfig(f"folder:{tmp_path / 'src' / 'Original'}", size=28),
+                             str(tmp_path / "root")).uri)
+    (xtr, ytr), (xva, yva) = ds.load_split("train"), ds.load_split("val")
+    benign = ds.class_names.index("Benign")
+    assert (ytr == benign).sum() == 3 and (yva == benign).sum() == 0
+    images, labels = np.concatenate([xva, xtr[ytr == benign]]), np.concatenate([yva, ytr[ytr == benign]])
+    uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, images, labels)  # 28 val images + 3 Benign
+    cfg = EvalConfig(features=("domain",), domain=DomainTrainConfig(steps=20, batch_size=32), interval_resamples=0,
+                     ssim_pairs=20, umap_points=0, min_n=5, device="cpu", cache_root=str(tmp_path / "cache"))
+    report = evaluate_cohort(uri, cfg).report
+    assert ("the real val split has no images of Benign: the overall set metrics (KID, FID, precision, recall, "
+            "coverage) leave out its 3 synthetic images of them and their per-class comparisons with it are skipped "
+            "(re-ingest with a larger --val-frac for them to be judged)") in report["warnings"], report["warnings"]
+    assert not any("test split" in w for w in report["warnings"])  # the one Benign test image is there
+    kid = next(r for r in report["metrics"] if r["metric"] == "kid" and r["scope"] == "overall")
+    assert kid["n"] == 28  # the val images; the 3 Benign ones are what the warning names

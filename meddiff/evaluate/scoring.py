@@ -41,6 +41,26 @@ def _scopes(syn: Images, class_names: list[str]) -> list[tuple[str, int | None]]
     return [("overall", None)] + [(class_names[c], c) for c in range(len(class_names)) if (syn.y == c).any()]
 
 
+def unmatched_classes(syn_y: np.ndarray, real: RealSplits, class_names: list[str], heldout_split: str,
+                      mixed: bool) -> list[str]:
+    """A warning for each real split lacking classes the cohort has (a rare class of a small folder dataset
+    can get no val image): its per-class comparisons against that split are skipped and, with the cohort's
+    class mix drawn (``mixed``), the overall set metrics leave that class's synthetic images out."""
+    out = []
+    for split, y in (("val", real.val.y), ("train", real.train.y), (heldout_split, real.heldout.y)):
+        lack = [c for c in range(len(class_names)) if (syn_y == c).any() and not (y == c).any()]
+        if not lack:
+            continue
+        n = int(np.isin(syn_y, lack).sum())
+        overall = (f"the overall set metrics (KID, FID, precision, recall, coverage) leave out its {n} synthetic "
+                   "images of them" if mixed else "")
+        flag = {"val": "--val-frac", heldout_split: "--test-frac"}.get(split)  # zip/folder/Kaggle ingests
+        out.append(f"the real {split} split has no images of {', '.join(class_names[c] for c in lack)}: "
+                   f"{overall}{' and ' if overall else ''}their per-class comparisons with it are skipped"
+                   + (f" (re-ingest with a larger {flag} for them to be judged)" if flag else ""))
+    return out
+
+
 def _mask(y: np.ndarray, c: int | None) -> torch.Tensor:
     return torch.ones(len(y), dtype=torch.bool) if c is None else torch.as_tensor(y == c)
 
@@ -315,8 +335,9 @@ def evaluate_images(syn: Images, real: RealSplits, cfg: EvalConfig, class_names:
     missing = [n for n in class_names if n not in dict(scopes)]
     warnings = [f"no synthetic images {'the oracle assigns to' if oracle_labels else 'for'} classes {missing}: "
                 "they are not evaluated"] if missing else []
-    step()
     mixed = not oracle_labels  # the cohort's class mix was chosen (unconditional: the generator's own, judged)
+    warnings += unmatched_classes(syn.y, real, class_names, cfg.heldout_split, mixed)
+    step()
     metrics = distribution_metrics(feats, aux["ys"], scopes, cfg, mixed)
     d = feats["domain"]
     metrics += authenticity(d, syn.y, real.val.y, real.train.y, real.heldout.y, scopes, cfg, mixed)
