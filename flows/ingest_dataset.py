@@ -9,6 +9,7 @@ from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_ta
                           LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
                           retry_transient, tag_run, user_errors)
 from meddiff.data.ingest import IngestConfig, IngestResult, ingest
+from meddiff.data.shards import empty_splits
 from meddiff.progress import combine
 
 _D = IngestConfig("")  # the library's defaults: the flow restates them (tests/test_flow_defaults.py)
@@ -70,6 +71,8 @@ def ingest_dataset(
                            medmnist_root).check()
         result = ingest_task(cfg, storage_root)
     logger.info("%s dataset version %s", "found existing" if result.existed else "wrote", result.uri)
+    for warning in empty_splits(result.card):
+        logger.warning(warning)
     create_markdown_artifact(card_markdown(result.card), key=artifact_key("dataset", result.card["name"]),
                              description="dataset summary")
     publish_link("dataset", result.uri, result.card["name"], target=f"{result.uri}/dataset.json")

@@ -86,6 +86,37 @@ def test_leukemia_zip(leukemia_zip, tmp_path):
     assert images.shape == (38, 3, 32, 32)
 
 
+def test_a_class_with_no_val_images_is_warned_about(leukemia_zip, tmp_path):
+    """4 Benign smears: 3 train, 0 val, 1 test at the default fractions. The counts table showed the 0 and
+    nothing else; evaluation then had no real baseline for Benign. ingest and datasets show now say so."""
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+    from meddiff.data.shards import empty_splits
+
+    with zipfile.ZipFile(leukemia_zip) as z:
+        z.extractall(tmp_path / "src")
+    for png in sorted((tmp_path / "src" / "Original" / "Benign").iterdir())[4:]:
+        png.unlink()
+    runner = CliRunner()
+    out = runner.invoke(app, ["ingest", f"folder:{tmp_path / 'src' / 'Original'}", "--size", "16",
+                              "--storage", str(tmp_path / "root")], terminal_width=400)
+    assert out.exit_code == 0, out.output
+    uri = out.output.strip().splitlines()[-1]
+    card = open_dataset(uri).card
+    assert card["counts"]["val"]["Benign"] == 0 and card["counts"]["test"]["Benign"] == 1
+    assert empty_splits(card) == ["no val images of Benign: evaluation has no real baseline for them: their "
+                                  "synthetic images are left out of the overall set metrics and their class is not "
+                                  "judged (a larger --val-frac, or more images of them)"]
+    shown = runner.invoke(app, ["datasets", "show", uri], terminal_width=400)
+    for said in (out.output, shown.output):
+        assert f"warning: {empty_splits(card)[0]}" in " ".join(said.split()), said  # rich wraps at 80
+    full = ingest(IngestConfig(f"zip:{leukemia_zip}", size=16), str(tmp_path / "root"))
+    assert empty_splits(full.card) == []  # every class in every split
+    no_val = ingest(IngestConfig(f"zip:{leukemia_zip}", size=16, val_frac=0.0), str(tmp_path / "root"))
+    assert empty_splits(no_val.card) == []  # a split left empty on purpose is no gap
+
+
 def test_archive_files_are_read_when_needed_not_held(leukemia_zip):
     """A zip's members are read one at a time (a 787 MB archive no longer sits in memory: peak RSS 1351 →
     601 MB, bench figure in the commit), and each read gives the member's bytes."""

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from meddiff.cli import app
 from meddiff.cli.tables import print_listing, print_table, titled
@@ -49,6 +50,7 @@ def ingest(
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
     from meddiff.data.ingest import IngestConfig, ingest as run_ingest  # here: `meddiff --help` stays fast
+    from meddiff.data.shards import empty_splits
 
     cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
                        shuffle_seed=shuffle_seed, bit_depth=bit_depth, window=window)
@@ -59,6 +61,8 @@ def ingest(
         console.print("[yellow]version already exists; nothing to do")
     if result.card["num_skipped"]:
         console.print(f"[yellow]{result.card['num_skipped']} inputs skipped (listed in dataset.json)")
+    for w in empty_splits(result.card):
+        console.print(Text(f"warning: {w}", style="yellow"))
     print(result.uri)
 
 
@@ -86,10 +90,12 @@ def list_(storage_root: Optional[str] = typer.Option(
 def show(uri: str = typer.Argument(
         ..., help="A dataset version's URI (printed by meddiff ingest; see meddiff datasets list).")) -> None:
     """Show a dataset version's card and per-class counts."""
-    from meddiff.data.shards import open_dataset
+    from meddiff.data.shards import empty_splits, open_dataset
 
     card = open_dataset(uri).card
     console.print(counts_table(card))
+    for w in empty_splits(card):
+        console.print(Text(f"warning: {w}", style="yellow"))
     for k in ("source", "license", "created_at", "inputs"):
         console.print(f"[bold]{k}[/]: {card.get(k)}")
     if card["skipped"]:

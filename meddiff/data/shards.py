@@ -189,6 +189,22 @@ class DatasetVersion:
         return image_pipeline(self.shard_uris(split), **kw)
 
 
+def empty_splits(card: dict[str, Any]) -> list[str]:
+    """A warning for each split some class has no image in (a rare class of a small folder dataset: 4 images
+    at --val-frac 0.1 round to 0 val images), saying what evaluation or training then lacks."""
+    what = {"val": "evaluation has no real baseline for them: their synthetic images are left out of the overall "
+                   "set metrics and their class is not judged (a larger --val-frac, or more images of them)",
+            "test": "evaluation's held-out reference lacks them: their synthetic images are left out of the overall "
+                    "set metrics against it (a larger --test-frac, or more images of them)",
+            "train": "a model trained on this version never sees them"}
+    out = []
+    for split, consequence in what.items():
+        lack = [c for c, n in card["counts"].get(split, {}).items() if n == 0]
+        if lack and card["totals"].get(split):  # a split left empty on purpose (--val-frac 0) is not a gap
+            out.append(f"no {split} images of {', '.join(lack)}: {consequence}")
+    return out
+
+
 # record → (one, many, the command that lists them)
 ARTIFACT_KINDS = {"dataset.json": ("dataset version", "dataset versions", "meddiff datasets list"),
                   "model.json": ("model", "models", "meddiff models list"),
