@@ -78,19 +78,19 @@ class PipelineConfig:
         for name in ("per_class", "total", "steps", "batch_size", "preview_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise PipelineError(f"{name.replace('_', '-')} must be positive, got {value}")
+                raise PipelineError(f"{name} must be positive, got {value}")
         if self.eval_max_images is not None and self.eval_max_images < 2:
-            raise PipelineError(f"eval-max-images must be at least 2, got {self.eval_max_images}")
+            raise PipelineError(f"eval_max_images must be at least 2, got {self.eval_max_images}")
         if self.domain_steps is not None and self.domain_steps < 1:
-            raise PipelineError(f"domain-steps must be positive, got {self.domain_steps}")
+            raise PipelineError(f"domain_steps must be positive, got {self.domain_steps}")
         if self.sampler not in get_args(SamplerName):
             raise PipelineError(f"sampler must be one of {', '.join(get_args(SamplerName))}, got {self.sampler!r}")
         if self.latent not in (None, "vae", "vqvae"):
             raise PipelineError(f"latent must be vae or vqvae, got {self.latent!r}")
         if self.ae_steps is not None and self.ae_steps < 1:
-            raise PipelineError(f"ae-steps must be positive, got {self.ae_steps}")
+            raise PipelineError(f"ae_steps must be positive, got {self.ae_steps}")
         if self.sample_steps is not None and self.sample_steps < 1:
-            raise PipelineError(f"sample-steps must be positive, got {self.sample_steps}")
+            raise PipelineError(f"sample_steps must be positive, got {self.sample_steps}")
         return self
 
     def ingest_config(self):

@@ -152,11 +152,21 @@ def test_gpu_requested_without_gpu(prefect_harness, tmp_path):
     (dict(per_class=5, total=40), "exactly one of"),
     (dict(per_class=None), "exactly one of"),
     (dict(steps=0), "steps must be positive"),
-    (dict(eval_max_images=1), "eval-max-images"),
+    (dict(eval_max_images=1), "eval_max_images must be at least 2"),
+    (dict(domain_steps=0), "domain_steps must be positive"),
+    (dict(latent="vae", ae_steps=0), "ae_steps must be positive"),
+    (dict(sample_steps=0), "sample_steps must be positive"),
 ])
 def test_pipeline_config_rejects_bad_input(bad, match):
-    with pytest.raises(MeddiffError, match=match):
+    """Each message names the field (a flow's parameter), which `meddiff pipeline` shows as its option:
+    'eval-max-images must …' (no --, no field) was printed as it was."""
+    from meddiff.cli import in_flags
+
+    with pytest.raises(MeddiffError, match=match) as e:
         PipelineConfig(**bad).check()
+    field = str(e.value).split()[0]
+    if field in bad:
+        assert in_flags(str(e.value), ["pipeline"]) == f"--{field.replace('_', '-')} {str(e.value).split(' ', 1)[1]}"
 
 
 def test_pipeline_command_rejects_bad_input_before_running(tmp_path):
