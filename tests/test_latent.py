@@ -138,7 +138,19 @@ def test_encode_writes_codes_shards_and_report(breastmnist_uri, vqvae_uri, sessi
     rec = card["reconstruction"]
     assert rec["n"] == 40 and 5 < rec["psnr_db"]["mean"] < 60 and -1 <= rec["ssim"]["mean"] <= 1
     assert rec["ms_ssim"] is None  # 28 px < 161 px
-    assert rec["features"]["fid"] >= 0 and "baseline" in rec["features"]
+    f = rec["features"]
+    assert f["fid"] >= 0 and "baseline" in f
+    # KID with an interval, not the mean ± std over 50 subsets of all 40 images (the same set each time:
+    # std ~1e-7, an uncertainty of nothing); the baseline (val vs 40 train images) likewise
+    for d in (f, f["baseline"]):
+        lo, hi = d["kid_ci95"]
+        assert lo <= d["kid"] <= hi and hi - lo > 1e-3 * max(abs(d["kid"]), 1e-3), d
+    from meddiff.evaluate.reconstruction import summary_lines
+
+    lines = summary_lines(rec)
+    assert lines[0].startswith(f"reconstruction of 40 val images: PSNR {rec['psnr_db']['mean']:.2f} dB [")
+    assert lines[1].startswith(f"domain features, x̂ vs x: FID {f['fid']:.4g} [") and lines[1].endswith("(n = 40)")
+    assert lines[2] == f"warning: {f['warning']}"
     told = Told()
     assert encode_with_report(breastmnist_uri, vqvae_uri, "cpu", root=session_storage, progress=told)["existed"]
     assert told == [f"reusing {out['uri']}: this dataset was encoded with this autoencoder before"]

@@ -360,6 +360,7 @@ def test_two_processes_encoding_the_same_latents_share_the_work(medmnist_dir, tm
     errs = "".join(err for _, err in outs)
     assert errs.count("encoding every split into latent shards") == 1, errs  # one process did the work
     assert errs.count("this dataset was encoded with this autoencoder before") == 1  # the other reused it
+    assert errs.count("reconstruction of 40 val images: PSNR") == 2  # both say how well the AE reconstructs
 
 
 # --------------------------------------------------------------------------- chaos, CI-sized

@@ -61,7 +61,7 @@ def encode(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Encode a dataset into latent shards (float16 or VQ codes) + reconstruction report; prints their URI."""
-    from meddiff.evaluate.reconstruction import encode_with_report
+    from meddiff.evaluate.reconstruction import encode_with_report, summary_lines
 
     with rich_progress("encode") as progress:  # the report's steps told above the bar; it counts images encoded
         out = encode_with_report(dataset_uri, autoencoder_uri, device, max_images, storage_root,
@@ -69,4 +69,6 @@ def encode(
     card = out["card"]
     typer.echo(f"{card['total_images']} images: {card['pixel_bytes_total']:,} → {card['latent_bytes_total']:,} bytes "
                f"(saved {card['bytes_saved']:,})", err=True)
+    for line in summary_lines(card["reconstruction"]):  # the report the latents carry (latents.json)
+        typer.echo(line, err=True)
     print(out["uri"])

@@ -21,7 +21,7 @@ from meddiff.data.shards import open_dataset
 from meddiff.devices import resolve_device
 from meddiff.evaluate.bootstrap import mean_ci, small_n_warning, subsample_interval
 from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
-from meddiff.evaluate.fidelity import fid, kid
+from meddiff.evaluate.fidelity import fid, kid_unbiased
 from meddiff.evaluate.similarity import ms_ssim_pairs, ssim_pairs
 from meddiff.figures import new_figure, to_png
 from meddiff.models.autoencoders import TrainedAutoencoder, load_autoencoder
@@ -66,8 +66,22 @@ def pixel_metrics(x: np.ndarray, x_hat: np.ndarray) -> dict[str, Any]:
     return {"psnr_db": _stat(psnr(a, b)), "ssim": _stat(ssim_pairs(a, b)), "ms_ssim": _stat(ms_ssim_pairs(a, b))}
 
 
+def _fid_kid(real: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
+    """FID and unbiased KID (Bińkowski 2018, eq. 2) of two feature sets N×D, M×D."""
+    return {"fid": fid(real, other), "kid": kid_unbiased(real, other)}
+
+
+def _with_intervals(real: torch.Tensor, other: torch.Tensor) -> dict[str, Any]:
+    """FID and KID of the whole sets, each with its half-sampling 95 % interval (bootstrap.py; FID ≥ 0)."""
+    est = _fid_kid(real, other)
+    ci = subsample_interval(_fid_kid, [real, other], est, bounds={"fid": (0.0, np.inf)})
+    return {"fid": est["fid"], "fid_ci95": list(ci["fid"]) if "fid" in ci else None,
+            "kid": est["kid"], "kid_ci95": list(ci["kid"]) if "kid" in ci else None}
+
+
 def feature_metrics(ds, x: np.ndarray, x_hat: np.ndarray, device: str, domain_steps: int | None) -> dict[str, Any]:
-    """Reconstruction FID/KID in domain features (x̂ vs x) beside train-vs-val at the same n."""
+    """Reconstruction FID/KID in domain features (x̂ vs x) beside train-vs-val at the same n, each with its
+    interval. (KID was the mean ± std over subsets of all n images: every subset the same set, std ~1e-7.)"""
     cfg = DomainTrainConfig() if domain_steps is None else DomainTrainConfig(steps=domain_steps)
     ext = load_or_train_domain(ds, cfg, device)
     xtr, _ = ds.load_split("train")
@@ -76,17 +90,35 @@ def feature_metrics(ds, x: np.ndarray, x_hat: np.ndarray, device: str, domain_st
     out: dict[str, Any] = {"extractor": "domain", "n": n, "warning": small_n_warning(n, RELIABLE_N, "FID/KID")}
     if n < 10:
         return {**out, "skipped": "fewer than 10 images"}
-    k_mean, k_std, size = kid(f_real, f_rec)
-    kb_mean, kb_std, _ = kid(f_real, f_train)
-    fid_stat = lambda a, b: {"fid": fid(a, b)}  # noqa: E731
-    estimate = fid_stat(f_real, f_rec)
-    # half-sampling, centred, FID ≥ 0 (bootstrap.py)
-    ci = subsample_interval(fid_stat, [f_real, f_rec], estimate, bounds={"fid": (0.0, np.inf)}).get("fid")
-    out.update(fid=estimate["fid"], fid_ci95=list(ci) if ci else None, fid_note="n-dependent: compare at equal n only",
-               kid=k_mean, kid_std=k_std, kid_subset_size=size,
-               baseline={"what": "val vs the same number of train images", "fid": fid(f_real, f_train),
-                         "kid": kb_mean, "kid_std": kb_std})
-    return out
+    return {**out, **_with_intervals(f_real, f_rec), "fid_note": "n-dependent: compare at equal n only",
+            "kid_note": "unbiased MMD² on the whole sets (Bińkowski 2018, eq. 2)",
+            "baseline": {"what": "val vs the same number of train images", **_with_intervals(f_real, f_train)}}
+
+
+def summary_lines(rec: dict[str, Any]) -> list[str]:
+    """The reconstruction report (``latents.json → reconstruction``) in a few lines, for the command's user."""
+    def mean(name: str, fmt: str, unit: str = "") -> str | None:
+        m = rec.get(name)
+        return m and f"{name.replace('_db', '').upper().replace('MS_', 'MS-')} {m['mean']:{fmt}}{unit} " \
+                     f"[{m['ci95'][0]:{fmt}}, {m['ci95'][1]:{fmt}}]"
+
+    def stat(d: dict[str, Any], k: str) -> str:
+        ci = d.get(f"{k}_ci95")
+        return f"{d[k]:.4g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+    parts = [p for p in (mean("psnr_db", ".2f", " dB"), mean("ssim", ".3f"), mean("ms_ssim", ".3f"),
+                         mean("lpips", ".3f")) if p]
+    lines = [f"reconstruction of {rec['n']} val images: {', '.join(parts)}"]
+    f = rec.get("features") or {}
+    if "fid" in f:
+        b = f["baseline"]
+        lines.append(f"domain features, x̂ vs x: FID {stat(f, 'fid')}, KID {stat(f, 'kid')}; real val vs as many "
+                     f"train images: FID {stat(b, 'fid')}, KID {stat(b, 'kid')} (n = {f['n']})")
+    elif f.get("skipped"):
+        lines.append(f"domain-feature FID/KID skipped: {f['skipped']}")
+    if f.get("warning"):
+        lines.append(f"warning: {f['warning']}")
+    return lines
 
 
 @torch.no_grad()
