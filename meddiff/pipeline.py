@@ -170,9 +170,10 @@ def _direct(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def _latent_stages(cfg: PipelineConfig, dataset_uri: str, root: str, device: str, call: StageCall,
-                   progress: ProgressFactory, record: Callable[[str, str, bool | None], None]) -> str:
-    """train-autoencoder, then encode (latent shards + reconstruction report); returns the AE URI."""
-    from meddiff.evaluate.reconstruction import encode_with_report
+                   progress: ProgressFactory, record: Callable[[str, str, bool | None], None],
+                   log: Callable[[str], None]) -> str:
+    """train-autoencoder, then encode (latent shards + reconstruction report, logged); returns the AE URI."""
+    from meddiff.evaluate.reconstruction import encode_with_report, summary_lines
     from meddiff.train.autoencoder import train_autoencoder
 
     ae = call("train-autoencoder", train_autoencoder, cfg.autoencoder_config(dataset_uri, device), root,
@@ -181,6 +182,8 @@ def _latent_stages(cfg: PipelineConfig, dataset_uri: str, root: str, device: str
     enc = call("encode", encode_with_report, dataset_uri, ae.uri, device, 1000, root, cfg.domain_steps,
                cfg.latent_umap, None, progress("encode"))
     record("encode", enc["uri"], enc["existed"])
+    for line in summary_lines(enc["card"]["reconstruction"]):
+        log(f"encode: {line}")
     return ae.uri
 
 
@@ -211,7 +214,7 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
 
     ds = call("ingest", ingest, cfg.ingest_config().check(), root, progress("ingest"))
     record("ingest", ds.uri, ds.existed)
-    ae_uri = _latent_stages(cfg, ds.uri, root, device, call, progress, record) if cfg.latent else None
+    ae_uri = _latent_stages(cfg, ds.uri, root, device, call, progress, record, log) if cfg.latent else None
     model = call("train", train, cfg.train_config(ds.uri, device, ae_uri), root, progress("train"))
     record("train", model.uri, model.existed)
     cohort = call("generate", generate, cfg.cohort_spec(model.uri, device), root, progress("generate"))

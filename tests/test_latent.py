@@ -151,6 +151,8 @@ def test_encode_writes_codes_shards_and_report(breastmnist_uri, vqvae_uri, sessi
     assert lines[0].startswith(f"reconstruction of 40 val images: PSNR {rec['psnr_db']['mean']:.2f} dB [")
     assert lines[1].startswith(f"domain features, x̂ vs x: FID {f['fid']:.4g} [") and lines[1].endswith("(n = 40)")
     assert lines[2] == f"warning: {f['warning']}"
+    older = {k: v for k, v in f.items() if k != "kid_ci95"}  # latents encoded before KID had an interval
+    assert f"KID {f['kid']:.4g};" in summary_lines({**rec, "features": older})[1]
     told = Told()
     assert encode_with_report(breastmnist_uri, vqvae_uri, "cpu", root=session_storage, progress=told)["existed"]
     assert told == [f"reusing {out['uri']}: this dataset was encoded with this autoencoder before"]
