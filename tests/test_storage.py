@@ -105,6 +105,17 @@ def test_an_object_store_that_refuses_or_is_not_there_is_one_line_saying_what_to
     assert done.value.code == 0
     assert capsys.readouterr().err.strip() == (f"no models under s3://no-such-bucket/x: bucket no-such-bucket does "
                                                f"not exist at {endpoint} (check --storage / MEDDIFF_STORAGE)")
+    # an artifact URI in a mistyped bucket: 'does not exist' alone did not say that the bucket is what is missing
+    from meddiff.data.shards import open_dataset
+    from meddiff.errors import ArtifactError
+
+    with pytest.raises(ArtifactError) as e:
+        open_dataset("s3://no-such-bucket/datasets/d/v").card
+    assert str(e.value) == (f"s3://no-such-bucket/datasets/d/v does not exist: bucket no-such-bucket does not exist "
+                            f"at {endpoint} (check the URI, and AWS_ENDPOINT_URL)")
+    with pytest.raises(ArtifactError) as e:
+        open_dataset("s3://meddiff/datasets/d/v").card
+    assert str(e.value) == "s3://meddiff/datasets/d/v does not exist"  # the bucket is there
     monkeypatch.setattr(sys, "argv", ["meddiff", "models", "list", "--storage", "s3://meddiff/x"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
     assert run().endswith(f"the S3 server at {endpoint} refused these credentials: check AWS_ACCESS_KEY_ID and "

@@ -215,7 +215,7 @@ def read_card(uri: str, record: str) -> dict[str, Any]:
     """The record file of a complete artifact, or a clear ArtifactError."""
     card_uri = storage.join(uri, record)
     if not storage.exists(uri):
-        raise ArtifactError(f"{uri} does not exist")
+        raise ArtifactError(f"{uri} does not exist" + _no_bucket(uri))
     if not storage.exists(card_uri):
         for other, (kind, _, _) in ARTIFACT_KINDS.items():
             if other != record and storage.exists(storage.join(uri, other)):
@@ -227,6 +227,21 @@ def read_card(uri: str, record: str) -> dict[str, Any]:
         return storage.read_json(card_uri)
     except (ValueError, OSError) as e:
         raise ArtifactError(f"{card_uri} is corrupt: {e}") from e
+
+
+def _no_bucket(uri: str) -> str:
+    """': bucket B does not exist at <endpoint> …' where a remote ``uri``'s bucket is missing (a mistyped bucket,
+    or another S3 endpoint), else ''."""
+    if not storage.is_remote(uri):
+        return ""
+    fs, path = storage.filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    try:
+        there = fs.exists(bucket)
+    except Exception:  # noqa: BLE001 - the plain "does not exist" stands
+        return ""
+    return "" if there else (f": bucket {bucket} does not exist at {storage.endpoint_text()} (check the URI, and "
+                             "AWS_ENDPOINT_URL)")
 
 
 def _held_artifacts(uri: str, depth: int = 2, most: int = 200) -> dict[str, list[str]]:
