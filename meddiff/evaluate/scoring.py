@@ -52,8 +52,9 @@ def unmatched_classes(syn_y: np.ndarray, real: RealSplits, class_names: list[str
         if not lack:
             continue
         n = int(np.isin(syn_y, lack).sum())
-        overall = (f"the overall set metrics (KID, FID, precision, recall, coverage) leave out its {n} synthetic "
-                   "images of them" if mixed else "")
+        against = "" if split == "val" else " against it"  # val is every set metric's baseline
+        overall = (f"the overall set metrics (KID, FID, precision, recall, coverage){against} leave out its {n} "
+                   "synthetic images of them" if mixed else "")
         flag = {"val": "--val-frac", heldout_split: "--test-frac"}.get(split)  # zip/folder/Kaggle ingests
         out.append(f"the real {split} split has no images of {', '.join(class_names[c] for c in lack)}: "
                    f"{overall}{' and ' if overall else ''}their per-class comparisons with it are skipped"
