@@ -138,6 +138,11 @@ def test_the_cli_says_which_scores_are_label_free(breast_anomaly, breast_normal_
     assert out.exit_code == 0, out.output
     assert out.output.strip().splitlines()[-1] == breast_anomaly["uri"]  # the fixture's record, reused
     assert "so it is not label-free" in out.output and "feature" in out.output
+    implied = CliRunner().invoke(app, ["anomaly", breast_normal_model, "--normal", "normal, benign", "--level", "0.25",
+                                       "--steps", "5", "--max-images", "0", "--heatmaps", "6", "--device", "cpu",
+                                       "--storage", session_storage], terminal_width=200)
+    assert implied.exit_code == 0, implied.output  # the dataset: the one the model learned from
+    assert implied.output.strip().splitlines()[-1] == breast_anomaly["uri"]
 
 
 @pytest.fixture(scope="module")

@@ -103,6 +103,10 @@ def test_likelihood_command_on_a_tiny_breastmnist_model(tiny_per_class_model_uri
     again = CliRunner().invoke(app, args)  # the record is reused, not recomputed
     assert again.exit_code == 0 and again.output.strip().splitlines()[-1] == res.output.strip().splitlines()[-1]
     assert again.output.startswith(f"reusing {rec['uri']}: this model scored the same request before")
+    # the dataset defaults to the one the model learned from (it was a required argument)
+    implied = CliRunner().invoke(app, [a for a in args if a != breastmnist_uri])
+    assert implied.exit_code == 0, implied.output
+    assert implied.output.strip().splitlines()[-1] == rec["uri"]
 
 
 def test_a_second_request_waits_for_the_process_scoring_it_then_reuses_its_record(tiny_per_class_model_uri,

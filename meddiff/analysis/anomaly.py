@@ -153,19 +153,22 @@ def auroc_table(table, class_names: list[str], normal: str) -> dict[str, Any]:
     return out
 
 
-def detect_anomalies(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, root: str | None = None,
+def detect_anomalies(model_uri: str, dataset_uri: str | None, cfg: AnomalyConfig, root: str | None = None,
                      progress: Progress | None = None) -> dict[str, Any]:
-    """Score a real split with a model of the normal class; returns the ``anomaly.json`` record
+    """Score a real split (of ``dataset_uri``; None: the dataset the model learned from) with a model of the
+    normal class; returns the ``anomaly.json`` record
     (``uri`` = its folder). Reuses a finished folder of the same request (``progress`` is told so);
     ``progress(reconstructions done, reconstructions)``: one per image, two with the ratio score."""
     from meddiff.analysis.reconstruct import reconstruct
     from meddiff.data.shards import open_dataset
     from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
     from meddiff.locks import artifact_lock, tell_waiting
-    from meddiff.models.trained import load_model
+    from meddiff.models.trained import load_model, trained_on
 
     cfg = cfg.check()
-    ds, model = open_dataset(dataset_uri), load_model(model_uri, cfg.device)
+    model = load_model(model_uri, cfg.device)
+    dataset_uri = dataset_uri or trained_on(model)
+    ds = open_dataset(dataset_uri)
     if (ds.image_size, ds.channels, ds.class_names) != (model.image_size, model.channels, model.class_names):
         raise MeddiffError(f"{dataset_uri} does not match the model's images/classes ({model.class_names}, "
                            f"{model.channels}×{model.image_size} px)")

@@ -78,7 +78,8 @@ def sweep_table(rec: dict) -> Table:
 @app.command()
 def anomaly(
     model_uri: str = typer.Argument(..., help="A model trained on (or conditioned on) the normal class."),
-    dataset_uri: str = typer.Argument(..., help="The real dataset version to score."),
+    dataset_uri: Optional[str] = typer.Argument(None, help="The real dataset version to score (default: the one "
+                                                "the model learned from)."),
     normal: str = typer.Option(..., help="The normal class (name or 0-based id); the others are anomalies."),
     split: str = typer.Option("test", help="train | val | test"),
     level: float = typer.Option(0.3, help="Noise level in (0, 1]: fraction of the diffusion chain."),

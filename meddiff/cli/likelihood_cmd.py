@@ -17,7 +17,8 @@ console = Console()
 @app.command()
 def likelihood(
     model_uri: str = typer.Argument(..., help="A DDPM model (storage/models/<run-id>)."),
-    dataset_uri: str = typer.Argument(..., help="The real dataset version to score."),
+    dataset_uri: Optional[str] = typer.Argument(None, help="The real dataset version to score (default: the one "
+                                                "the model learned from)."),
     split: str = typer.Option("test", help="train | val | test"),
     max_images: Optional[int] = typer.Option(500, help="Seeded subsample of the split (0 = all)."),
     timesteps: Optional[int] = typer.Option(100, help="Stratified KL timesteps per image (0 = the full chain)."),

@@ -236,20 +236,21 @@ def summarize(per_image: dict[str, np.ndarray], labels: np.ndarray, class_names:
     return {"overall": overall, "per_class": per_class}
 
 
-def likelihood(model_uri: str, dataset_uri: str, cfg: LikelihoodConfig | None = None,
+def likelihood(model_uri: str, dataset_uri: str | None = None, cfg: LikelihoodConfig | None = None,
                progress: Progress | None = None) -> dict[str, Any]:
-    """Bits/dim of a DDPM model on a real split; the record is written (atomically) to
-    ``<model>/likelihood/<split>-<hash>.json`` and reused when it exists (``progress`` is told so).
-    Returns the record; ``progress(images scored, images)``."""
+    """Bits/dim of a DDPM model on a real split (of ``dataset_uri``; None: the dataset the model learned from);
+    the record is written (atomically) to ``<model>/likelihood/<split>-<hash>.json`` and reused when it exists
+    (``progress`` is told so). Returns the record; ``progress(images scored, images)``."""
     from meddiff import storage
     from meddiff.data.shards import open_dataset
-    from meddiff.models.trained import load_model
+    from meddiff.models.trained import load_model, trained_on
     from meddiff.locks import artifact_lock, tell_waiting
     from meddiff.records import content_hash
 
     cfg = (cfg or LikelihoodConfig()).check()
-    ds = open_dataset(dataset_uri)
     model = load_model(model_uri, cfg.device)
+    dataset_uri = dataset_uri or trained_on(model)
+    ds = open_dataset(dataset_uri)
     check_ddpm(model)
     if (ds.image_size, ds.channels) != (model.image_size, model.channels) or ds.class_names != model.class_names:
         raise MeddiffError(f"{dataset_uri} ({ds.channels}×{ds.image_size} px, classes {ds.class_names}) does not "

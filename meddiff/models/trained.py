@@ -99,6 +99,16 @@ def load_network(run_uri: str, part: dict[str, Any], device: str) -> tuple[torch
     return net.to(device).eval().requires_grad_(False), digest
 
 
+def trained_on(model: TrainedModel) -> str:
+    """The dataset version the model learned from (its card's URI, followed to the model's storage root when
+    that root was moved: storage.relocated); a MeddiffError asking for it where the card names none."""
+    recorded = (model.card.get("dataset") or {}).get("uri")
+    if not recorded:
+        raise ArtifactError(f"{model.uri}: model.json names no dataset: pass the dataset version "
+                            "(`meddiff datasets list` shows them)")
+    return storage.relocated(recorded, model.uri, "dataset.json") or recorded  # (open_dataset names it if gone)
+
+
 def load_model(uri: str, device: str = "cpu") -> TrainedModel:
     """Load a complete model (``model.json`` present) with its EMA weights on ``device``."""
     uri = uri.rstrip("/")
