@@ -553,6 +553,9 @@ def test_headline_table_never_breaks_an_interval(planted, width, values):
     assert cells and all(c.split(" [")[1] in text for c in cells)  # every interval whole
     beside = all(c in text for c in cells)  # each value with its interval on one line
     assert beside == (width == 200), text
+    n = {row[0]: row[3] for row in headline_rows(report)}  # intra-class SSIM's n counts pairs, and says so
+    assert n["intra-class SSIM, n pairs (↓ = diverse; target: real)"] == str(report["headline"]["intra_class_ssim"]["n"])
+    assert report["headline"]["intra_class_ssim"]["unit"] == "pairs" and "unit" not in report["headline"]["kid"]
 
 
 def test_the_domain_classifier_is_trained_once_said_so_and_waited_for(breast, cfg, tmp_path):

@@ -25,7 +25,7 @@ HEADLINE = {
 LABELS = {"kid": "KID vs held-out (n-robust)", "kid_train": "KID vs train", "fid": "FID vs held-out (n-dependent)",
           "precision": "precision", "recall": "recall", "coverage": "coverage",
           "closer_to_train": "closer to train than held-out", "label_fidelity": "label fidelity",
-          "flagged_fraction": "flagged (memorization)", "intra_class_ssim": "intra-class SSIM (↓ = diverse; target: real)",
+          "flagged_fraction": "flagged (memorization)", "intra_class_ssim": "intra-class SSIM, n pairs (↓ = diverse; target: real)",
           "ssim_to_nearest_train": "SSIM to nearest train", "tstr_accuracy": "TSTR accuracy (vs real at equal n)"}
 
 
@@ -88,7 +88,8 @@ def _pick(r: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
     return {"value": r["value"], "baseline": b.get("value"), "n": r["n"], "baseline_n": b.get("n"),
             "ci": r["ci"], "baseline_ci": b.get("ci"),
             "difference": diff.get("value"), "difference_ci": diff.get("ci"), "reference": r.get("reference"),
-            "extractor": r["extractor"], "warning": r.get("warning"), "verdict": verdict}
+            "extractor": r["extractor"], "warning": r.get("warning"), "verdict": verdict,
+            **({"unit": r["unit"]} if r.get("unit") else {})}  # n counts pairs of images (intra-class SSIM)
 
 
 def _verdict_cell(v: dict[str, Any] | None) -> str:
