@@ -328,6 +328,10 @@ def test_mixing_images_of_another_size_is_refused_up_front(leukemia_zip, tmp_pat
             ShardDataset(primary, mix_with=at16, mix_ratio=0.5)
     mixed = ShardDataset(cohort, mix_with=at32, mix_ratio=0.5)  # the same shape: mixed
     assert len(mixed) == 40 and {tuple(x.shape) for x, _ in mixed} == {(3, 32, 32)}
+    # one without the other mixed nothing in, silently (mix_ratio defaults to 0): 20 images, not 40
+    for half in (dict(mix_with=at32), dict(mix_ratio=0.5)):
+        with pytest.raises(MeddiffError, match=r"give both to mix real images in .*, or neither"):
+            ShardDataset(cohort, **half)
 
 
 def test_a_cohort_copied_away_from_its_storage_still_mixes(leukemia_zip, tmp_path, monkeypatch):

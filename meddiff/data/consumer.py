@@ -217,6 +217,9 @@ class ShardDataset(IterableDataset):
         """
         if not 0 <= mix_ratio < 1:
             raise MeddiffError(f"mix_ratio must be in [0, 1), got {mix_ratio}")
+        if (mix_with is None) != (mix_ratio == 0):  # else one of them is silently ignored: nothing mixed in
+            raise MeddiffError(f"mix_with={mix_with!r} with mix_ratio={mix_ratio}: give both to mix real images in "
+                               "(mix_ratio = the real fraction, e.g. 0.5 = as many real as synthetic), or neither")
         for name, value in (("split", split), ("mix_split", mix_split)):
             if value not in SPLITS:
                 raise MeddiffError(f"{name} must be one of {', '.join(SPLITS)}, got {value!r}")
@@ -225,7 +228,7 @@ class ShardDataset(IterableDataset):
             raise MeddiffError(f"no images in {uri} with split={split!r}, classes={classes!r}, exclude_flagged="
                                f"{exclude_flagged!r} (split applies to dataset versions only)")
         self.mixed: _Source | None = None
-        if mix_with is not None and mix_ratio > 0:
+        if mix_with is not None:
             n_real = round(len(self.primary.entries) * mix_ratio / (1 - mix_ratio))
             self.mixed = _dataset_source(mix_with, mix_split, classes, n_real, seed)
             if self.mixed.class_names != self.primary.class_names:
