@@ -156,6 +156,9 @@ def test_gpu_requested_without_gpu(prefect_harness, tmp_path):
     (dict(domain_steps=0), "domain_steps must be positive"),
     (dict(latent="vae", ae_steps=0), "ae_steps must be positive"),
     (dict(sample_steps=0), "sample_steps must be positive"),
+    # found by the train stage, after ingest had written (and extracted 2.6 GB for BloodMNIST at 224 px)
+    (dict(size=224), r"size must be one of \[28, 64, 96, 128\] for preset 'tiny', got 224"),
+    (dict(size=96, latent="vae"), r"size must be one of \[28, 64, 128, 224\] for autoencoder preset 'tiny', got 96"),
 ])
 def test_pipeline_config_rejects_bad_input(bad, match):
     """Each message names the field (a flow's parameter), which `meddiff pipeline` shows as its option:
@@ -179,16 +182,35 @@ def test_pipeline_command_rejects_bad_input_before_running(tmp_path):
     assert not (tmp_path / "storage").exists()
 
 
-def test_pipeline_command_stops_on_bad_input_mid_run_without_a_traceback(medmnist_dir, tmp_path):
-    """Bad input that only a stage finds (here ingest: MedMNIST has no 32 px images) printed Prefect's
+def test_pipeline_command_stops_on_bad_input_mid_run_without_a_traceback(tmp_path):
+    """Bad input that only a stage finds (here ingest: a class folder with no images) printed Prefect's
     80-odd-line traceback of the failed flow run above the command's one-line error."""
+    from PIL import Image
+
+    for name in ("alpha", "beta"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (28, 28), 40 * i).save(tmp_path / "src" / "alpha" / f"{i}.png")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDDIFF_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    proc = subprocess.run([str(Path(sys.executable).parent / "meddiff"), "pipeline", "--dataset", "medmnist:breastmnist",
-                           "--medmnist-root", str(medmnist_dir), "--size", "32", "--storage", str(tmp_path / "storage")],
+    proc = subprocess.run([str(Path(sys.executable).parent / "meddiff"), "pipeline", "--dataset",
+                           f"folder:{tmp_path / 'src'}", "--storage", str(tmp_path / "storage")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: MedMNIST size must be one of (28, 64, 128, 224), got 32"], proc.stderr[-3000:]
-    assert "Encountered exception during execution: SourceError('MedMNIST size" in proc.stderr  # the run's log line
+    assert len(errors) == 1 and errors[0].startswith("error: no images found for class folder(s) ['beta']"), \
+        proc.stderr[-3000:]
+    assert "Encountered exception during execution: SourceError(\"no images found" in proc.stderr  # the run's log
     assert not list((tmp_path / "storage").glob("datasets/*/*/dataset.json"))
+
+
+def test_pipeline_command_refuses_a_size_its_preset_cannot_train_before_ingesting(tmp_path):
+    """--size 32 with the tiny preset: ingest wrote the dataset version, then train refused the size."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEDDIFF_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    proc = subprocess.run([str(Path(sys.executable).parent / "meddiff"), "pipeline", "--dataset", "folder:.",
+                           "--size", "32", "--storage", str(tmp_path / "storage")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "error: --size must be one of [28, 64, 96, 128] for preset 'tiny', got 32"
+    assert not (tmp_path / "storage").exists()
