@@ -167,6 +167,13 @@ def test_cohorts_show_gives_the_report_verdict(planted, breast, tmp_path):
     from meddiff.cli.cohorts_cmd import report_label  # the `cohorts list` column
 
     assert report_label(uri) == result.report["verdict"]["sentence"].split(":")[0] and report_label(fresh) == "none"
+    # a report judged by an older schema's rules (schema 5 failed balanced cohorts on their class mix) was
+    # listed and shown as if current
+    Path(fresh, "report.json").write_text(json.dumps({**result.report, "report_schema_version": 5}))
+    out = CliRunner().invoke(app, ["cohorts", "show", fresh], terminal_width=300)
+    assert f"outdated: judged by report schema 5, this meddiff judges by 6: re-run `meddiff evaluate {fresh}`" \
+        in out.output, out.output
+    assert report_label(fresh) == result.report["verdict"]["sentence"].split(":")[0] + " (outdated)"
 
 
 def test_up_to_date_report_is_reused(planted, cfg):

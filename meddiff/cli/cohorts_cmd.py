@@ -83,16 +83,24 @@ def list_(storage_root: Optional[str] = typer.Option(
     print_listing(t, "cohorts", storage.storage_root(storage_root), "`meddiff generate`")
 
 
-def report_sentence(uri: str) -> str | None:
-    """The cohort's report verdict sentence, or None when it has no report yet."""
+def report_sentence(uri: str) -> tuple[str, str | None] | None:
+    """(the cohort's report verdict sentence, why it is outdated or None), or None when it has no report yet."""
+    from meddiff.evaluate.schema import outdated
+
     report = storage.join(uri, "report.json")
-    return storage.read_json(report)["verdict"]["sentence"] if storage.exists(report) else None
+    if not storage.exists(report):
+        return None
+    record = storage.read_json(report)
+    return record["verdict"]["sentence"], outdated(record)
 
 
 def report_label(uri: str) -> str:
-    """The verdict's opening words ("Not fit for use", "Fit for use with care", ...), or "none"."""
-    sentence = report_sentence(uri)
-    return "none" if sentence is None else sentence.split(":")[0]
+    """The verdict's opening words ("Not fit for use", "Fit for use with care", ...), "… (outdated)" when an older
+    report schema's rules judged it, or "none"."""
+    said = report_sentence(uri)
+    if said is None:
+        return "none"
+    return said[0].split(":")[0] + (" (outdated)" if said[1] else "")
 
 
 @cohorts.command()
@@ -111,9 +119,12 @@ def show(uri: str = typer.Argument(
     if ae := card.get("autoencoder"):  # latent cohorts: the images were decoded through this AE
         console.print(f"[bold]autoencoder[/]: {where_now(ae['uri'], uri, 'model.json')} "
                       f"(sha256 {ae['sha256'][:16]}…)", soft_wrap=True)
-    sentence = report_sentence(uri)  # what a consumer asks next: is it fit for use?
-    console.print(Text.assemble(("report", "bold"), f": {sentence} ({storage.join(uri, 'report.html')})" if sentence
+    said = report_sentence(uri)  # what a consumer asks next: is it fit for use?
+    console.print(Text.assemble(("report", "bold"), f": {said[0]} ({storage.join(uri, 'report.html')})" if said
                                 else f": none yet (meddiff evaluate {uri})"), soft_wrap=True)
+    if said and said[1]:  # e.g. schema 5 compared a balanced cohort with real data of another class mix
+        console.print(Text(f"outdated: {said[1]}: re-run `meddiff evaluate {uri}` for a current verdict",
+                           style="yellow"), soft_wrap=True)
 
 
 @cohorts.command()

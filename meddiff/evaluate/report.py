@@ -27,17 +27,13 @@ from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.threads import configure_threads
 from meddiff.evaluate.html import render_html
 from meddiff.evaluate.loading import Images, RealSplits, check_compatible, load_cohort_images, load_real
+from meddiff.evaluate.schema import REPORT_SCHEMA_VERSION
 from meddiff.evaluate.scoring import Evaluation, evaluate_images
 from meddiff.progress import Progress, tell, told_only
 from meddiff.records import content_hash, make_record, sha256_bytes, to_jsonable
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate_cohort", "run_tstr"]
 
-REPORT_SCHEMA_VERSION = 6  # 2: matched n, two references, verdicts, half-sampling intervals; 3: TSTR judged
-# against real training images at the synthetic set's size and class mix (was: the whole real split);
-# 4: intra-class SSIM judged both ways, a pass's reason says which kind (was: "within noise" for any pass);
-# 5: the verdict says when its set metrics rest on fewer than reliable_n images (verdict.small_n);
-# 6: overall baselines and references drawn with the cohort's class mix (was: the real split's own)
 REPORT_JSON, REPORT_HTML = "report.json", "report.html"
 
 
