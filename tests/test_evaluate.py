@@ -252,7 +252,11 @@ def test_a_report_stays_up_to_date_when_its_storage_root_moves(breast, cfg, tmp_
 def test_tstr_end_to_end(breast, cfg, tmp_path):
     ds, (xtr, ytr), (xte, yte) = breast
     uri = make_cohort(tmp_path / "c", ds.uri, ds.class_names, xte[:60], yte[:60])
-    report = evaluate_cohort(uri, replace(cfg, tstr=True, tstr_steps=20, tstr_max_images=64)).report
+    from told import Told
+
+    told = Told()
+    report = evaluate_cohort(uri, replace(cfg, tstr=True, tstr_steps=20, tstr_max_images=64), told).report
+    assert told == ["TSTR: 4 classifiers × 20 optimizer steps (fair protocol) on cpu"]  # said before it trains
     settings = {s["setting"]: s for s in report["tstr"]["settings"]}
     assert set(settings) == {"real", "real (equal size)", "synthetic", "real+synthetic"}
     for s in settings.values():

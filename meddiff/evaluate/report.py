@@ -113,7 +113,7 @@ def _existing(report_uri: str, cohort_uri: str, chash: str, cfg: EvalConfig, dat
     return None, f"it was made with other settings ({', '.join(changed) or 'not recorded'})"
 
 
-def run_tstr(dataset: DatasetVersion, cfg: EvalConfig, device: str):
+def run_tstr(dataset: DatasetVersion, cfg: EvalConfig, device: str, progress: Progress | None = None):
     """The TSTR callback for ``evaluate_images``: real, real at the synthetic set's size and class mix
     (the baseline the synthetic set is judged against), synthetic, real+synthetic; equal steps."""
     from meddiff.evaluate.loading import load_images
@@ -141,6 +141,11 @@ def run_tstr(dataset: DatasetVersion, cfg: EvalConfig, device: str):
         sets = {"real": whole, "real (equal size)": (same.x, same.y), "synthetic": synthetic, "real+synthetic": both}
         steps = cfg.tstr_steps if cfg.tstr_protocol == "fair" else 100 * -(-len(real.train) // 128)
         val = (torch.from_numpy(real.val.x), torch.as_tensor(real.val.y))
+        # the medmnist protocol is a GPU job: say what it trains before minutes (or hours) without a word
+        cpu = (" — hours on a CPU for a large dataset (--tstr-protocol fair is CPU-sized)"
+               if cfg.tstr_protocol == "medmnist" and device == "cpu" else "")
+        tell(progress, f"TSTR: {len(sets)} classifiers × {steps} optimizer steps ({cfg.tstr_protocol} protocol) on "
+                       f"{device}{cpu}")
         rows = []
         for name, (x, y) in sets.items():
             if len(y) < 2:
@@ -206,7 +211,7 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig, progress: Progress | None,
     real_inception = inception and real_features(inception, dataset.uri, cfg.cache_root)  # real sets: cached
     step()
     ev = evaluate_images(syn, real, cfg, dataset.class_names, domain, inception, step,
-                         run_tstr(dataset, cfg, device) if cfg.tstr else None, oracle_labels=cohort.unconditional,
+                         run_tstr(dataset, cfg, device, progress) if cfg.tstr else None, oracle_labels=cohort.unconditional,
                          real_inception=real_inception)
     if cohort.unconditional:  # the report's grids and tables show the oracle's classes
         syn = Images(syn.x, ev.oracle_class.astype(np.int64), syn.keys)
