@@ -210,9 +210,9 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig, progress: Progress | None,
     inception = load_inception(device) if "inception" in cfg.features else None
     real_inception = inception and real_features(inception, dataset.uri, cfg.cache_root)  # real sets: cached
     step()
-    ev = evaluate_images(syn, real, cfg, dataset.class_names, domain, inception, step,
-                         run_tstr(dataset, cfg, device, progress) if cfg.tstr else None, oracle_labels=cohort.unconditional,
-                         real_inception=real_inception)
+    tstr = run_tstr(dataset, cfg, device, progress) if cfg.tstr else None
+    ev = evaluate_images(syn, real, cfg, dataset.class_names, domain, inception, step, tstr,
+                         oracle_labels=cohort.unconditional, real_inception=real_inception)
     if cohort.unconditional:  # the report's grids and tables show the oracle's classes
         syn = Images(syn.x, ev.oracle_class.astype(np.int64), syn.keys)
     ev.body["extractors"]["domain"]["cache_uri"] = domain_cache_uri(dataset.uri, cfg.domain, cfg.cache_root)

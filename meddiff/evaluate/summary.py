@@ -25,7 +25,8 @@ HEADLINE = {
 LABELS = {"kid": "KID vs held-out (n-robust)", "kid_train": "KID vs train", "fid": "FID vs held-out (n-dependent)",
           "precision": "precision", "recall": "recall", "coverage": "coverage",
           "closer_to_train": "closer to train than held-out", "label_fidelity": "label fidelity",
-          "flagged_fraction": "flagged (memorization)", "intra_class_ssim": "intra-class SSIM, n pairs (↓ = diverse; target: real)",
+          "flagged_fraction": "flagged (memorization)",
+          "intra_class_ssim": "intra-class SSIM, n pairs (↓ = diverse; target: real)",
           "ssim_to_nearest_train": "SSIM to nearest train", "tstr_accuracy": "TSTR accuracy (vs real at equal n)"}
 
 
