@@ -256,7 +256,9 @@ def test_tstr_end_to_end(breast, cfg, tmp_path):
 
     told = Told()
     report = evaluate_cohort(uri, replace(cfg, tstr=True, tstr_steps=20, tstr_max_images=64), told).report
-    assert told == ["TSTR: 4 classifiers × 20 optimizer steps (fair protocol) on cpu"]  # said before it trains
+    assert told == ["TSTR: 4 classifiers × 20 optimizer steps (fair protocol) on cpu",  # said before it trains
+                    "TSTR 1 of 4: training on real, 64 images", "TSTR 2 of 4: training on real (equal size), 60 images",
+                    "TSTR 3 of 4: training on synthetic, 60 images", "TSTR 4 of 4: training on real+synthetic, 64 images"]
     settings = {s["setting"]: s for s in report["tstr"]["settings"]}
     assert set(settings) == {"real", "real (equal size)", "synthetic", "real+synthetic"}
     for s in settings.values():

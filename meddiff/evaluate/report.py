@@ -147,10 +147,11 @@ def run_tstr(dataset: DatasetVersion, cfg: EvalConfig, device: str, progress: Pr
         tell(progress, f"TSTR: {len(sets)} classifiers × {steps} optimizer steps ({cfg.tstr_protocol} protocol) on "
                        f"{device}{cpu}")
         rows = []
-        for name, (x, y) in sets.items():
+        for i, (name, (x, y)) in enumerate(sets.items(), 1):
             if len(y) < 2:
                 warnings.append(f"TSTR setting {name} skipped: {len(y)} training images")
                 continue
+            tell(progress, f"TSTR {i} of {len(sets)}: training on {name}, {len(y)} images")
             r, _ = run_setting(name, torch.from_numpy(x), torch.as_tensor(y), torch.from_numpy(test.x),
                                torch.as_tensor(test.y), dataset.num_classes, steps, val, cfg.tstr_protocol,
                                cfg.seed, device)
