@@ -258,7 +258,8 @@ def test_tstr_end_to_end(breast, cfg, tmp_path):
     report = evaluate_cohort(uri, replace(cfg, tstr=True, tstr_steps=20, tstr_max_images=64), told).report
     assert told == ["TSTR: 4 classifiers × 20 optimizer steps (fair protocol) on cpu",  # said before it trains
                     "TSTR 1 of 4: training on real, 64 images", "TSTR 2 of 4: training on real (equal size), 60 images",
-                    "TSTR 3 of 4: training on synthetic, 60 images", "TSTR 4 of 4: training on real+synthetic, 64 images"]
+                    "TSTR 3 of 4: training on synthetic, 60 images",
+                    "TSTR 4 of 4: training on real+synthetic, 64 images"]
     settings = {s["setting"]: s for s in report["tstr"]["settings"]}
     assert set(settings) == {"real", "real (equal size)", "synthetic", "real+synthetic"}
     for s in settings.values():
@@ -567,7 +568,8 @@ def test_headline_table_never_breaks_an_interval(planted, width, values):
     beside = all(c in text for c in cells)  # each value with its interval on one line
     assert beside == (width == 200), text
     n = {row[0]: row[3] for row in headline_rows(report)}  # intra-class SSIM's n counts pairs, and says so
-    assert n["intra-class SSIM, n pairs (↓ = diverse; target: real)"] == str(report["headline"]["intra_class_ssim"]["n"])
+    ssim = "intra-class SSIM, n pairs (↓ = diverse; target: real)"
+    assert n[ssim] == str(report["headline"]["intra_class_ssim"]["n"])
     assert report["headline"]["intra_class_ssim"]["unit"] == "pairs" and "unit" not in report["headline"]["kid"]
 
 
