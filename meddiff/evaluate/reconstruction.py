@@ -23,6 +23,7 @@ from meddiff.evaluate.bootstrap import mean_ci, small_n_warning, subsample_inter
 from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
 from meddiff.evaluate.fidelity import fid, kid_unbiased
 from meddiff.evaluate.similarity import ms_ssim_pairs, ssim_pairs
+from meddiff.errors import MeddiffError
 from meddiff.figures import new_figure, to_png
 from meddiff.models.autoencoders import TrainedAutoencoder, load_autoencoder
 from meddiff.progress import Progress, tell
@@ -143,9 +144,11 @@ def perceptual_metrics(x: np.ndarray, x_hat: np.ndarray, weights: str | None, de
 
 def umap_png(latents: torch.Tensor, labels: np.ndarray, class_names: list[str], seed: int = 0) -> bytes | None:
     """UMAP (McInnes et al. 2018) of flattened latents N×D, coloured by class; None without umap-learn."""
+    from meddiff.evaluate.umap_plot import load_umap
+
     try:
-        import umap
-    except ImportError:
+        umap = load_umap()
+    except MeddiffError:  # umap-learn is not installed
         return None
     emb = umap.UMAP(n_neighbors=min(15, len(latents) - 1), random_state=seed, n_jobs=1).fit_transform(
         latents.flatten(1).numpy())  # (N, C_lat·h·w) → (N, 2)
