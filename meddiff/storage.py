@@ -122,11 +122,15 @@ def missing_reason(root: str) -> str | None:
     """Why nothing can be under storage root ``root``: its bucket or folder does not exist (None when it does)."""
     if not is_remote(root):
         return None if Path(root).expanduser().exists() else "the folder does not exist (check --storage / MEDDIFF_STORAGE)"
-    fs, path = filesystem(root)
+    missing = missing_bucket(root)
+    return missing and f"{missing} (check --storage / MEDDIFF_STORAGE)"
+
+
+def missing_bucket(uri: str) -> str | None:
+    """'bucket B does not exist at <endpoint>' when remote ``uri``'s bucket is not there, else None."""
+    fs, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
-    if fs.exists(bucket):
-        return None
-    return f"bucket {bucket} does not exist at {endpoint_text()} (check --storage / MEDDIFF_STORAGE)"
+    return None if fs.exists(bucket) else f"bucket {bucket} does not exist at {endpoint_text()}"
 
 
 REMOTE_CLIENTS = ("botocore", "aiobotocore", "s3fs")  # an object store's errors pass through these (not Kaggle's)

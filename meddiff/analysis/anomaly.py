@@ -163,11 +163,11 @@ def detect_anomalies(model_uri: str, dataset_uri: str | None, cfg: AnomalyConfig
     from meddiff.data.shards import open_dataset
     from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
     from meddiff.locks import artifact_lock, tell_waiting
-    from meddiff.models.trained import load_model, trained_on
+    from meddiff.models.trained import dataset_of, load_model
 
     cfg = cfg.check()
     model = load_model(model_uri, cfg.device)
-    dataset_uri = dataset_uri or trained_on(model)
+    dataset_uri = dataset_uri or dataset_of(model)
     ds = open_dataset(dataset_uri)
     if (ds.image_size, ds.channels, ds.class_names) != (model.image_size, model.channels, model.class_names):
         raise MeddiffError(f"{dataset_uri} does not match the model's images/classes ({model.class_names}, "

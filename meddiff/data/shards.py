@@ -234,14 +234,11 @@ def _no_bucket(uri: str) -> str:
     or another S3 endpoint), else ''."""
     if not storage.is_remote(uri):
         return ""
-    fs, path = storage.filesystem(uri)
-    bucket = path.split("/", 1)[0]
     try:
-        there = fs.exists(bucket)
+        missing = storage.missing_bucket(uri)
     except Exception:  # noqa: BLE001 - the plain "does not exist" stands
         return ""
-    return "" if there else (f": bucket {bucket} does not exist at {storage.endpoint_text()} (check the URI, and "
-                             "AWS_ENDPOINT_URL)")
+    return f": {missing} (check the URI, and AWS_ENDPOINT_URL)" if missing else ""
 
 
 def _held_artifacts(uri: str, depth: int = 2, most: int = 200) -> dict[str, list[str]]:

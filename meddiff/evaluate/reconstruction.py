@@ -103,9 +103,10 @@ def summary_lines(rec: dict[str, Any]) -> list[str]:
         return m and f"{name.replace('_db', '').upper().replace('MS_', 'MS-')} {m['mean']:{fmt}}{unit} " \
                      f"[{m['ci95'][0]:{fmt}}, {m['ci95'][1]:{fmt}}]"
 
+    from meddiff.evaluate.summary import with_ci
+
     def stat(d: dict[str, Any], k: str) -> str:
-        ci = d.get(f"{k}_ci95")
-        return f"{d[k]:.4g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+        return with_ci(d[k], d.get(f"{k}_ci95"))
 
     parts = [p for p in (mean("psnr_db", ".2f", " dB"), mean("ssim", ".3f"), mean("ms_ssim", ".3f"),
                          mean("lpips", ".3f")) if p]

@@ -62,9 +62,10 @@ def real_dataset_uri(cohort: Cohort, cfg: EvalConfig) -> str:
         return uri
     recorded = cohort.card.get("model_uri")
     if recorded and (model_uri := storage.relocated(recorded, cohort.uri, "model.json")):
-        uri = (storage.read_json(storage.join(model_uri, "model.json")).get("dataset") or {}).get("uri")
-        if uri:
-            return storage.relocated(uri, cohort.uri, "dataset.json") or uri  # (open_dataset names it if gone)
+        from meddiff.models.trained import trained_on
+
+        if uri := trained_on(storage.read_json(storage.join(model_uri, "model.json")), cohort.uri):
+            return uri
     raise MeddiffError(f"{cohort.uri}: cohort.json names no real dataset (nor does its model card); "
                        "pass the dataset version with --real")
 

@@ -101,16 +101,21 @@ def _verdict_cell(v: dict[str, Any] | None) -> str:
     return v["verdict"] or {UNJUDGED: "no CI", AT_CHANCE: "at chance"}.get(v.get("why"), "—")
 
 
+def with_ci(v: Any, ci: list[float] | None = None, sep: str = " ") -> str:
+    """'0.2418 [0.226, 0.257]': a value (4 significant digits) and its interval (3); '—' for none."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    s = f"{v:.4g}" if isinstance(v, float) else str(v)
+    return s + (f"{sep}[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+
 def headline_rows(report: dict[str, Any], ci_sep: str = " ") -> list[tuple[str, str, str, str, str]]:
     """(name, synthetic [CI], real baseline [CI], n, verdict) strings for the CLI, HTML and flow tables;
     ``ci_sep`` goes between a value and its interval (``"\n"``: the interval on a line of its own)."""
     h = report["headline"]
 
     def fmt(v: Any, ci: list[float] | None = None) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "—"
-        s = f"{v:.4g}" if isinstance(v, float) else str(v)
-        return s + (f"{ci_sep}[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+        return with_ci(v, ci, ci_sep)
 
     rows = []
     for key, label in LABELS.items():

@@ -243,13 +243,13 @@ def likelihood(model_uri: str, dataset_uri: str | None = None, cfg: LikelihoodCo
     (``progress`` is told so). Returns the record; ``progress(images scored, images)``."""
     from meddiff import storage
     from meddiff.data.shards import open_dataset
-    from meddiff.models.trained import load_model, trained_on
+    from meddiff.models.trained import dataset_of, load_model
     from meddiff.locks import artifact_lock, tell_waiting
     from meddiff.records import content_hash
 
     cfg = (cfg or LikelihoodConfig()).check()
     model = load_model(model_uri, cfg.device)
-    dataset_uri = dataset_uri or trained_on(model)
+    dataset_uri = dataset_uri or dataset_of(model)
     ds = open_dataset(dataset_uri)
     check_ddpm(model)
     if (ds.image_size, ds.channels) != (model.image_size, model.channels) or ds.class_names != model.class_names:

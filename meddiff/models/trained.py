@@ -99,14 +99,20 @@ def load_network(run_uri: str, part: dict[str, Any], device: str) -> tuple[torch
     return net.to(device).eval().requires_grad_(False), digest
 
 
-def trained_on(model: TrainedModel) -> str:
-    """The dataset version the model learned from (its card's URI, followed to the model's storage root when
-    that root was moved: storage.relocated); a MeddiffError asking for it where the card names none."""
-    recorded = (model.card.get("dataset") or {}).get("uri")
-    if not recorded:
+def trained_on(card: dict[str, Any], anchor: str) -> str | None:
+    """The dataset version a model learned from, as its ``card`` (model.json) names it, followed to the storage
+    root ``anchor`` sits in when that root was moved (storage.relocated); None when the card names none."""
+    recorded = (card.get("dataset") or {}).get("uri")
+    return recorded and (storage.relocated(recorded, anchor, "dataset.json") or recorded)  # (gone: open_dataset says)
+
+
+def dataset_of(model: TrainedModel) -> str:
+    """:func:`trained_on` for a loaded model, or an ArtifactError asking for the dataset."""
+    uri = trained_on(model.card, model.uri)
+    if not uri:
         raise ArtifactError(f"{model.uri}: model.json names no dataset: pass the dataset version "
                             "(`meddiff datasets list` shows them)")
-    return storage.relocated(recorded, model.uri, "dataset.json") or recorded  # (open_dataset names it if gone)
+    return uri
 
 
 def load_model(uri: str, device: str = "cpu") -> TrainedModel:
