@@ -18,6 +18,25 @@ def test_parse_grid_and_its_errors():
         parse_grid(["warmth=1,2"])
     with pytest.raises(MeddiffError, match="twice"):
         parse_grid(["schedule=linear", "schedule=cosine"])
+    with pytest.raises(MeddiffError, match=r"'abc' is not a valid lr value \(e.g. 2e-4\)"):
+        parse_grid(["lr=1e-3,abc"])  # was a ValueError traceback from the middle of the sweep
+    with pytest.raises(MeddiffError, match="'16-x' is not a valid channels value"):
+        parse_grid(["channels=16-32,16-x"])
+
+
+def test_a_sweep_that_cannot_rank_or_repeats_a_run_is_refused_before_training(breastmnist_uri):
+    """'lr=1e-3,0.001' trained once and ranked the run against itself ("not separated from lr=1e-3");
+    --rank-by bits_per_dim with --likelihood-images 0, or with rflow runs only, trained every model
+    and then said nothing was ranked."""
+    with pytest.raises(MeddiffError, match="lr=1e-3 and lr=0.001 are the same training run"):
+        SweepConfig(breastmnist_uri, parse_grid(["lr=1e-3,0.001"])).check()
+    with pytest.raises(MeddiffError, match="--rank-by bits_per_dim needs --likelihood-images > 0"):
+        SweepConfig(breastmnist_uri, parse_grid(["lr=1e-3,2e-3"]), likelihood_images=0,
+                    rank_by="bits_per_dim").check()
+    with pytest.raises(MeddiffError, match="at least one ddpm run"):
+        SweepConfig(breastmnist_uri, parse_grid(["lr=1e-3,2e-3"]), {"objective": "rflow"},
+                    rank_by="bits_per_dim").check()
+    assert SweepConfig(breastmnist_uri, parse_grid(["objective=ddpm,rflow"]), rank_by="bits_per_dim").check()
 
 
 def test_best_row_respects_the_metric_direction():

@@ -32,6 +32,8 @@ KNOBS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "steps": ("steps", int), "batch_size": ("batch_size", int), "preset": ("preset", str), "mode": ("mode", str),
     "channels": ("network_channels", lambda v: tuple(int(c) for c in v.split("-"))),  # "16-32" → (16, 32)
 }
+# a valid value of each numeric knob, shown when a --grid value does not parse
+GRID_EXAMPLES = {"min_snr_gamma": "5", "lr": "2e-4", "steps": "2000", "batch_size": "64", "channels": "16-32"}
 
 
 def parse_grid(items: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -44,6 +46,12 @@ def parse_grid(items: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
         if name not in KNOBS or not vals:
             raise MeddiffError(f"--grid {item!r}: give KNOB=v1,v2 with KNOB one of {', '.join(KNOBS)} "
                                "(channels values as 16-32-64)")
+        for v in vals:  # a typo fails here, not as a traceback after the first combinations trained
+            try:
+                KNOBS[name][1](v)
+            except ValueError:
+                raise MeddiffError(f"--grid {item!r}: {v!r} is not a valid {name} value "
+                                   f"(e.g. {GRID_EXAMPLES[name]})") from None
         grid.append((name, vals))
     if len({n for n, _ in grid}) != len(grid):
         raise MeddiffError("--grid names a knob twice; put all its values in one --grid")
@@ -71,8 +79,17 @@ class SweepConfig:
             raise MeddiffError(f"--rank-by must be one of {get_args(RankBy)}, not {self.rank_by!r}")
         if self.per_class < 2 or self.sample_steps < 1 or self.likelihood_images < 0:
             raise MeddiffError("--per-class must be ≥ 2, --sample-steps ≥ 1, --likelihood-images ≥ 0")
-        for combo in combinations(self):
-            train_config(self, combo).check()  # every run is valid before the first one trains
+        combos = combinations(self)
+        runs = [train_config(self, combo).check() for combo in combos]  # every run is valid before one trains
+        for i, run in enumerate(runs):  # "lr=1e-3,0.001" would train once and rank the run against itself
+            if run in runs[:i]:
+                raise MeddiffError(f"--grid: {combo_label(combos[runs.index(run)], list(combos[i]))} and "
+                                   f"{combo_label(combos[i], list(combos[i]))} are the same training run; "
+                                   "give each knob distinct values")
+        if self.rank_by == "bits_per_dim" and not (self.likelihood_images
+                                                   and any(r.objective == "ddpm" for r in runs)):
+            raise MeddiffError("--rank-by bits_per_dim needs --likelihood-images > 0 and at least one "
+                               "ddpm run (rflow models have no bits/dim); rank by kid, fid or label_fidelity")
         return self
 
 
