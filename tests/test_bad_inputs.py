@@ -371,7 +371,7 @@ CASES: list[tuple[str, Callable, str]] = [
     ("same-class-name-in-two-folders", same_folder_name_twice, r"class name 'benign' comes from several folders"),
     ("non-utf8-name", non_utf8_name, r"file name b'benign/scan-\\xff\\xfe\.png' .* is not valid UTF-8; rename"),
     ("unknown-classes-glob", unknown_classes_glob, r"--classes pattern 'Original/Nosuch\*' matches no folder"),
-    ("name-outside-the-layout", name_outside_the_layout, r"--name '\.\./escape' is not a dataset name: use 1-64"),
+    ("name-outside-the-layout", name_outside_the_layout, r"--name '\.\./escape' is not a usable name: use 1-64"),
     ("bad-window", bad_window, r"--window must be 'lo,hi' percentiles"),
     ("size-out-of-range", size_out_of_range, r"--size must be between 8 and 1024"),
     ("unknown-source-kind", unknown_source_kind, r"unknown source 'tiff:/data/scans': use medmnist:"),

@@ -378,7 +378,7 @@ def test_dataset_names_are_one_safe_folder(medmnist_dir, tmp_path, monkeypatch):
     assert here.card["name"] == "my-scans-2"
     assert Path(here.uri).parent == root / "datasets" / "my-scans-2"
     for bad in ("../escape", "a/b", "", "-x", "x" * 65):
-        with pytest.raises(SourceError, match="is not a dataset name"):
+        with pytest.raises(SourceError, match="is not a usable name"):
             ingest(IngestConfig("folder:.", size=28, name=bad), str(root))
     assert [p.name for p in (root / "datasets").iterdir()] == ["my-scans-2"]
     assert not (root / "escape").exists()

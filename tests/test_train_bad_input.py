@@ -61,6 +61,20 @@ def test_invalid_config_fails_up_front(breastmnist_uri, tmp_path, field, value):
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", ""])
+def test_a_run_name_cannot_leave_its_folder(breastmnist_uri, tmp_path, name):
+    """--run-name ../escape trained into <root>/escape, beside models/ (the cohort and dataset names
+    were checked; the run name was not). Diffusion models and autoencoders alike."""
+    from meddiff.train.ae_config import AETrainConfig
+
+    root = tmp_path / "root"
+    with pytest.raises(MeddiffError, match=f"--run-name {name!r} is not a usable name"):
+        train(tiny(breastmnist_uri, run_name=name), str(root))
+    with pytest.raises(MeddiffError, match="autoencoders/<name>/"):
+        AETrainConfig(breastmnist_uri, run_name=name).check()
+    assert not root.exists() and not (tmp_path / "escape").exists()
+
+
 def test_min_snr_only_for_ddpm(breastmnist_uri, tmp_path):
     with pytest.raises(MeddiffError, match="min_snr_gamma"):
         train(tiny(breastmnist_uri, objective="rflow", min_snr_gamma=5.0), str(tmp_path))

@@ -11,7 +11,7 @@ from typing import Any
 from meddiff import storage
 from meddiff.data.shards import DatasetVersion, open_dataset
 from meddiff.devices import check_device, resolve_device
-from meddiff.errors import ArtifactError, MeddiffError, check_seed
+from meddiff.errors import ArtifactError, MeddiffError, check_folder_name, check_seed
 from meddiff.models.autoencoders import AEKind, AutoencoderDef, AutoencoderTrain, get_ae_preset
 from meddiff.records import content_hash, to_jsonable
 from typing import get_args
@@ -65,6 +65,8 @@ class AETrainConfig:
             raise MeddiffError(f"--perceptual-weights {self.perceptual_weights} does not exist (weights are never "
                                "downloaded at run time; pass a local torchvision VGG16/AlexNet state dict)")
         check_device(self.device)
+        if self.run_name is not None:
+            check_folder_name(self.run_name, "--run-name", "autoencoders/<name>/")
         return self
 
     def resolved(self, train: AutoencoderTrain) -> "AETrainConfig":

@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 from meddiff import storage
 from meddiff.data.shards import DatasetVersion, open_dataset
 from meddiff.devices import check_device, resolve_device
-from meddiff.errors import ArtifactError, MeddiffError, check_seed
+from meddiff.errors import ArtifactError, MeddiffError, check_folder_name, check_seed
 from meddiff.models.diffusion import Objective, Prediction, Schedule, scheduler_config
 from meddiff.models.networks import Conditioning, NetworkConfig
 from meddiff.records import content_hash, to_jsonable
@@ -97,6 +97,8 @@ class TrainConfig:
         if self.conditioning != "embedding" and self.mode != "conditional":
             raise MeddiffError("--conditioning applies to conditional models; per-class models are unconditional")
         check_device(self.device)
+        if self.run_name is not None:
+            check_folder_name(self.run_name, "--run-name", "models/<name>/")
         self.network(get_preset(self.preset).network)
         return self
 

@@ -10,20 +10,16 @@ from typing import Callable, Literal, get_args
 
 import numpy as np
 
-from meddiff.errors import SourceError
+from meddiff.errors import SourceError, check_folder_name
 
 SourceKind = Literal["medmnist", "kaggle", "zip", "folder"]
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a dataset name is one folder: datasets/<name>/
 
 
 def check_name(given: str) -> str:
     """``--name`` as given, or a SourceError (a name is never altered)."""
-    if not NAME_RE.fullmatch(given):
-        raise SourceError(f"--name {given!r} is not a dataset name: use 1-64 letters, digits, '.', '_' or '-', "
-                          f"starting with a letter or digit (it names the folder datasets/<name>/)")
-    return given
+    return check_folder_name(given, "--name", "datasets/<name>/", SourceError)
 
 
 def dataset_name(given: str | None, derived: str, source: str) -> str:
