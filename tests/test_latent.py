@@ -373,6 +373,7 @@ def test_models_show_and_list_cover_latent_models_and_autoencoders(latent_condit
         app, ["models", "show", str(moved)], env={"COLUMNS": "400"}).output.splitlines() if line.count("│") == 3}
     assert rows["latent"] == f"{tmp_path / 'root' / 'autoencoders' / Path(vae_uri).name} (latent 4×7×7)"
     assert rows["dataset"] == "/old/root/datasets/breastmnist/v1 (not there now: moved or deleted)"
+    assert rows["classes"] == "0 malignant; 1 normal, benign"  # was "malignant, normal, benign": 2 or 3?
     wrong = runner.invoke(app, ["models", "show", breastmnist_uri])
     assert wrong.exit_code != 0 and "is a dataset version, not what this command takes" in str(wrong.exception)
     listed = runner.invoke(app, ["models", "list", "--storage", session_storage], env={"COLUMNS": "300"}).output

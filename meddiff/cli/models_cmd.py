@@ -49,7 +49,7 @@ def card_rows(card: dict, here: str) -> list[tuple[str, str]]:
         ("kind", card.get("kind")), ("run", card.get("run_id")), ("mode", card.get("mode")),
         ("preset", card.get("preset")), ("objective", card.get("objective")),
         ("dataset", where_now(ds.get("uri"), here, "dataset.json")),
-        ("classes", ", ".join(card.get("class_names") or [])),
+        ("classes", "; ".join(f"{i} {n}" for i, n in enumerate(card.get("class_names") or []))),  # names hold commas
         ("images", shape([card["channels"], side, side]) if side else None),
         ("latent", f"{where_now(latent['uri'], here, 'model.json')} (latent {shape(latent.get('latent_shape'))})"
          if latent else None),
