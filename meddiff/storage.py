@@ -67,6 +67,14 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def absolute(uri: str) -> str:
+    """An artifact's URI as records name it: a local path made absolute (so a card, a manifest or a
+    report means the same place whatever directory the command ran in), a remote URL as it is."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return uri.rstrip("/") if is_remote(uri) else str(Path(uri).expanduser().resolve())
+
+
 def join(uri: str, *parts: str) -> str:
     out = uri.rstrip("/")
     for p in parts:

@@ -77,6 +77,29 @@ def test_cohort_id_does_not_depend_on_where_the_model_is_stored(tiny_conditional
         CliRunner().invoke(app, ["cohorts", "show", cohort]).output
 
 
+def test_records_name_artifacts_by_absolute_paths_whatever_the_cwd(tiny_conditional_model_uri, breastmnist_uri,
+                                                                  tmp_path, monkeypatch):
+    """`meddiff generate storage/models/X` wrote model_uri 'storage/models/X' into cohort.json and every
+    manifest row, and `meddiff train storage/datasets/...` its dataset so into model.json: downstream
+    readers (another directory, another machine's mount) could not tell where the artifacts were."""
+    import json
+    import os
+
+    from meddiff.train import TrainConfig, train
+
+    model = Path(tiny_conditional_model_uri)
+    monkeypatch.chdir(model.parent.parent.parent)
+    rel_model = os.path.relpath(model)
+    r = generate(spec(rel_model, per_class=1), str(tmp_path))
+    assert r.card["model_uri"] == tiny_conditional_model_uri and Path(r.card["dataset_uri"]).is_absolute()
+    assert set(open_cohort(r.uri).manifest()["model_uri"]) == {tiny_conditional_model_uri}
+    assert open_cohort(os.path.relpath(r.uri)).uri == r.uri
+    monkeypatch.chdir(Path(breastmnist_uri).parent.parent)
+    trained = train(TrainConfig("breastmnist/" + Path(breastmnist_uri).name, steps=2, batch_size=8, device="cpu",
+                                preview_steps=2), str(tmp_path))
+    assert json.loads((Path(trained.uri) / "model.json").read_text())["dataset"]["uri"] == breastmnist_uri
+
+
 def test_a_cohort_made_under_the_old_id_is_still_found(tiny_conditional_model_uri, tmp_path):
     """Cohorts made before the change (id and spec.json naming the model by its URI) are reused where
     their storage has not moved, not generated again under the new id."""

@@ -140,7 +140,7 @@ class Cohort:
 
 
 def open_cohort(uri: str) -> Cohort:
-    c = Cohort(uri.rstrip("/"))
+    c = Cohort(storage.absolute(uri))
     _ = c.card
     return c
 

@@ -264,7 +264,7 @@ def _not_one_but_holds(uri: str, record: str, held: dict[str, list[str]]) -> str
 
 
 def open_dataset(uri: str) -> DatasetVersion:
-    ds = DatasetVersion(uri.rstrip("/"))
+    ds = DatasetVersion(storage.absolute(uri))
     if ds.card.get("kind") != "dataset":
         raise ArtifactError(f"{uri} is not a dataset version (kind={ds.card.get('kind')!r})")
     return ds

@@ -187,7 +187,8 @@ def _evaluate_locked(cohort: Cohort, cfg: EvalConfig, progress: Progress | None,
     device = str(resolve_device(cfg.device))
     report_uri = storage.join(cohort.uri, REPORT_JSON)
     dataset = open_dataset(real_dataset_uri(cohort, cfg))
-    if not cfg.real_uri and cohort.card.get("dataset_uri") not in (None, dataset.uri):
+    recorded = cohort.card.get("dataset_uri")
+    if not cfg.real_uri and recorded is not None and storage.absolute(recorded) != dataset.uri:
         tell(progress, f"the cohort's dataset is no longer at {cohort.card['dataset_uri']}: using {dataset.uri}, "
                        "the same version under this cohort's storage root")
     chash = _config_hash(cfg, dataset)

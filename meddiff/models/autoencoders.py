@@ -231,7 +231,7 @@ def load_autoencoder(uri: str, device: str | torch.device = "cpu", expected_sha2
     (and against ``expected_sha256``, the checksum a latent denoiser recorded)."""
     from meddiff.data.shards import read_card
 
-    uri = uri.rstrip("/")
+    uri = storage.absolute(uri)
     card_uri = storage.join(uri, "model.json")
     if not storage.exists(card_uri):
         raise ArtifactError(f"{uri} is not a finished autoencoder (no model.json); train it with "

@@ -117,7 +117,7 @@ def dataset_of(model: TrainedModel) -> str:
 
 def load_model(uri: str, device: str = "cpu") -> TrainedModel:
     """Load a complete model (``model.json`` present) with its EMA weights on ``device``."""
-    uri = uri.rstrip("/")
+    uri = storage.absolute(uri)
     card = read_card(uri, "model.json")
     if card.get("kind") != "model":
         raise ArtifactError(f"{uri} is not a model (kind={card.get('kind')!r})")
