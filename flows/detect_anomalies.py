@@ -18,7 +18,7 @@ _D = AnomalyConfig("")  # the library's defaults: the flow restates them (tests/
 
 @task(name="score-anomalies", retries=1, retry_delay_seconds=[10], retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
-def score_task(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, storage_root: str | None) -> dict:
+def score_task(model_uri: str, dataset_uri: str | None, cfg: AnomalyConfig, storage_root: str | None) -> dict:
     logged = LoggedProgress(get_run_logger(), "anomaly", " reconstructions")  # two per image with the ratio score
     return run_detection(model_uri, dataset_uri, cfg, storage_root, logged)
 
@@ -26,8 +26,8 @@ def score_task(model_uri: str, dataset_uri: str, cfg: AnomalyConfig, storage_roo
 @flow(name="detect-anomalies")
 def detect_anomalies(
     model_uri: str,
-    dataset_uri: str,
     normal: str,
+    dataset_uri: str | None = None,
     split: Literal["train", "val", "test"] = _D.split,
     level: float = _D.level,
     steps: int = _D.steps,
@@ -41,8 +41,8 @@ def detect_anomalies(
 
     Args:
         model_uri: A model trained on (or conditioned on) the normal class (the train-model run's result).
-        dataset_uri: The real dataset version to score (the ingest-dataset run's result).
         normal: The normal class (name or 0-based id); every other class is an anomaly.
+        dataset_uri: The real dataset version to score; empty = the one the model was trained on.
         split: The real split scored.
         level: Noise level in (0, 1]: the fraction of the diffusion chain each image is noised to.
         steps: Deterministic denoising steps back from the noise level.

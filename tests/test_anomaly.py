@@ -3,6 +3,7 @@ malignant images must score above chance (image-level AUROC), with the outputs o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,18 @@ def test_score_histograms_survive_a_near_constant_float32_score():
                           "ratio_score": (1 + rng.normal(0, 3e-7, n)).astype(np.float32)})
     table.loc[0, "feature_score"] = np.nan
     assert distributions_png(table, ["malignant", "normal"], "normal").startswith(b"\x89PNG")
+
+
+def test_the_flow_scores_the_models_own_dataset_when_none_is_given(prefect_harness, breast_normal_model,
+                                                                  breastmnist_uri, session_storage):
+    """`meddiff anomaly` takes the dataset as optional (the model's own); the detect-anomalies flow
+    still required it, so a deployment run without dataset_uri was rejected."""
+    from flows.detect_anomalies import detect_anomalies as flow
+
+    uri = flow(model_uri=breast_normal_model, normal="normal, benign", level=0.25, steps=2, max_images=12,
+               device="cpu", storage_root=session_storage)
+    rec = json.loads((Path(uri) / "anomaly.json").read_text())
+    assert rec["inputs"]["dataset"] == breastmnist_uri and sum(rec["counts"].values()) == 12
 
 
 def test_breastmnist_anomaly_scores_are_written_and_reused(breast_anomaly, breast_normal_model, breastmnist_uri,
