@@ -198,3 +198,28 @@ def test_a_failure_logs_one_traceback_and_a_ctrl_c_none():
     text = out.getvalue()
     assert text.count("Traceback (most recent call last)") == 1 and text.count("ValueError: a bug") == 1
     assert text.count("Interrupted('stopped at step 77") == 2  # its lines, without a traceback
+
+
+def test_deploy_refuses_unknown_names_and_an_unreachable_api_before_changing_anything(tmp_path, monkeypatch):
+    """`meddiff deploy --name nosuch` created both work pools and then failed with prefect's "An entrypoint
+    must be provided"; an unreachable PREFECT_API_URL failed with a 40-line httpx traceback. Both are
+    now one line naming the fix, and nothing runs on a server before them."""
+    import socket
+    from pathlib import Path
+
+    from meddiff.ops import deploy as d
+
+    calls = []
+    monkeypatch.setattr(d, "_prefect", lambda args, *a: calls.append(args) or "")
+    repo = Path(__file__).resolve().parent.parent
+    names = d.deployment_names(repo / "prefect.yaml")
+    assert {"pipeline/default", "pipeline/nightly", "generate-shard/default", "train-model/default"} <= set(names)
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/api"
+    for bad in (("nosuch",), ("pipeline/default", "nosuch/default"), ("default",)):
+        with pytest.raises(d.DeployError, match=r"no deployment .* give --name as flow/deployment, one of: "):
+            d.deploy(d.DeployConfig(str(repo / "prefect.yaml"), api_url=dead, names=bad))
+    with pytest.raises(d.DeployError, match=f"cannot reach the Prefect API at {dead} .*start the server"):
+        d.deploy(d.DeployConfig(str(repo / "prefect.yaml"), api_url=dead, names=("pipeline/nightly",)))
+    assert calls == []

@@ -7,6 +7,7 @@ Everything goes through the ``prefect`` CLI of this interpreter against ``PREFEC
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -67,6 +68,49 @@ def deployment_entries(prefect_file: str | Path) -> list[dict]:
     return list(doc.get("deployments") or [])
 
 
+def flow_name(entrypoint: str, root: Path) -> str:
+    """The Prefect flow name of ``path/file.py:function`` (its ``@flow(name=...)``, else Prefect's default:
+    the function name with '-' for '_'), read from the source without importing it."""
+    path, _, fn = entrypoint.partition(":")
+    tree = ast.parse((root / path).read_text(), filename=path)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == fn:
+            for dec in node.decorator_list:
+                for kw in dec.keywords if isinstance(dec, ast.Call) else ():
+                    if kw.arg == "name" and isinstance(kw.value, ast.Constant):
+                        return str(kw.value.value)
+    return fn.replace("_", "-")
+
+
+def deployment_names(prefect_file: str | Path) -> list[str]:
+    """'flow-name/deployment-name' of every deployment in a prefect.yaml."""
+    root = Path(prefect_file).resolve().parent
+    return [f"{flow_name(d['entrypoint'], root)}/{d['name']}" for d in deployment_entries(prefect_file)]
+
+
+def check_names(names: tuple[str, ...], prefect_file: str | Path) -> None:
+    """Refuse a --name that is not a deployment of ``prefect_file`` (prefect's own answer, after the
+    pools were changed, was "An entrypoint must be provided")."""
+    known = deployment_names(prefect_file)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise DeployError(f"no deployment {', '.join(map(repr, unknown))} in {prefect_file}; give --name as "
+                          f"flow/deployment, one of: {', '.join(known)}")
+
+
+def check_api(api_url: str) -> None:
+    """Refuse an API that cannot be reached (the prefect CLI's answer was a 40-line httpx traceback).
+    Only a connection failure is refused: an HTTP error status (e.g. an auth-only /health) is left to the CLI."""
+    import httpx
+
+    try:
+        httpx.get(f"{api_url.rstrip('/')}/health", timeout=10)
+    except httpx.TransportError as e:
+        raise DeployError(f"cannot reach the Prefect API at {api_url} ({e or type(e).__name__}): start the server "
+                          "(`docker compose up -d`, `prefect server start` or `meddiff dev-stack start`) or fix "
+                          "PREFECT_API_URL / --api-url") from None
+
+
 def _prefect(args: list[str], env: dict[str, str], cwd: Path, what: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
@@ -86,6 +130,8 @@ def deploy(cfg: DeployConfig, log=print) -> DeployResult:
     env["COLUMNS"] = "240"  # keep the CLI's boxed messages on one line each
     prefect_file = Path(cfg.prefect_file).resolve()
     cwd = prefect_file.parent  # entrypoints are relative to the project root
+    check_names(cfg.names, prefect_file)  # both before the first change on the server
+    check_api(env["PREFECT_API_URL"])
     for pool in cfg.pools():
         _prefect(["work-pool", "create", pool.name, "--type", pool.type, "--overwrite"], env, cwd,
                  f"creating work pool {pool.name}")
