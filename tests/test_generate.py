@@ -243,6 +243,9 @@ def test_bad_input(tiny_conditional_model_uri, tiny_per_class_model_uri, tmp_pat
             generate(spec(tiny_conditional_model_uri, **kw), root)
     with pytest.raises(MeddiffError, match="guidance applies to conditional"):
         generate(spec(tiny_per_class_model_uri, per_class=1, guidance=3.0), root)
+    # scale 0 is ε(x_t, ∅) alone: unconditional images labelled with classes (was written as a cohort)
+    with pytest.raises(MeddiffError, match="--guidance 0 samples ignore their class.*--unconditional --total N"):
+        generate(spec(tiny_conditional_model_uri, per_class=1, guidance=0.0), root)
     with pytest.raises(MeddiffError, match="rflow"):
         generate(spec(tiny_conditional_model_uri, per_class=1, sampler="rflow"), root)
     with pytest.raises(ArtifactError, match="does not exist"):

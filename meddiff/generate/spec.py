@@ -59,6 +59,10 @@ class CohortSpec:
             raise MeddiffError("--batch-size and --shard-size must be positive")
         if self.guidance is not None and self.guidance < 0:
             raise MeddiffError(f"--guidance must be ≥ 0, got {self.guidance}")
+        if self.guidance == 0:  # ε̃ = ε(x_t, ∅): the asked class drops out of every image
+            raise MeddiffError("--guidance 0 samples ignore their class: every image would be an unconditional "
+                               "sample labelled with a class it was not drawn from; use --unconditional --total N "
+                               "for p(x), or a scale > 0 (1 = plain conditional, 2 = the default)")
         if self.name is not None and ("/" in self.name or "." in self.name or not self.name):
             raise MeddiffError(f"cohort name {self.name!r} must be a plain name without '/' or '.'")
         return self
