@@ -24,6 +24,10 @@ def _options(threads: int = typer.Option(None, "--threads", min=1, envvar="MEDDI
 
     if threads is not None:
         os.environ["MEDDIFF_THREADS"] = str(threads)
+        from meddiff.threads import oversubscription
+
+        if (warning := oversubscription(threads)):
+            typer.secho(f"warning: {warning}", fg="yellow", err=True)
 
 
 from meddiff.cli import datasets_cmd  # noqa: E402,F401  (registers ingest, datasets)

@@ -57,6 +57,7 @@ def train(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Train a diffusion model on a dataset version; prints the model URI (last line)."""
+    from meddiff.threads import oversubscription
     from meddiff.train.distributed import env_rank
     from meddiff.train import TrainConfig, train as run_train  # torch/MONAI load only when used
 
@@ -68,6 +69,8 @@ def train(
                       network_channels=parse_channels(channels), attention_levels=attention_levels, latent=latent,
                       conditioning=conditioning).check()  # type: ignore[arg-type]
     main = env_rank() == 0
+    if main and cpu_threads and (warning := oversubscription(cpu_threads)):
+        typer.secho(f"warning: {warning}", fg="yellow", err=True)
     with (rich_progress(f"train {mode} {preset}") if main else nullcontext(None)) as progress:
         result = run_train(cfg, storage_root, progress)
     if main:
