@@ -113,7 +113,7 @@ def test_more_threads_than_cpus_is_warned_about(monkeypatch, tmp_path):
     from meddiff.cli import app
 
     cpus = threads.available_cpus()
-    assert threads.oversubscription(max(1, int(cpus))) is None
+    assert cpus < 1 or threads.oversubscription(int(cpus)) is None  # (a CPU quota can be under one CPU)
     too_many = int(cpus) + 1
     assert f"{too_many} CPU threads per process asked for, {cpus:g} CPUs available" in threads.oversubscription(too_many)
     assert threads.oversubscription(1, local_world=too_many) is not None  # ranks on one host share the CPUs
