@@ -155,7 +155,20 @@ def test_encode_writes_codes_shards_and_report(breastmnist_uri, vqvae_uri, sessi
     assert f"KID {f['kid']:.4g};" in summary_lines({**rec, "features": older})[1]
     told = Told()
     assert encode_with_report(breastmnist_uri, vqvae_uri, "cpu", root=session_storage, progress=told)["existed"]
-    assert told == [f"reusing {out['uri']}: this dataset was encoded with this autoencoder before"]
+    # asked with other report settings, it says which report the reused latents carry (it said nothing)
+    assert told == [f"reusing {out['uri']}: this dataset was encoded with this autoencoder before; its reconstruction "
+                    "report is the one made then (40 val images, LPIPS no): delete the folder to encode and report "
+                    "again"]
+    # refused before any reuse: a count that is no sample (-3 reported on all but 3 images; 0 was a
+    # torch.cat traceback and now means all, as evaluate's and anomaly's do), a missing weights file
+    for bad, match in (({"max_images": -3}, "must be 0 .all. or at least 2"), ({"max_images": 1}, "at least 2"),
+                       ({"perceptual_weights": "/no/such/vgg16.pth"}, "does not exist")):
+        with pytest.raises(MeddiffError, match=match):
+            encode_with_report(breastmnist_uri, vqvae_uri, "cpu", root=session_storage, **bad)
+    from meddiff.evaluate.reconstruction import reconstruction_report
+
+    every, _ = reconstruction_report(breastmnist_uri, vqvae_uri, "cpu", max_images=0, domain_steps=5, with_umap=False)
+    assert every["n"] == 78  # all of BreastMNIST's val split
 
 
 def test_latent_conditional_generate_verify_regenerate(latent_conditional_uri, vae_uri, session_storage):

@@ -55,7 +55,7 @@ def encode(
     dataset_uri: str = typer.Argument(..., help="A dataset version URI."),
     autoencoder_uri: str = typer.Argument(..., help="An autoencoder URI (printed by 'meddiff train-autoencoder')."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:<i>"),
-    max_images: int = typer.Option(1000, help="Val images the reconstruction report is computed on."),
+    max_images: int = typer.Option(1000, help="Val images the reconstruction report is computed on (0 = all)."),
     perceptual_weights: Optional[str] = typer.Option(None, help="A local torchvision AlexNet/VGG16 state dict: "
                                                      "the report adds an LPIPS distance (unit layer weights)."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),

@@ -173,7 +173,7 @@ def reconstruction_report(dataset_uri: str, ae_uri: str, device: str = "auto", m
     dev = str(resolve_device(device))
     ds, ae = open_dataset(dataset_uri), load_autoencoder(ae_uri, dev)
     x, y = ds.load_split("val")
-    x, y = x[:max_images], y[:max_images]
+    x, y = x[:max_images or None], y[:max_images or None]  # 0 = all
     x_hat, z = reconstruct(ae, x)
     pictures = {"reconstructions.png": image_grid(np.concatenate([x[:16], x_hat[:16]]), cols=16)}
     if with_umap and len(z) > 2 and (png := umap_png(z, y, ds.class_names)) is not None:
@@ -199,6 +199,11 @@ def encode_with_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_
     from meddiff.train.latent import autoencoder_ref
     from meddiff.train.latent_shards import RECORD, find_latents, latents_uri, write_latents
 
+    if max_images < 0 or max_images == 1:
+        raise MeddiffError(f"--max-images must be 0 (all) or at least 2 val images, not {max_images}")
+    if perceptual_weights is not None and not storage.exists(perceptual_weights):
+        raise MeddiffError(f"--perceptual-weights {perceptual_weights} does not exist (weights are never downloaded; "
+                           "pass a local torchvision VGG16/AlexNet state dict)")
     ds = open_dataset(dataset_uri)
     ref = autoencoder_ref(ae_uri, ds)  # another dataset / size / channels → MeddiffError, nothing written
     uri = latents_uri(ds, Path(ref["uri"]).name)
@@ -208,7 +213,7 @@ def encode_with_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_
                 # latents are tensors a model trains on: sized by the machine, not the moment's load, as
                 # generation is (the thread count moves CPU kernels' last bits)
                 configure_threads(load_aware=False)
-                tell(progress, f"reconstruction report on up to {max_images} val images"
+                tell(progress, f"reconstruction report on {f'up to {max_images}' if max_images else 'all'} val images"
                                + (", with a UMAP of their latents" if with_umap else ""))
                 report, pictures = reconstruction_report(dataset_uri, ae_uri, device, max_images, domain_steps,
                                                          with_umap, perceptual_weights)
@@ -218,5 +223,9 @@ def encode_with_report(dataset_uri: str, ae_uri: str, device: str = "auto", max_
                 ae = load_autoencoder(ae_uri, str(resolve_device(device)))
                 uri, card = write_latents(ds, ae, {"reconstruction": report}, progress)
                 return {"uri": uri, "card": card, "existed": False}
-    tell(progress, f"reusing {uri}: this dataset was encoded with this autoencoder before")
-    return {"uri": uri, "card": storage.read_json(storage.join(uri, RECORD)), "existed": True}
+    card = storage.read_json(storage.join(uri, RECORD))
+    made = card.get("reconstruction") or {}
+    tell(progress, f"reusing {uri}: this dataset was encoded with this autoencoder before; its reconstruction "
+                   f"report is the one made then ({made.get('n', '?')} val images, LPIPS "
+                   f"{'yes' if made.get('lpips') else 'no'}): delete the folder to encode and report again")
+    return {"uri": uri, "card": card, "existed": True}
