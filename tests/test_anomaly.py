@@ -200,3 +200,15 @@ def test_unknown_normal_class_is_a_clear_error(tiny_per_class_model_uri, breastm
     with pytest.raises(MeddiffError, match="unknown normal class 'healthy'"):
         detect_anomalies(tiny_per_class_model_uri, breastmnist_uri, AnomalyConfig(normal="healthy", device="cpu"),
                          session_storage)
+
+
+def test_guidance_a_model_cannot_take_is_refused(tiny_per_class_model_uri, breastmnist_uri, session_storage):
+    """--guidance 2 on a per-class model was ignored, yet recorded in anomaly.json's config (and a negative
+    scale accepted): a record of settings that did not act."""
+    from meddiff.analysis.anomaly import AnomalyConfig, detect_anomalies
+
+    with pytest.raises(MeddiffError, match="--guidance 2.0 guides a conditional model .* it is per-class"):
+        detect_anomalies(tiny_per_class_model_uri, breastmnist_uri,
+                         AnomalyConfig(normal="malignant", guidance=2.0, device="cpu"), session_storage)
+    with pytest.raises(MeddiffError, match="--guidance must be ≥ 0"):
+        AnomalyConfig(normal="malignant", guidance=-1.0).check()

@@ -55,6 +55,8 @@ class AnomalyConfig:
             raise MeddiffError("--steps and --batch-size must be ≥ 1, --heatmaps ≥ 0")
         if self.max_images is not None and self.max_images < 4:
             raise MeddiffError("--max-images must be ≥ 4 (or 0 for all)")
+        if self.guidance < 0:
+            raise MeddiffError(f"--guidance must be ≥ 0, not {self.guidance}")
         return self
 
 
@@ -162,6 +164,7 @@ def detect_anomalies(model_uri: str, dataset_uri: str | None, cfg: AnomalyConfig
     from meddiff.analysis.reconstruct import reconstruct
     from meddiff.data.shards import open_dataset
     from meddiff.evaluate.features import DomainTrainConfig, load_or_train_domain
+    from meddiff.generate.sampling import label_dropout
     from meddiff.locks import artifact_lock, tell_waiting
     from meddiff.models.trained import dataset_of, load_model
 
@@ -172,6 +175,10 @@ def detect_anomalies(model_uri: str, dataset_uri: str | None, cfg: AnomalyConfig
     if (ds.image_size, ds.channels, ds.class_names) != (model.image_size, model.channels, model.class_names):
         raise MeddiffError(f"{dataset_uri} does not match the model's images/classes ({model.class_names}, "
                            f"{model.channels}×{model.image_size} px)")
+    if cfg.guidance != 1.0 and (model.mode != "conditional" or not label_dropout(model)):  # was ignored, yet recorded
+        why = "it is per-class" if model.mode != "conditional" else "it was trained with label dropout 0 (no null label)"
+        raise MeddiffError(f"--guidance {cfg.guidance} guides a conditional model toward the normal label through "
+                           f"its null label; {model.uri}: {why}: leave --guidance at 1")
     normal_id = class_id(cfg.normal, ds.class_names)
     normal = ds.class_names[normal_id]
     key = content_hash({"model": model.checkpoint_sha256, "dataset": ds.version,
