@@ -115,7 +115,8 @@ def test_more_threads_than_cpus_is_warned_about(monkeypatch, tmp_path):
     cpus = threads.available_cpus()
     assert cpus < 1 or threads.oversubscription(int(cpus)) is None  # (a CPU quota can be under one CPU)
     too_many = int(cpus) + 1
-    assert f"{too_many} CPU threads per process asked for, {cpus:g} CPUs available" in threads.oversubscription(too_many)
+    said = threads.oversubscription(too_many)
+    assert f"{too_many} CPU threads per process asked for, {cpus:g} CPUs available" in said
     assert threads.oversubscription(1, local_world=too_many) is not None  # ranks on one host share the CPUs
     monkeypatch.setenv("MEDDIFF_THREADS", "1")  # restored after the test: the CLI's --threads sets it
     runner, env = CliRunner(), {"MEDDIFF_STORAGE": str(tmp_path)}

@@ -176,7 +176,8 @@ def detect_anomalies(model_uri: str, dataset_uri: str | None, cfg: AnomalyConfig
         raise MeddiffError(f"{dataset_uri} does not match the model's images/classes ({model.class_names}, "
                            f"{model.channels}×{model.image_size} px)")
     if cfg.guidance != 1.0 and (model.mode != "conditional" or not label_dropout(model)):  # was ignored, yet recorded
-        why = "it is per-class" if model.mode != "conditional" else "it was trained with label dropout 0 (no null label)"
+        why = ("it is per-class" if model.mode != "conditional"
+               else "it was trained with label dropout 0 (no null label)")
         raise MeddiffError(f"--guidance {cfg.guidance} guides a conditional model toward the normal label through "
                            f"its null label; {model.uri}: {why}: leave --guidance at 1")
     normal_id = class_id(cfg.normal, ds.class_names)

@@ -72,6 +72,8 @@ def flow_name(entrypoint: str, root: Path) -> str:
     """The Prefect flow name of ``path/file.py:function`` (its ``@flow(name=...)``, else Prefect's default:
     the function name with '-' for '_'), read from the source without importing it."""
     path, _, fn = entrypoint.partition(":")
+    if not (root / path).is_file():  # prefect deploy names the missing file itself
+        return fn.replace("_", "-")
     tree = ast.parse((root / path).read_text(), filename=path)
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == fn:
@@ -91,6 +93,8 @@ def deployment_names(prefect_file: str | Path) -> list[str]:
 def check_names(names: tuple[str, ...], prefect_file: str | Path) -> None:
     """Refuse a --name that is not a deployment of ``prefect_file`` (prefect's own answer, after the
     pools were changed, was "An entrypoint must be provided")."""
+    if not names:
+        return
     known = deployment_names(prefect_file)
     unknown = [n for n in names if n not in known]
     if unknown:
