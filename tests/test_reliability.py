@@ -289,6 +289,42 @@ def test_lists_tell_a_run_in_progress_from_a_stopped_one(tmp_path):
         assert "incomplete (resumable)" in stopped.output and "in progress" not in stopped.output, stopped.output
 
 
+def test_a_damaged_record_is_one_row_of_a_listing_not_the_end_of_it(breastmnist_uri, tiny_conditional_model_uri,
+                                                                      tmp_path):
+    """One corrupt dataset.json or cohort.json stopped `datasets list` / `cohorts list` with an error that
+    hid every other artifact; a corrupt model.json made `models list` a JSON traceback, a corrupt
+    report.json `cohorts list` and `cohorts show` too. Each is now its row, with a warning naming the file."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+    from meddiff.generate import CohortSpec, generate
+
+    root = tmp_path / "root"
+    version = Path(breastmnist_uri).name
+    for name in ("good", "bad"):
+        shutil.copytree(breastmnist_uri, root / "datasets" / name / version)
+        shutil.copytree(tiny_conditional_model_uri, root / "models" / name)
+    cohort = Path(generate(CohortSpec(str(root / "models" / "good"), per_class=1, steps=2, device="cpu"),
+                           str(root)).uri)
+    shutil.copytree(cohort, root / "cohorts" / "bad")
+    shutil.copytree(cohort, root / "cohorts" / "bad-report")
+    (root / "cohorts" / "bad-report" / "report.json").write_text("{")
+    for kind, record in (("datasets", f"bad/{version}/dataset.json"), ("models", "bad/model.json"),
+                         ("cohorts", "bad/cohort.json")):
+        (root / kind / record).write_text("{")
+        listed = CliRunner().invoke(app, [kind, "list", "--storage", str(root)], terminal_width=400)
+        assert listed.exit_code == 0, listed.output
+        assert f"warning: {root / kind / record} is corrupt" in listed.output
+        rows = [line for line in listed.output.splitlines() if line.startswith("│")]
+        assert len(rows) == (3 if kind == "cohorts" else 2) and sum("unreadable (see below)" in r for r in rows) == \
+            (2 if kind == "cohorts" else 1), listed.output
+        assert any("good" in r or "complete" in r for r in rows if "unreadable" not in r)
+    shown = CliRunner().invoke(app, ["cohorts", "show", str(root / "cohorts" / "bad-report")], terminal_width=400)
+    assert shown.exit_code == 0 and "report: unreadable: " in shown.output and "report.json is corrupt" in shown.output
+
+
 def test_lock_holder_on_s3_is_the_live_owner_only(tmp_path, moto_s3):
     from meddiff.locks import lock_holder
 

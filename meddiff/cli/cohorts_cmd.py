@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from meddiff.cli import app
-from meddiff.cli.tables import print_listing, print_table, titled, unfinished_status, where_now
+from meddiff.cli.tables import UNREADABLE, print_listing, print_table, readable, titled, unfinished_status, where_now
 from meddiff import storage
 from meddiff.errors import MeddiffError
 from meddiff.progress import rich_progress
@@ -71,26 +71,30 @@ def list_(storage_root: Optional[str] = typer.Option(
     from meddiff.data.cohorts import open_cohort  # here: `meddiff --help` stays fast
 
     root = storage.join(storage.storage_root(storage_root), "cohorts")
-    t = Table("cohort", "status", "images", "sampler", "model", "report", "uri")
+    t, problems = Table("cohort", "status", "images", "sampler", "model", "report", "uri"), []
     for cid in storage.listdir(root):
         uri = storage.join(root, cid)
         if not storage.exists(storage.join(uri, "cohort.json")):
             t.add_row(cid, unfinished_status(uri, "incomplete (resumable)"), "", "", "", "", uri)
             continue
-        c = open_cohort(uri).card
+        c = readable(lambda: open_cohort(uri).card, problems)
+        if c is None:
+            t.add_row(cid, UNREADABLE, "", "", "", "", uri)
+            continue
         t.add_row(cid, "complete", str(c["total"]), f"{c['sampler']}×{c['steps']}", Path(c["model_uri"]).name,
-                  report_label(uri), uri)
-    print_listing(t, "cohorts", storage.storage_root(storage_root), "`meddiff generate`")
+                  readable(lambda: report_label(uri), problems) or UNREADABLE, uri)
+    print_listing(t, "cohorts", storage.storage_root(storage_root), "`meddiff generate`", problems)
 
 
 def report_sentence(uri: str) -> tuple[str, str | None] | None:
     """(the cohort's report verdict sentence, why it is outdated or None), or None when it has no report yet."""
     from meddiff.evaluate.schema import outdated
 
-    report = storage.join(uri, "report.json")
-    if not storage.exists(report):
+    from meddiff.data.shards import read_card
+
+    if not storage.exists(storage.join(uri, "report.json")):
         return None
-    record = storage.read_json(report)
+    record = read_card(uri, "report.json")  # damaged: an ArtifactError naming it
     return record["verdict"]["sentence"], outdated(record)
 
 
@@ -119,9 +123,11 @@ def show(uri: str = typer.Argument(
     if ae := card.get("autoencoder"):  # latent cohorts: the images were decoded through this AE
         console.print(f"[bold]autoencoder[/]: {where_now(ae['uri'], uri, 'model.json')} "
                       f"(sha256 {ae['sha256'][:16]}…)", soft_wrap=True)
-    said = report_sentence(uri)  # what a consumer asks next: is it fit for use?
+    problems: list[str] = []
+    said = readable(lambda: report_sentence(uri), problems)  # what a consumer asks next: is it fit for use?
     console.print(Text.assemble(("report", "bold"), f": {said[0]} ({storage.join(uri, 'report.html')})" if said
-                                else f": none yet (meddiff evaluate {uri})"), soft_wrap=True)
+                                else f": unreadable: {problems[0]} (meddiff evaluate {uri} writes it again)"
+                                if problems else f": none yet (meddiff evaluate {uri})"), soft_wrap=True)
     if said and said[1]:  # e.g. schema 5 compared a balanced cohort with real data of another class mix
         console.print(Text(f"outdated: {said[1]}: re-run `meddiff evaluate {uri}` for a current verdict",
                            style="yellow"), soft_wrap=True)

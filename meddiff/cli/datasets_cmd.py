@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from meddiff.cli import app
-from meddiff.cli.tables import print_listing, print_table, titled
+from meddiff.cli.tables import UNREADABLE, print_listing, print_table, readable, titled
 from meddiff import storage
 from meddiff.progress import rich_progress
 
@@ -73,17 +73,20 @@ def list_(storage_root: Optional[str] = typer.Option(
     from meddiff.data.shards import open_dataset
     from meddiff.data.sources import SPLITS
 
+    def columns(uri: str) -> tuple[str, str, str]:  # size, classes, split counts
+        c = open_dataset(uri).card
+        counts = "/".join(str(c["totals"][s]) for s in SPLITS)
+        return f"{c['image_size']}px×{c['channels']}", str(c["num_classes"]), counts
+
     root = storage.join(storage.storage_root(storage_root), "datasets")
-    t = Table("name", "version", "size", "classes", "train/val/test", "uri")
+    t, problems = Table("name", "version", "size", "classes", "train/val/test", "uri"), []
     for name in storage.listdir(root):
         for version in storage.listdir(storage.join(root, name)):
             uri = storage.join(root, name, version)
             if not storage.exists(storage.join(uri, "dataset.json")):
                 continue
-            c = open_dataset(uri).card
-            t.add_row(name, version, f"{c['image_size']}px×{c['channels']}", str(c["num_classes"]),
-                      "/".join(str(c["totals"][s]) for s in SPLITS), uri)
-    print_listing(t, "datasets", storage.storage_root(storage_root), "`meddiff ingest`")
+            t.add_row(name, version, *(readable(lambda: columns(uri), problems) or (UNREADABLE, "", "")), uri)
+    print_listing(t, "datasets", storage.storage_root(storage_root), "`meddiff ingest`", problems)
 
 
 @datasets.command()

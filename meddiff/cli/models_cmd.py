@@ -10,7 +10,7 @@ from rich.table import Table
 
 from meddiff import storage
 from meddiff.cli import app
-from meddiff.cli.tables import print_listing, print_table, unfinished_status, where_now
+from meddiff.cli.tables import UNREADABLE, print_listing, print_table, readable, unfinished_status, where_now
 
 models = typer.Typer(no_args_is_help=True, help="Inspect trained models.")
 app.add_typer(models, name="models")
@@ -20,8 +20,10 @@ app.add_typer(models, name="models")
 def list_(storage_root: Optional[str] = typer.Option(
         None, "--storage", envvar=storage.ENV_VAR, help="Storage root (a folder or s3://bucket/prefix; default ./storage).")) -> None:
     """List models (and autoencoders) under the storage root: complete ones with their card, unfinished ones as such."""
+    from meddiff.data.shards import read_card
+
     root = storage.storage_root(storage_root)
-    t = Table("model", "status", "mode", "objective", "steps", "dataset", "uri")
+    t, problems = Table("model", "status", "mode", "objective", "steps", "dataset", "uri"), []
     for folder in ("models", "autoencoders"):
         for run_id in storage.listdir(storage.join(root, folder)):
             uri = storage.join(root, folder, run_id)
@@ -29,11 +31,14 @@ def list_(storage_root: Optional[str] = typer.Option(
             if not storage.exists(card_uri):
                 t.add_row(run_id, unfinished_status(uri, "incomplete (resumable)"), "", "", "", "", uri)
                 continue
-            c = storage.read_json(card_uri)
+            c = readable(lambda: read_card(uri, "model.json"), problems)
+            if c is None:
+                t.add_row(run_id, UNREADABLE, "", "", "", "", uri)
+                continue
             mode = f"autoencoder ({c.get('ae_kind', '')})" if c.get("kind") == "autoencoder" else c.get("mode", "")
             t.add_row(run_id, "complete", mode, c.get("objective", ""), str(c.get("steps", "")),
                       (c.get("dataset") or {}).get("name", ""), uri)
-    print_listing(t, "models", root, "`meddiff train`")
+    print_listing(t, "models", root, "`meddiff train`", problems)
 
 def card_rows(card: dict, here: str) -> list[tuple[str, str]]:
     """(field, value) rows of the model or autoencoder card at ``here``, for people (the card itself is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.measure import Measurement
@@ -24,10 +25,27 @@ def print_table(table: Table) -> None:
     Console(width=max(width, 1), soft_wrap=False).print(table)
 
 
-def print_listing(table: Table, what: str, root: str, made_by: str) -> None:
-    """A list table; when it is empty, a line on stderr saying where was looked and why nothing is there
-    (a mistyped bucket or --storage listed nothing, silently, exit status 0)."""
+UNREADABLE = "unreadable (see below)"  # a listed artifact whose record cannot be read
+
+
+def readable(read: Callable[[], Any], problems: list[str]) -> Any:
+    """``read()`` (a listed artifact's record), or None with its one-line reason added to ``problems``: one
+    damaged record hid every other artifact of a listing (or was a JSON traceback), now it is one row."""
+    from meddiff.errors import ArtifactError
+
+    try:
+        return read()
+    except (ArtifactError, ValueError, KeyError) as e:
+        problems.append(str(e) if isinstance(e, ArtifactError) else f"{type(e).__name__}: {e}")
+        return None
+
+
+def print_listing(table: Table, what: str, root: str, made_by: str, problems: Sequence[str] = ()) -> None:
+    """A list table, then a warning per record it could not read; when it is empty, a line on stderr saying
+    where was looked and why nothing is there (a mistyped bucket or --storage listed nothing, silently)."""
     print_table(table)
+    for p in problems:
+        print(f"warning: {p}", file=sys.stderr)
     if table.row_count:
         return
     from meddiff import storage
