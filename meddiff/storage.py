@@ -37,12 +37,7 @@ def is_remote(uri: str) -> bool:
 
 def storage_root(root: str | None = None) -> str:
     """Resolve the storage root: explicit argument, else $MEDDIFF_STORAGE, else ./storage."""
-    root = root or os.environ.get(ENV_VAR) or DEFAULT_ROOT
-    if root.startswith("file://"):
-        root = root[len("file://"):]
-    if not is_remote(root):
-        root = str(Path(root).expanduser().resolve())
-    return root.rstrip("/")
+    return absolute(root or os.environ.get(ENV_VAR) or DEFAULT_ROOT)
 
 
 def _fs_options(uri: str) -> dict[str, Any]:

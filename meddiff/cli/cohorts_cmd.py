@@ -88,9 +88,8 @@ def list_(storage_root: Optional[str] = typer.Option(
 
 def report_sentence(uri: str) -> tuple[str, str | None] | None:
     """(the cohort's report verdict sentence, why it is outdated or None), or None when it has no report yet."""
-    from meddiff.evaluate.schema import outdated
-
     from meddiff.data.shards import read_card
+    from meddiff.evaluate.schema import outdated
 
     if not storage.exists(storage.join(uri, "report.json")):
         return None
