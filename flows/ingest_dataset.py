@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, from_env,
                           LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
                           retry_transient, tag_run, user_errors)
-from meddiff.data.ingest import IngestConfig, IngestResult, ingest
+from meddiff.data.ingest import IngestConfig, IngestResult, colour_note, ingest
 from meddiff.data.shards import empty_splits
 from meddiff.progress import combine
 
@@ -44,6 +44,10 @@ def ingest_dataset(
     test_frac: float = _D.test_frac,
     shard_size: int = _D.shard_size,
     medmnist_root: str | None = _D.medmnist_root,
+    shuffle_seed: int = _D.shuffle_seed,
+    bit_depth: int | None = _D.bit_depth,
+    window: str | None = _D.window,
+    colour: str = _D.colour,
     storage_root: str | None = None,
 ) -> str:
     """Ingest a dataset source into a versioned WebDataset copy; returns its URI (the run's persisted result).
@@ -58,6 +62,10 @@ def ingest_dataset(
         test_frac: Test fraction per class (zip/folder).
         shard_size: Maximum samples per shard.
         medmnist_root: Folder with already-downloaded MedMNIST .npz files; empty = the worker's MEDMNIST_ROOT, else download from zenodo.
+        shuffle_seed: Seed of the random order each split is written in.
+        bit_depth: 16-bit/integer inputs: the sensor's bits, e.g. 12; empty = detected from the dataset's largest value.
+        window: "lo,hi" percentiles, e.g. "0.5,99.5": a per-image window to 8 bits instead of the bit depth.
+        colour: zip/folder/kaggle: auto (1 channel unless an image holds colour), grey or rgb.
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
     one_traceback_per_failure()
@@ -68,9 +76,11 @@ def ingest_dataset(
         if source.startswith("medmnist:"):  # the worker's MEDMNIST_ROOT, as the CLI reads it
             medmnist_root = from_env(medmnist_root, MEDMNIST_ENV)
         cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size,
-                           medmnist_root).check()
+                           medmnist_root, shuffle_seed, bit_depth, window, colour).check()
         result = ingest_task(cfg, storage_root)
     logger.info("%s dataset version %s", "found existing" if result.existed else "wrote", result.uri)
+    if note := colour_note(result.card):
+        logger.info(note)
     for warning in empty_splits(result.card):
         logger.warning(warning)
     create_markdown_artifact(card_markdown(result.card), key=artifact_key("dataset", result.card["name"]),

@@ -143,3 +143,15 @@ def test_cli_defaults_equal_the_config_dataclass():
                 assert default == fields[name], f"meddiff {command.__name__} --{name}: {default!r} ≠ {fields[name]!r}"
                 shared += 1
         assert shared >= 4, (command.__name__, shared)
+
+
+def test_ingest_flow_and_command_take_every_ingest_option():
+    """The ingest-dataset flow lacked --shuffle-seed, --bit-depth and --window: a 12-bit dataset could not be
+    ingested right through Prefect. The flow and the command now take every IngestConfig field."""
+    from flows.ingest_dataset import ingest_dataset
+    from meddiff.cli.datasets_cmd import ingest
+    from meddiff.data.ingest import IngestConfig
+
+    fields = {f.name for f in dataclasses.fields(IngestConfig)}
+    assert fields - set(inspect.signature(ingest_dataset.fn).parameters) == set()
+    assert fields - set(inspect.signature(ingest).parameters) == set()

@@ -595,3 +595,42 @@ def test_medmnist_images_are_read_from_disk_not_held_in_memory(medmnist_dir, tmp
     again = medmnist_source.load("bloodmnist", 28, medmnist_dir, raw)
     assert np.array_equal(again.samples[-1].payload, images["test"][-1])
     assert [p.stat().st_mtime_ns for p in arrays][1:] == stamps[1:]  # whole ones reused
+
+
+def test_grey_images_stored_as_colour_ingest_as_grey(medmnist_dir, tmp_path):
+    """Grey radiographs saved as RGB or palette files (common in Kaggle sets) made a 3-channel dataset of
+    grey pixels: 3× the model input, and synthetic images free to drift in tint. They are grey now, pixel
+    for pixel, and the card counts them; one image in colour keeps the dataset RGB, and says which."""
+    root = str(tmp_path / "st")
+    grey = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'g', medmnist_dir, None)}", size=28, name="b"), root)
+    src = _breast_folder(tmp_path / "c", medmnist_dir, None)
+    files = sorted(src.rglob("*.png"))
+    for i, p in enumerate(files):  # half RGB, half 8-bit palette PNGs of the same pixels
+        arr = np.asarray(Image.open(p))
+        if i % 2:
+            Image.fromarray(np.stack([arr] * 3, axis=2)).save(p)
+        else:
+            pal = Image.fromarray(arr, mode="P")
+            pal.putpalette([v for i in range(256) for v in (i, i, i)])
+            pal.save(p)
+    assert {Image.open(p).mode for p in files} == {"RGB", "P"}
+    stored = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
+    assert stored.card["channels"] == 1 and stored.card["colour"]["grey_stored_as_colour"] == 40
+    for split in ("train", "val", "test"):
+        xa, ya = open_dataset(grey.uri).load_split(split)
+        xb, yb = open_dataset(stored.uri).load_split(split)
+        assert xb.shape[1] == 1 and np.array_equal(xa, xb) and np.array_equal(ya, yb)
+    as_rgb = ingest(IngestConfig(f"folder:{src}", size=28, name="b", colour="rgb"), root)
+    x3, _ = open_dataset(as_rgb.uri).load_split("train")
+    assert as_rgb.card["channels"] == 3 and x3.shape[1] == 3 and as_rgb.uri != stored.uri
+
+    arr = np.asarray(Image.open(files[1])).copy()
+    arr[:4, :4, 0] = 255  # a red mark: this one holds colour
+    Image.fromarray(arr).save(files[1])
+    tinted = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
+    assert tinted.card["channels"] == 3 and tinted.card["colour"]["first_colour_image"].endswith(files[1].name)
+    forced = ingest(IngestConfig(f"folder:{src}", size=28, name="b", colour="grey"), root)
+    assert forced.card["channels"] == 1 and forced.card["colour"] == {"rule": "grey", "channels": 1}
+    for bad, match in (("medmnist:breastmnist", "published channels"), (f"folder:{src}", "must be one of")):
+        with pytest.raises(SourceError, match=match):
+            IngestConfig(bad, colour="grey" if bad.startswith("med") else "gray").check()

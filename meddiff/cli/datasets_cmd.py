@@ -46,19 +46,24 @@ def ingest(
     shuffle_seed: int = typer.Option(0, help="Seed of the random order each split is written in."),
     bit_depth: Optional[int] = typer.Option(None, help="16-bit/int inputs: sensor bits, e.g. 12 (default: detected)."),
     window: Optional[str] = typer.Option(None, help="'lo,hi' percentiles: per-image window to 8 bits instead."),
+    colour: str = typer.Option("auto", help="zip/folder/kaggle: auto (1 channel unless an image holds colour), "
+                                            "grey or rgb."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
-    from meddiff.data.ingest import IngestConfig, ingest as run_ingest  # here: `meddiff --help` stays fast
+    from meddiff.data.ingest import IngestConfig, colour_note, ingest as run_ingest  # here: `meddiff --help` stays fast
     from meddiff.data.shards import empty_splits
 
     cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
-                       shuffle_seed=shuffle_seed, bit_depth=bit_depth, window=window)
+                       shuffle_seed=shuffle_seed, bit_depth=bit_depth, window=window,
+                       colour=colour)
     with rich_progress(f"ingest {source}") as progress:
         result = run_ingest(cfg, storage_root, progress)
     console.print(counts_table(result.card))
     if result.existed:
         console.print("[yellow]version already exists; nothing to do")
+    if note := colour_note(result.card):
+        console.print(note)
     if result.card["num_skipped"]:
         console.print(f"[yellow]{result.card['num_skipped']} inputs skipped (listed in dataset.json)")
     for w in empty_splits(result.card):

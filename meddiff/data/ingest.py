@@ -7,6 +7,8 @@ ingest config, so a repeated ingest finds its version and does no work.
 Each split is written in a seeded random order (``shuffle_seed``, on the card), never class by
 class: a reader that streams shards with a modest shuffle buffer gets i.i.d.-like batches.
 Inputs deeper than 8 bits are rescaled by a recorded rule (:class:`meddiff.data.images.Intensity`).
+A zip/folder/Kaggle dataset is grey (1 channel) unless one of its images holds colour (``colour``): a
+radiograph saved as an RGB JPEG or a palette PNG is grey, and the card says how many were.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -25,12 +27,14 @@ import pyarrow.parquet as pq
 from meddiff import storage
 from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.errors import Interrupted, SourceError, check_seed
-from meddiff.data.images import HIGH_BIT_MODES, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
+from meddiff.data.images import (GRAY_MODES, GREY_TOLERANCE, HIGH_BIT_MODES, Intensity, bits_for, encode_png,
+                                 holds_grey, load_image, resize_center_crop, to_pil)
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
 from meddiff.data.sources import SPLITS, RawSample, SourceData, check_name, dataset_name, parse_source
 
 Progress = Callable[[int, int], None]  # (done, total)
+Colour = Literal["auto", "grey", "rgb"]  # zip/folder/kaggle channels: by content, or forced to 1 / 3
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class IngestConfig:
     shuffle_seed: int = 0  # seed of the random order each split is written in (shuffled at rest)
     bit_depth: int | None = None  # >8-bit integer inputs: sensor bits (None = detected from the dataset's max)
     window: str | None = None  # "lo,hi" percentiles: per-image window to 8 bits instead of the bit depth
+    colour: Colour = "auto"  # zip/folder/kaggle: auto = 1 channel unless an image holds colour; grey / rgb force
 
     def intensity(self) -> Intensity:
         """The rule for >8-bit/float inputs (``bit_depth`` of None is filled in by the ingest's pre-pass)."""
@@ -69,6 +74,11 @@ class IngestConfig:
             check_name(self.name)  # refused up front, before any download
         if self.medmnist_root and ref.kind != "medmnist":
             raise SourceError("--medmnist-root applies to medmnist: sources only")
+        if self.colour not in get_args(Colour):
+            raise SourceError(f"--colour must be one of {', '.join(get_args(Colour))}, got {self.colour!r}")
+        if self.colour != "auto" and ref.kind == "medmnist":
+            raise SourceError("--colour applies to zip:, folder: and kaggle: sources; a MedMNIST dataset keeps its "
+                              "published channels (BloodMNIST 3, BreastMNIST 1)")
         if self.bit_depth is not None and not 8 <= self.bit_depth <= 32:
             raise SourceError(f"--bit-depth must be between 8 and 32, got {self.bit_depth}")
         if self.window is not None:
@@ -94,7 +104,8 @@ class IngestConfig:
                 "shard_size": c.shard_size, "order": "shuffled", "shuffle_seed": c.shuffle_seed,
                 "bit_depth": c.bit_depth, "window": c.window,
                 # zip/folder/kaggle: byte-identical files are kept once (an official split is left as published)
-                **({} if parse_source(c.source).kind == "medmnist" else {"duplicates": "exact copies dropped"})}
+                **({} if parse_source(c.source).kind == "medmnist" else
+                   {"duplicates": "exact copies dropped", "colour": f"{c.colour}: grey within {GREY_TOLERANCE}"})}
 
 
 @dataclass(frozen=True)
@@ -184,14 +195,14 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
     staging = storage.local_staging(root, f"dataset-{name}-{version}")
     try:
         with storage.write_faults(staging):
-            channels, intensity = _inspect(src, cfg)
+            channels, intensity, colour = _inspect(src, cfg)
             rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress, channels, intensity)
             skipped = src.skipped + skipped
             if not rows["key"]:
                 raise SourceError(f"no readable images in {cfg.source}; skipped: {skipped[:5]}")
             table = pa.table(rows)
             pq.write_table(table, staging / "index.parquet")
-            card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0, intensity)
+            card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0, intensity, colour)
             storage.write_json(str(staging / "dataset.json"), card)
             storage.publish_dir(staging, uri, last=("dataset.json",))
     finally:
@@ -199,27 +210,34 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
     return IngestResult(uri, card, existed=False)
 
 
+def colour_note(card: dict) -> str | None:
+    """The line to tell a user whose colour-encoded files were read as grey, else None."""
+    n = card.get("colour", {}).get("grey_stored_as_colour")
+    return f"{n} colour-encoded images hold grey pixels: read as grey (1 channel; --colour rgb keeps 3)" if n else None
+
+
 def _bomb(source_id: str, e: Exception) -> SourceError:
     return SourceError(f"{source_id} is a decompression bomb ({e}); remove it from the source")
 
 
-def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity | None]:
-    """One pass over the file headers: the common channel count (1 only if every file is grayscale) and the
-    intensity rule (None when no input is deeper than 8 bits), its bit depth detected from the largest
-    >8-bit integer value when not given."""
+def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity | None, dict | None]:
+    """One pass over the files: the channel count (by ``cfg.colour``; auto = 1 unless an image holds colour),
+    the intensity rule (None when no input is deeper than 8 bits, its bit depth detected from the largest
+    >8-bit integer value when not given) and the card's ``colour`` record."""
     import io
-
-    from PIL import Image
 
     rule = cfg.intensity()
     if not src.samples or isinstance(src.samples[0].payload, np.ndarray):
-        return None, None  # MedMNIST arrays: uint8, channels kept
-    channels, high_max, deep = 1, -1, False
+        return None, None, None  # MedMNIST arrays: uint8, channels kept
+    high_max, deep, grey_as_colour, first_colour = -1, False, 0, None
     for s in src.samples:
         try:
             with Image.open(io.BytesIO(s.data())) as im:
-                if im.mode not in ("L", "1", "LA", *HIGH_BIT_MODES):
-                    channels = 3
+                if cfg.colour == "auto" and first_colour is None and im.mode not in GRAY_MODES:
+                    if holds_grey(im):  # decodes: a radiograph saved as RGB is still grey
+                        grey_as_colour += 1
+                    else:
+                        first_colour = s.source_id
                 deep = deep or im.mode in HIGH_BIT_MODES
                 if im.mode in HIGH_BIT_MODES and im.mode != "F" and rule.bits is None and not rule.window:
                     high_max = max(high_max, int(np.asarray(im).max(initial=0)))
@@ -229,7 +247,14 @@ def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity 
             continue
     if high_max >= 0:
         rule = Intensity(bits=bits_for(high_max))
-    return channels, rule if deep else None
+    channels = {"grey": 1, "rgb": 3}.get(cfg.colour) or (3 if first_colour else 1)
+    colour = {"rule": cfg.colour, "channels": channels}
+    if cfg.colour == "auto":
+        colour |= ({"first_colour_image": first_colour} if first_colour else
+                   {"grey_stored_as_colour": grey_as_colour,
+                    "note": f"colour-encoded images whose R, G, B agree within {GREY_TOLERANCE} grey levels "
+                            "are read as grey"})
+    return channels, rule if deep else None, colour
 
 
 def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, staging: Path,
@@ -278,7 +303,7 @@ def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, stagin
 
 
 def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, shards, seconds,
-          intensity: Intensity | None) -> dict:
+          intensity: Intensity | None, colour: dict | None) -> dict:
     df = table.select(["split", "label"]).to_pandas()
     counts = {split: {c: int(((df.split == split) & (df.label == i)).sum()) for i, c in enumerate(src.class_names)}
               for split in SPLITS}
@@ -294,6 +319,7 @@ def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, sh
         order={"shuffled": True, "shuffle_seed": cfg.shuffle_seed,
                "note": "each split is written in a seeded random order (not class by class)"},
         intensity=intensity.describe() if intensity else {"rule": "none: every input is 8-bit"},
+        colour=colour or {"rule": "as published"},
         duplicates=_duplicates(table, skipped, src.has_official_splits),
     )
 
