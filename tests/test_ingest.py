@@ -392,6 +392,9 @@ def test_16bit_png_ingests_to_the_8bit_pixels(medmnist_dir, tmp_path, scale, bit
     assert Image.open(next((deep_src / "c0").iterdir())).mode == "I;16"  # a real 16-bit PNG
     deep = ingest(IngestConfig(f"folder:{deep_src}", size=28, name="b"), str(tmp_path / "st"))
     assert deep.card["intensity"] == {"rule": "bit-depth", "bits": bits, "float": deep.card["intensity"]["float"]}
+    from meddiff.cli.datasets_cmd import pixel_rules
+
+    assert pixel_rules(deep.card).startswith(f"deeper than 8 bits rescaled by bit depth ({bits} bits); 1 channel")
     assert eight.card["intensity"]["rule"].startswith("none")
     a, b = open_dataset(eight.uri), open_dataset(deep.uri)
     for split in ("train", "val", "test"):
@@ -616,6 +619,9 @@ def test_grey_images_stored_as_colour_ingest_as_grey(medmnist_dir, tmp_path):
     assert {Image.open(p).mode for p in files} == {"RGB", "P"}
     stored = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
     assert stored.card["channels"] == 1 and stored.card["colour"]["grey_stored_as_colour"] == 40
+    from meddiff.cli.datasets_cmd import pixel_rules  # what `meddiff datasets show` prints
+
+    assert pixel_rules(stored.card) == "none: every input is 8-bit; 1 channel (40 colour-encoded files hold grey pixels)"
     for split in ("train", "val", "test"):
         xa, ya = open_dataset(grey.uri).load_split(split)
         xb, yb = open_dataset(stored.uri).load_split(split)

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from meddiff.cli import app
-from meddiff.cli.tables import UNREADABLE, print_listing, print_table, readable, titled
+from meddiff.cli.tables import UNREADABLE, print_listing, readable, titled
 from meddiff import storage
 from meddiff.progress import rich_progress
 
@@ -29,6 +29,22 @@ def counts_table(card: dict) -> Table:
         t.add_row(c, *(str(card["counts"][s][c]) for s in splits))
     t.add_row("[bold]total", *(f"[bold]{card['totals'][s]}" for s in splits))
     return t
+
+
+def pixel_rules(card: dict) -> str:
+    """How the inputs' pixels became the stored 8-bit images: the card's intensity and colour rules in words."""
+    i, c = card.get("intensity") or {}, card.get("colour") or {}  # versions before 2026-12-07 have no colour
+    depth = {"bit-depth": f"deeper than 8 bits rescaled by bit depth ({i.get('bits') or 'per image'} bits)",
+             "percentile-window": f"deeper than 8 bits windowed per image to percentiles {i.get('percentiles')}"
+             }.get(i.get("rule"), i.get("rule", "unrecorded"))
+    if c.get("rule") == "auto":
+        n = c.get("grey_stored_as_colour")
+        colour = (f"3 channels (first image in colour: {c['first_colour_image']})" if c["channels"] == 3 else
+                  f"1 channel ({n} colour-encoded files hold grey pixels)" if n else "1 channel (every file grey)")
+    else:
+        colour = {"grey": "1 channel (--colour grey)", "rgb": "3 channels (--colour rgb)"}.get(c.get("rule"),
+                                                                                            "channels as published")
+    return f"{depth}; {colour}"
 
 
 @app.command()
@@ -106,6 +122,7 @@ def show(uri: str = typer.Argument(
         console.print(Text(f"warning: {w}", style="yellow"))
     for k in ("source", "license", "created_at", "inputs"):
         console.print(f"[bold]{k}[/]: {card.get(k)}")
+    console.print(f"[bold]pixels[/]: {pixel_rules(card)}")
     if card["skipped"]:
         console.print(f"[yellow]skipped {card['num_skipped']}:[/] {card['skipped'][:10]}")
     dup = card.get("duplicates")  # versions ingested before 2026-12-07 have no such field
