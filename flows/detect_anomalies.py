@@ -36,6 +36,8 @@ def detect_anomalies(
     device: str = _D.device,
     seed: int = _D.seed,
     storage_root: str | None = None,
+    batch_size: int = _D.batch_size,
+    heatmaps: int = _D.heatmaps,
 ) -> str:
     """Anomaly scores of a real split against a model of the ``normal`` class; returns the result folder.
 
@@ -51,8 +53,10 @@ def detect_anomalies(
         device: auto (a GPU when the worker has one, else CPU), cpu, cuda or cuda:N.
         seed: Noise and subsample seed.
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+        batch_size: Images per forward pass.
+        heatmaps: Most anomalous images shown in heatmaps.png.
     """
-    cfg = AnomalyConfig(normal, split, level, steps, guidance, max_images, device=device, seed=seed).check()
+    cfg = AnomalyConfig(normal, split, level, steps, guidance, max_images, batch_size, heatmaps, device, seed).check()
     rec = score_task(model_uri, dataset_uri, cfg, storage_root)
     rows = [{"score": s, "anomalies": scope, "auroc": round(r["auroc"], 4),
              "ci": None if r["ci"] is None else [round(c, 4) for c in r["ci"]],

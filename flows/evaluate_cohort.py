@@ -88,6 +88,7 @@ def evaluate_cohort_flow(
     max_images: int | None = _D.max_images,
     device: str = _D.device,
     force: bool = False,
+    umap_points: int = _D.umap_points,
 ) -> str:
     """Evaluate a synthetic cohort; returns the report.json URI (the run's persisted result).
 
@@ -105,6 +106,7 @@ def evaluate_cohort_flow(
         max_images: Images per set (synthetic/train/val) through Inception; empty = all.
         device: auto (a GPU when the worker has one, else CPU), cpu, cuda or cuda:N.
         force: Recompute even when an up-to-date report exists.
+        umap_points: Real and synthetic points in the report's UMAP (0 = none).
     """
     one_traceback_per_failure()
     explain_wait()
@@ -115,7 +117,7 @@ def evaluate_cohort_flow(
         cfg = EvalConfig(real_uri=real_uri, features=tuple(f.strip() for f in features.split(",") if f.strip()),
                          tstr=tstr, tstr_protocol=tstr_protocol, tstr_steps=tstr_steps,
                          tstr_max_images=tstr_max_images, drop_flagged=drop_flagged, max_images=max_images,
-                         device=device).check()
+                         device=device, umap_points=umap_points).check()
         result = evaluate_task(cohort_uri, cfg, force)
     logger.info("%s report %s", "found up-to-date" if result.existed else "wrote", result.report_uri)
     name = cohort_uri.rstrip("/").rsplit("/", 1)[-1]

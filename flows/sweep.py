@@ -56,6 +56,7 @@ def sweep(
     seed: int = _D.seed,
     storage_root: str | None = None,
     parallel: bool = False,
+    network_channels: list[int] | None = None,
 ) -> str:
     """Ablation sweep over ``grid`` (e.g. ["schedule=linear,cosine", "attention=none,coarse"]); returns the
     sweep folder. ``parallel=True`` submits the combinations side by side (one machine: they share it).
@@ -78,9 +79,13 @@ def sweep(
         seed: Seed of every combination.
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
         parallel: Run the combinations side by side (they share this machine) instead of one after another.
+        network_channels: U-Net channels per level of every combination, e.g. [16, 32] (unless the grid varies
+            channels); empty = the preset's.
     """
     logger = get_run_logger()
     base = {"mode": mode, "preset": preset, "steps": steps, "batch_size": batch_size, "objective": objective}
+    if network_channels:  # only when given, as the CLI does: the same request hashes to the same sweep
+        base["network_channels"] = tuple(network_channels)
     cfg = SweepConfig(dataset_uri, parse_grid(grid), base, per_class, sample_steps, likelihood_images,
                       likelihood_timesteps, rank_by, device, seed).check()
     done = storage.join(sweep_uri(cfg, storage_root), "sweep.json")

@@ -54,6 +54,12 @@ def train_autoencoder(
     device: str = _D.device,
     seed: int = _D.seed,
     storage_root: str | None = None,
+    lr: float | None = _D.lr,
+    kl_weight: float | None = _D.kl_weight,
+    perceptual_weight: float | None = _D.perceptual_weight,
+    checkpoint_every: int | None = _D.checkpoint_every,
+    log_every: int | None = _D.log_every,
+    run_name: str | None = _D.run_name,
 ) -> str:
     """Train (or resume, or find) a VAE / VQ-VAE for latent diffusion; returns its URI (train-model's ``latent``).
 
@@ -71,15 +77,22 @@ def train_autoencoder(
         device: auto (a GPU when the worker has one, else CPU), cpu, cuda or cuda:N.
         seed: Seeds weights, data order and the val draw.
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+        lr: Autoencoder learning rate; empty = the preset's.
+        kl_weight: VAE: weight of the KL term; empty = the preset's.
+        perceptual_weight: Weight of the perceptual term (with perceptual_weights); empty = the preset's.
+        checkpoint_every: Steps between checkpoints; empty = the preset's.
+        log_every: Steps between metrics rows (val loss too); empty = the preset's.
+        run_name: A fixed run id instead of the content hash (only steps may change until it finishes).
     """
     one_traceback_per_failure()
     explain_wait()
     tag_run(dataset_tag(dataset_uri))
     with user_errors():
         required(dataset_uri, "dataset_uri", "ingest-dataset")
-        cfg = AETrainConfig(dataset_uri, kind, preset, steps, batch_size, adv_weight=adv_weight,
-                            adv_warmup_steps=adv_warmup_steps, perceptual_weights=perceptual_weights, device=device,
-                            seed=seed, resume=resume).check()
+        cfg = AETrainConfig(dataset_uri, kind, preset, steps, batch_size, lr, kl_weight, adv_weight=adv_weight,
+                            adv_warmup_steps=adv_warmup_steps, perceptual_weights=perceptual_weights,
+                            perceptual_weight=perceptual_weight, device=device, seed=seed, resume=resume,
+                            checkpoint_every=checkpoint_every, log_every=log_every, run_name=run_name).check()
     card = train_autoencoder_task(cfg, storage_root)
     get_run_logger().info("autoencoder %s", card["uri"])
     create_markdown_artifact(card_markdown(card), key=artifact_key("autoencoder", card["run_id"]),

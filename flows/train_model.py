@@ -8,6 +8,7 @@ Progress (step, loss, images/s, ETA) goes to the run logger every ~30 s and to a
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Literal
@@ -29,7 +30,7 @@ _D = TrainConfig("")  # the library's defaults: the flow restates them (tests/te
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]  (the UI shows a choice list)
 
 
-def run_name() -> str:
+def flow_run_title() -> str:
     """``train-<dataset>-<mode>`` from the run's parameters."""
     from prefect.runtime import flow_run
 
@@ -73,12 +74,13 @@ def tidy_interrupted(plan, logger) -> None:
 
 
 def config_from(p: dict) -> TrainConfig:
-    """The flow's TrainConfig from its parameters (a dict, as the hooks see them)."""
-    return TrainConfig(p["dataset_uri"], p.get("mode", _D.mode), p.get("preset", _D.preset), p.get("steps", _D.steps),
-                       p.get("batch_size", _D.batch_size), p.get("device", _D.device), p.get("seed", _D.seed),
-                       p.get("resume", _D.resume), p.get("objective", _D.objective), p.get("schedule", _D.schedule),
-                       p.get("prediction", _D.prediction), p.get("min_snr_gamma", _D.min_snr_gamma),
-                       latent=p.get("latent", _D.latent), conditioning=p.get("conditioning", _D.conditioning)).check()
+    """The flow's TrainConfig from its parameters (a dict, as the hooks see them): each TrainConfig field
+    among them, the rest (storage root, fan-out switches) left to the flow."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in p.items() if k in fields}
+    if given.get("network_channels") is not None:  # a JSON list in the parameters
+        given["network_channels"] = tuple(given["network_channels"])
+    return TrainConfig(**given).check()
 
 
 @task(name="train-part", retries=1, retry_delay_seconds=[10], retry_condition_fn=retry_transient,
@@ -123,7 +125,7 @@ def card_markdown(card: dict) -> str:
     return "\n".join(lines)
 
 
-@flow(name="train-model", flow_run_name=run_name, on_cancellation=[leave_resumable], **RESULT_OPTIONS)
+@flow(name="train-model", flow_run_name=flow_run_title, on_cancellation=[leave_resumable], **RESULT_OPTIONS)
 def train_model(
     dataset_uri: str,
     mode: Literal["conditional", "per-class"] = _D.mode,
@@ -141,6 +143,21 @@ def train_model(
     parallel_classes: bool = False,
     latent: str | None = _D.latent,
     conditioning: Literal["embedding", "cross-attention"] = _D.conditioning,
+    lr: float | None = _D.lr,
+    label_dropout: float = _D.label_dropout,
+    hflip: bool = _D.hflip,
+    vflip: bool = _D.vflip,
+    network_channels: list[int] | None = None,
+    attention_levels: str | None = _D.attention_levels,
+    run_name: str | None = _D.run_name,
+    checkpoint_every: int | None = _D.checkpoint_every,
+    sample_every: int | None = _D.sample_every,
+    log_every: int | None = _D.log_every,
+    keep: int = _D.keep,
+    compile: bool = _D.compile,
+    cpu_threads: int | None = _D.cpu_threads,
+    preview_steps: int = _D.preview_steps,
+    num_workers: int = _D.num_workers,
 ) -> str:
     """Train (or resume, or find) a conditional or per-class diffusion model; returns its URI (the run's persisted result).
 
@@ -161,17 +178,30 @@ def train_model(
         parallel_classes: Per-class mode: train the classes side by side (class k on GPU k mod the visible GPUs).
         latent: Autoencoder URI (train-autoencoder's result): train on its latents (latent diffusion); empty = pixels.
         conditioning: Conditional mode: class embedding, or a learned label embedding through cross-attention.
+        lr: Peak learning rate; empty = the preset's.
+        label_dropout: Conditional mode: probability of the null label (classifier-free guidance).
+        hflip: Random horizontal flips (only if the domain is left-right symmetric).
+        vflip: Random vertical flips (only if the domain allows it).
+        network_channels: U-Net channels per level, e.g. [64, 128, 256]; empty = the preset's.
+        attention_levels: none, coarse, coarsest, all, or one 0/1 per level ("0,1,1"); empty = the preset's.
+        run_name: A fixed run id instead of the content hash (only steps may change until it finishes).
+        checkpoint_every: Steps between checkpoints; empty = the preset's.
+        sample_every: Steps between preview grids; empty = the preset's.
+        log_every: Steps between metrics rows; empty = the preset's.
+        keep: Checkpoints kept per run folder.
+        compile: torch.compile the network (faster steps on a GPU after a compile of a minute or so).
+        cpu_threads: CPU threads per process; empty = the CPUs free when it starts.
+        preview_steps: Sampler steps of the preview grids.
+        num_workers: Data-loading worker processes (capped at the shard count).
     """
+    params = dict(locals())  # the parameters, as the hooks see them
     one_traceback_per_failure()
     explain_wait()
     logger = get_run_logger()
     tag_run(dataset_tag(dataset_uri))
     with user_errors():
         required(dataset_uri, "dataset_uri", "ingest-dataset")
-        cfg = config_from(dict(dataset_uri=dataset_uri, mode=mode, preset=preset, steps=steps, batch_size=batch_size,
-                               device=device, seed=seed, resume=resume, objective=objective, schedule=schedule,
-                               prediction=prediction, min_snr_gamma=min_snr_gamma, latent=latent,
-                               conditioning=conditioning))
+        cfg = config_from(params)
         plan = plan_run(cfg, storage_root)
         if storage.exists(storage.join(plan.uri, "model.json")):
             logger.info("found existing model %s", plan.uri)

@@ -50,6 +50,21 @@ def train_part(  # named like the flow: `prefect deploy --name train-part/...` m
     storage_root: str | None = None,
     latent: str | None = _D.latent,
     run_id: str | None = None,
+    lr: float | None = _D.lr,
+    label_dropout: float = _D.label_dropout,
+    hflip: bool = _D.hflip,
+    vflip: bool = _D.vflip,
+    network_channels: list[int] | None = None,
+    attention_levels: str | None = _D.attention_levels,
+    run_name: str | None = _D.run_name,
+    checkpoint_every: int | None = _D.checkpoint_every,
+    sample_every: int | None = _D.sample_every,
+    log_every: int | None = _D.log_every,
+    keep: int = _D.keep,
+    compile: bool = _D.compile,
+    cpu_threads: int | None = _D.cpu_threads,
+    preview_steps: int = _D.preview_steps,
+    num_workers: int = _D.num_workers,
 ) -> str:
     """Train (or resume, or find) class ``class_id``'s model of a per-class run; returns the part's URI.
 
@@ -71,10 +86,23 @@ def train_part(  # named like the flow: `prefect deploy --name train-part/...` m
         latent: Autoencoder URI of a latent per-class run (its parts train on the latents); empty = pixels.
         run_id: The parent train-model run's id: the part refuses to train another run's part (a worker
             with other meddiff code, or a parameter lost on the way); empty = no check.
+        lr: Peak learning rate; empty = the preset's.
+        label_dropout: The parent run's (part of its id; unconditional class models draw no labels).
+        hflip: Random horizontal flips.
+        vflip: Random vertical flips.
+        network_channels: U-Net channels per level; empty = the preset's.
+        attention_levels: none, coarse, coarsest, all, or one 0/1 per level; empty = the preset's.
+        run_name: The per-class run's fixed id, if it has one.
+        checkpoint_every: Steps between checkpoints; empty = the preset's.
+        sample_every: Steps between preview grids; empty = the preset's.
+        log_every: Steps between metrics rows; empty = the preset's.
+        keep: Checkpoints kept per part.
+        compile: torch.compile the network.
+        cpu_threads: CPU threads of this worker's process; empty = the CPUs free when it starts.
+        preview_steps: Sampler steps of the preview grids.
+        num_workers: Data-loading worker processes.
     """
-    cfg = config_from(dict(dataset_uri=dataset_uri, mode=mode, preset=preset, steps=steps, batch_size=batch_size,
-                           device=device, seed=seed, resume=resume, objective=objective, schedule=schedule,
-                           prediction=prediction, min_snr_gamma=min_snr_gamma, latent=latent))
+    cfg = config_from(dict(locals()))
     plan = plan_run(cfg, storage_root)
     if run_id is not None and plan.run_id != run_id:
         raise MeddiffError(f"train-part was asked for a part of {run_id} but its parameters plan {plan.run_id}: this "

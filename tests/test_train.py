@@ -403,6 +403,27 @@ def test_train_model_flow(prefect_harness, breastmnist_uri, tmp_path):
     assert not (Path(uri) / "class-1" / "samples").exists()
 
 
+
+def test_train_model_flow_takes_the_commands_options(prefect_harness, breastmnist_uri, tmp_path):
+    """The flow lacked `meddiff train`'s lr, flips, run name, network overrides, …: a deployment could not
+    train what the command trains. They reach the model now, and a fanned-out part gets them too."""
+    from flows.train_model import config_from, train_model
+    from flows.train_part import part_parameters
+
+    kw = dict(lr=5e-4, hflip=True, network_channels=[16, 32], attention_levels="none", label_dropout=0.2,
+              keep=1, checkpoint_every=2, preview_steps=2)
+    uri = train_model(breastmnist_uri, steps=4, batch_size=8, device="cpu", storage_root=str(tmp_path),
+                      run_name="from-the-flow", **kw)
+    card = json.loads((Path(uri) / "model.json").read_text())
+    assert card["run_id"] == "from-the-flow"
+    assert {k: card["config"][k] for k in ("lr", "hflip", "label_dropout", "keep")} == {
+        "lr": 5e-4, "hflip": True, "label_dropout": 0.2, "keep": 1}
+    assert tuple(card["network"]["channels"]) == (16, 32)
+    assert len(list(Path(uri).rglob("checkpoints/*.pt"))) == 1
+    cfg = config_from(dict(dataset_uri=breastmnist_uri, mode="per-class", **kw))
+    assert config_from(part_parameters(cfg, str(tmp_path), "run")) == cfg
+
+
 def test_per_class_parts_trained_side_by_side_in_threads_equal_those_trained_one_after_another(breastmnist_uri,
                                                                                                tmp_path):
     """``parallel_classes`` trains a per-class model's parts in threads of one process. Every part drew its
