@@ -14,6 +14,7 @@ from flows.common import (required, RESULT_OPTIONS, artifact_key, dataset_tag, e
                           tag_run, user_errors)
 from meddiff import storage
 from meddiff.evaluate import EvalConfig, EvalResult, evaluate_cohort as run_evaluation, headline_rows, per_class_table
+from meddiff.evaluate.config import TstrProtocol
 from meddiff.progress import combine
 
 _D = EvalConfig()  # the library's defaults: the flow restates them (tests/test_flow_defaults.py)
@@ -81,7 +82,7 @@ def evaluate_cohort_flow(
     real_uri: str | None = _D.real_uri,
     features: str = ",".join(_D.features),
     tstr: bool = _D.tstr,
-    tstr_protocol: str = _D.tstr_protocol,
+    tstr_protocol: TstrProtocol = _D.tstr_protocol,
     tstr_steps: int = _D.tstr_steps,
     tstr_max_images: int | None = _D.tstr_max_images,
     drop_flagged: bool = _D.drop_flagged,

@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, from_env,
                           LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
                           retry_transient, tag_run, user_errors)
-from meddiff.data.ingest import IngestConfig, IngestResult, colour_note, ingest
+from meddiff.data.ingest import Colour, IngestConfig, IngestResult, colour_note, ingest
 from meddiff.data.shards import empty_splits
 from meddiff.progress import combine
 
@@ -47,7 +47,7 @@ def ingest_dataset(
     shuffle_seed: int = _D.shuffle_seed,
     bit_depth: int | None = _D.bit_depth,
     window: str | None = _D.window,
-    colour: str = _D.colour,
+    colour: Colour = _D.colour,
     storage_root: str | None = None,
 ) -> str:
     """Ingest a dataset source into a versioned WebDataset copy; returns its URI (the run's persisted result).

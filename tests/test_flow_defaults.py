@@ -100,7 +100,8 @@ def test_every_flow_parameter_is_described_and_choices_are_listed(flow):
     without one description, and took kind, preset, mode, objective, split and rank_by as free text."""
     props = flow.parameters.model_dump()["properties"]
     assert all(p.get("description") for p in props.values()), [k for k, p in props.items() if not p.get("description")]
-    for choice in ("mode", "objective", "sampler", "preset", "schedule", "prediction", "kind", "split", "rank_by"):
+    for choice in ("mode", "objective", "sampler", "preset", "schedule", "prediction", "kind", "split", "rank_by",
+                   "colour", "conditioning", "tstr_protocol"):
         if choice in props:
             assert props[choice].get("enum") or "const" in props[choice], f"{flow.name}.{choice} is free text"
 
