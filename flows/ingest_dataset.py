@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, from_env,
                           LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
                           retry_transient, tag_run, user_errors)
-from meddiff.data.ingest import Colour, IngestConfig, IngestResult, colour_note, ingest
+from meddiff.data.ingest import Colour, IngestConfig, IngestResult, ingest_notes, ingest
 from meddiff.data.shards import empty_splits
 from meddiff.progress import combine
 
@@ -79,7 +79,7 @@ def ingest_dataset(
                            medmnist_root, shuffle_seed, bit_depth, window, colour).check()
         result = ingest_task(cfg, storage_root)
     logger.info("%s dataset version %s", "found existing" if result.existed else "wrote", result.uri)
-    if note := colour_note(result.card):
+    for note in ingest_notes(result.card):
         logger.info(note)
     for warning in empty_splits(result.card):
         logger.warning(warning)

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from meddiff.errors import SourceError, StorageError, UnsafeArchiveError
-from meddiff.data.ingest import IngestConfig, ingest
+from meddiff.data.ingest import IngestConfig, ingest, ingest_notes
 from meddiff.data.shards import iter_shard, open_dataset
 
 
@@ -622,6 +622,11 @@ def test_grey_images_stored_as_colour_ingest_as_grey(medmnist_dir, tmp_path):
     from meddiff.cli.datasets_cmd import pixel_rules  # what `meddiff datasets show` prints
 
     assert pixel_rules(stored.card) == "none: every input is 8-bit; 1 channel (40 colour-encoded files hold grey pixels)"
+    assert ingest_notes(stored.card) == ["40 colour-encoded images hold grey pixels: read as grey (1 channel; "
+                                         "--colour rgb keeps 3)"]
+    windowed = ingest(IngestConfig(f"folder:{src}", size=28, name="b", window="1,99"), root).card
+    assert ingest_notes(windowed)[1] == ("--window 1,99 not applied (only inputs deeper than 8 bits are rescaled; "
+                                         "every input is 8-bit)")
     for split in ("train", "val", "test"):
         xa, ya = open_dataset(grey.uri).load_split(split)
         xb, yb = open_dataset(stored.uri).load_split(split)

@@ -67,7 +67,7 @@ def ingest(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
-    from meddiff.data.ingest import IngestConfig, colour_note, ingest as run_ingest  # here: `meddiff --help` stays fast
+    from meddiff.data.ingest import IngestConfig, ingest_notes, ingest as run_ingest  # here: `meddiff --help` stays fast
     from meddiff.data.shards import empty_splits
 
     cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
@@ -78,7 +78,7 @@ def ingest(
     console.print(counts_table(result.card))
     if result.existed:
         console.print("[yellow]version already exists; nothing to do")
-    if note := colour_note(result.card):
+    for note in ingest_notes(result.card):
         console.print(note)
     if result.card["num_skipped"]:
         console.print(f"[yellow]{result.card['num_skipped']} inputs skipped (listed in dataset.json)")

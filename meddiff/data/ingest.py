@@ -210,10 +210,18 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
     return IngestResult(uri, card, existed=False)
 
 
-def colour_note(card: dict) -> str | None:
-    """The line to tell a user whose colour-encoded files were read as grey, else None."""
-    n = card.get("colour", {}).get("grey_stored_as_colour")
-    return f"{n} colour-encoded images hold grey pixels: read as grey (1 channel; --colour rgb keeps 3)" if n else None
+def ingest_notes(card: dict) -> list[str]:
+    """What a user should hear about how the pixels were read: colour-encoded files read as grey, and an
+    intensity option that had nothing to act on (every input 8-bit)."""
+    notes = []
+    if n := card.get("colour", {}).get("grey_stored_as_colour"):
+        notes.append(f"{n} colour-encoded images hold grey pixels: read as grey (1 channel; --colour rgb keeps 3)")
+    given = [f"--{k.replace('_', '-')} {v}" for k, v in card.get("config", {}).items()
+             if k in ("bit_depth", "window") and v is not None]
+    if given and card.get("intensity", {}).get("rule", "").startswith("none"):
+        notes.append(f"{' and '.join(given)} not applied (only inputs deeper than 8 bits are rescaled; every input "
+                     "is 8-bit)")
+    return notes
 
 
 def _bomb(source_id: str, e: Exception) -> SourceError:
