@@ -641,7 +641,34 @@ def test_grey_images_stored_as_colour_ingest_as_grey(medmnist_dir, tmp_path):
     tinted = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
     assert tinted.card["channels"] == 3 and tinted.card["colour"]["first_colour_image"].endswith(files[1].name)
     forced = ingest(IngestConfig(f"folder:{src}", size=28, name="b", colour="grey"), root)
-    assert forced.card["channels"] == 1 and forced.card["colour"] == {"rule": "grey", "channels": 1}
+    assert forced.card["channels"] == 1 and forced.card["colour"] == {"rule": "grey", "channels": 1,
+                                                                      "transparent_images": 0}
     for bad, match in (("medmnist:breastmnist", "published channels"), (f"folder:{src}", "must be one of")):
         with pytest.raises(SourceError, match=match):
             IngestConfig(bad, colour="grey" if bad.startswith("med") else "gray").check()
+
+
+def test_transparent_pixels_are_counted_and_said(medmnist_dir, tmp_path):
+    """Reading drops alpha (a transparent pixel keeps its stored colour, often black) and nothing said so.
+    Opaque RGBA files read exactly as their grey originals; files with transparent pixels are counted on
+    the card and named in the notes the command prints."""
+    from meddiff.cli.datasets_cmd import pixel_rules
+
+    root = str(tmp_path / "st")
+    grey = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'g', medmnist_dir, None)}", size=28, name="b"), root)
+    src = _breast_folder(tmp_path / "a", medmnist_dir, None)
+    files = sorted(src.rglob("*.png"))
+    for p in files:  # opaque RGBA
+        arr = np.asarray(Image.open(p))
+        Image.fromarray(np.stack([arr, arr, arr, np.full_like(arr, 255)], axis=2), mode="RGBA").save(p)
+    opaque = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
+    assert opaque.card["colour"]["transparent_images"] == 0 and opaque.card["channels"] == 1
+    assert np.array_equal(open_dataset(grey.uri).load_split("train")[0], open_dataset(opaque.uri).load_split("train")[0])
+    for p in files[:3]:
+        rgba = np.asarray(Image.open(p)).copy()
+        rgba[:5, :5, 3] = 0  # a transparent corner
+        Image.fromarray(rgba, mode="RGBA").save(p)
+    cut = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root).card
+    assert cut["colour"]["transparent_images"] == 3
+    assert ingest_notes(cut)[0].startswith("3 images have transparent pixels: alpha is dropped")
+    assert pixel_rules(cut).endswith("; 3 images with transparent pixels (alpha dropped)")

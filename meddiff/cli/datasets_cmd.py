@@ -44,7 +44,9 @@ def pixel_rules(card: dict) -> str:
     else:
         colour = {"grey": "1 channel (--colour grey)", "rgb": "3 channels (--colour rgb)"}.get(c.get("rule"),
                                                                                             "channels as published")
-    return f"{depth}; {colour}"
+    alpha = f"; {c['transparent_images']} images with transparent pixels (alpha dropped)" if c.get(
+        "transparent_images") else ""
+    return f"{depth}; {colour}{alpha}"
 
 
 @app.command()

@@ -73,6 +73,12 @@ def holds_grey(im: Image.Image) -> bool:
     return spread <= GREY_TOLERANCE
 
 
+def see_through(im: Image.Image) -> bool:
+    """True when a pixel of ``im`` is not fully opaque (alpha channel or transparent palette entry). Reading
+    drops alpha, so such a pixel keeps its stored colour. Decodes ``im`` only when it carries alpha."""
+    return im.has_transparency_data and im.convert("RGBA").getchannel("A").getextrema()[0] < 255
+
+
 def to_pil(arr: np.ndarray) -> Image.Image:
     """uint8 H×W (grayscale) or H×W×3 (RGB) array to a PIL image."""
     if arr.ndim == 3 and arr.shape[2] == 1:

@@ -28,7 +28,7 @@ from meddiff import storage
 from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.errors import Interrupted, SourceError, check_seed
 from meddiff.data.images import (GRAY_MODES, GREY_TOLERANCE, HIGH_BIT_MODES, Intensity, bits_for, encode_png,
-                                 holds_grey, load_image, resize_center_crop, to_pil)
+                                 holds_grey, load_image, resize_center_crop, see_through, to_pil)
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
 from meddiff.data.sources import SPLITS, RawSample, SourceData, check_name, dataset_name, parse_source
@@ -211,9 +211,12 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
 
 
 def ingest_notes(card: dict) -> list[str]:
-    """What a user should hear about how the pixels were read: colour-encoded files read as grey, and an
-    intensity option that had nothing to act on (every input 8-bit)."""
+    """What a user should hear about how the pixels were read: transparency dropped, colour-encoded files read
+    as grey, and an intensity option that had nothing to act on (every input 8-bit)."""
     notes = []
+    if n := card.get("colour", {}).get("transparent_images"):
+        notes.append(f"{n} images have transparent pixels: alpha is dropped, so those pixels keep their stored colour "
+                     "(often black); flatten the files onto the background you want and ingest again to change it")
     if n := card.get("colour", {}).get("grey_stored_as_colour"):
         notes.append(f"{n} colour-encoded images hold grey pixels: read as grey (1 channel; --colour rgb keeps 3)")
     given = [f"--{k.replace('_', '-')} {v}" for k, v in card.get("config", {}).items()
@@ -237,7 +240,7 @@ def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity 
     rule = cfg.intensity()
     if not src.samples or isinstance(src.samples[0].payload, np.ndarray):
         return None, None, None  # MedMNIST arrays: uint8, channels kept
-    high_max, deep, grey_as_colour, first_colour = -1, False, 0, None
+    high_max, deep, grey_as_colour, first_colour, transparent = -1, False, 0, None, 0
     for s in src.samples:
         try:
             with Image.open(io.BytesIO(s.data())) as im:
@@ -246,6 +249,7 @@ def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity 
                         grey_as_colour += 1
                     else:
                         first_colour = s.source_id
+                transparent += see_through(im)
                 deep = deep or im.mode in HIGH_BIT_MODES
                 if im.mode in HIGH_BIT_MODES and im.mode != "F" and rule.bits is None and not rule.window:
                     high_max = max(high_max, int(np.asarray(im).max(initial=0)))
@@ -256,7 +260,7 @@ def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity 
     if high_max >= 0:
         rule = Intensity(bits=bits_for(high_max))
     channels = {"grey": 1, "rgb": 3}.get(cfg.colour) or (3 if first_colour else 1)
-    colour = {"rule": cfg.colour, "channels": channels}
+    colour = {"rule": cfg.colour, "channels": channels, "transparent_images": transparent}
     if cfg.colour == "auto":
         colour |= ({"first_colour_image": first_colour} if first_colour else
                    {"grey_stored_as_colour": grey_as_colour,
