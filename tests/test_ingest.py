@@ -618,7 +618,7 @@ def test_grey_images_stored_as_colour_ingest_as_grey(medmnist_dir, tmp_path):
             pal.save(p)
     assert {Image.open(p).mode for p in files} == {"RGB", "P"}
     stored = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
-    assert stored.card["channels"] == 1 and stored.card["colour"]["grey_stored_as_colour"] == 40
+    assert stored.card["channels"] == 1 and stored.card["pixels"]["grey_stored_as_colour"] == 40
     from meddiff.cli.datasets_cmd import pixel_rules  # what `meddiff datasets show` prints
 
     assert pixel_rules(stored.card) == "none: every input is 8-bit; 1 channel (40 colour-encoded files hold grey pixels)"
@@ -639,10 +639,10 @@ def test_grey_images_stored_as_colour_ingest_as_grey(medmnist_dir, tmp_path):
     arr[:4, :4, 0] = 255  # a red mark: this one holds colour
     Image.fromarray(arr).save(files[1])
     tinted = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
-    assert tinted.card["channels"] == 3 and tinted.card["colour"]["first_colour_image"].endswith(files[1].name)
+    assert tinted.card["channels"] == 3 and tinted.card["pixels"]["first_colour_image"].endswith(files[1].name)
     forced = ingest(IngestConfig(f"folder:{src}", size=28, name="b", colour="grey"), root)
-    assert forced.card["channels"] == 1 and forced.card["colour"] == {"rule": "grey", "channels": 1,
-                                                                      "transparent_images": 0}
+    assert forced.card["channels"] == 1 and forced.card["pixels"]["colour"] == "grey"
+    assert "first_colour_image" not in forced.card["pixels"]
     for bad, match in (("medmnist:breastmnist", "published channels"), (f"folder:{src}", "must be one of")):
         with pytest.raises(SourceError, match=match):
             IngestConfig(bad, colour="grey" if bad.startswith("med") else "gray").check()
@@ -662,13 +662,34 @@ def test_transparent_pixels_are_counted_and_said(medmnist_dir, tmp_path):
         arr = np.asarray(Image.open(p))
         Image.fromarray(np.stack([arr, arr, arr, np.full_like(arr, 255)], axis=2), mode="RGBA").save(p)
     opaque = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
-    assert opaque.card["colour"]["transparent_images"] == 0 and opaque.card["channels"] == 1
+    assert opaque.card["pixels"]["transparent_images"] == 0 and opaque.card["channels"] == 1
     assert np.array_equal(open_dataset(grey.uri).load_split("train")[0], open_dataset(opaque.uri).load_split("train")[0])
     for p in files[:3]:
         rgba = np.asarray(Image.open(p)).copy()
         rgba[:5, :5, 3] = 0  # a transparent corner
         Image.fromarray(rgba, mode="RGBA").save(p)
     cut = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root).card
-    assert cut["colour"]["transparent_images"] == 3
+    assert cut["pixels"]["transparent_images"] == 3
     assert ingest_notes(cut)[0].startswith("3 images have transparent pixels: alpha is dropped")
     assert pixel_rules(cut).endswith("; 3 images with transparent pixels (alpha dropped)")
+
+
+def test_exif_orientation_is_applied(medmnist_dir, tmp_path):
+    """A camera stores a portrait shot as landscape pixels plus an EXIF orientation that viewers apply;
+    ingest ignored it, so such images trained sideways. They are read upright now, and counted."""
+    from meddiff.cli.datasets_cmd import pixel_rules
+
+    root = str(tmp_path / "st")
+    upright = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'u', medmnist_dir, None)}", size=28, name="b"),
+                     root)
+    src = _breast_folder(tmp_path / "r", medmnist_dir, None)
+    for p in sorted(src.rglob("*.png"))[::2]:  # every other file stored turned left, tagged "rotate 90° CW to view"
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(np.rot90(np.asarray(Image.open(p)))).save(p, exif=exif)
+    turned = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
+    assert turned.card["pixels"]["exif_rotated_images"] == 20
+    for split in ("train", "val", "test"):
+        assert np.array_equal(open_dataset(upright.uri).load_split(split)[0], open_dataset(turned.uri).load_split(split)[0])
+    assert "20 images turned upright by their EXIF orientation" in pixel_rules(turned.card)
+    assert ingest_notes(turned.card)[0].startswith("20 images turned upright")

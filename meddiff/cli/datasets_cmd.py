@@ -32,21 +32,22 @@ def counts_table(card: dict) -> Table:
 
 
 def pixel_rules(card: dict) -> str:
-    """How the inputs' pixels became the stored 8-bit images: the card's intensity and colour rules in words."""
-    i, c = card.get("intensity") or {}, card.get("colour") or {}  # versions before 2026-12-07 have no colour
+    """How the inputs' pixels became the stored 8-bit images: the card's intensity and pixels records in words."""
+    i, p = card.get("intensity") or {}, card.get("pixels") or {}  # versions before 2026-12-07 have no pixels
     depth = {"bit-depth": f"deeper than 8 bits rescaled by bit depth ({i.get('bits') or 'per image'} bits)",
              "percentile-window": f"deeper than 8 bits windowed per image to percentiles {i.get('percentiles')}"
              }.get(i.get("rule"), i.get("rule", "unrecorded"))
-    if c.get("rule") == "auto":
-        n = c.get("grey_stored_as_colour")
-        colour = (f"3 channels (first image in colour: {c['first_colour_image']})" if c["channels"] == 3 else
+    if p.get("colour") == "auto":
+        n = p.get("grey_stored_as_colour")
+        colour = (f"3 channels (first image in colour: {p['first_colour_image']})" if p["channels"] == 3 else
                   f"1 channel ({n} colour-encoded files hold grey pixels)" if n else "1 channel (every file grey)")
     else:
-        colour = {"grey": "1 channel (--colour grey)", "rgb": "3 channels (--colour rgb)"}.get(c.get("rule"),
+        colour = {"grey": "1 channel (--colour grey)", "rgb": "3 channels (--colour rgb)"}.get(p.get("colour"),
                                                                                             "channels as published")
-    alpha = f"; {c['transparent_images']} images with transparent pixels (alpha dropped)" if c.get(
-        "transparent_images") else ""
-    return f"{depth}; {colour}{alpha}"
+    more = [f"{p[k]} {what}" for k, what in (("transparent_images", "images with transparent pixels (alpha dropped)"),
+                                            ("exif_rotated_images", "images turned upright by their EXIF orientation"))
+            if p.get(k)]
+    return "; ".join([depth, colour, *more])
 
 
 @app.command()

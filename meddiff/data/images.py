@@ -11,10 +11,11 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, ImageOps
 
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # Pillow modes deeper than 8 bits
 GRAY_MODES = ("L", "1", "LA", *HIGH_BIT_MODES)
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera sets instead of rotating the pixels (1 = as stored)
 GREY_TOLERANCE = 2  # a colour-encoded image is grey when no pixel's R, G, B differ by more (encoders' rounding)
 
 
@@ -73,6 +74,11 @@ def holds_grey(im: Image.Image) -> bool:
     return spread <= GREY_TOLERANCE
 
 
+def reoriented(im: Image.Image) -> bool:
+    """True when ``im`` carries an EXIF orientation other than "as stored" (reading turns it upright)."""
+    return im.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9)
+
+
 def see_through(im: Image.Image) -> bool:
     """True when a pixel of ``im`` is not fully opaque (alpha channel or transparent palette entry). Reading
     drops alpha, so such a pixel keeps its stored colour. Decodes ``im`` only when it carries alpha."""
@@ -127,10 +133,12 @@ def load_image(data: bytes, channels: int | None = None, intensity: Intensity = 
     """Decode arbitrary image bytes fully (raises on truncated/corrupt data and decompression bombs).
 
     ``channels`` forces 1 (L) or 3 (RGB); None keeps grayscale as L and converts others to RGB.
-    Deeper than 8 bits ("I;16", "I", "F") is rescaled by ``intensity``, never clipped.
+    Deeper than 8 bits ("I;16", "I", "F") is rescaled by ``intensity``, never clipped. An EXIF
+    orientation is applied: the pixels come out as image viewers show them.
     """
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()
+        im = ImageOps.exif_transpose(opened) if reoriented(opened) else opened
         mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in GRAY_MODES else "RGB")
         if im.mode in HIGH_BIT_MODES:
             return high_bit_to_8bit(im, intensity).convert(mode)

@@ -28,7 +28,7 @@ from meddiff import storage
 from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.errors import Interrupted, SourceError, check_seed
 from meddiff.data.images import (GRAY_MODES, GREY_TOLERANCE, HIGH_BIT_MODES, Intensity, bits_for, encode_png,
-                                 holds_grey, load_image, resize_center_crop, see_through, to_pil)
+                                 holds_grey, load_image, reoriented, resize_center_crop, see_through, to_pil)
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
 from meddiff.data.sources import SPLITS, RawSample, SourceData, check_name, dataset_name, parse_source
@@ -105,7 +105,8 @@ class IngestConfig:
                 "bit_depth": c.bit_depth, "window": c.window,
                 # zip/folder/kaggle: byte-identical files are kept once (an official split is left as published)
                 **({} if parse_source(c.source).kind == "medmnist" else
-                   {"duplicates": "exact copies dropped", "colour": f"{c.colour}: grey within {GREY_TOLERANCE}"})}
+                   {"duplicates": "exact copies dropped", "colour": f"{c.colour}: grey within {GREY_TOLERANCE}",
+                    "orientation": "EXIF applied"})}
 
 
 @dataclass(frozen=True)
@@ -195,14 +196,14 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
     staging = storage.local_staging(root, f"dataset-{name}-{version}")
     try:
         with storage.write_faults(staging):
-            channels, intensity, colour = _inspect(src, cfg)
+            channels, intensity, pixels = _inspect(src, cfg)
             rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress, channels, intensity)
             skipped = src.skipped + skipped
             if not rows["key"]:
                 raise SourceError(f"no readable images in {cfg.source}; skipped: {skipped[:5]}")
             table = pa.table(rows)
             pq.write_table(table, staging / "index.parquet")
-            card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0, intensity, colour)
+            card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0, intensity, pixels)
             storage.write_json(str(staging / "dataset.json"), card)
             storage.publish_dir(staging, uri, last=("dataset.json",))
     finally:
@@ -214,10 +215,13 @@ def ingest_notes(card: dict) -> list[str]:
     """What a user should hear about how the pixels were read: transparency dropped, colour-encoded files read
     as grey, and an intensity option that had nothing to act on (every input 8-bit)."""
     notes = []
-    if n := card.get("colour", {}).get("transparent_images"):
+    pixels = card.get("pixels", {})  # versions before 2026-12-07 have none
+    if n := pixels.get("transparent_images"):
         notes.append(f"{n} images have transparent pixels: alpha is dropped, so those pixels keep their stored colour "
                      "(often black); flatten the files onto the background you want and ingest again to change it")
-    if n := card.get("colour", {}).get("grey_stored_as_colour"):
+    if n := pixels.get("exif_rotated_images"):
+        notes.append(f"{n} images turned upright by their EXIF orientation (stored as image viewers show them)")
+    if n := pixels.get("grey_stored_as_colour"):
         notes.append(f"{n} colour-encoded images hold grey pixels: read as grey (1 channel; --colour rgb keeps 3)")
     given = [f"--{k.replace('_', '-')} {v}" for k, v in card.get("config", {}).items()
              if k in ("bit_depth", "window") and v is not None]
@@ -231,42 +235,67 @@ def _bomb(source_id: str, e: Exception) -> SourceError:
     return SourceError(f"{source_id} is a decompression bomb ({e}); remove it from the source")
 
 
+@dataclass
+class _Survey:
+    """What one pass over the files found (headers; pixels only where a rule needs them)."""
+
+    colour: Colour
+    find_bits: bool  # look for the largest >8-bit integer value (no --bit-depth or --window given)
+    high_max: int = -1  # largest value of a >8-bit integer image; -1 = none seen
+    deep: bool = False  # some input is deeper than 8 bits
+    grey_as_colour: int = 0  # colour-encoded files whose pixels are grey
+    first_colour: str | None = None  # the first file holding colour
+    transparent: int = 0  # files with a pixel not fully opaque (alpha is dropped)
+    rotated: int = 0  # files with an EXIF orientation (applied when read)
+
+    def see(self, source_id: str, im: Image.Image) -> None:
+        if self.colour == "auto" and self.first_colour is None and im.mode not in GRAY_MODES:
+            if holds_grey(im):  # decodes: a radiograph saved as RGB is still grey
+                self.grey_as_colour += 1
+            else:
+                self.first_colour = source_id
+        self.transparent += see_through(im)
+        self.rotated += reoriented(im)
+        self.deep = self.deep or im.mode in HIGH_BIT_MODES
+        if self.find_bits and im.mode in HIGH_BIT_MODES and im.mode != "F":
+            self.high_max = max(self.high_max, int(np.asarray(im).max(initial=0)))
+
+    @property
+    def channels(self) -> int:
+        return {"grey": 1, "rgb": 3}.get(self.colour) or (3 if self.first_colour else 1)
+
+    def record(self) -> dict:
+        """The card's ``pixels``: channels and how they were decided, transparency and orientation."""
+        found = ({} if self.colour != "auto" else {"first_colour_image": self.first_colour} if self.first_colour
+                 else {"grey_stored_as_colour": self.grey_as_colour})
+        return {"colour": self.colour, "channels": self.channels, **found,
+                "grey_rule": f"auto: a colour-encoded file whose R, G, B agree within {GREY_TOLERANCE} grey levels "
+                             "at every pixel is grey",
+                "transparent_images": self.transparent, "alpha": "dropped: a transparent pixel keeps its stored colour",
+                "exif_rotated_images": self.rotated, "orientation": "EXIF orientation applied (as viewers show)"}
+
+
 def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity | None, dict | None]:
-    """One pass over the files: the channel count (by ``cfg.colour``; auto = 1 unless an image holds colour),
-    the intensity rule (None when no input is deeper than 8 bits, its bit depth detected from the largest
-    >8-bit integer value when not given) and the card's ``colour`` record."""
+    """One pass over the files: the channel count (by ``cfg.colour``), the intensity rule (None when no input
+    is deeper than 8 bits; its bit depth, when not given, from the largest >8-bit integer value) and the
+    card's ``pixels`` record."""
     import io
 
     rule = cfg.intensity()
     if not src.samples or isinstance(src.samples[0].payload, np.ndarray):
         return None, None, None  # MedMNIST arrays: uint8, channels kept
-    high_max, deep, grey_as_colour, first_colour, transparent = -1, False, 0, None, 0
+    survey = _Survey(cfg.colour, find_bits=rule.bits is None and not rule.window)
     for s in src.samples:
         try:
             with Image.open(io.BytesIO(s.data())) as im:
-                if cfg.colour == "auto" and first_colour is None and im.mode not in GRAY_MODES:
-                    if holds_grey(im):  # decodes: a radiograph saved as RGB is still grey
-                        grey_as_colour += 1
-                    else:
-                        first_colour = s.source_id
-                transparent += see_through(im)
-                deep = deep or im.mode in HIGH_BIT_MODES
-                if im.mode in HIGH_BIT_MODES and im.mode != "F" and rule.bits is None and not rule.window:
-                    high_max = max(high_max, int(np.asarray(im).max(initial=0)))
+                survey.see(s.source_id, im)
         except Image.DecompressionBombError as e:
             raise _bomb(s.source_id, e) from None
         except Exception:  # noqa: BLE001 - bad files are reported when they are decoded
             continue
-    if high_max >= 0:
-        rule = Intensity(bits=bits_for(high_max))
-    channels = {"grey": 1, "rgb": 3}.get(cfg.colour) or (3 if first_colour else 1)
-    colour = {"rule": cfg.colour, "channels": channels, "transparent_images": transparent}
-    if cfg.colour == "auto":
-        colour |= ({"first_colour_image": first_colour} if first_colour else
-                   {"grey_stored_as_colour": grey_as_colour,
-                    "note": f"colour-encoded images whose R, G, B agree within {GREY_TOLERANCE} grey levels "
-                            "are read as grey"})
-    return channels, rule if deep else None, colour
+    if survey.high_max >= 0:
+        rule = Intensity(bits=bits_for(survey.high_max))
+    return survey.channels, rule if survey.deep else None, survey.record()
 
 
 def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, staging: Path,
@@ -315,7 +344,7 @@ def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, stagin
 
 
 def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, shards, seconds,
-          intensity: Intensity | None, colour: dict | None) -> dict:
+          intensity: Intensity | None, pixels: dict | None) -> dict:
     df = table.select(["split", "label"]).to_pandas()
     counts = {split: {c: int(((df.split == split) & (df.label == i)).sum()) for i, c in enumerate(src.class_names)}
               for split in SPLITS}
@@ -331,7 +360,7 @@ def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, sh
         order={"shuffled": True, "shuffle_seed": cfg.shuffle_seed,
                "note": "each split is written in a seeded random order (not class by class)"},
         intensity=intensity.describe() if intensity else {"rule": "none: every input is 8-bit"},
-        colour=colour or {"rule": "as published"},
+        pixels=pixels or {"colour": "as published"},
         duplicates=_duplicates(table, skipped, src.has_official_splits),
     )
 
