@@ -47,6 +47,8 @@ def pixel_rules(card: dict) -> str:
     more = [f"{p[k]} {what}" for k, what in (("transparent_images", "images with transparent pixels (alpha dropped)"),
                                             ("exif_rotated_images", "images turned upright by their EXIF orientation"))
             if p.get(k)]
+    if d := p.get("dicom"):
+        more.append(f"{d['files']} DICOM files (" + ", ".join(f"{n} by {how}" for how, n in d["display"].items()) + ")")
     return "; ".join([depth, colour, *more])
 
 

@@ -39,7 +39,8 @@ def bits_for(max_value: int) -> int:
     return b + (b % 2)
 
 
-def _window(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def percentile_window(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Values → 0..255 between their ``lo`` and ``hi`` percentiles, clipped outside (all 0 when flat)."""
     a, b = np.percentile(arr, [lo, hi])
     if b <= a:
         return np.zeros(arr.shape, np.uint8)
@@ -50,13 +51,13 @@ def high_bit_to_8bit(im: Image.Image, rule: Intensity) -> Image.Image:
     """Rescale an "I;16"/"I"/"F" image to "L" by ``rule``."""
     arr = np.asarray(im)
     if rule.window:
-        return Image.fromarray(_window(arr.astype(np.float64), *rule.window), mode="L")
+        return Image.fromarray(percentile_window(arr.astype(np.float64), *rule.window), mode="L")
     if im.mode == "F":
         a = arr.astype(np.float64)
         if a.size and a.min() >= 0 and a.max() <= 1:
             out = np.rint(a * 255).astype(np.uint8)
         else:
-            out = _window(a, 0, 100)
+            out = percentile_window(a, 0, 100)
         return Image.fromarray(out, mode="L")
     a = arr.astype(np.int64)
     bits = rule.bits or bits_for(int(a.max()) if a.size else 0)
@@ -134,8 +135,14 @@ def load_image(data: bytes, channels: int | None = None, intensity: Intensity = 
 
     ``channels`` forces 1 (L) or 3 (RGB); None keeps grayscale as L and converts others to RGB.
     Deeper than 8 bits ("I;16", "I", "F") is rescaled by ``intensity``, never clipped. An EXIF
-    orientation is applied: the pixels come out as image viewers show them.
+    orientation is applied: the pixels come out as image viewers show them. DICOM is read by
+    :mod:`meddiff.data.dicom`.
     """
+    from meddiff.data import dicom
+
+    if dicom.is_dicom(data):
+        im = dicom.to_image(data, intensity)
+        return im.convert({1: "L", 3: "RGB"}.get(channels or 0) or im.mode)
     with Image.open(io.BytesIO(data)) as opened:
         opened.load()
         im = ImageOps.exif_transpose(opened) if reoriented(opened) else opened

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal, get_args
 
@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from meddiff import storage
 from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.errors import Interrupted, SourceError, check_seed
+from meddiff.data import dicom
 from meddiff.data.images import (GRAY_MODES, GREY_TOLERANCE, HIGH_BIT_MODES, Intensity, bits_for, encode_png,
                                  holds_grey, load_image, reoriented, resize_center_crop, see_through, to_pil)
 from meddiff.records import content_hash, make_record, sha256_bytes
@@ -35,6 +36,9 @@ from meddiff.data.sources import SPLITS, RawSample, SourceData, check_name, data
 
 Progress = Callable[[int, int], None]  # (done, total)
 Colour = Literal["auto", "grey", "rgb"]  # zip/folder/kaggle channels: by content, or forced to 1 / 3
+DICOM_RULE = ("monochrome: modality LUT (CT in HU), then the file's first window (WindowCenter/Width by its "
+              "VOILUTFunction) or VOI LUT onto 0..255, else the image's min..max; --window percentiles instead when "
+              "given; MONOCHROME1 inverted. Colour: 8-bit RGB. Multi-frame files are skipped")
 
 
 @dataclass(frozen=True)
@@ -223,11 +227,16 @@ def ingest_notes(card: dict) -> list[str]:
         notes.append(f"{n} images turned upright by their EXIF orientation (stored as image viewers show them)")
     if n := pixels.get("grey_stored_as_colour"):
         notes.append(f"{n} colour-encoded images hold grey pixels: read as grey (1 channel; --colour rgb keeps 3)")
-    given = [f"--{k.replace('_', '-')} {v}" for k, v in card.get("config", {}).items()
-             if k in ("bit_depth", "window") and v is not None]
+    if d := pixels.get("dicom"):
+        notes.append(f"{d['files']} DICOM files (by their headers; any that failed to decode are skipped): "
+                     + ", ".join(f"{n} by {how}" for how, n in d["display"].items())
+                     + (f"; {d['monochrome1_inverted']} MONOCHROME1 inverted" if d["monochrome1_inverted"] else ""))
+    options = ("bit_depth",) if pixels.get("dicom") else ("bit_depth", "window")  # --window acts on DICOM too
+    given = [f"--{k.replace('_', '-')} {v}" for k, v in card.get("config", {}).items() if k in options and v is not None]
     if given and card.get("intensity", {}).get("rule", "").startswith("none"):
-        notes.append(f"{' and '.join(given)} not applied (only inputs deeper than 8 bits are rescaled; every input "
-                     "is 8-bit)")
+        notes.append(f"{' and '.join(given)} not applied (" + ("DICOM is displayed by its own header; every other "
+                     "input is 8-bit)" if pixels.get("dicom") else "only inputs deeper than 8 bits are rescaled; every "
+                     "input is 8-bit)"))
     return notes
 
 
@@ -247,6 +256,14 @@ class _Survey:
     first_colour: str | None = None  # the first file holding colour
     transparent: int = 0  # files with a pixel not fully opaque (alpha is dropped)
     rotated: int = 0  # files with an EXIF orientation (applied when read)
+    dicom: dict = field(default_factory=dict)  # DICOM files by how they are displayed ("own window", "min..max", …)
+    inverted: int = 0  # MONOCHROME1 DICOM files (inverted)
+
+    def see_dicom(self, source_id: str, found: dicom.DicomInfo) -> None:
+        self.dicom[found.display] = self.dicom.get(found.display, 0) + 1
+        self.inverted += found.inverted
+        if self.colour == "auto" and self.first_colour is None and not found.grey:
+            self.first_colour = source_id
 
     def see(self, source_id: str, im: Image.Image) -> None:
         if self.colour == "auto" and self.first_colour is None and im.mode not in GRAY_MODES:
@@ -272,7 +289,9 @@ class _Survey:
                 "grey_rule": f"auto: a colour-encoded file whose R, G, B agree within {GREY_TOLERANCE} grey levels "
                              "at every pixel is grey",
                 "transparent_images": self.transparent, "alpha": "dropped: a transparent pixel keeps its stored colour",
-                "exif_rotated_images": self.rotated, "orientation": "EXIF orientation applied (as viewers show)"}
+                "exif_rotated_images": self.rotated, "orientation": "EXIF orientation applied (as viewers show)",
+                **({"dicom": {"files": sum(self.dicom.values()), "display": dict(sorted(self.dicom.items())),
+                              "monochrome1_inverted": self.inverted, "rule": DICOM_RULE}} if self.dicom else {})}
 
 
 def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity | None, dict | None]:
@@ -287,7 +306,11 @@ def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity 
     survey = _Survey(cfg.colour, find_bits=rule.bits is None and not rule.window)
     for s in src.samples:
         try:
-            with Image.open(io.BytesIO(s.data())) as im:
+            data = s.data()
+            if dicom.is_dicom(data):
+                survey.see_dicom(s.source_id, dicom.info(data))
+                continue
+            with Image.open(io.BytesIO(data)) as im:
                 survey.see(s.source_id, im)
         except Image.DecompressionBombError as e:
             raise _bomb(s.source_id, e) from None
@@ -315,7 +338,7 @@ def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, stagin
                 s = src.samples[i]
                 done += 1
                 try:
-                    png = _prepare(s, cfg.size, channels, intensity or Intensity())
+                    png = _prepare(s, cfg.size, channels, intensity or cfg.intensity())  # DICOM: --window
                 except Image.DecompressionBombError as e:
                     raise _bomb(s.source_id, e) from None
                 except Exception as e:  # noqa: BLE001 - one bad image is skipped, not fatal
@@ -359,7 +382,8 @@ def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, sh
         official_splits=src.has_official_splits, ingest_seconds=round(seconds, 2),
         order={"shuffled": True, "shuffle_seed": cfg.shuffle_seed,
                "note": "each split is written in a seeded random order (not class by class)"},
-        intensity=intensity.describe() if intensity else {"rule": "none: every input is 8-bit"},
+        intensity=intensity.describe() if intensity else {"rule": "none: every input is 8-bit" + (
+            " (DICOM aside: see pixels.dicom)" if (pixels or {}).get("dicom") else "")},
         pixels=pixels or {"colour": "as published"},
         duplicates=_duplicates(table, skipped, src.has_official_splits),
     )

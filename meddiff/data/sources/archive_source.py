@@ -24,7 +24,7 @@ from meddiff.records import sha256_file
 from meddiff.data.sources import RawSample, SourceData
 
 Reader = Callable[[], bytes]  # reads one file's bytes when called
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 IGNORED = {".DS_Store", "Thumbs.db", "desktop.ini"}
 EMPTY_MARKER = ".meddiff-folder"  # stands for a folder entry; never a sample
 MAX_ENTRY_BYTES = 512 << 20  # an archive entry larger than this (uncompressed) is refused
