@@ -98,3 +98,16 @@ def test_bit_depth_is_said_to_leave_dicom_alone(tmp_path):
     card = ingest(IngestConfig(f"folder:{_folder(tmp_path / 'scans')}", size=64, bit_depth=12), str(tmp_path / "st")).card
     assert ingest_notes(card)[-1] == ("--bit-depth 12 not applied (DICOM is displayed by its own header; every other "
                                       "input is 8-bit)")
+
+
+def test_dicom_files_named_as_pacs_exports_name_them_are_found(tmp_path):
+    """PACS exports name files IM0001 or by UID (1.2.840….320): no image extension, so every one was skipped."""
+    src = tmp_path / "export"
+    for cls, name, new in (("ct", "CT_small.dcm", "1.2.840.113619.2.55.3.320"), ("ct", "693_J2KI.dcm", "IM0001"),
+                           ("mr", "MR_small.dcm", "IM0001"), ("mr", "examples_overlay.dcm", "IM0002")):
+        (src / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(get_testdata_file(name), src / cls / new)
+    (src / "mr" / "NOTES").write_text("not an image")
+    card = ingest(IngestConfig(f"folder:{src}", size=64), str(tmp_path / "st")).card
+    assert sum(card["totals"].values()) == 4 and card["pixels"]["dicom"]["files"] == 4
+    assert card["skipped"] == [{"source_id": "mr/NOTES", "reason": "not an image file (no extension)"}]

@@ -21,6 +21,7 @@ from typing import Callable
 
 from meddiff.errors import SourceError, UnsafeArchiveError
 from meddiff.records import sha256_file
+from meddiff.data.dicom import is_dicom
 from meddiff.data.sources import RawSample, SourceData
 
 Reader = Callable[[], bytes]  # reads one file's bytes when called
@@ -65,6 +66,11 @@ def _class_of(folder: str, rules: list[tuple[str, str | None]]) -> str | None:
     return None
 
 
+def _unnamed_dicom(p: PurePosixPath, read: Reader) -> bool:
+    """A DICOM file named as PACS exports name them: no extension (IM0001) or a UID (1.2.840.113619.2.55.3.320)."""
+    return (p.suffix == "" or p.suffix[1:].isdigit()) and is_dicom(read())
+
+
 def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str,
              digests: dict[str, bytes] | None = None):
     """entries: (relative path, read-bytes fn) → class names, samples, skipped. digests: sha256 by path where
@@ -87,7 +93,7 @@ def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str,
             continue
         if p.name == EMPTY_MARKER:
             continue
-        if p.suffix.lower() not in IMAGE_EXTS:
+        if p.suffix.lower() not in IMAGE_EXTS and not _unnamed_dicom(p, read):
             skipped.append({"source_id": rel, "reason": f"not an image file ({p.suffix or 'no extension'})"})
             continue
         by_class.setdefault(cls, []).append((rel, read))
