@@ -17,7 +17,7 @@ RUN useradd --create-home --uid 1000 meddiff
 COPY pyproject.toml README.md ./
 RUN pip install --index-url "$TORCH_INDEX_URL" --extra-index-url https://pypi.org/simple torch torchvision \
  && mkdir -p meddiff flows && touch meddiff/__init__.py flows/__init__.py \
- && pip install . 'sqlalchemy>=2.0,<2.1' && pip uninstall -y meddiff && rm -rf meddiff flows build
+ && pip install '.[dicom]' 'sqlalchemy>=2.0,<2.1' && pip uninstall -y meddiff && rm -rf meddiff flows build
 
 # the source: workers run deployments from /app (prefect.yaml's pull step: MEDDIFF_REPO)
 COPY meddiff ./meddiff

@@ -20,7 +20,7 @@ from meddiff.data.shards import open_dataset
 CT = ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"]  # CT_small has no window: its min..max
 MR = ["MR_small.dcm", "MR_small_RLE.dcm", "examples_overlay.dcm"]
 REFUSED = {"rtdose.dcm": "multi-frame DICOM (15 frames", "reportsi.dcm": "DICOM without an image (SR",
-           "JPEG-lossy.dcm": "could not be decoded (pillow: Pillow does not support 'JPEG Extended'"}
+           "JPEG-lossy.dcm": "Pillow does not support 'JPEG Extended'"}  # malformed: no codec reads it
 
 
 def _folder(root: Path, extra: dict[str, list[str]] | None = None) -> Path:

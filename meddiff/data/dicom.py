@@ -81,8 +81,8 @@ def _decoded(ds) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - pydicom raises several types for a missing codec
         why = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip()) or str(e)  # per plugin
         raise ValueError(f"DICOM pixels in {ds.file_meta.TransferSyntaxUID.name} could not be decoded ({why}); "
-                         "without a plugin for them, pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
-                         "(JPEG, JPEG-LS, JPEG 2000) and ingest again") from None
+                         "without a plugin for them, pip install 'meddiff[dicom]' (pylibjpeg: JPEG, JPEG-LS, "
+                         "JPEG 2000) and ingest again") from None
 
 
 def _to_8bit(a: np.ndarray, bits: int) -> np.ndarray:
