@@ -693,3 +693,20 @@ def test_exif_orientation_is_applied(medmnist_dir, tmp_path):
         assert np.array_equal(open_dataset(upright.uri).load_split(split)[0], open_dataset(turned.uri).load_split(split)[0])
     assert "20 images turned upright by their EXIF orientation" in pixel_rules(turned.card)
     assert ingest_notes(turned.card)[0].startswith("20 images turned upright")
+
+
+def test_multi_page_tiffs_are_counted_and_said(medmnist_dir, tmp_path):
+    """A TIFF stack's first page was read without a word about the others."""
+    root = str(tmp_path / "st")
+    flat = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'f', medmnist_dir, None)}", size=28, name="b"), root)
+    src = _breast_folder(tmp_path / "t", medmnist_dir, None)
+    pngs = sorted(src.rglob("*.png"))
+    for p in pngs:  # the image, then a second page (its negative)
+        im = Image.open(p)
+        im.save(p.with_suffix(".tif"), save_all=True, append_images=[Image.eval(im, lambda v: 255 - v)])
+        p.unlink()
+    assert Image.open(next(src.rglob("*.tif"))).n_frames == 2
+    stack = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
+    assert stack.card["pixels"]["multi_frame_images"] == 40
+    assert np.array_equal(open_dataset(flat.uri).load_split("train")[0], open_dataset(stack.uri).load_split("train")[0])
+    assert ingest_notes(stack.card)[0].startswith("40 files hold several pages or frames")

@@ -45,7 +45,8 @@ def pixel_rules(card: dict) -> str:
         colour = {"grey": "1 channel (--colour grey)", "rgb": "3 channels (--colour rgb)"}.get(p.get("colour"),
                                                                                             "channels as published")
     more = [f"{p[k]} {what}" for k, what in (("transparent_images", "images with transparent pixels (alpha dropped)"),
-                                            ("exif_rotated_images", "images turned upright by their EXIF orientation"))
+                                            ("exif_rotated_images", "images turned upright by their EXIF orientation"),
+                                            ("multi_frame_images", "multi-page files (first page read)"))
             if p.get(k)]
     if d := p.get("dicom"):
         more.append(f"{d['files']} DICOM files (" + ", ".join(f"{n} by {how}" for how, n in d["display"].items()) + ")")

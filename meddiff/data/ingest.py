@@ -223,6 +223,9 @@ def ingest_notes(card: dict) -> list[str]:
     if n := pixels.get("transparent_images"):
         notes.append(f"{n} images have transparent pixels: alpha is dropped, so those pixels keep their stored colour "
                      "(often black); flatten the files onto the background you want and ingest again to change it")
+    if n := pixels.get("multi_frame_images"):
+        notes.append(f"{n} files hold several pages or frames (a TIFF stack, an animated GIF): only the first of each "
+                     "is read; export the ones you want as separate files")
     if n := pixels.get("exif_rotated_images"):
         notes.append(f"{n} images turned upright by their EXIF orientation (stored as image viewers show them)")
     if n := pixels.get("grey_stored_as_colour"):
@@ -256,6 +259,7 @@ class _Survey:
     first_colour: str | None = None  # the first file holding colour
     transparent: int = 0  # files with a pixel not fully opaque (alpha is dropped)
     rotated: int = 0  # files with an EXIF orientation (applied when read)
+    multi_frame: int = 0  # TIFF/GIF files with several pages or frames (the first is read)
     dicom: dict = field(default_factory=dict)  # DICOM files by how they are displayed ("own window", "min..max", …)
     inverted: int = 0  # MONOCHROME1 DICOM files (inverted)
 
@@ -273,6 +277,7 @@ class _Survey:
                 self.first_colour = source_id
         self.transparent += see_through(im)
         self.rotated += reoriented(im)
+        self.multi_frame += getattr(im, "n_frames", 1) > 1
         self.deep = self.deep or im.mode in HIGH_BIT_MODES
         if self.find_bits and im.mode in HIGH_BIT_MODES and im.mode != "F":
             self.high_max = max(self.high_max, int(np.asarray(im).max(initial=0)))
@@ -290,6 +295,7 @@ class _Survey:
                              "at every pixel is grey",
                 "transparent_images": self.transparent, "alpha": "dropped: a transparent pixel keeps its stored colour",
                 "exif_rotated_images": self.rotated, "orientation": "EXIF orientation applied (as viewers show)",
+                "multi_frame_images": self.multi_frame, "frames": "the first page or frame of a TIFF/GIF is read",
                 **({"dicom": {"files": sum(self.dicom.values()), "display": dict(sorted(self.dicom.items())),
                               "monochrome1_inverted": self.inverted, "rule": DICOM_RULE}} if self.dicom else {})}
 
