@@ -8,7 +8,8 @@ from prefect.artifacts import create_markdown_artifact
 from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_tag, explain_wait, from_env,
                           LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
                           retry_transient, tag_run, user_errors)
-from meddiff.data.ingest import Colour, IngestConfig, IngestResult, ingest_notes, ingest
+from meddiff.data.ingest import IngestConfig, IngestResult, ingest
+from meddiff.data.pixel_survey import Colour, ingest_notes, pixel_summary
 from meddiff.data.shards import empty_splits
 from meddiff.progress import combine
 
@@ -28,6 +29,7 @@ def card_markdown(card: dict) -> str:
              "| class | " + " | ".join(splits) + " |", "|---|" + "---:|" * len(splits)]
     lines += [f"| {c} | " + " | ".join(str(card["counts"][s][c]) for s in splits) + " |" for c in card["class_names"]]
     lines += ["| **total** | " + " | ".join(str(card["totals"][s]) for s in splits) + " |"]
+    lines += ["", f"Pixels: {pixel_summary(card)}"]
     if card["num_skipped"]:
         lines += ["", f"{card['num_skipped']} inputs skipped (see dataset.json)."]
     return "\n".join(lines)

@@ -14,7 +14,8 @@ from pydicom.pixels.processing import apply_modality_lut, apply_windowing
 
 from meddiff.data.dicom import to_image
 from meddiff.data.images import Intensity
-from meddiff.data.ingest import IngestConfig, ingest, ingest_notes
+from meddiff.data.ingest import IngestConfig, ingest
+from meddiff.data.pixel_survey import ingest_notes
 from meddiff.data.shards import open_dataset
 
 CT = ["CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm"]  # CT_small has no window: its min..max

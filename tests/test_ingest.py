@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from meddiff.errors import SourceError, StorageError, UnsafeArchiveError
-from meddiff.data.ingest import IngestConfig, ingest, ingest_notes
+from meddiff.data.ingest import IngestConfig, ingest
+from meddiff.data.pixel_survey import ingest_notes, pixel_summary  # what `meddiff datasets show` prints
 from meddiff.data.shards import iter_shard, open_dataset
 
 
@@ -392,9 +393,7 @@ def test_16bit_png_ingests_to_the_8bit_pixels(medmnist_dir, tmp_path, scale, bit
     assert Image.open(next((deep_src / "c0").iterdir())).mode == "I;16"  # a real 16-bit PNG
     deep = ingest(IngestConfig(f"folder:{deep_src}", size=28, name="b"), str(tmp_path / "st"))
     assert deep.card["intensity"] == {"rule": "bit-depth", "bits": bits, "float": deep.card["intensity"]["float"]}
-    from meddiff.cli.datasets_cmd import pixel_rules
-
-    assert pixel_rules(deep.card).startswith(f"deeper than 8 bits rescaled by bit depth ({bits} bits); 1 channel")
+    assert pixel_summary(deep.card).startswith(f"deeper than 8 bits rescaled by bit depth ({bits} bits); 1 channel")
     assert eight.card["intensity"]["rule"].startswith("none")
     a, b = open_dataset(eight.uri), open_dataset(deep.uri)
     for split in ("train", "val", "test"):
@@ -619,9 +618,8 @@ def test_grey_images_stored_as_colour_ingest_as_grey(medmnist_dir, tmp_path):
     assert {Image.open(p).mode for p in files} == {"RGB", "P"}
     stored = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
     assert stored.card["channels"] == 1 and stored.card["pixels"]["grey_stored_as_colour"] == 40
-    from meddiff.cli.datasets_cmd import pixel_rules  # what `meddiff datasets show` prints
 
-    assert pixel_rules(stored.card) == "none: every input is 8-bit; 1 channel (40 colour-encoded files hold grey pixels)"
+    assert pixel_summary(stored.card) == "none: every input is 8-bit; 1 channel (40 colour-encoded files hold grey pixels)"
     assert ingest_notes(stored.card) == ["40 colour-encoded images hold grey pixels: read as grey (1 channel; "
                                          "--colour rgb keeps 3)"]
     windowed = ingest(IngestConfig(f"folder:{src}", size=28, name="b", window="1,99"), root).card
@@ -652,8 +650,6 @@ def test_transparent_pixels_are_counted_and_said(medmnist_dir, tmp_path):
     """Reading drops alpha (a transparent pixel keeps its stored colour, often black) and nothing said so.
     Opaque RGBA files read exactly as their grey originals; files with transparent pixels are counted on
     the card and named in the notes the command prints."""
-    from meddiff.cli.datasets_cmd import pixel_rules
-
     root = str(tmp_path / "st")
     grey = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'g', medmnist_dir, None)}", size=28, name="b"), root)
     src = _breast_folder(tmp_path / "a", medmnist_dir, None)
@@ -671,14 +667,12 @@ def test_transparent_pixels_are_counted_and_said(medmnist_dir, tmp_path):
     cut = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root).card
     assert cut["pixels"]["transparent_images"] == 3
     assert ingest_notes(cut)[0].startswith("3 images have transparent pixels: alpha is dropped")
-    assert pixel_rules(cut).endswith("; 3 images with transparent pixels (alpha dropped)")
+    assert pixel_summary(cut).endswith("; 3 images with transparent pixels (alpha dropped)")
 
 
 def test_exif_orientation_is_applied(medmnist_dir, tmp_path):
     """A camera stores a portrait shot as landscape pixels plus an EXIF orientation that viewers apply;
     ingest ignored it, so such images trained sideways. They are read upright now, and counted."""
-    from meddiff.cli.datasets_cmd import pixel_rules
-
     root = str(tmp_path / "st")
     upright = ingest(IngestConfig(f"folder:{_breast_folder(tmp_path / 'u', medmnist_dir, None)}", size=28, name="b"),
                      root)
@@ -691,7 +685,7 @@ def test_exif_orientation_is_applied(medmnist_dir, tmp_path):
     assert turned.card["pixels"]["exif_rotated_images"] == 20
     for split in ("train", "val", "test"):
         assert np.array_equal(open_dataset(upright.uri).load_split(split)[0], open_dataset(turned.uri).load_split(split)[0])
-    assert "20 images turned upright by their EXIF orientation" in pixel_rules(turned.card)
+    assert "20 images turned upright by their EXIF orientation" in pixel_summary(turned.card)
     assert ingest_notes(turned.card)[0].startswith("20 images turned upright")
 
 

@@ -31,28 +31,6 @@ def counts_table(card: dict) -> Table:
     return t
 
 
-def pixel_rules(card: dict) -> str:
-    """How the inputs' pixels became the stored 8-bit images: the card's intensity and pixels records in words."""
-    i, p = card.get("intensity") or {}, card.get("pixels") or {}  # versions before 2026-12-07 have no pixels
-    depth = {"bit-depth": f"deeper than 8 bits rescaled by bit depth ({i.get('bits') or 'per image'} bits)",
-             "percentile-window": f"deeper than 8 bits windowed per image to percentiles {i.get('percentiles')}"
-             }.get(i.get("rule"), i.get("rule", "unrecorded"))
-    if p.get("colour") == "auto":
-        n = p.get("grey_stored_as_colour")
-        colour = (f"3 channels (first image in colour: {p['first_colour_image']})" if p["channels"] == 3 else
-                  f"1 channel ({n} colour-encoded files hold grey pixels)" if n else "1 channel (every file grey)")
-    else:
-        colour = {"grey": "1 channel (--colour grey)", "rgb": "3 channels (--colour rgb)"}.get(p.get("colour"),
-                                                                                            "channels as published")
-    more = [f"{p[k]} {what}" for k, what in (("transparent_images", "images with transparent pixels (alpha dropped)"),
-                                            ("exif_rotated_images", "images turned upright by their EXIF orientation"),
-                                            ("multi_frame_images", "multi-page files (first page read)"))
-            if p.get(k)]
-    if d := p.get("dicom"):
-        more.append(f"{d['files']} DICOM files (" + ", ".join(f"{n} by {how}" for how, n in d["display"].items()) + ")")
-    return "; ".join([depth, colour, *more])
-
-
 @app.command()
 def ingest(
     source: str = typer.Argument(..., help="medmnist:<flag> | kaggle:<owner>/<slug> | zip:<path> | folder:<path>"),
@@ -73,7 +51,8 @@ def ingest(
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
-    from meddiff.data.ingest import IngestConfig, ingest_notes, ingest as run_ingest  # here: `meddiff --help` stays fast
+    from meddiff.data.ingest import IngestConfig, ingest as run_ingest  # here: `meddiff --help` stays fast
+    from meddiff.data.pixel_survey import ingest_notes
     from meddiff.data.shards import empty_splits
 
     cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
@@ -120,6 +99,7 @@ def list_(storage_root: Optional[str] = typer.Option(
 def show(uri: str = typer.Argument(
         ..., help="A dataset version's URI (printed by meddiff ingest; see meddiff datasets list).")) -> None:
     """Show a dataset version's card and per-class counts."""
+    from meddiff.data.pixel_survey import pixel_summary
     from meddiff.data.shards import empty_splits, open_dataset
 
     card = open_dataset(uri).card
@@ -128,7 +108,7 @@ def show(uri: str = typer.Argument(
         console.print(Text(f"warning: {w}", style="yellow"))
     for k in ("source", "license", "created_at", "inputs"):
         console.print(f"[bold]{k}[/]: {card.get(k)}")
-    console.print(f"[bold]pixels[/]: {pixel_rules(card)}")
+    console.print(f"[bold]pixels[/]: {pixel_summary(card)}")
     if card["skipped"]:
         console.print(f"[yellow]skipped {card['num_skipped']}:[/] {card['skipped'][:10]}")
     dup = card.get("duplicates")  # versions ingested before 2026-12-07 have no such field

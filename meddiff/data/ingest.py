@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal, get_args
+from typing import Callable, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -28,17 +28,14 @@ from meddiff import storage
 from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.errors import Interrupted, SourceError, check_seed
 from meddiff.data import dicom
-from meddiff.data.images import (GRAY_MODES, GREY_TOLERANCE, HIGH_BIT_MODES, Intensity, bits_for, encode_png,
-                                 holds_grey, load_image, reoriented, resize_center_crop, see_through, to_pil)
+from meddiff.data.images import GREY_TOLERANCE, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
+from meddiff.data.pixel_survey import Colour, PixelSurvey
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
 from meddiff.data.sources import SPLITS, RawSample, SourceData, check_name, dataset_name, parse_source
 
 Progress = Callable[[int, int], None]  # (done, total)
-Colour = Literal["auto", "grey", "rgb"]  # zip/folder/kaggle channels: by content, or forced to 1 / 3
-DICOM_RULE = ("monochrome: modality LUT (CT in HU), then the file's first window (WindowCenter/Width by its "
-              "VOILUTFunction) or VOI LUT onto 0..255, else the image's min..max; --window percentiles instead when "
-              "given; MONOCHROME1 inverted. Colour: 8-bit RGB. Multi-frame files are skipped")
+
 
 
 @dataclass(frozen=True)
@@ -215,89 +212,8 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
     return IngestResult(uri, card, existed=False)
 
 
-def ingest_notes(card: dict) -> list[str]:
-    """What a user should hear about how the pixels were read: transparency dropped, colour-encoded files read
-    as grey, and an intensity option that had nothing to act on (every input 8-bit)."""
-    notes = []
-    pixels = card.get("pixels", {})  # versions before 2026-12-07 have none
-    if n := pixels.get("transparent_images"):
-        notes.append(f"{n} images have transparent pixels: alpha is dropped, so those pixels keep their stored colour "
-                     "(often black); flatten the files onto the background you want and ingest again to change it")
-    if n := pixels.get("multi_frame_images"):
-        notes.append(f"{n} files hold several pages or frames (a TIFF stack, an animated GIF): only the first of each "
-                     "is read; export the ones you want as separate files")
-    if n := pixels.get("exif_rotated_images"):
-        notes.append(f"{n} images turned upright by their EXIF orientation (stored as image viewers show them)")
-    if n := pixels.get("grey_stored_as_colour"):
-        notes.append(f"{n} colour-encoded images hold grey pixels: read as grey (1 channel; --colour rgb keeps 3)")
-    if d := pixels.get("dicom"):
-        notes.append(f"{d['files']} DICOM files (by their headers; any that failed to decode are skipped): "
-                     + ", ".join(f"{n} by {how}" for how, n in d["display"].items())
-                     + (f"; {d['monochrome1_inverted']} MONOCHROME1 inverted" if d["monochrome1_inverted"] else ""))
-    options = ("bit_depth",) if pixels.get("dicom") else ("bit_depth", "window")  # --window acts on DICOM too
-    given = [f"--{k.replace('_', '-')} {v}" for k, v in card.get("config", {}).items() if k in options and v is not None]
-    if given and card.get("intensity", {}).get("rule", "").startswith("none"):
-        notes.append(f"{' and '.join(given)} not applied (" + ("DICOM is displayed by its own header; every other "
-                     "input is 8-bit)" if pixels.get("dicom") else "only inputs deeper than 8 bits are rescaled; every "
-                     "input is 8-bit)"))
-    return notes
-
-
 def _bomb(source_id: str, e: Exception) -> SourceError:
     return SourceError(f"{source_id} is a decompression bomb ({e}); remove it from the source")
-
-
-@dataclass
-class _Survey:
-    """What one pass over the files found (headers; pixels only where a rule needs them)."""
-
-    colour: Colour
-    find_bits: bool  # look for the largest >8-bit integer value (no --bit-depth or --window given)
-    high_max: int = -1  # largest value of a >8-bit integer image; -1 = none seen
-    deep: bool = False  # some input is deeper than 8 bits
-    grey_as_colour: int = 0  # colour-encoded files whose pixels are grey
-    first_colour: str | None = None  # the first file holding colour
-    transparent: int = 0  # files with a pixel not fully opaque (alpha is dropped)
-    rotated: int = 0  # files with an EXIF orientation (applied when read)
-    multi_frame: int = 0  # TIFF/GIF files with several pages or frames (the first is read)
-    dicom: dict = field(default_factory=dict)  # DICOM files by how they are displayed ("own window", "min..max", …)
-    inverted: int = 0  # MONOCHROME1 DICOM files (inverted)
-
-    def see_dicom(self, source_id: str, found: dicom.DicomInfo) -> None:
-        self.dicom[found.display] = self.dicom.get(found.display, 0) + 1
-        self.inverted += found.inverted
-        if self.colour == "auto" and self.first_colour is None and not found.grey:
-            self.first_colour = source_id
-
-    def see(self, source_id: str, im: Image.Image) -> None:
-        if self.colour == "auto" and self.first_colour is None and im.mode not in GRAY_MODES:
-            if holds_grey(im):  # decodes: a radiograph saved as RGB is still grey
-                self.grey_as_colour += 1
-            else:
-                self.first_colour = source_id
-        self.transparent += see_through(im)
-        self.rotated += reoriented(im)
-        self.multi_frame += getattr(im, "n_frames", 1) > 1
-        self.deep = self.deep or im.mode in HIGH_BIT_MODES
-        if self.find_bits and im.mode in HIGH_BIT_MODES and im.mode != "F":
-            self.high_max = max(self.high_max, int(np.asarray(im).max(initial=0)))
-
-    @property
-    def channels(self) -> int:
-        return {"grey": 1, "rgb": 3}.get(self.colour) or (3 if self.first_colour else 1)
-
-    def record(self) -> dict:
-        """The card's ``pixels``: channels and how they were decided, transparency and orientation."""
-        found = ({} if self.colour != "auto" else {"first_colour_image": self.first_colour} if self.first_colour
-                 else {"grey_stored_as_colour": self.grey_as_colour})
-        return {"colour": self.colour, "channels": self.channels, **found,
-                "grey_rule": f"auto: a colour-encoded file whose R, G, B agree within {GREY_TOLERANCE} grey levels "
-                             "at every pixel is grey",
-                "transparent_images": self.transparent, "alpha": "dropped: a transparent pixel keeps its stored colour",
-                "exif_rotated_images": self.rotated, "orientation": "EXIF orientation applied (as viewers show)",
-                "multi_frame_images": self.multi_frame, "frames": "the first page or frame of a TIFF/GIF is read",
-                **({"dicom": {"files": sum(self.dicom.values()), "display": dict(sorted(self.dicom.items())),
-                              "monochrome1_inverted": self.inverted, "rule": DICOM_RULE}} if self.dicom else {})}
 
 
 def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity | None, dict | None]:
@@ -309,7 +225,7 @@ def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity 
     rule = cfg.intensity()
     if not src.samples or isinstance(src.samples[0].payload, np.ndarray):
         return None, None, None  # MedMNIST arrays: uint8, channels kept
-    survey = _Survey(cfg.colour, find_bits=rule.bits is None and not rule.window)
+    survey = PixelSurvey(cfg.colour, find_bits=rule.bits is None and not rule.window)
     for s in src.samples:
         try:
             data = s.data()
