@@ -18,6 +18,7 @@ from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_ta
                           retry_transient, tag_run, user_errors)
 from flows.generate_cohort import SamplerChoice
 from flows.train_model import PresetName
+from meddiff.data.pixel_survey import Colour
 from meddiff.pipeline import PipelineConfig, PipelineResult, run_pipeline
 from meddiff.progress import combine
 
@@ -84,6 +85,10 @@ def pipeline(
     ae_steps: int | None = _D.ae_steps,
     latent_umap: bool = _D.latent_umap,
     tstr: bool = _D.tstr,
+    classes: str | None = _D.classes,
+    colour: Colour = _D.colour,
+    bit_depth: int | None = _D.bit_depth,
+    window: str | None = _D.window,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out.
 
@@ -118,6 +123,10 @@ def pipeline(
         tstr: Evaluation: train on synthetic, test on real (four small classifiers: real, real at the cohort's n,
             synthetic, both).
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
+        classes: zip/folder/kaggle: "glob[=name],..." class folders to keep and rename; empty = every class folder.
+        colour: zip/folder/kaggle: auto (1 channel unless an image holds colour), grey or rgb.
+        bit_depth: 16-bit/integer inputs: the sensor's bits, e.g. 12; empty = detected from the dataset.
+        window: "lo,hi" percentiles, e.g. "0.5,99.5": a per-image window to 8 bits instead of the bit depth.
     """
     one_traceback_per_failure()
     explain_wait()
@@ -128,7 +137,7 @@ def pipeline(
     cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, preview_steps, per_class, total,
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
                          tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective,
-                         latent, ae_preset, ae_steps, latent_umap, tstr)
+                         latent, ae_preset, ae_steps, latent_umap, tstr, classes, colour, bit_depth, window)
 
     def progress(stage: str):
         logged = LoggedProgress(logger, stage, UNITS[stage], even=stage != "evaluate")  # its stages are unequal

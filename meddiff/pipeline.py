@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
 from meddiff import storage
+from meddiff.data.pixel_survey import Colour
 from meddiff.devices import DeviceUnavailableError, resolve_device  # noqa: F401  (re-exported)
 from meddiff.errors import COUNT_FORMS, MeddiffError
 from meddiff.progress import Progress
@@ -65,6 +66,11 @@ class PipelineConfig:
     ae_steps: int | None = None  # autoencoder training steps; None = the preset's default
     latent_umap: bool = True  # the encode stage's UMAP of the latents (umap-learn's first call compiles: ~1 min)
     tstr: bool = False  # evaluation: train on synthetic, test on real (four small classifiers; minutes on a CPU)
+    # ingest options for zip/folder/Kaggle sources (as `meddiff ingest` takes them)
+    classes: str | None = None  # "glob[=name],..." class folders to keep/rename; None = every class folder
+    colour: Colour = "auto"  # auto = 1 channel unless an image holds colour; grey / rgb force
+    bit_depth: int | None = None  # >8-bit integer inputs: sensor bits; None = detected
+    window: str | None = None  # "lo,hi" percentiles: per-image window to 8 bits instead of the bit depth
 
     def check(self) -> "PipelineConfig":
         if self.objective not in ("ddpm", "rflow"):
@@ -93,6 +99,7 @@ class PipelineConfig:
             raise PipelineError(f"sample_steps must be positive, got {self.sample_steps}")
         if self.size is not None:  # refused before ingest writes (2.6 GB extracted for BloodMNIST at 224 px)
             self._check_size()
+        self.ingest_config().check()  # --classes, --colour, --window, … refused before any stage runs
         return self
 
     def _check_size(self) -> None:
@@ -111,7 +118,8 @@ class PipelineConfig:
     def ingest_config(self):
         from meddiff.data.ingest import IngestConfig
 
-        return IngestConfig(self.dataset, size=self.size, medmnist_root=self.medmnist_root)
+        return IngestConfig(self.dataset, size=self.size, medmnist_root=self.medmnist_root, classes=self.classes,
+                            colour=self.colour, bit_depth=self.bit_depth, window=self.window)
 
     def train_config(self, dataset_uri: str, device: str, latent: str | None = None):
         from meddiff.train import TrainConfig

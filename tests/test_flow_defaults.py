@@ -150,13 +150,15 @@ FLOW_OF_COMMAND = {"ingest": "ingest-dataset", "train": "train-model", "train-au
                    "generate": "generate-cohort", "evaluate": "evaluate-cohort", "pipeline": "pipeline",
                    "sweep": "sweep", "anomaly": "detect-anomalies"}
 RENAMED = {"real": "real_uri", "channels": "network_channels"}  # CLI option → flow parameter
+FLOW_ONLY = {"parallel_classes", "allow_cpu_fallback", "evaluate", "parallel"}  # what only a flow orchestrates
 
 
 @pytest.mark.parametrize("command", sorted(FLOW_OF_COMMAND))
 def test_each_flow_takes_every_option_of_its_command(command):
     """A deployment is how the GPU pool is used, yet train-model lacked 15 of `meddiff train`'s options (lr,
     flips, label dropout, --compile, --run-name, the network overrides, …), train-autoencoder 6, ingest-dataset
-    --bit-depth/--window/--shuffle-seed, evaluate-cohort --umap-points, detect-anomalies 2 and sweep --channels."""
+    --bit-depth/--window/--shuffle-seed, evaluate-cohort --umap-points, detect-anomalies 2 and sweep --channels;
+    the other way round, `meddiff pipeline` lacked the flow's sampler (and both lacked ingest's options)."""
     from typer.main import get_command
 
     from meddiff.cli import app
@@ -165,6 +167,7 @@ def test_each_flow_takes_every_option_of_its_command(command):
     flow = {f.name: f for f in every_flow()}[FLOW_OF_COMMAND[command]]
     takes = set(inspect.signature(flow.fn).parameters)
     assert {RENAMED.get(o, o) for o in options} - takes == set()
+    assert takes - {RENAMED.get(o, o) for o in options} - FLOW_ONLY - {"storage_root"} == set()  # pipeline: --sampler
     if command == "train":  # a per-class part on a worker gets what its parent was given
         part = {f.name: f for f in every_flow()}["train-part"]
         assert takes - set(inspect.signature(part.fn).parameters) == {"parallel_classes", "conditioning"}

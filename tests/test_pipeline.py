@@ -156,6 +156,8 @@ def test_gpu_requested_without_gpu(prefect_harness, tmp_path):
     (dict(domain_steps=0), "domain_steps must be positive"),
     (dict(latent="vae", ae_steps=0), "ae_steps must be positive"),
     (dict(sample_steps=0), "sample_steps must be positive"),
+    (dict(dataset="folder:scans", colour="gray"), "--colour must be one of auto, grey, rgb"),
+    (dict(dataset="folder:scans", window="99,1"), "--window must be 'lo,hi' percentiles"),
     # found by the train stage, after ingest had written (and extracted 2.6 GB for BloodMNIST at 224 px)
     (dict(size=224), r"size must be one of \[28, 64, 96, 128\] for preset 'tiny', got 224"),
     (dict(size=96, latent="vae"), r"size must be one of \[28, 64, 128, 224\] for autoencoder preset 'tiny', got 96"),
@@ -170,6 +172,16 @@ def test_pipeline_config_rejects_bad_input(bad, match):
     field = str(e.value).split()[0]
     if field in bad:
         assert in_flags(str(e.value), ["pipeline"]) == f"--{field.replace('_', '-')} {str(e.value).split(' ', 1)[1]}"
+
+
+def test_pipeline_ingests_with_the_ingest_options_it_is_given(leukemia_zip, tmp_path):
+    """`meddiff pipeline` could not pass --classes, --colour, --bit-depth or --window to its ingest stage."""
+    from meddiff.data.ingest import ingest
+
+    cfg = PipelineConfig(f"zip:{leukemia_zip}", classes="Original/Benign=benign,Original/Pro=pro", colour="grey",
+                         window="1,99").check()
+    card = ingest(cfg.ingest_config(), str(tmp_path)).card
+    assert card["class_names"] == ["benign", "pro"] and card["channels"] == 1 and card["config"]["window"] == "1,99"
 
 
 def test_pipeline_command_rejects_bad_input_before_running(tmp_path):

@@ -95,6 +95,11 @@ def pipeline(
     ae_steps: Optional[int] = typer.Option(None, help="Autoencoder training steps (default: the preset's)."),
     latent_umap: bool = typer.Option(True, help="UMAP of the latents in the encode stage's report."),
     tstr: bool = typer.Option(False, "--tstr", help="Evaluation: train on synthetic, test on real (minutes on CPU)."),
+    sampler: str = typer.Option("auto", help="auto | ddim | ddpm | dpmpp2m | rflow | heun (as for `meddiff generate`)."),
+    classes: Optional[str] = typer.Option(None, help="zip/folder/kaggle: 'glob[=name],...' class folders to keep."),
+    colour: str = typer.Option("auto", help="zip/folder/kaggle: auto | grey | rgb (as for `meddiff ingest`)."),
+    bit_depth: Optional[int] = typer.Option(None, help="16-bit/int inputs: sensor bits (default: detected)."),
+    window: Optional[str] = typer.Option(None, help="'lo,hi' percentiles: per-image window to 8 bits instead."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Run the whole pipeline; stages whose output exists are skipped. Prints the verdict and where the report is."""
@@ -110,7 +115,8 @@ def pipeline(
                    allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
                    eval_features=features, eval_max_images=eval_max_images, domain_steps=domain_steps,
                    objective=objective, latent=latent, ae_preset=ae_preset, ae_steps=ae_steps,  # type: ignore[arg-type]
-                   latent_umap=latent_umap, tstr=tstr).check()
+                   latent_umap=latent_umap, tstr=tstr, sampler=sampler, classes=classes,  # type: ignore[arg-type]
+                   colour=colour, bit_depth=bit_depth, window=window).check()  # type: ignore[arg-type]
     with _patient_ephemeral_server(), _user_errors_in_one_line():
         out = pipeline_flow(storage_root=storage_root, dataset=dataset, size=size, medmnist_root=medmnist_root,
                    mode=mode, preset=preset, steps=steps, batch_size=batch_size, preview_steps=preview_steps,
@@ -118,7 +124,8 @@ def pipeline(
                    allow_cpu_fallback=allow_cpu_fallback, seed=seed, evaluate=evaluate,
                    eval_features=list(features) if features else None, eval_max_images=eval_max_images,
                    domain_steps=domain_steps, objective=objective, latent=latent, ae_preset=ae_preset,
-                   ae_steps=ae_steps, latent_umap=latent_umap, tstr=tstr)
+                   ae_steps=ae_steps, latent_umap=latent_umap, tstr=tstr, sampler=sampler, classes=classes,
+                   colour=colour, bit_depth=bit_depth, window=window)
     width = max(len(s["stage"]) for s in out["stages"])  # 'train-autoencoder' in a latent pipeline
     for s in out["stages"]:
         typer.echo(f"{s['stage']:>{width}}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
