@@ -11,6 +11,8 @@ multi-frame file (a volume or a clip) is refused with its reason, and so is a DI
 from __future__ import annotations
 
 import io
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,9 +77,23 @@ def info(data: bytes) -> DicomInfo:
     return _info(_read(data, pixels=False))
 
 
+@contextmanager
+def _quiet_decoders():
+    """pydicom logs each failing plugin's traceback at ERROR (under Prefect: in the run's log) although the
+    file is only skipped, its reasons listed; the failure is reported once, by the skip."""
+    log = logging.getLogger("pydicom.pixels.decoders.base")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _decoded(ds) -> np.ndarray:
     try:
-        return ds.pixel_array  # YBR_* arrive as RGB
+        with _quiet_decoders():
+            return ds.pixel_array  # YBR_* arrive as RGB
     except Exception as e:  # noqa: BLE001 - pydicom raises several types for a missing codec
         why = "; ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip()) or str(e)  # per plugin
         raise ValueError(f"DICOM pixels in {ds.file_meta.TransferSyntaxUID.name} could not be decoded ({why}); "
