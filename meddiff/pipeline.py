@@ -210,6 +210,16 @@ def _latent_stages(cfg: PipelineConfig, dataset_uri: str, root: str, device: str
     return ae.uri
 
 
+def _check_evaluable(uri: str, card: dict) -> None:
+    from meddiff.evaluate.loading import check_evaluable
+
+    try:
+        check_evaluable(uri, card["totals"])
+    except MeddiffError as e:
+        raise PipelineError(f"{e}: found before training; give the source more images (each split takes a share "
+                            "of every class), or run with --no-evaluate") from None
+
+
 def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: ProgressFactory | None = None,
                  call: StageCall | None = None, log: Callable[[str], None] | None = None) -> PipelineResult:
     """Run ingest → train → generate → evaluate under the storage root; stages with outputs are skipped.
@@ -240,6 +250,8 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
     record("ingest", ds.uri, ds.existed)
     for warning in empty_splits(ds.card):  # a class too small for a split: evaluation cannot judge it there
         log(f"ingest: warning: {warning}")
+    if cfg.evaluate:  # found now, not after training and generating
+        _check_evaluable(ds.uri, ds.card)
     ae_uri = _latent_stages(cfg, ds.uri, root, device, call, progress, record, log) if cfg.latent else None
     model = call("train", train, cfg.train_config(ds.uri, device, ae_uri), root, progress("train"))
     record("train", model.uri, model.existed)

@@ -226,3 +226,23 @@ def test_pipeline_command_refuses_a_size_its_preset_cannot_train_before_ingestin
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip() == "error: --size must be one of [28, 64, 96, 128] for preset 'tiny', got 32"
     assert not (tmp_path / "storage").exists()
+
+
+def test_a_dataset_the_evaluation_cannot_use_is_refused_before_training(medmnist_dir, tmp_path):
+    """Ten real images per class leave 1 val image each side: the pipeline trained and generated, then
+    the evaluation refused the dataset. It is refused right after ingest now; --no-evaluate runs on."""
+    import numpy as np
+    from PIL import Image
+
+    from meddiff.pipeline import PipelineError, run_pipeline
+
+    with np.load(medmnist_dir / "breastmnist.npz") as z:
+        x, y = z["train_images"], z["train_labels"][:, 0]
+    for label in (0, 1):
+        (tmp_path / "src" / f"c{label}").mkdir(parents=True)
+        for i in np.flatnonzero(y == label)[:5]:
+            Image.fromarray(x[i]).save(tmp_path / "src" / f"c{label}" / f"{i}.png")
+    cfg = PipelineConfig(f"folder:{tmp_path / 'src'}", size=28, steps=2, per_class=2, device="cpu")
+    with pytest.raises(PipelineError, match=r"has 0 val images; .*: found before training; .*--no-evaluate"):
+        run_pipeline(cfg, str(tmp_path / "st"))
+    assert (tmp_path / "st" / "datasets").exists() and not (tmp_path / "st" / "models").exists()

@@ -66,11 +66,16 @@ def load_real(dataset: DatasetVersion, heldout_split: str = "test") -> RealSplit
     train, val = load_images(dataset.shard_uris("train")), load_images(dataset.shard_uris("val"))
     held = load_images(dataset.shard_uris(heldout_split)) if dataset.card["shards"].get(heldout_split) \
         else load_images([])
-    for name, imgs in (("train", train), ("val", val), (heldout_split, held)):
-        if len(imgs) < 2:
-            raise MeddiffError(f"{dataset.uri} has {len(imgs)} {name} images; the evaluation needs ≥ 2 in each of "
-                               f"train (reference), val (baseline) and {heldout_split} (held-out reference)")
+    check_evaluable(dataset.uri, {"train": len(train), "val": len(val), heldout_split: len(held)}, heldout_split)
     return RealSplits(train, val, held)
+
+
+def check_evaluable(uri: str, counts: dict[str, int], heldout_split: str = "test") -> None:
+    """A MeddiffError unless ``counts`` (images per split: a card's totals) hold ≥ 2 in train, val and held-out."""
+    for name in ("train", "val", heldout_split):
+        if counts.get(name, 0) < 2:
+            raise MeddiffError(f"{uri} has {counts.get(name, 0)} {name} images; the evaluation needs ≥ 2 in each of "
+                               f"train (reference), val (baseline) and {heldout_split} (held-out reference)")
 
 
 def load_cohort_images(cohort: Cohort, manifest: pd.DataFrame) -> Images:
