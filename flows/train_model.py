@@ -8,9 +8,8 @@ Progress (step, loss, images/s, ETA) goes to the run logger every ~30 s and to a
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Literal
 
 from prefect import flow, get_run_logger, task
@@ -76,8 +75,8 @@ def tidy_interrupted(plan, logger) -> None:
 def config_from(p: dict) -> TrainConfig:
     """The flow's TrainConfig from its parameters (a dict, as the hooks see them): each TrainConfig field
     among them, the rest (storage root, fan-out switches) left to the flow."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in p.items() if k in fields}
+    names = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in p.items() if k in names}
     if given.get("network_channels") is not None:  # a JSON list in the parameters
         given["network_channels"] = tuple(given["network_channels"])
     return TrainConfig(**given).check()

@@ -98,7 +98,8 @@ def test_colour_dicom_makes_an_rgb_dataset(tmp_path):
 
 
 def test_bit_depth_is_said_to_leave_dicom_alone(tmp_path):
-    card = ingest(IngestConfig(f"folder:{_folder(tmp_path / 'scans')}", size=64, bit_depth=12), str(tmp_path / "st")).card
+    src = _folder(tmp_path / "scans")
+    card = ingest(IngestConfig(f"folder:{src}", size=64, bit_depth=12), str(tmp_path / "st")).card
     assert ingest_notes(card)[-1] == ("--bit-depth 12 not applied (DICOM is displayed by its own header; every other "
                                       "input is 8-bit)")
 

@@ -619,7 +619,8 @@ def test_grey_images_stored_as_colour_ingest_as_grey(medmnist_dir, tmp_path):
     stored = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
     assert stored.card["channels"] == 1 and stored.card["pixels"]["grey_stored_as_colour"] == 40
 
-    assert pixel_summary(stored.card) == "none: every input is 8-bit; 1 channel (40 colour-encoded files hold grey pixels)"
+    assert pixel_summary(stored.card) == ("none: every input is 8-bit; 1 channel (40 colour-encoded files hold grey "
+                                          "pixels)")
     assert ingest_notes(stored.card) == ["40 colour-encoded images hold grey pixels: read as grey (1 channel; "
                                          "--colour rgb keeps 3)"]
     windowed = ingest(IngestConfig(f"folder:{src}", size=28, name="b", window="1,99"), root).card
@@ -659,7 +660,8 @@ def test_transparent_pixels_are_counted_and_said(medmnist_dir, tmp_path):
         Image.fromarray(np.stack([arr, arr, arr, np.full_like(arr, 255)], axis=2), mode="RGBA").save(p)
     opaque = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
     assert opaque.card["pixels"]["transparent_images"] == 0 and opaque.card["channels"] == 1
-    assert np.array_equal(open_dataset(grey.uri).load_split("train")[0], open_dataset(opaque.uri).load_split("train")[0])
+    train = open_dataset(grey.uri).load_split("train")[0]
+    assert np.array_equal(train, open_dataset(opaque.uri).load_split("train")[0])
     for p in files[:3]:
         rgba = np.asarray(Image.open(p)).copy()
         rgba[:5, :5, 3] = 0  # a transparent corner
@@ -684,7 +686,8 @@ def test_exif_orientation_is_applied(medmnist_dir, tmp_path):
     turned = ingest(IngestConfig(f"folder:{src}", size=28, name="b"), root)
     assert turned.card["pixels"]["exif_rotated_images"] == 20
     for split in ("train", "val", "test"):
-        assert np.array_equal(open_dataset(upright.uri).load_split(split)[0], open_dataset(turned.uri).load_split(split)[0])
+        xa, xb = open_dataset(upright.uri).load_split(split)[0], open_dataset(turned.uri).load_split(split)[0]
+        assert np.array_equal(xa, xb)
     assert "20 images turned upright by their EXIF orientation" in pixel_summary(turned.card)
     assert ingest_notes(turned.card)[0].startswith("20 images turned upright")
 

@@ -95,7 +95,7 @@ def pipeline(
     ae_steps: Optional[int] = typer.Option(None, help="Autoencoder training steps (default: the preset's)."),
     latent_umap: bool = typer.Option(True, help="UMAP of the latents in the encode stage's report."),
     tstr: bool = typer.Option(False, "--tstr", help="Evaluation: train on synthetic, test on real (minutes on CPU)."),
-    sampler: str = typer.Option("auto", help="auto | ddim | ddpm | dpmpp2m | rflow | heun (as for `meddiff generate`)."),
+    sampler: str = typer.Option("auto", help="auto | ddim | ddpm | dpmpp2m | rflow | heun (as `meddiff generate`)."),
     classes: Optional[str] = typer.Option(None, help="zip/folder/kaggle: 'glob[=name],...' class folders to keep."),
     colour: str = typer.Option("auto", help="zip/folder/kaggle: auto | grey | rgb (as for `meddiff ingest`)."),
     bit_depth: Optional[int] = typer.Option(None, help="16-bit/int inputs: sensor bits (default: detected)."),

@@ -8,7 +8,9 @@ Each split is written in a seeded random order (``shuffle_seed``, on the card), 
 class: a reader that streams shards with a modest shuffle buffer gets i.i.d.-like batches.
 Inputs deeper than 8 bits are rescaled by a recorded rule (:class:`meddiff.data.images.Intensity`).
 A zip/folder/Kaggle dataset is grey (1 channel) unless one of its images holds colour (``colour``): a
-radiograph saved as an RGB JPEG or a palette PNG is grey, and the card says how many were.
+radiograph saved as an RGB JPEG or a palette PNG is grey. The card's ``pixels`` says how the channels
+were decided and what else reading did (:mod:`meddiff.data.pixel_survey`); DICOM is read as a viewer
+shows it (:mod:`meddiff.data.dicom`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from meddiff.data.shards import ShardSink, encode_sample
 from meddiff.data.sources import SPLITS, RawSample, SourceData, check_name, dataset_name, parse_source
 
 Progress = Callable[[int, int], None]  # (done, total)
-
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,7 @@ def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, stagin
                 s = src.samples[i]
                 done += 1
                 try:
-                    png = _prepare(s, cfg.size, channels, intensity or cfg.intensity())  # DICOM: --window
+                    png = _prepare(s, cfg.size, channels, intensity or cfg.intensity())  # --window reaches DICOM too
                 except Image.DecompressionBombError as e:
                     raise _bomb(s.source_id, e) from None
                 except Exception as e:  # noqa: BLE001 - one bad image is skipped, not fatal

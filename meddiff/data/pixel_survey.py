@@ -32,7 +32,7 @@ class PixelSurvey:
     transparent: int = 0  # files with a pixel not fully opaque (alpha is dropped)
     rotated: int = 0  # files with an EXIF orientation (applied when read)
     multi_frame: int = 0  # TIFF/GIF files with several pages or frames (the first is read)
-    dicom_display: dict = field(default_factory=dict)  # DICOM files by how they are displayed ("own window", "min..max", …)
+    dicom_display: dict = field(default_factory=dict)  # DICOM files by display rule ("own window", "min..max", …)
     inverted: int = 0  # MONOCHROME1 DICOM files (inverted)
 
     def see_dicom(self, source_id: str, found: dicom.DicomInfo) -> None:
@@ -59,7 +59,9 @@ class PixelSurvey:
         return {"grey": 1, "rgb": 3}.get(self.colour) or (3 if self.first_colour else 1)
 
     def record(self) -> dict:
-        """The card's ``pixels``: channels and how they were decided, transparency and orientation."""
+        """The card's ``pixels``: channels and how they were decided, transparency, orientation, pages, DICOM."""
+        dicom_files = {"files": sum(self.dicom_display.values()), "display": dict(sorted(self.dicom_display.items())),
+                       "monochrome1_inverted": self.inverted, "rule": DICOM_RULE}
         found = ({} if self.colour != "auto" else {"first_colour_image": self.first_colour} if self.first_colour
                  else {"grey_stored_as_colour": self.grey_as_colour})
         return {"colour": self.colour, "channels": self.channels, **found,
@@ -68,13 +70,12 @@ class PixelSurvey:
                 "transparent_images": self.transparent, "alpha": "dropped: a transparent pixel keeps its stored colour",
                 "exif_rotated_images": self.rotated, "orientation": "EXIF orientation applied (as viewers show)",
                 "multi_frame_images": self.multi_frame, "frames": "the first page or frame of a TIFF/GIF is read",
-                **({"dicom": {"files": sum(self.dicom_display.values()), "display": dict(sorted(self.dicom_display.items())),
-                              "monochrome1_inverted": self.inverted, "rule": DICOM_RULE}} if self.dicom_display else {})}
+                **({"dicom": dicom_files} if self.dicom_display else {})}
 
 
 def ingest_notes(card: dict) -> list[str]:
-    """What a user should hear about how the pixels were read: transparency dropped, colour-encoded files read
-    as grey, and an intensity option that had nothing to act on (every input 8-bit)."""
+    """What a user should hear about how the pixels were read: transparency dropped, pages left out, EXIF
+    turns, colour-encoded files read as grey, DICOM display rules, and an option that had nothing to act on."""
     notes = []
     pixels = card.get("pixels", {})  # versions before 2026-12-07 have none
     if n := pixels.get("transparent_images"):
@@ -92,7 +93,8 @@ def ingest_notes(card: dict) -> list[str]:
                      + _by_display(d)
                      + (f"; {d['monochrome1_inverted']} MONOCHROME1 inverted" if d["monochrome1_inverted"] else ""))
     options = ("bit_depth",) if pixels.get("dicom") else ("bit_depth", "window")  # --window acts on DICOM too
-    given = [f"--{k.replace('_', '-')} {v}" for k, v in card.get("config", {}).items() if k in options and v is not None]
+    given = [f"--{k.replace('_', '-')} {v}" for k, v in card.get("config", {}).items()
+             if k in options and v is not None]
     if given and card.get("intensity", {}).get("rule", "").startswith("none"):
         notes.append(f"{' and '.join(given)} not applied (" + ("DICOM is displayed by its own header; every other "
                      "input is 8-bit)" if pixels.get("dicom") else "only inputs deeper than 8 bits are rescaled; every "
