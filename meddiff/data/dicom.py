@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from meddiff.data.images import Intensity, percentile_window
+from meddiff.data.images import Intensity, bits_to_8bit, percentile_window
 
 DICOM_EXTS = (".dcm", ".dicom")
 
@@ -101,11 +101,6 @@ def _decoded(ds) -> np.ndarray:
                          "JPEG 2000) and ingest again") from None
 
 
-def _to_8bit(a: np.ndarray, bits: int) -> np.ndarray:
-    """Unsigned integers of ``bits`` bits → 0..255: v → round(v · 255 / (2^bits − 1))."""
-    return np.rint(a.astype(np.float64) * (255 / (2**bits - 1))).astype(np.uint8)
-
-
 def to_image(data: bytes, intensity: Intensity) -> Image.Image:
     """A DICOM file's image, 8-bit "L" (monochrome) or "RGB", by the rules in the module docstring."""
     from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
@@ -116,9 +111,9 @@ def to_image(data: bytes, intensity: Intensity) -> Image.Image:
     if pi == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)  # H×W×3 at the palette's bit depth
         bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        return Image.fromarray(_to_8bit(rgb, bits) if rgb.dtype != np.uint8 else rgb, mode="RGB")
+        return Image.fromarray(bits_to_8bit(rgb, bits) if rgb.dtype != np.uint8 else rgb, mode="RGB")
     if not pi.startswith("MONOCHROME"):
-        rgb = arr if arr.dtype == np.uint8 else _to_8bit(arr, int(ds.BitsStored))
+        rgb = arr if arr.dtype == np.uint8 else bits_to_8bit(arr, int(ds.BitsStored))
         return Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
     modality = apply_modality_lut(arr, ds)  # H×W modality values (HU for CT)
     x = modality.astype(np.float64)
@@ -130,7 +125,7 @@ def to_image(data: bytes, intensity: Intensity) -> Image.Image:
         out = np.rint(voi_window(x, c, w, str(ds.get("VOILUTFunction", "LINEAR")).upper()) * 255).astype(np.uint8)
     elif display == "own VOI LUT":
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        out = _to_8bit(np.clip(apply_voi(modality, ds), 0, 2**bits - 1), bits)
+        out = bits_to_8bit(apply_voi(modality, ds), bits)
     else:
         out = percentile_window(x, 0, 100)  # the image's min..max
     if pi == "MONOCHROME1":

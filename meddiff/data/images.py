@@ -61,8 +61,12 @@ def high_bit_to_8bit(im: Image.Image, rule: Intensity) -> Image.Image:
         return Image.fromarray(out, mode="L")
     a = arr.astype(np.int64)
     bits = rule.bits or bits_for(int(a.max()) if a.size else 0)
-    out = np.rint(np.clip(a, 0, 2**bits - 1) * (255 / (2**bits - 1)))
-    return Image.fromarray(out.astype(np.uint8), mode="L")
+    return Image.fromarray(bits_to_8bit(a, bits), mode="L")
+
+
+def bits_to_8bit(a: np.ndarray, bits: int) -> np.ndarray:
+    """Integers of ``bits`` bits → uint8: v → round(v · 255 / (2^bits − 1)), clipped to 0..2^bits − 1 first."""
+    return np.rint(np.clip(a, 0, 2**bits - 1) * (255 / (2**bits - 1))).astype(np.uint8)
 
 
 def holds_grey(im: Image.Image) -> bool:
