@@ -89,6 +89,9 @@ def pipeline(
     colour: Colour = _D.colour,
     bit_depth: int | None = _D.bit_depth,
     window: str | None = _D.window,
+    val_frac: float = _D.val_frac,
+    test_frac: float = _D.test_frac,
+    split_seed: int = _D.split_seed,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out.
 
@@ -127,6 +130,9 @@ def pipeline(
         colour: zip/folder/kaggle: auto (1 channel unless an image holds colour), grey or rgb.
         bit_depth: 16-bit/integer inputs: the sensor's bits, e.g. 12; empty = detected from the dataset.
         window: "lo,hi" percentiles, e.g. "0.5,99.5": a per-image window to 8 bits instead of the bit depth.
+        val_frac: zip/folder/kaggle: validation fraction per class.
+        test_frac: zip/folder/kaggle: test fraction per class (the evaluation's held-out reference).
+        split_seed: zip/folder/kaggle: seed of the stratified train/val/test split.
     """
     one_traceback_per_failure()
     explain_wait()
@@ -137,7 +143,8 @@ def pipeline(
     cfg = PipelineConfig(dataset, size, medmnist_root, mode, preset, steps, batch_size, preview_steps, per_class, total,
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
                          tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective,
-                         latent, ae_preset, ae_steps, latent_umap, tstr, classes, colour, bit_depth, window)
+                         latent, ae_preset, ae_steps, latent_umap, tstr, classes, colour, bit_depth, window,
+                         val_frac, test_frac, split_seed)
 
     def progress(stage: str):
         logged = LoggedProgress(logger, stage, UNITS[stage], even=stage != "evaluate")  # its stages are unequal

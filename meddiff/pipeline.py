@@ -71,6 +71,9 @@ class PipelineConfig:
     colour: Colour = "auto"  # auto = 1 channel unless an image holds colour; grey / rgb force
     bit_depth: int | None = None  # >8-bit integer inputs: sensor bits; None = detected
     window: str | None = None  # "lo,hi" percentiles: per-image window to 8 bits instead of the bit depth
+    val_frac: float = 0.1  # zip/folder/Kaggle: validation fraction per class (as `meddiff ingest --val-frac`)
+    test_frac: float = 0.2  # zip/folder/Kaggle: test fraction per class (the evaluation's held-out reference)
+    split_seed: int = 0  # zip/folder/Kaggle: seed of the stratified train/val/test split
 
     def check(self) -> "PipelineConfig":
         if self.objective not in ("ddpm", "rflow"):
@@ -119,7 +122,8 @@ class PipelineConfig:
         from meddiff.data.ingest import IngestConfig
 
         return IngestConfig(self.dataset, size=self.size, medmnist_root=self.medmnist_root, classes=self.classes,
-                            colour=self.colour, bit_depth=self.bit_depth, window=self.window)
+                            colour=self.colour, bit_depth=self.bit_depth, window=self.window,
+                            val_frac=self.val_frac, test_frac=self.test_frac, split_seed=self.split_seed)
 
     def train_config(self, dataset_uri: str, device: str, latent: str | None = None):
         from meddiff.train import TrainConfig
@@ -217,7 +221,7 @@ def _check_evaluable(uri: str, card: dict) -> None:
         check_evaluable(uri, card["totals"])
     except MeddiffError as e:
         raise PipelineError(f"{e}: found before training; give the source more images (each split takes a share "
-                            "of every class), or run with --no-evaluate") from None
+                            "of every class), raise --val-frac / --test-frac, or run with --no-evaluate") from None
 
 
 def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: ProgressFactory | None = None,

@@ -243,6 +243,26 @@ def test_a_dataset_the_evaluation_cannot_use_is_refused_before_training(medmnist
         for i in np.flatnonzero(y == label)[:5]:
             Image.fromarray(x[i]).save(tmp_path / "src" / f"c{label}" / f"{i}.png")
     cfg = PipelineConfig(f"folder:{tmp_path / 'src'}", size=28, steps=2, per_class=2, device="cpu")
-    with pytest.raises(PipelineError, match=r"has 0 val images; .*: found before training; .*--no-evaluate"):
+    with pytest.raises(PipelineError, match=r"has 0 val images; .*: found before training; .*raise --val-frac / "
+                                            r"--test-frac, or run with --no-evaluate"):
         run_pipeline(cfg, str(tmp_path / "st"))
     assert (tmp_path / "st" / "datasets").exists() and not (tmp_path / "st" / "models").exists()
+
+    # the pipeline takes ingest's split options (it had none): 1 val and 2 test images per class pass the check
+    class Trained(Exception):
+        pass
+
+    def call(stage, fn, *args):
+        if stage == "train":
+            raise Trained(args[0].dataset_uri)
+        return fn(*args)
+
+    wider = PipelineConfig(f"folder:{tmp_path / 'src'}", size=28, steps=2, per_class=2, device="cpu",
+                           val_frac=0.2, test_frac=0.4, split_seed=3)
+    with pytest.raises(Trained) as reached:
+        run_pipeline(wider, str(tmp_path / "st"), call=call)
+    from meddiff.data.shards import open_dataset
+
+    card = open_dataset(str(reached.value)).card
+    assert card["totals"] == {"train": 4, "val": 2, "test": 4}
+    assert card["config"]["split_seed"] == 3
