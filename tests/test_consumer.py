@@ -328,6 +328,13 @@ def test_mixing_images_of_another_size_is_refused_up_front(leukemia_zip, tmp_pat
             ShardDataset(primary, mix_with=at16, mix_ratio=0.5)
     mixed = ShardDataset(cohort, mix_with=at32, mix_ratio=0.5)  # the same shape: mixed
     assert len(mixed) == 40 and {tuple(x.shape) for x, _ in mixed} == {(3, 32, 32)}
+    # more real images than the split holds: the error says which mix_ratio fits (it only said "asks for 180")
+    have = int((ds.index()["split"] == "train").sum())
+    with pytest.raises(MeddiffError, match=rf"asks for 180 real images but .* \(train\) has {have}: mix_ratio ≤ "
+                                           rf"0\.\d+ fits them to these 20 images") as refused:
+        ShardDataset(cohort, mix_with=at32, mix_ratio=0.9)
+    fits = float(str(refused.value).split("≤ ")[1].split()[0])
+    assert len(ShardDataset(cohort, mix_with=at32, mix_ratio=fits)) <= 20 + have
     # one without the other mixed nothing in, silently (mix_ratio defaults to 0): 20 images, not 40
     for half in (dict(mix_with=at32), dict(mix_ratio=0.5)):
         with pytest.raises(MeddiffError, match=r"give both to mix real images in .*, or neither"):

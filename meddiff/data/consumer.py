@@ -24,6 +24,7 @@ when there are fewer shards than workers). Every sample is read exactly once per
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -111,7 +112,10 @@ def _shape(src: _Source) -> tuple[int, int] | None:
         return None
 
 
-def _dataset_source(uri: str, split: str, classes, n: int | None = None, seed: int = 0) -> _Source:
+def _dataset_source(uri: str, split: str, classes, n: int | None = None, seed: int = 0,
+                    n_primary: int = 0) -> _Source:
+    """A dataset version's ``split`` (``classes`` only); ``n`` of its images drawn at random when given,
+    to mix with ``n_primary`` others (named in the error when the split has fewer than ``n``)."""
     from meddiff.data.shards import open_dataset
 
     ds = open_dataset(uri)
@@ -122,7 +126,9 @@ def _dataset_source(uri: str, split: str, classes, n: int | None = None, seed: i
         idx = idx[idx["label"].isin(ids)]
     if n is not None:
         if n > len(idx):
-            raise MeddiffError(f"mix_ratio asks for {n} real images but {uri} ({split}) has {len(idx)}")
+            fits = math.floor(1000 * len(idx) / (len(idx) + n_primary)) / 1000  # round(n_primary·r/(1−r)) ≤ have
+            raise MeddiffError(f"mix_ratio asks for {n} real images but {uri} ({split}) has {len(idx)}: "
+                               f"mix_ratio ≤ {fits:g} fits them to these {n_primary} images")
         idx = idx.iloc[np.sort(np.random.default_rng(seed).choice(len(idx), size=n, replace=False))]
     return _Source(ds.uri, _entries(ds.uri, idx["shard"], idx["key"]), ds.class_names, (ds.channels, ds.image_size))
 
@@ -230,7 +236,7 @@ class ShardDataset(IterableDataset):
         self.mixed: _Source | None = None
         if mix_with is not None:
             n_real = round(len(self.primary.entries) * mix_ratio / (1 - mix_ratio))
-            self.mixed = _dataset_source(mix_with, mix_split, classes, n_real, seed)
+            self.mixed = _dataset_source(mix_with, mix_split, classes, n_real, seed, len(self.primary.entries))
             if self.mixed.class_names != self.primary.class_names:
                 raise MeddiffError(f"cannot mix {mix_with}: its classes {self.mixed.class_names} differ from "
                                    f"{self.primary.class_names}")
