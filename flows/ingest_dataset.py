@@ -10,7 +10,8 @@ from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_ta
                           retry_transient, tag_run, user_errors)
 from meddiff.data.ingest import IngestConfig, IngestResult, ingest
 from meddiff.data.pixel_survey import Colour, ingest_notes, pixel_summary
-from meddiff.data.shards import empty_splits
+from meddiff.data.shards import empty_splits, split_note
+from meddiff.data.sources import SplitRule
 from meddiff.progress import combine
 
 _D = IngestConfig("")  # the library's defaults: the flow restates them (tests/test_flow_defaults.py)
@@ -50,6 +51,7 @@ def ingest_dataset(
     bit_depth: int | None = _D.bit_depth,
     window: str | None = _D.window,
     colour: Colour = _D.colour,
+    splits: SplitRule = _D.splits,
     storage_root: str | None = None,
 ) -> str:
     """Ingest a dataset source into a versioned WebDataset copy; returns its URI (the run's persisted result).
@@ -68,6 +70,7 @@ def ingest_dataset(
         bit_depth: 16-bit/integer inputs: the sensor's bits, e.g. 12; empty = detected from the dataset's largest value.
         window: "lo,hi" percentiles, e.g. "0.5,99.5": a per-image window to 8 bits instead of the bit depth.
         colour: zip/folder/kaggle: auto (1 channel unless an image holds colour), grey or rgb.
+        splits: zip/folder/kaggle: auto = class folders inside published split folders (train/, val/, test/) keep that split; random = one stratified split of all.
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
     one_traceback_per_failure()
@@ -78,10 +81,12 @@ def ingest_dataset(
         if source.startswith("medmnist:"):  # the worker's MEDMNIST_ROOT, as the CLI reads it
             medmnist_root = from_env(medmnist_root, MEDMNIST_ENV)
         cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size,
-                           medmnist_root, shuffle_seed, bit_depth, window, colour).check()
+                           medmnist_root, shuffle_seed, bit_depth, window, colour, splits).check()
         result = ingest_task(cfg, storage_root)
     logger.info("%s dataset version %s", "found existing" if result.existed else "wrote", result.uri)
     for note in ingest_notes(result.card):
+        logger.info(note)
+    if note := split_note(result.card):
         logger.info(note)
     for warning in empty_splits(result.card):
         logger.warning(warning)

@@ -19,6 +19,7 @@ from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_ta
 from flows.generate_cohort import SamplerChoice
 from flows.train_model import PresetName
 from meddiff.data.pixel_survey import Colour
+from meddiff.data.sources import SplitRule
 from meddiff.pipeline import PipelineConfig, PipelineResult, run_pipeline
 from meddiff.progress import combine
 
@@ -92,6 +93,7 @@ def pipeline(
     val_frac: float = _D.val_frac,
     test_frac: float = _D.test_frac,
     split_seed: int = _D.split_seed,
+    splits: SplitRule = _D.splits,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out.
 
@@ -133,6 +135,7 @@ def pipeline(
         val_frac: zip/folder/kaggle: validation fraction per class.
         test_frac: zip/folder/kaggle: test fraction per class (the evaluation's held-out reference).
         split_seed: zip/folder/kaggle: seed of the stratified train/val/test split.
+        splits: zip/folder/kaggle: auto = class folders inside published split folders (train/, val/, test/) keep that split; random = one stratified split of all.
     """
     one_traceback_per_failure()
     explain_wait()
@@ -144,7 +147,7 @@ def pipeline(
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
                          tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective,
                          latent, ae_preset, ae_steps, latent_umap, tstr, classes, colour, bit_depth, window,
-                         val_frac, test_frac, split_seed)
+                         val_frac, test_frac, split_seed, splits)
 
     def progress(stage: str):
         logged = LoggedProgress(logger, stage, UNITS[stage], even=stage != "evaluate")  # its stages are unequal

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
 from meddiff import storage
+from meddiff.data.sources import SplitRule
 from meddiff.data.pixel_survey import Colour
 from meddiff.devices import DeviceUnavailableError, resolve_device  # noqa: F401  (re-exported)
 from meddiff.errors import COUNT_FORMS, MeddiffError
@@ -74,6 +75,7 @@ class PipelineConfig:
     val_frac: float = 0.1  # zip/folder/Kaggle: validation fraction per class (as `meddiff ingest --val-frac`)
     test_frac: float = 0.2  # zip/folder/Kaggle: test fraction per class (the evaluation's held-out reference)
     split_seed: int = 0  # zip/folder/Kaggle: seed of the stratified train/val/test split
+    splits: SplitRule = "auto"  # zip/folder/Kaggle: auto = published split folders kept; random = re-split all
 
     def check(self) -> "PipelineConfig":
         if self.objective not in ("ddpm", "rflow"):
@@ -123,7 +125,8 @@ class PipelineConfig:
 
         return IngestConfig(self.dataset, size=self.size, medmnist_root=self.medmnist_root, classes=self.classes,
                             colour=self.colour, bit_depth=self.bit_depth, window=self.window,
-                            val_frac=self.val_frac, test_frac=self.test_frac, split_seed=self.split_seed)
+                            val_frac=self.val_frac, test_frac=self.test_frac, split_seed=self.split_seed,
+                            splits=self.splits)
 
     def train_config(self, dataset_uri: str, device: str, latent: str | None = None):
         from meddiff.train import TrainConfig
@@ -234,7 +237,7 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
     from meddiff.evaluate import evaluate_cohort
     from meddiff.generate import generate
     from meddiff.data.ingest import ingest
-    from meddiff.data.shards import empty_splits
+    from meddiff.data.shards import empty_splits, split_note
     from meddiff.train import train
 
     cfg = cfg.check()
@@ -252,6 +255,8 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
 
     ds = call("ingest", ingest, cfg.ingest_config().check(), root, progress("ingest"))
     record("ingest", ds.uri, ds.existed)
+    if note := split_note(ds.card):  # published train/test folders: a layout worth saying
+        log(f"ingest: {note}")
     for warning in empty_splits(ds.card):  # a class too small for a split: evaluation cannot judge it there
         log(f"ingest: warning: {warning}")
     if cfg.evaluate:  # found now, not after training and generating

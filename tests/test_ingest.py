@@ -707,3 +707,81 @@ def test_multi_page_tiffs_are_counted_and_said(medmnist_dir, tmp_path):
     assert stack.card["pixels"]["multi_frame_images"] == 40
     assert np.array_equal(open_dataset(flat.uri).load_split("train")[0], open_dataset(stack.uri).load_split("train")[0])
     assert ingest_notes(stack.card)[0].startswith("40 files hold several pages or frames")
+
+
+def _split_folder_layout(medmnist_dir: Path, root: Path, splits: dict[str, int], names=("train", "test", "val")) -> Path:
+    """Real BreastMNIST images in a Kaggle-style layout: <root>/chest_xray/<split folder>/<CLASS>/<i>.png, the
+    first ``splits[split]`` images of each class from that official split."""
+    with np.load(medmnist_dir / "breastmnist.npz") as z:
+        for (split, n), folder in zip(splits.items(), names):
+            x, y = z[f"{split}_images"], z[f"{split}_labels"][:, 0]
+            for label, cls in ((0, "MALIGNANT"), (1, "NORMAL")):
+                d = root / "chest_xray" / folder / cls
+                d.mkdir(parents=True)
+                for i in np.flatnonzero(y == label)[:n]:
+                    Image.fromarray(x[i]).save(d / f"{split}{i}.png")
+    return root
+
+
+def test_published_split_folders_are_kept(medmnist_dir, tmp_path):
+    """chest_xray/{train,test}/{MALIGNANT,NORMAL}: ingest refused it ("class name 'MALIGNANT' comes from several
+    folders"), and the way round it (--classes globs) pooled and re-split the images, putting published test
+    images (often other patients) in train. Now the folders' splits are kept, the missing val is carved from
+    train, and the card and `datasets show` say so; --splits random pools them."""
+    from meddiff.data.shards import split_note, split_summary
+
+    src = _split_folder_layout(medmnist_dir, tmp_path / "src", {"train": 30, "test": 10})
+    ds = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28), str(tmp_path / "st")).uri)
+    index = ds.index()
+    assert ds.class_names == ["MALIGNANT", "NORMAL"]
+    folder_split = index["source_id"].str.split("/").str[1]
+    assert (folder_split[index["split"] == "test"] == "test").all() and (folder_split == "test").sum() == 20
+    assert (folder_split[index["split"].isin(["train", "val"])] == "train").all()
+    assert ds.card["totals"] == {"train": 54, "val": 6, "test": 20}  # val: 10% of each class's 30 train images
+    assert ds.card["official_splits"] is False and ds.card["splits"]["folders"]["test"] == [
+        "chest_xray/test/MALIGNANT", "chest_xray/test/NORMAL"]
+    assert split_summary(ds.card) == (
+        "published split folders kept (train: chest_xray/train/MALIGNANT, chest_xray/train/NORMAL; test: "
+        "chest_xray/test/MALIGNANT, chest_xray/test/NORMAL); val: --val-frac 0.1 of each class's train images "
+        "(--split-seed 0); --splits random pools and re-splits them")
+    assert split_note(ds.card) == "splits: " + split_summary(ds.card)  # what ingest prints
+
+    pooled = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28, splits="random"), str(tmp_path / "st")).uri)
+    assert pooled.uri != ds.uri and pooled.card["totals"] == {"train": 56, "val": 8, "test": 16}
+    assert (pooled.index()["source_id"].str.split("/").str[1][pooled.index()["split"] == "test"] == "train").any()
+    assert split_summary(pooled.card).startswith("stratified per class: --val-frac 0.1, --test-frac 0.2, "
+                                                 "--split-seed 0, the published split folders pooled")
+
+
+def test_three_published_split_folders_are_kept_as_they_are(medmnist_dir, tmp_path):
+    """Training/Validation/Testing (capitalised, as several Kaggle sets name them), zipped: every image keeps
+    its folder's split, none is carved; the zip's 'README.md' beside them changes nothing."""
+    src = _split_folder_layout(medmnist_dir, tmp_path / "src", {"train": 20, "val": 4, "test": 6},
+                               names=("Training", "Validation", "Testing"))
+    (src / "chest_xray" / "README.md").write_text("from Kaggle\n")
+    with zipfile.ZipFile(tmp_path / "xray.zip", "w") as zf:
+        for p in sorted(src.rglob("*")):
+            zf.write(p, p.relative_to(src).as_posix())
+    ds = open_dataset(ingest(IngestConfig(f"zip:{tmp_path / 'xray.zip'}", size=28), str(tmp_path / "st")).uri)
+    index = ds.index()
+    expected = index["source_id"].str.split("/").str[1].map({"Training": "train", "Validation": "val",
+                                                             "Testing": "test"})
+    assert (index["split"] == expected).all() and ds.card["totals"] == {"train": 40, "val": 8, "test": 12}
+    assert "carved" not in ds.card["splits"]
+    with pytest.raises(SourceError, match="--splits applies to zip:, folder: and kaggle: sources"):
+        IngestConfig("medmnist:breastmnist", splits="random").check()
+
+
+def test_an_unlabelled_test_folder_is_skipped_not_made_a_class(medmnist_dir, tmp_path):
+    """train/{MALIGNANT,NORMAL}/ beside a competition's unlabelled test/*.png: 'test' became a third class."""
+    src = _split_folder_layout(medmnist_dir, tmp_path / "src", {"train": 10})
+    for i in range(3):
+        shutil.copy(next((src / "chest_xray" / "train" / "NORMAL").iterdir()), src / "chest_xray" / f"test{i}.png")
+    (src / "chest_xray" / "test").mkdir()
+    for i, f in enumerate(sorted((src / "chest_xray").glob("test*.png"))):
+        f.rename(src / "chest_xray" / "test" / f"{i}.png")
+    ds = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28), str(tmp_path / "st")).uri)
+    assert ds.class_names == ["MALIGNANT", "NORMAL"] and sum(ds.card["totals"].values()) == 20
+    assert [s["source_id"] for s in ds.card["skipped"]] == [f"chest_xray/test/{i}.png" for i in range(3)]
+    assert ds.card["skipped"][0]["reason"].startswith("unlabelled: in split folder 'chest_xray/test'")
+    assert "folders" not in ds.card["splits"]  # one labelled split: the usual stratified split of train's images

@@ -48,22 +48,26 @@ def ingest(
     window: Optional[str] = typer.Option(None, help="'lo,hi' percentiles: per-image window to 8 bits instead."),
     colour: str = typer.Option("auto", help="zip/folder/kaggle: auto (1 channel unless an image holds colour), "
                                             "grey or rgb."),
+    splits: str = typer.Option("auto", help="zip/folder/kaggle: auto (class folders inside train/, val/, test/ "
+                                            "folders keep that split) or random (one stratified split of all)."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
     from meddiff.data.ingest import IngestConfig, ingest as run_ingest  # here: `meddiff --help` stays fast
     from meddiff.data.pixel_survey import ingest_notes
-    from meddiff.data.shards import empty_splits
+    from meddiff.data.shards import empty_splits, split_note
 
     cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
                        shuffle_seed=shuffle_seed, bit_depth=bit_depth, window=window,
-                       colour=colour)
+                       colour=colour, splits=splits)  # type: ignore[arg-type]
     with rich_progress(f"ingest {source}") as progress:
         result = run_ingest(cfg, storage_root, progress)
     console.print(counts_table(result.card))
     if result.existed:
         console.print("[yellow]version already exists; nothing to do")
     for note in ingest_notes(result.card):
+        console.print(note)
+    if note := split_note(result.card):
         console.print(note)
     if result.card["num_skipped"]:
         console.print(f"[yellow]{result.card['num_skipped']} inputs skipped (listed in dataset.json)")
@@ -100,7 +104,7 @@ def show(uri: str = typer.Argument(
         ..., help="A dataset version's URI (printed by meddiff ingest; see meddiff datasets list).")) -> None:
     """Show a dataset version's card and per-class counts."""
     from meddiff.data.pixel_survey import pixel_summary
-    from meddiff.data.shards import empty_splits, open_dataset
+    from meddiff.data.shards import empty_splits, open_dataset, split_summary
 
     card = open_dataset(uri).card
     console.print(counts_table(card))
@@ -109,6 +113,8 @@ def show(uri: str = typer.Argument(
     for k in ("source", "license", "created_at", "inputs"):
         console.print(f"[bold]{k}[/]: {card.get(k)}")
     console.print(f"[bold]pixels[/]: {pixel_summary(card)}")
+    if splits := split_summary(card):
+        console.print(f"[bold]splits[/]: {splits}")
     if card["skipped"]:
         console.print(f"[yellow]skipped {card['num_skipped']}:[/] {card['skipped'][:10]}")
     dup = card.get("duplicates")  # versions ingested before 2026-12-07 have no such field

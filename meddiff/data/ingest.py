@@ -34,7 +34,8 @@ from meddiff.data.images import GREY_TOLERANCE, Intensity, bits_for, encode_png,
 from meddiff.data.pixel_survey import Colour, PixelSurvey
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
-from meddiff.data.sources import SPLITS, RawSample, SourceData, check_name, dataset_name, parse_source
+from meddiff.data.sources import (SPLITS, RawSample, SourceData, SplitRule, check_name, dataset_name,
+                                  parse_source)
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -54,6 +55,9 @@ class IngestConfig:
     bit_depth: int | None = None  # >8-bit integer inputs: sensor bits (None = detected from the dataset's max)
     window: str | None = None  # "lo,hi" percentiles: per-image window to 8 bits instead of the bit depth
     colour: Colour = "auto"  # zip/folder/kaggle: auto = 1 channel unless an image holds colour; grey / rgb force
+    # zip/folder/kaggle: auto = class folders inside published split folders (train/, test/, val/) keep their
+    # split, a missing val or test carved from each class's train images; random = one stratified split of all
+    splits: SplitRule = "auto"
 
     def intensity(self) -> Intensity:
         """The rule for >8-bit/float inputs (``bit_depth`` of None is filled in by the ingest's pre-pass)."""
@@ -81,6 +85,11 @@ class IngestConfig:
         if self.colour != "auto" and ref.kind == "medmnist":
             raise SourceError("--colour applies to zip:, folder: and kaggle: sources; a MedMNIST dataset keeps its "
                               "published channels (BloodMNIST 3, BreastMNIST 1)")
+        if self.splits not in get_args(SplitRule):
+            raise SourceError(f"--splits must be one of {', '.join(get_args(SplitRule))}, got {self.splits!r}")
+        if self.splits != "auto" and ref.kind == "medmnist":
+            raise SourceError("--splits applies to zip:, folder: and kaggle: sources; MedMNIST keeps its official "
+                              "splits")
         if self.bit_depth is not None and not 8 <= self.bit_depth <= 32:
             raise SourceError(f"--bit-depth must be between 8 and 32, got {self.bit_depth}")
         if self.window is not None:
@@ -157,6 +166,41 @@ def stratified_split(labels: np.ndarray, seed: int, val_frac: float, test_frac: 
     return out
 
 
+def carve_splits(labels: np.ndarray, given: np.ndarray, seed: int, val_frac: float, test_frac: float) -> np.ndarray:
+    """Published splits ``given`` (N,) kept; a split they lack (val or test) is carved from each class's train
+    images, ``val_frac`` / ``test_frac`` of them, by a seeded permutation. Returns split names (N,)."""
+    out = given.copy()
+    rng = np.random.default_rng(seed)
+    missing = [(split, frac) for split, frac in (("test", test_frac), ("val", val_frac)) if split not in set(given)]
+    for c in np.unique(labels):
+        idx = np.flatnonzero((labels == c) & (given == "train"))
+        idx = idx[rng.permutation(len(idx))]
+        start = 0
+        for split, frac in missing:
+            n = round(len(idx) * frac)
+            out[idx[start:start + n]] = split
+            start += n
+    return out
+
+
+def assign_splits(src: SourceData, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
+    """Each sample's split, and the card's record of how it was chosen."""
+    labels = np.array([s.label for s in src.samples])
+    given = np.array([s.split for s in src.samples], dtype=object)
+    if src.has_official_splits:
+        return given, {"rule": "official splits, as published"}
+    if src.split_folders and cfg.splits == "auto":
+        carved = [f"{split}: --{split}-frac {frac:g} of each class's train images (--split-seed {cfg.split_seed})"
+                  for split, frac in (("test", cfg.test_frac), ("val", cfg.val_frac)) if split not in src.split_folders]
+        return (carve_splits(labels, given, cfg.split_seed, cfg.val_frac, cfg.test_frac),
+                {"rule": "published split folders kept", "folders": src.split_folders,
+                 **({"carved": carved} if carved else {})})
+    rule = (f"stratified per class: --val-frac {cfg.val_frac:g}, --test-frac {cfg.test_frac:g}, "
+            f"--split-seed {cfg.split_seed}")
+    return (stratified_split(labels, cfg.split_seed, cfg.val_frac, cfg.test_frac),
+            {"rule": rule, **({"folders_pooled": src.split_folders} if src.split_folders else {})})
+
+
 def _prepare(sample: RawSample, size: int, channels: int | None, intensity: Intensity) -> bytes:
     """Decode/resize one input to PNG bytes; raises on an unreadable image."""
     if isinstance(sample.payload, np.ndarray):
@@ -173,7 +217,8 @@ def ingest(config: IngestConfig, root: str | None = None, progress: Progress | N
     t0 = time.time()
     src = load_source(cfg, root, progress)
     name = dataset_name(cfg.name, src.name, cfg.source)
-    version = content_hash({"checksums": src.checksums, "config": cfg.identity()})
+    published = {"split_folders": src.split_folders} if src.split_folders and cfg.splits == "auto" else {}
+    version = content_hash({"checksums": src.checksums, "config": cfg.identity(), **published})
     uri = storage.join(root, "datasets", name, version)
     try:
         # a concurrent ingest of the same version waits here, then finds it
@@ -191,9 +236,7 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
 
         return IngestResult(uri, open_dataset(uri).card, existed=True)
 
-    labels = np.array([s.label for s in src.samples])
-    splits = (np.array([s.split for s in src.samples], dtype=object) if src.has_official_splits
-              else stratified_split(labels, cfg.split_seed, cfg.val_frac, cfg.test_frac))
+    splits, split_rule = assign_splits(src, cfg)
 
     staging = storage.local_staging(root, f"dataset-{name}-{version}")
     try:
@@ -205,7 +248,8 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
                 raise SourceError(f"no readable images in {cfg.source}; skipped: {skipped[:5]}")
             table = pa.table(rows)
             pq.write_table(table, staging / "index.parquet")
-            card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0, intensity, pixels)
+            card = _card(cfg, src, name, version, uri, table, skipped, shards, time.time() - t0, intensity, pixels,
+                         split_rule)
             storage.write_json(str(staging / "dataset.json"), card)
             storage.publish_dir(staging, uri, last=("dataset.json",))
     finally:
@@ -290,7 +334,7 @@ def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, stagin
 
 
 def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, shards, seconds,
-          intensity: Intensity | None, pixels: dict | None) -> dict:
+          intensity: Intensity | None, pixels: dict | None, split_rule: dict) -> dict:
     df = table.select(["split", "label"]).to_pandas()
     counts = {split: {c: int(((df.split == split) & (df.label == i)).sum()) for i, c in enumerate(src.class_names)}
               for split in SPLITS}
@@ -302,7 +346,7 @@ def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, sh
         counts=counts, totals={s: sum(counts[s].values()) for s in SPLITS},
         image_size=cfg.size, channels=channels[0] if len(channels) == 1 else max(channels),
         shards=shards, skipped=skipped, num_skipped=len(skipped),
-        official_splits=src.has_official_splits, ingest_seconds=round(seconds, 2),
+        official_splits=src.has_official_splits, splits=split_rule, ingest_seconds=round(seconds, 2),
         order={"shuffled": True, "shuffle_seed": cfg.shuffle_seed,
                "note": "each split is written in a seeded random order (not class by class)"},
         intensity=intensity.describe() if intensity else {"rule": "none: every input is 8-bit" + (

@@ -205,6 +205,28 @@ def empty_splits(card: dict[str, Any]) -> list[str]:
     return out
 
 
+def split_summary(card: dict[str, Any]) -> str | None:
+    """How the splits were chosen, in words (None on versions ingested before 2026-12-08, which lack it)."""
+    rule = card.get("splits")
+    if rule is None:
+        return None
+    def where(folders: dict[str, list[str]]) -> str:
+        return "; ".join(f"{split}: {', '.join(fs)}" for split, fs in folders.items())
+
+    if pooled := rule.get("folders_pooled"):
+        return f"{rule['rule']}, the published split folders pooled by --splits random ({where(pooled)})"
+    if kept := rule.get("folders"):
+        return (f"{rule['rule']} ({where(kept)})" + "".join(f"; {c}" for c in rule.get("carved", []))
+                + "; --splits random pools and re-splits them")
+    return rule["rule"]
+
+
+def split_note(card: dict[str, Any]) -> str | None:
+    """What ingest tells about the splits: said only when the source had published split folders."""
+    rule = card.get("splits") or {}
+    return f"splits: {split_summary(card)}" if rule.get("folders") or rule.get("folders_pooled") else None
+
+
 # record → (one, many, the command that lists them)
 ARTIFACT_KINDS = {"dataset.json": ("dataset version", "dataset versions", "meddiff datasets list"),
                   "model.json": ("model", "models", "meddiff models list"),

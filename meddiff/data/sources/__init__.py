@@ -15,6 +15,7 @@ from meddiff.errors import SourceError, check_folder_name
 SourceKind = Literal["medmnist", "kaggle", "zip", "folder"]
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+SplitRule = Literal["auto", "random"]  # zip/folder/Kaggle: published split folders kept, or one stratified split
 
 
 def check_name(given: str) -> str:
@@ -94,3 +95,6 @@ class SourceData:
     has_official_splits: bool = False
     skipped: list[dict[str, str]] = field(default_factory=list)
     description: str = ""
+    # zip/folder/Kaggle class folders inside published split folders: split → those folders (samples carry
+    # their split); None for other layouts
+    split_folders: dict[str, list[str]] | None = None

@@ -22,11 +22,13 @@ from typing import Callable
 from meddiff.errors import SourceError, UnsafeArchiveError
 from meddiff.records import sha256_file
 from meddiff.data.dicom import is_dicom
-from meddiff.data.sources import RawSample, SourceData
+from meddiff.data.sources import RawSample, SourceData, Split
 
 Reader = Callable[[], bytes]  # reads one file's bytes when called
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 IGNORED = {".DS_Store", "Thumbs.db", "desktop.ini"}
+SPLIT_FOLDER_NAMES: dict[str, Split] = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                                        "validation": "val", "test": "test", "testing": "test"}
 EMPTY_MARKER = ".meddiff-folder"  # stands for a folder entry; never a sample
 MAX_ENTRY_BYTES = 512 << 20  # an archive entry larger than this (uncompressed) is refused
 MAX_RATIO = 200  # ... and so is one that inflates more than this (zip bomb), once past 1 MiB
@@ -57,13 +59,43 @@ def parse_classes(spec: str | None) -> list[tuple[str, str | None]]:
     return out
 
 
-def _class_of(folder: str, rules: list[tuple[str, str | None]]) -> str | None:
+def _class_of(folder: str, rules: list[tuple[str, str | None]], base: str | None = None) -> str | None:
+    """The class of the files in ``folder``: its last name, or the first ``--classes`` rule matching it.
+    ``base``: the folder without its split folder (``chest_xray/train/NORMAL`` → ``chest_xray/NORMAL``),
+    which rules may match too and which names the class."""
+    base = folder if base is None else base
     if not rules:
-        return PurePosixPath(folder).name if folder else None
+        return PurePosixPath(base).name if base else None
     for pattern, name in rules:
-        if fnmatch.fnmatchcase(folder, pattern):
-            return name or PurePosixPath(folder).name
+        if fnmatch.fnmatchcase(folder, pattern) or fnmatch.fnmatchcase(base, pattern):
+            return name or PurePosixPath(base).name
     return None
+
+
+def _split_folder(folder: str) -> tuple[Split, str] | None:
+    """(split, the folder without it) when exactly one of the folder's names is a split's (``train``/
+    ``training``, ``val``/``valid``/``validation``, ``test``/``testing``, any case); else None."""
+    parts = PurePosixPath(folder).parts
+    hits = [i for i, part in enumerate(parts) if part.lower() in SPLIT_FOLDER_NAMES]
+    if len(hits) != 1:
+        return None
+    i = hits[0]
+    return SPLIT_FOLDER_NAMES[parts[i].lower()], "/".join(parts[:i] + parts[i + 1:])
+
+
+def published_splits(folders: set[str]) -> tuple[dict[str, tuple[Split, str]], set[str]]:
+    """Class folders inside published split folders (Kaggle's chest_xray/{train,val,test}/NORMAL, or
+    Training/glioma + Testing/glioma): every folder holding images names one split. Returns folder →
+    (split, folder without it) when a train and at least one other split hold class folders (else {}), and
+    the split folders holding images outside any class folder (a competition's unlabelled test/)."""
+    found = {f: _split_folder(f) for f in folders}
+    if not folders or None in found.values():
+        return {}, set()
+    class_parents = {str(PurePosixPath(base).parent) for _, base in found.values() if base}  # type: ignore[misc]
+    unlabelled = {f for f, (_, base) in found.items() if (base or ".") in class_parents}  # type: ignore[misc]
+    labelled = {f: found[f] for f in folders - unlabelled}
+    splits = {split for split, _ in labelled.values()}  # type: ignore[misc]
+    return (labelled if "train" in splits and len(splits) >= 2 else {}), unlabelled  # type: ignore[return-value]
 
 
 def _unnamed_dicom(p: PurePosixPath, read: Reader) -> bool:
@@ -73,20 +105,32 @@ def _unnamed_dicom(p: PurePosixPath, read: Reader) -> bool:
 
 def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str,
              digests: dict[str, bytes] | None = None):
-    """entries: (relative path, read-bytes fn) → class names, samples, skipped. digests: sha256 by path where
-    the caller already has them (a folder's listing), so no file is hashed twice."""
+    """entries: (relative path, read-bytes fn) → class names, samples, skipped, split folders. digests: sha256
+    by path where the caller already has them (a folder's listing), so no file is hashed twice. Class folders
+    inside published split folders (``train/NORMAL``, ``test/NORMAL``) make one class, each sample keeping its
+    folder's split; the last value says which folders held which split (None for other layouts)."""
     rules = parse_classes(classes)
+    entries = [(rel, read) for rel, read in entries
+               if PurePosixPath(rel).name not in IGNORED and not any(part.startswith("__MACOSX")
+                                                                      for part in PurePosixPath(rel).parts)]
+    holding = {_folder_of(rel) for rel, _ in entries if _maybe_image(PurePosixPath(rel))}  # a README aside
+    in_splits, unlabelled = published_splits(holding - {""})
     skipped: list[dict[str, str]] = []
     by_class: dict[str, list[tuple[str, Reader]]] = {}
+    split_of: dict[str, Split] = {}  # path → its published split folder's split
     folders_of: dict[str, set[str]] = {}
     all_folders: set[str] = set()
     for rel, read in entries:
         p = PurePosixPath(rel)
-        if p.name in IGNORED or any(part.startswith("__MACOSX") for part in p.parts):
+        folder = _folder_of(rel)
+        if folder in unlabelled and not rules:
+            if _maybe_image(p):
+                skipped.append({"source_id": rel, "reason": f"unlabelled: in split folder {folder!r}, outside the "
+                                                            "class folders"})
             continue
-        folder = str(p.parent) if str(p.parent) != "." else ""
-        all_folders.add(folder)
-        cls = _class_of(folder, rules)
+        split, base = in_splits.get(folder, (None, folder))
+        all_folders.update({folder, base})
+        cls = _class_of(folder, rules, base)
         if cls is None:
             if not rules and not folder:
                 skipped.append({"source_id": rel, "reason": "file is not inside a class folder"})
@@ -97,7 +141,9 @@ def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str,
             skipped.append({"source_id": rel, "reason": f"not an image file ({p.suffix or 'no extension'})"})
             continue
         by_class.setdefault(cls, []).append((rel, read))
-        folders_of.setdefault(cls, set()).add(folder)
+        folders_of.setdefault(cls, set()).add(base)
+        if split is not None:
+            split_of[rel] = split
     if not rules:
         clashes = {c: sorted(f) for c, f in folders_of.items() if len(f) > 1}
         if clashes:
@@ -122,8 +168,22 @@ def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str,
         raise SourceError(f"only one class ({class_names[0]!r}) in {where}; meddiff needs at least two class "
                           "folders (point at the folder holding them, or widen --classes)")
     kept, copies = _drop_exact_copies(by_class, where, digests or {})
-    samples = [RawSample(class_names.index(c), rel, read) for c in class_names for rel, read in kept[c]]  # lazy
-    return class_names, samples, skipped + copies
+    samples = [RawSample(class_names.index(c), rel, read, split_of.get(rel))  # read lazily
+               for c in class_names for rel, read in kept[c]]
+    used = {_folder_of(s.source_id) for s in samples}
+    folders = ({split: sorted(f for f in used if in_splits.get(f, ("",))[0] == split)
+                for split in ("train", "val", "test")} if split_of else None)
+    return class_names, samples, skipped + copies, folders and {k: v for k, v in folders.items() if v}
+
+
+def _maybe_image(p: PurePosixPath) -> bool:
+    """An image by its name (a PACS-style DICOM name included), without reading it."""
+    return p.name != EMPTY_MARKER and (p.suffix.lower() in IMAGE_EXTS or p.suffix == "" or p.suffix[1:].isdigit())
+
+
+def _folder_of(rel: str) -> str:
+    parent = str(PurePosixPath(rel).parent)
+    return "" if parent == "." else parent
 
 
 def _drop_exact_copies(by_class: dict[str, list[tuple[str, Reader]]], where: str, digests: dict[str, bytes]
@@ -191,9 +251,9 @@ def load_zip(path: Path, classes: str | None, name: str) -> SourceData:
             entries.append((f"{rel}/{EMPTY_MARKER}", _nothing))  # keeps empty class folders visible
             continue
         entries.append((rel, functools.partial(_read_member, zf, info, path)))  # read when needed, not held
-    class_names, samples, skipped = _collect(entries, classes, str(path))  # reads each member once (hashes)
+    class_names, samples, skipped, folders = _collect(entries, classes, str(path))  # reads each member once
     return SourceData(name=name, class_names=class_names, samples=samples,
-                      checksums={path.name: f"sha256:{sha256_file(path)}"}, skipped=skipped)
+                      checksums={path.name: f"sha256:{sha256_file(path)}"}, skipped=skipped, split_folders=folders)
 
 
 def load_folder(path: Path, classes: str | None, name: str) -> SourceData:
@@ -219,6 +279,6 @@ def load_folder(path: Path, classes: str | None, name: str) -> SourceData:
         digests[rel] = bytes.fromhex(sha256_file(p))  # streamed, not held; reused for exact copies
         listing.update(rel.encode() + b"\0" + digests[rel])
         entries.append((rel, p.read_bytes))
-    class_names, samples, skipped = _collect(entries, classes, str(path), digests)
+    class_names, samples, skipped, folders = _collect(entries, classes, str(path), digests)
     return SourceData(name=name, class_names=class_names, samples=samples,
-                      checksums={"folder": f"sha256:{listing.hexdigest()}"}, skipped=skipped)
+                      checksums={"folder": f"sha256:{listing.hexdigest()}"}, skipped=skipped, split_folders=folders)
