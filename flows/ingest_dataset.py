@@ -10,7 +10,7 @@ from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_ta
                           retry_transient, tag_run, user_errors)
 from meddiff.data.ingest import IngestConfig, IngestResult, ingest
 from meddiff.data.pixel_survey import Colour, ingest_notes, pixel_summary
-from meddiff.data.shards import empty_splits, split_note
+from meddiff.data.shards import empty_splits, label_summary, split_note
 from meddiff.data.sources import SplitRule
 from meddiff.progress import combine
 
@@ -52,6 +52,10 @@ def ingest_dataset(
     window: str | None = _D.window,
     colour: Colour = _D.colour,
     splits: SplitRule = _D.splits,
+    labels: str | None = _D.labels,
+    id_column: str = _D.id_column,
+    label_column: str = _D.label_column,
+    group_column: str | None = _D.group_column,
     storage_root: str | None = None,
 ) -> str:
     """Ingest a dataset source into a versioned WebDataset copy; returns its URI (the run's persisted result).
@@ -71,6 +75,10 @@ def ingest_dataset(
         window: "lo,hi" percentiles, e.g. "0.5,99.5": a per-image window to 8 bits instead of the bit depth.
         colour: zip/folder/kaggle: auto (1 channel unless an image holds colour), grey or rgb.
         splits: zip/folder/kaggle: auto = class folders inside published split folders (train/, val/, test/) keep that split; random = one stratified split of all.
+        labels: zip/folder/kaggle: a CSV of labels instead of class folders (a file inside the source, or a path on the worker).
+        id_column: With labels: the column naming each image (its path inside the source, or its file name without extension).
+        label_column: With labels: the column holding each image's class.
+        group_column: With labels: a patient/lesion id column; each group's images go to one split.
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
     one_traceback_per_failure()
@@ -81,13 +89,16 @@ def ingest_dataset(
         if source.startswith("medmnist:"):  # the worker's MEDMNIST_ROOT, as the CLI reads it
             medmnist_root = from_env(medmnist_root, MEDMNIST_ENV)
         cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size,
-                           medmnist_root, shuffle_seed, bit_depth, window, colour, splits).check()
+                           medmnist_root, shuffle_seed, bit_depth, window, colour, splits, labels, id_column,
+                           label_column, group_column).check()
         result = ingest_task(cfg, storage_root)
     logger.info("%s dataset version %s", "found existing" if result.existed else "wrote", result.uri)
     for note in ingest_notes(result.card):
         logger.info(note)
     if note := split_note(result.card):
         logger.info(note)
+    if labels := label_summary(result.card):
+        logger.info("labels: %s", labels)
     for warning in empty_splits(result.card):
         logger.warning(warning)
     create_markdown_artifact(card_markdown(result.card), key=artifact_key("dataset", result.card["name"]),

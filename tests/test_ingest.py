@@ -785,3 +785,97 @@ def test_an_unlabelled_test_folder_is_skipped_not_made_a_class(medmnist_dir, tmp
     assert [s["source_id"] for s in ds.card["skipped"]] == [f"chest_xray/test/{i}.png" for i in range(3)]
     assert ds.card["skipped"][0]["reason"].startswith("unlabelled: in split folder 'chest_xray/test'")
     assert "folders" not in ds.card["splits"]  # one labelled split: the usual stratified split of train's images
+
+
+def _labelled_folder(medmnist_dir: Path, root: Path, n: int = 120, per_group: int = 3) -> Path:
+    """HAM10000's layout: real BreastMNIST images in two part folders, labels and lesion ids in a CSV (a row for
+    an image not shipped, one image without a row)."""
+    import csv
+
+    with np.load(medmnist_dir / "breastmnist.npz") as z:
+        x, y = z["train_images"][:n], z["train_labels"][:n, 0]
+    rows = []
+    for i in range(n):
+        part = root / f"images_part_{i % 2 + 1}"
+        part.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i]).save(part / f"IMG_{i:04d}.png")
+        if i != n - 1:  # the last image has no row
+            rows.append({"lesion_id": f"L{i // per_group:03d}", "image_id": f"IMG_{i:04d}",
+                         "dx": ("malignant", "normal")[y[i]]})
+    rows.append({"lesion_id": "L999", "image_id": "IMG_9999", "dx": "normal"})  # not shipped
+    with open(root / "metadata.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["lesion_id", "image_id", "dx"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_labels_from_a_table_with_groups_kept_in_one_split(medmnist_dir, tmp_path):
+    """Kaggle sets like HAM10000 label images in a CSV, not by folder: ingest could not read them at all. Now
+    --labels reads it; --group-column keeps every lesion's images in one split (a random split put images of
+    one lesion in train and test)."""
+    from meddiff.data.shards import label_summary
+
+    src = _labelled_folder(medmnist_dir, tmp_path / "ham")
+    cfg = IngestConfig(f"folder:{src}", size=28, labels="metadata.csv", id_column="image_id", label_column="dx",
+                       group_column="lesion_id")
+    ds = open_dataset(ingest(cfg, str(tmp_path / "st")).uri)
+    index = ds.index()
+    assert ds.class_names == ["malignant", "normal"] and len(index) == 119
+    lesion = index["source_id"].str.extract(r"IMG_(\d+)")[0].astype(int) // 3
+    assert (index.groupby(lesion)["split"].nunique() == 1).all()  # no lesion in two splits
+    with np.load(medmnist_dir / "breastmnist.npz") as z:
+        truth = z["train_labels"][:120, 0]
+    stem = index["source_id"].str.extract(r"IMG_(\d+)")[0].astype(int)
+    assert (index["label"].to_numpy() == truth[stem]).all()  # each image's label is its row's
+    assert 0.15 <= (index["split"] == "test").mean() <= 0.25
+    assert ds.card["skipped"] == [{"source_id": "images_part_2/IMG_0119.png", "reason": "no row in metadata.csv"}]
+    assert label_summary(ds.card) == ("metadata.csv (image_id → dx); 1 of its 120 rows names no image in the "
+                                      "source; 1 images have no row (skipped); 40 groups by 'lesion_id', each "
+                                      "kept in one split")
+    # the same table without groups: a plain stratified split, which here splits lesions apart
+    plain = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28, labels="metadata.csv",
+                                             id_column="image_id", label_column="dx"), str(tmp_path / "st")).uri)
+    lesion = plain.index()["source_id"].str.extract(r"IMG_(\d+)")[0].astype(int) // 3
+    assert (plain.index().groupby(lesion)["split"].nunique() > 1).any()
+
+    # HAM10000's Kaggle zip ships its image folders twice (byte-identical): each row labels the copies and
+    # one is kept; a file of the same name that differs is an error naming the way out
+    shutil.copytree(src / "images_part_1", src / "copy_of_part_1")
+    twice = open_dataset(ingest(cfg, str(tmp_path / "st2")).uri)
+    assert len(twice.index()) == 119 and sum(s["reason"].startswith("exact duplicate of") for s in
+                                             twice.card["skipped"]) == 60
+    shutil.copy(src / "images_part_1" / "IMG_0000.png", src / "copy_of_part_1" / "IMG_0002.png")
+    with pytest.raises(SourceError, match=r"label row 'IMG_0002' matches 2 different images .* give the path"):
+        ingest(cfg, str(tmp_path / "st3"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(label_column="diagnosis"), r"metadata\.csv has no column --label-column 'diagnosis'; its columns are "
+                                     r"\['lesion_id', 'image_id', 'dx'\]"),
+    (dict(labels="meta.csv"), r"--labels 'meta\.csv' is neither a file inside .* nor on disk; tables inside: "
+                              r"\['metadata\.csv'\]"),
+    (dict(id_column="lesion_id"), r"image 'L001' is labelled both 'normal' and 'malignant' \(line 6\)"),
+    (dict(labels=None), r"--id-column, --label-column and --group-column apply with --labels"),
+])
+def test_a_label_table_that_does_not_fit_is_one_clear_error(medmnist_dir, tmp_path, change, message):
+    src = _labelled_folder(medmnist_dir, tmp_path / "ham", n=12)
+    cfg = IngestConfig(f"folder:{src}", size=28, **{**dict(labels="metadata.csv", id_column="image_id",
+                                                           label_column="dx"), **change})
+    with pytest.raises(SourceError, match=message):
+        ingest(cfg, str(tmp_path / "st"))
+    assert not (tmp_path / "st" / "datasets").exists()
+
+
+def test_grouped_split_never_splits_a_group():
+    from meddiff.data.ingest import grouped_split
+
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 300, 2000).astype(str)
+    labels = (rng.random(2000) < 0.3).astype(int)
+    splits = grouped_split(labels, groups, 5, 0.1, 0.2)
+    frame = __import__("pandas").DataFrame({"g": groups, "s": splits, "y": labels})
+    assert (frame.groupby("g")["s"].nunique() == 1).all()
+    for c in (0, 1):
+        share = frame[frame.y == c]["s"].value_counts(normalize=True)
+        assert abs(share["test"] - 0.2) < 0.05 and abs(share["val"] - 0.1) < 0.05

@@ -50,16 +50,24 @@ def ingest(
                                             "grey or rgb."),
     splits: str = typer.Option("auto", help="zip/folder/kaggle: auto (class folders inside train/, val/, test/ "
                                             "folders keep that split) or random (one stratified split of all)."),
+    labels: Optional[str] = typer.Option(None, help="zip/folder/kaggle: a CSV of labels instead of class folders "
+                                                    "(a file inside the source, or on disk)."),
+    id_column: str = typer.Option("image", help="--labels: the column naming each image (its path inside the "
+                                                "source, or its file name without extension)."),
+    label_column: str = typer.Option("label", help="--labels: the column holding each image's class."),
+    group_column: Optional[str] = typer.Option(None, help="--labels: a patient/lesion id column; each group's "
+                                                          "images go to one split."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
     from meddiff.data.ingest import IngestConfig, ingest as run_ingest  # here: `meddiff --help` stays fast
     from meddiff.data.pixel_survey import ingest_notes
-    from meddiff.data.shards import empty_splits, split_note
+    from meddiff.data.shards import empty_splits, label_summary, split_note
 
     cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
                        shuffle_seed=shuffle_seed, bit_depth=bit_depth, window=window,
-                       colour=colour, splits=splits)  # type: ignore[arg-type]
+                       colour=colour, splits=splits, labels=labels, id_column=id_column,  # type: ignore[arg-type]
+                       label_column=label_column, group_column=group_column)
     with rich_progress(f"ingest {source}") as progress:
         result = run_ingest(cfg, storage_root, progress)
     console.print(counts_table(result.card))
@@ -69,6 +77,8 @@ def ingest(
         console.print(note)
     if note := split_note(result.card):
         console.print(note)
+    if labels := label_summary(result.card):
+        console.print(f"labels: {labels}")
     if result.card["num_skipped"]:
         console.print(f"[yellow]{result.card['num_skipped']} inputs skipped (listed in dataset.json)")
     for w in empty_splits(result.card):
@@ -104,7 +114,7 @@ def show(uri: str = typer.Argument(
         ..., help="A dataset version's URI (printed by meddiff ingest; see meddiff datasets list).")) -> None:
     """Show a dataset version's card and per-class counts."""
     from meddiff.data.pixel_survey import pixel_summary
-    from meddiff.data.shards import empty_splits, open_dataset, split_summary
+    from meddiff.data.shards import empty_splits, label_summary, open_dataset, split_summary
 
     card = open_dataset(uri).card
     console.print(counts_table(card))
@@ -115,6 +125,8 @@ def show(uri: str = typer.Argument(
     console.print(f"[bold]pixels[/]: {pixel_summary(card)}")
     if splits := split_summary(card):
         console.print(f"[bold]splits[/]: {splits}")
+    if labels := label_summary(card):
+        console.print(f"[bold]labels[/]: {labels}")
     if card["skipped"]:
         console.print(f"[yellow]skipped {card['num_skipped']}:[/] {card['skipped'][:10]}")
     dup = card.get("duplicates")  # versions ingested before 2026-12-07 have no such field

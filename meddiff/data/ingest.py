@@ -36,6 +36,7 @@ from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
 from meddiff.data.sources import (SPLITS, RawSample, SourceData, SplitRule, check_name, dataset_name,
                                   parse_source)
+from meddiff.data.sources.label_table import LabelSpec
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -58,6 +59,14 @@ class IngestConfig:
     # zip/folder/kaggle: auto = class folders inside published split folders (train/, test/, val/) keep their
     # split, a missing val or test carved from each class's train images; random = one stratified split of all
     splits: SplitRule = "auto"
+    labels: str | None = None  # zip/folder/kaggle: a label CSV (in the source, or on disk); None = class folders
+    id_column: str = "image"  # --labels: the column naming each image (its path inside the source, or file stem)
+    label_column: str = "label"  # --labels: the column holding each image's class
+    group_column: str | None = None  # --labels: a patient/lesion id column; a group's images share one split
+
+    def label_spec(self) -> LabelSpec | None:
+        return None if self.labels is None else LabelSpec(self.labels, self.id_column, self.label_column,
+                                                          self.group_column)
 
     def intensity(self) -> Intensity:
         """The rule for >8-bit/float inputs (``bit_depth`` of None is filled in by the ingest's pre-pass)."""
@@ -90,6 +99,14 @@ class IngestConfig:
         if self.splits != "auto" and ref.kind == "medmnist":
             raise SourceError("--splits applies to zip:, folder: and kaggle: sources; MedMNIST keeps its official "
                               "splits")
+        if self.labels is None and (self.id_column, self.label_column, self.group_column) != ("image", "label", None):
+            raise SourceError("--id-column, --label-column and --group-column apply with --labels (a CSV of labels)")
+        if self.labels is not None and ref.kind == "medmnist":
+            raise SourceError("--labels applies to zip:, folder: and kaggle: sources; MedMNIST carries its labels")
+        for option, column in (("--id-column", self.id_column), ("--label-column", self.label_column),
+                               ("--group-column", self.group_column)):
+            if column is not None and not column.strip():
+                raise SourceError(f"{option} must name a column, got {column!r}")
         if self.bit_depth is not None and not 8 <= self.bit_depth <= 32:
             raise SourceError(f"--bit-depth must be between 8 and 32, got {self.bit_depth}")
         if self.window is not None:
@@ -117,7 +134,9 @@ class IngestConfig:
                 # zip/folder/kaggle: byte-identical files are kept once (an official split is left as published)
                 **({} if parse_source(c.source).kind == "medmnist" else
                    {"duplicates": "exact copies dropped", "colour": f"{c.colour}: grey within {GREY_TOLERANCE}",
-                    "orientation": "EXIF applied"})}
+                    "orientation": "EXIF applied"}),
+                **({"labels": {"table": c.labels, "id_column": c.id_column, "label_column": c.label_column,
+                               "group_column": c.group_column}} if c.labels else {})}
 
 
 @dataclass(frozen=True)
@@ -146,10 +165,10 @@ def load_source(cfg: IngestConfig, root: str, progress: Progress | None = None) 
 
         on_wait = tell_waiting(progress, cfg.source, doing="downloading")
         zip_path = kaggle_source.download(ref.target, raw / "kaggle" / ref.target, on_wait)
-        return archive_source.load_zip(zip_path, cfg.classes, ref.default_name)
+        return archive_source.load_zip(zip_path, cfg.classes, ref.default_name, cfg.label_spec())
     if ref.kind == "zip":
-        return archive_source.load_zip(Path(ref.target).expanduser(), cfg.classes, ref.default_name)
-    return archive_source.load_folder(Path(ref.target).expanduser(), cfg.classes, ref.default_name)
+        return archive_source.load_zip(Path(ref.target).expanduser(), cfg.classes, ref.default_name, cfg.label_spec())
+    return archive_source.load_folder(Path(ref.target).expanduser(), cfg.classes, ref.default_name, cfg.label_spec())
 
 
 def stratified_split(labels: np.ndarray, seed: int, val_frac: float, test_frac: float) -> np.ndarray:
@@ -164,6 +183,31 @@ def stratified_split(labels: np.ndarray, seed: int, val_frac: float, test_frac: 
         out[idx[n_test:n_test + n_val]] = "val"
         out[idx[n_test + n_val:]] = "train"
     return out
+
+
+def grouped_split(labels: np.ndarray, groups: np.ndarray, seed: int, val_frac: float, test_frac: float
+                  ) -> np.ndarray:
+    """Whole groups (patients, lesions) to test / val / train, class by class: a group goes with its most
+    frequent class, the class's groups in a seeded order fill test, then val, to their share of its images.
+    No group is in two splits. labels, groups (N,); returns split names (N,)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"label": labels, "group": groups})
+    sizes = frame.groupby("group").size()
+    major = frame.groupby("group")["label"].agg(lambda v: v.value_counts().index[0])  # ties: the lower class id
+    order = sizes.index[np.random.default_rng(seed).permutation(len(sizes))]
+    split_of: dict[str, str] = {}
+    for c in np.unique(labels):
+        mine = [g for g in order if major[g] == c]
+        total = sum(int(sizes[g]) for g in mine)
+        want = {"test": round(total * test_frac), "val": round(total * val_frac)}
+        have = {"test": 0, "val": 0}
+        for g in mine:
+            split = next((s for s in ("test", "val") if have[s] < want[s]), "train")
+            split_of[g] = split
+            if split != "train":
+                have[split] += int(sizes[g])
+    return frame["group"].map(split_of).to_numpy(dtype=object)
 
 
 def carve_splits(labels: np.ndarray, given: np.ndarray, seed: int, val_frac: float, test_frac: float) -> np.ndarray:
@@ -197,6 +241,11 @@ def assign_splits(src: SourceData, cfg: IngestConfig) -> tuple[np.ndarray, dict]
                  **({"carved": carved} if carved else {})})
     rule = (f"stratified per class: --val-frac {cfg.val_frac:g}, --test-frac {cfg.test_frac:g}, "
             f"--split-seed {cfg.split_seed}")
+    if cfg.group_column is not None:  # a sample without a group value is a group of its own
+        groups = np.array([s.group if s.group is not None else f"\0{s.source_id}" for s in src.samples], dtype=object)
+        return (grouped_split(labels, groups, cfg.split_seed, cfg.val_frac, cfg.test_frac),
+                {"rule": f"{rule}; grouped by {cfg.group_column!r}: each group's images in one split",
+                 "groups": len(set(groups))})
     return (stratified_split(labels, cfg.split_seed, cfg.val_frac, cfg.test_frac),
             {"rule": rule, **({"folders_pooled": src.split_folders} if src.split_folders else {})})
 
@@ -346,7 +395,8 @@ def _card(cfg, src: SourceData, name, version, uri, table: pa.Table, skipped, sh
         counts=counts, totals={s: sum(counts[s].values()) for s in SPLITS},
         image_size=cfg.size, channels=channels[0] if len(channels) == 1 else max(channels),
         shards=shards, skipped=skipped, num_skipped=len(skipped),
-        official_splits=src.has_official_splits, splits=split_rule, ingest_seconds=round(seconds, 2),
+        official_splits=src.has_official_splits, splits=split_rule,
+        **({"labels": src.label_table} if src.label_table else {}), ingest_seconds=round(seconds, 2),
         order={"shuffled": True, "shuffle_seed": cfg.shuffle_seed,
                "note": "each split is written in a seeded random order (not class by class)"},
         intensity=intensity.describe() if intensity else {"rule": "none: every input is 8-bit" + (

@@ -221,6 +221,22 @@ def split_summary(card: dict[str, Any]) -> str | None:
     return rule["rule"]
 
 
+def label_summary(card: dict[str, Any]) -> str | None:
+    """Where the labels came from when a table gave them (--labels), in words; else None."""
+    t = card.get("labels")
+    if not t:
+        return None
+    text = f"{t['table']} ({t['id_column']} → {t['label_column']})"
+    if t["rows_without_image"]:
+        n = t["rows_without_image"]
+        text += f"; {n} of its {t['rows']} rows {'names' if n == 1 else 'name'} no image in the source"
+    if t["images_without_row"]:
+        text += f"; {t['images_without_row']} images have no row (skipped)"
+    if t.get("group_column"):
+        text += f"; {t['groups']} groups by {t['group_column']!r}, each kept in one split"
+    return text
+
+
 def split_note(card: dict[str, Any]) -> str | None:
     """What ingest tells about the splits: said only when the source had published split folders."""
     rule = card.get("splits") or {}

@@ -77,6 +77,7 @@ class RawSample:
     source_id: str
     payload: np.ndarray | bytes | Callable[[], bytes]
     split: Split | None = None  # official split when the source has one
+    group: str | None = None  # a label table's patient/lesion id: a group's images share one split
 
     def data(self) -> bytes:
         """The file's bytes (not for MedMNIST arrays)."""
@@ -98,3 +99,4 @@ class SourceData:
     # zip/folder/Kaggle class folders inside published split folders: split → those folders (samples carry
     # their split); None for other layouts
     split_folders: dict[str, list[str]] | None = None
+    label_table: dict | None = None  # labels read from a table (--labels): the card's record of it

@@ -23,6 +23,7 @@ from meddiff.errors import SourceError, UnsafeArchiveError
 from meddiff.records import sha256_file
 from meddiff.data.dicom import is_dicom
 from meddiff.data.sources import RawSample, SourceData, Split
+from meddiff.data.sources.label_table import LabelSpec, match_rows, read_table
 
 Reader = Callable[[], bytes]  # reads one file's bytes when called
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
@@ -181,6 +182,63 @@ def _maybe_image(p: PurePosixPath) -> bool:
     return p.name != EMPTY_MARKER and (p.suffix.lower() in IMAGE_EXTS or p.suffix == "" or p.suffix[1:].isdigit())
 
 
+def _collect_labelled(entries: list[tuple[str, Reader]], spec: LabelSpec, table: tuple[str, bytes], classes: str | None,
+                      where: str, digests: dict[str, bytes] | None = None):
+    """Like :func:`_collect`, the classes from a label table (``table``: its name and bytes) instead of folders;
+    ``--classes`` globs select and rename its labels. Returns class names, samples (with their groups),
+    skipped, and the card's ``labels`` record."""
+    rules = parse_classes(classes)
+    images = {rel: read for rel, read in entries if _maybe_image(PurePosixPath(rel)) and rel != table[0]
+              and not any(part.startswith("__MACOSX") for part in PurePosixPath(rel).parts)}
+    rows = read_table(table[1], spec, table[0])
+    def identical(paths: list[str]) -> bool:
+        return len({(digests or {}).get(p) or hashlib.sha256(images[p]()).digest() for p in paths}) == 1
+
+    matched, unlabelled, unused = match_rows(sorted(images), rows, where, identical)
+    if not matched:
+        raise SourceError(f"no row of {table[0]} names an image in {where} (by path or file name without "
+                          f"extension, e.g. {next(iter(rows))!r}); is --id-column {spec.id_column!r} the right one?")
+    skipped = [{"source_id": rel, "reason": f"no row in {table[0]}"} for rel in unlabelled]
+    by_class: dict[str, list[tuple[str, Reader]]] = {}
+    for rel, row in matched.items():
+        cls = _class_of(row.label, rules)
+        if cls is not None:
+            by_class.setdefault(cls, []).append((rel, images[rel]))
+    for pattern, _ in rules:
+        if not any(fnmatch.fnmatchcase(r.label, pattern) for r in matched.values()):
+            raise SourceError(f"--classes pattern {pattern!r} matches no label in {table[0]}; labels are: "
+                              f"{sorted({r.label for r in matched.values()})}")
+    class_names = sorted(by_class)
+    if len(class_names) < 2:
+        raise SourceError(f"only {len(class_names)} class ({class_names}) in {table[0]}'s {spec.label_column!r}; "
+                          "meddiff needs at least two (widen --classes, or check --label-column)")
+    kept, copies = _drop_exact_copies(by_class, where, digests or {})
+    samples = [RawSample(class_names.index(c), rel, read, group=matched[rel].group)
+               for c in class_names for rel, read in kept[c]]
+    groups = {s.group for s in samples if s.group is not None}
+    record = {"table": table[0], "id_column": spec.id_column, "label_column": spec.label_column,
+              "group_column": spec.group_column, "rows": len(rows), "rows_without_image": unused,
+              "images_without_row": len(unlabelled), **({"groups": len(groups)} if spec.group_column else {})}
+    return class_names, samples, skipped + copies, record
+
+
+def _label_table(entries: list[tuple[str, Reader]], spec: LabelSpec, where: str) -> tuple[str, bytes, str | None]:
+    """(name, bytes, sha256 when read from disk) of ``--labels``: a file inside the source, else on disk."""
+    try:
+        inside = safe_member_name(spec.table)
+    except UnsafeArchiveError:  # an absolute path (or ../): not a file of the source
+        inside = None
+    for rel, read in entries:
+        if rel == inside:
+            return rel, read(), None
+    path = Path(spec.table).expanduser()
+    if path.is_file():
+        return str(path), path.read_bytes(), sha256_file(path)
+    tables = sorted(rel for rel, _ in entries if PurePosixPath(rel).suffix.lower() in (".csv", ".tsv", ".txt"))
+    raise SourceError(f"--labels {spec.table!r} is neither a file inside {where} nor on disk"
+                      + (f"; tables inside: {tables[:10]}" if tables else ""))
+
+
 def _folder_of(rel: str) -> str:
     parent = str(PurePosixPath(rel).parent)
     return "" if parent == "." else parent
@@ -233,7 +291,7 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> byte
                           "re-download or re-create the archive") from e
 
 
-def load_zip(path: Path, classes: str | None, name: str) -> SourceData:
+def load_zip(path: Path, classes: str | None, name: str, labels: LabelSpec | None = None) -> SourceData:
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"zip file not found: {path}")
@@ -251,12 +309,10 @@ def load_zip(path: Path, classes: str | None, name: str) -> SourceData:
             entries.append((f"{rel}/{EMPTY_MARKER}", _nothing))  # keeps empty class folders visible
             continue
         entries.append((rel, functools.partial(_read_member, zf, info, path)))  # read when needed, not held
-    class_names, samples, skipped, folders = _collect(entries, classes, str(path))  # reads each member once
-    return SourceData(name=name, class_names=class_names, samples=samples,
-                      checksums={path.name: f"sha256:{sha256_file(path)}"}, skipped=skipped, split_folders=folders)
+    return _source_data(entries, classes, labels, name, {path.name: f"sha256:{sha256_file(path)}"}, str(path))
 
 
-def load_folder(path: Path, classes: str | None, name: str) -> SourceData:
+def load_folder(path: Path, classes: str | None, name: str, labels: LabelSpec | None = None) -> SourceData:
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"folder not found: {path}")
@@ -279,6 +335,18 @@ def load_folder(path: Path, classes: str | None, name: str) -> SourceData:
         digests[rel] = bytes.fromhex(sha256_file(p))  # streamed, not held; reused for exact copies
         listing.update(rel.encode() + b"\0" + digests[rel])
         entries.append((rel, p.read_bytes))
-    class_names, samples, skipped, folders = _collect(entries, classes, str(path), digests)
-    return SourceData(name=name, class_names=class_names, samples=samples,
-                      checksums={"folder": f"sha256:{listing.hexdigest()}"}, skipped=skipped, split_folders=folders)
+    return _source_data(entries, classes, labels, name, {"folder": f"sha256:{listing.hexdigest()}"}, str(path),
+                        digests)
+
+
+def _source_data(entries: list[tuple[str, Reader]], classes: str | None, labels: LabelSpec | None, name: str,
+                 checksums: dict[str, str], where: str, digests: dict[str, bytes] | None = None) -> SourceData:
+    """The samples, classed by their folders or (``labels``) by a label table; each file is read once."""
+    if labels is None:
+        class_names, samples, skipped, folders = _collect(entries, classes, where, digests)
+        return SourceData(name=name, class_names=class_names, samples=samples, checksums=checksums, skipped=skipped,
+                          split_folders=folders)
+    table, data, digest = _label_table(entries, labels, where)
+    class_names, samples, skipped, record = _collect_labelled(entries, labels, (table, data), classes, where, digests)
+    return SourceData(name=name, class_names=class_names, samples=samples, skipped=skipped, label_table=record,
+                      checksums={**checksums, **({"labels": f"sha256:{digest}"} if digest else {})})
