@@ -94,6 +94,10 @@ def pipeline(
     test_frac: float = _D.test_frac,
     split_seed: int = _D.split_seed,
     splits: SplitRule = _D.splits,
+    labels: str | None = _D.labels,
+    id_column: str = _D.id_column,
+    label_column: str = _D.label_column,
+    group_column: str | None = _D.group_column,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out.
 
@@ -136,6 +140,10 @@ def pipeline(
         test_frac: zip/folder/kaggle: test fraction per class (the evaluation's held-out reference).
         split_seed: zip/folder/kaggle: seed of the stratified train/val/test split.
         splits: zip/folder/kaggle: auto = class folders inside published split folders (train/, val/, test/) keep that split; random = one stratified split of all.
+        labels: zip/folder/kaggle: a CSV of labels instead of class folders (a file inside the source, or a path on the worker).
+        id_column: With labels: the column naming each image (its path inside the source, or its file name without extension).
+        label_column: With labels: the column holding each image's class.
+        group_column: With labels: a patient/lesion id column; each group's images go to one split.
     """
     one_traceback_per_failure()
     explain_wait()
@@ -147,7 +155,7 @@ def pipeline(
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
                          tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective,
                          latent, ae_preset, ae_steps, latent_umap, tstr, classes, colour, bit_depth, window,
-                         val_frac, test_frac, split_seed, splits)
+                         val_frac, test_frac, split_seed, splits, labels, id_column, label_column, group_column)
 
     def progress(stage: str):
         logged = LoggedProgress(logger, stage, UNITS[stage], even=stage != "evaluate")  # its stages are unequal

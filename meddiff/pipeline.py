@@ -76,6 +76,10 @@ class PipelineConfig:
     test_frac: float = 0.2  # zip/folder/Kaggle: test fraction per class (the evaluation's held-out reference)
     split_seed: int = 0  # zip/folder/Kaggle: seed of the stratified train/val/test split
     splits: SplitRule = "auto"  # zip/folder/Kaggle: auto = published split folders kept; random = re-split all
+    labels: str | None = None  # zip/folder/Kaggle: a label CSV (in the source, or on disk); None = class folders
+    id_column: str = "image"  # --labels: the column naming each image (its path in the source, or file stem)
+    label_column: str = "label"  # --labels: the column holding each image's class
+    group_column: str | None = None  # --labels: a patient/lesion id column; a group's images share one split
 
     def check(self) -> "PipelineConfig":
         if self.objective not in ("ddpm", "rflow"):
@@ -126,7 +130,8 @@ class PipelineConfig:
         return IngestConfig(self.dataset, size=self.size, medmnist_root=self.medmnist_root, classes=self.classes,
                             colour=self.colour, bit_depth=self.bit_depth, window=self.window,
                             val_frac=self.val_frac, test_frac=self.test_frac, split_seed=self.split_seed,
-                            splits=self.splits)
+                            splits=self.splits, labels=self.labels, id_column=self.id_column,
+                            label_column=self.label_column, group_column=self.group_column)
 
     def train_config(self, dataset_uri: str, device: str, latent: str | None = None):
         from meddiff.train import TrainConfig
@@ -237,7 +242,7 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
     from meddiff.evaluate import evaluate_cohort
     from meddiff.generate import generate
     from meddiff.data.ingest import ingest
-    from meddiff.data.shards import empty_splits, split_note
+    from meddiff.data.shards import empty_splits, label_summary, split_note
     from meddiff.train import train
 
     cfg = cfg.check()
@@ -257,6 +262,8 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
     record("ingest", ds.uri, ds.existed)
     if note := split_note(ds.card):  # published train/test folders: a layout worth saying
         log(f"ingest: {note}")
+    if labels := label_summary(ds.card):
+        log(f"ingest: labels: {labels}")
     for warning in empty_splits(ds.card):  # a class too small for a split: evaluation cannot judge it there
         log(f"ingest: warning: {warning}")
     if cfg.evaluate:  # found now, not after training and generating

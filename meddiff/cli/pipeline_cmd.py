@@ -105,6 +105,10 @@ def pipeline(
     split_seed: int = typer.Option(0, help="zip/folder/kaggle: seed of the stratified train/val/test split."),
     splits: str = typer.Option("auto", help="zip/folder/kaggle: auto (train/, val/, test/ folders keep their split) "
                                             "| random (one stratified split of all)."),
+    labels: Optional[str] = typer.Option(None, help="zip/folder/kaggle: a CSV of labels instead of class folders."),
+    id_column: str = typer.Option("image", help="--labels: the column naming each image."),
+    label_column: str = typer.Option("label", help="--labels: the column holding each image's class."),
+    group_column: Optional[str] = typer.Option(None, help="--labels: a patient/lesion id column (one split each)."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Run the whole pipeline; stages whose output exists are skipped. Prints the verdict and where the report is."""
@@ -122,7 +126,8 @@ def pipeline(
                    objective=objective, latent=latent, ae_preset=ae_preset, ae_steps=ae_steps,  # type: ignore[arg-type]
                    latent_umap=latent_umap, tstr=tstr, sampler=sampler, classes=classes,  # type: ignore[arg-type]
                    colour=colour, bit_depth=bit_depth, window=window, val_frac=val_frac,  # type: ignore[arg-type]
-                   test_frac=test_frac, split_seed=split_seed, splits=splits).check()  # type: ignore[arg-type]
+                   test_frac=test_frac, split_seed=split_seed, splits=splits, labels=labels,  # type: ignore[arg-type]
+                   id_column=id_column, label_column=label_column, group_column=group_column).check()
     with _patient_ephemeral_server(), _user_errors_in_one_line():
         out = pipeline_flow(storage_root=storage_root, dataset=dataset, size=size, medmnist_root=medmnist_root,
                    mode=mode, preset=preset, steps=steps, batch_size=batch_size, preview_steps=preview_steps,
@@ -132,7 +137,8 @@ def pipeline(
                    domain_steps=domain_steps, objective=objective, latent=latent, ae_preset=ae_preset,
                    ae_steps=ae_steps, latent_umap=latent_umap, tstr=tstr, sampler=sampler, classes=classes,
                    colour=colour, bit_depth=bit_depth, window=window, val_frac=val_frac, test_frac=test_frac,
-                   split_seed=split_seed, splits=splits)
+                   split_seed=split_seed, splits=splits, labels=labels, id_column=id_column,
+                   label_column=label_column, group_column=group_column)
     width = max(len(s["stage"]) for s in out["stages"])  # 'train-autoencoder' in a latent pipeline
     for s in out["stages"]:
         typer.echo(f"{s['stage']:>{width}}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")
