@@ -879,3 +879,33 @@ def test_grouped_split_never_splits_a_group():
     for c in (0, 1):
         share = frame[frame.y == c]["s"].value_counts(normalize=True)
         assert abs(share["test"] - 0.2) < 0.05 and abs(share["val"] - 0.1) < 0.05
+
+
+def test_one_hot_label_columns_as_isic_publishes_them(medmnist_dir, tmp_path):
+    """ISIC's ground truth is one column per class holding 1.0 or 0.0 (and a class column nobody uses)."""
+    import csv
+
+    src = _labelled_folder(medmnist_dir, tmp_path / "isic", n=30)
+    with open(src / "metadata.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(src / "truth.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "MAL", "NOR", "UNK"])
+        for r in rows:
+            hot = [float(r["dx"] == "malignant"), float(r["dx"] == "normal"), 0.0]
+            writer.writerow([r["image_id"], *(f"{v:.1f}" for v in (hot if r["image_id"] != "IMG_0003" else
+                                                                   (0, 0, 1)))])  # IMG_0003: another class
+    ds = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28, labels="truth.csv", label_column="MAL,NOR"),
+                             str(tmp_path / "st")).uri)
+    with np.load(medmnist_dir / "breastmnist.npz") as z:
+        truth = z["train_labels"][:30, 0]
+    index = ds.index()
+    stem = index["source_id"].str.extract(r"IMG_(\d+)")[0].astype(int)
+    assert ds.class_names == ["MAL", "NOR"] and (index["label"].to_numpy() == truth[stem]).all()
+    assert len(index) == 28  # the last image has no row, IMG_0003 is of another class
+    assert {"source_id": "images_part_2/IMG_0003.png",
+            "reason": "its row in truth.csv holds 1 in none of MAL,NOR"} in ds.card["skipped"]
+    with open(src / "truth.csv", "a", newline="") as f:
+        f.write("IMG_0001,1.0,1.0,0.0\n")
+    with pytest.raises(SourceError, match=r"line 32: 2 of the label columns hold 1 \(\['MAL', 'NOR'\]\)"):
+        ingest(IngestConfig(f"folder:{src}", size=28, labels="truth.csv", label_column="MAL,NOR"), str(tmp_path / "st"))

@@ -54,7 +54,8 @@ def ingest(
                                                     "(a file inside the source, or on disk)."),
     id_column: str = typer.Option("image", help="--labels: the column naming each image (its path inside the "
                                                 "source, or its file name without extension)."),
-    label_column: str = typer.Option("label", help="--labels: the column holding each image's class."),
+    label_column: str = typer.Option("label", help="--labels: the column holding each image's class; one-hot "
+                                                   "tables: the class columns, e.g. MEL,NV,BCC."),
     group_column: Optional[str] = typer.Option(None, help="--labels: a patient/lesion id column; each group's "
                                                           "images go to one split."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),

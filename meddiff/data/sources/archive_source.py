@@ -199,9 +199,11 @@ def _collect_labelled(entries: list[tuple[str, Reader]], spec: LabelSpec, table:
         raise SourceError(f"no row of {table[0]} names an image in {where} (by path or file name without "
                           f"extension, e.g. {next(iter(rows))!r}); is --id-column {spec.id_column!r} the right one?")
     skipped = [{"source_id": rel, "reason": f"no row in {table[0]}"} for rel in unlabelled]
+    skipped += [{"source_id": rel, "reason": f"its row in {table[0]} holds 1 in none of {spec.label_column}"}
+                for rel, row in sorted(matched.items()) if not row.label]  # one-hot labels, another class
     by_class: dict[str, list[tuple[str, Reader]]] = {}
     for rel, row in matched.items():
-        cls = _class_of(row.label, rules)
+        cls = _class_of(row.label, rules) if row.label else None
         if cls is not None:
             by_class.setdefault(cls, []).append((rel, images[rel]))
     for pattern, _ in rules:

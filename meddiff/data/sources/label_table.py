@@ -32,25 +32,27 @@ class Row:
 
 
 def read_table(data: bytes, spec: LabelSpec, where: str) -> dict[str, Row]:
-    """image id → its row; a clear SourceError for a missing column, an empty id or label, or an image
-    given two labels."""
+    """image id → its row; a clear SourceError for a missing column, an empty id or label, or an image given
+    two labels. ``label_column`` "MEL,NV,BCC" reads one-hot columns (ISIC's ground truth): the label is the
+    column holding 1; a row holding none of them has label "" (its image is skipped)."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise SourceError(f"{where} is not UTF-8 text ({e}); save the table as UTF-8 CSV") from None
     reader = csv.DictReader(io.StringIO(text))
     columns = reader.fieldnames or []
-    wanted = [c for c in (spec.id_column, spec.label_column, spec.group_column) if c is not None]
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        options = ("--id-column", "--label-column", "--group-column")
-        named = ", ".join(f"{o} {c!r}" for o, c in zip(options, (spec.id_column, spec.label_column,
-                                                                  spec.group_column)) if c in missing)
+    one_hot = [c.strip() for c in spec.label_column.split(",")] if "," in spec.label_column else None
+    asked = {"--id-column": [spec.id_column], "--label-column": one_hot or [spec.label_column],
+             "--group-column": [spec.group_column] if spec.group_column else []}
+    missing = {option: [c for c in cs if c not in columns] for option, cs in asked.items()}
+    if any(missing.values()):
+        named = ", ".join(f"{option} {', '.join(map(repr, cs))}" for option, cs in missing.items() if cs)
         raise SourceError(f"{where} has no column {named}; its columns are {columns}")
     rows: dict[str, Row] = {}
     for line, r in enumerate(reader, start=2):
-        image, label = (r[spec.id_column] or "").strip(), (r[spec.label_column] or "").strip()
-        if not image or not label:
+        image = (r[spec.id_column] or "").strip()
+        label = _one_hot(r, one_hot, where, line) if one_hot else (r[spec.label_column] or "").strip()
+        if not image or (not label and not one_hot):
             raise SourceError(f"{where} line {line}: empty {spec.id_column if not image else spec.label_column!r}; "
                               "every row needs an image id and a label")
         group = (r[spec.group_column] or "").strip() or None if spec.group_column else None
@@ -61,6 +63,22 @@ def read_table(data: bytes, spec: LabelSpec, where: str) -> dict[str, Row]:
     if not rows:
         raise SourceError(f"{where} has no rows")
     return rows
+
+
+def _one_hot(row: dict[str, str], columns: list[str], where: str, line: int) -> str:
+    """The one column of ``columns`` holding 1 (1, 1.0, true); "" when none does."""
+    def is_one(value: str | None) -> bool:
+        value = (value or "").strip().lower()
+        try:
+            return value in ("true", "yes") or float(value) == 1
+        except ValueError:
+            return False
+
+    hot = [c for c in columns if is_one(row[c])]
+    if len(hot) > 1:
+        raise SourceError(f"{where} line {line}: {len(hot)} of the label columns hold 1 ({hot}); one-hot labels "
+                          "need exactly one per row")
+    return hot[0] if hot else ""
 
 
 def match_rows(paths: list[str], rows: dict[str, Row], where: str, identical: Callable[[list[str]], bool]
