@@ -73,6 +73,13 @@ def _class_of(folder: str, rules: list[tuple[str, str | None]], base: str | None
     return None
 
 
+def _label_class(label: str, rules: list[tuple[str, str | None]]) -> str | None:
+    """A label table's label as the class (a "/" in it is kept, not read as a folder), or ``--classes``'s."""
+    if not rules:
+        return label
+    return next((name or label for pattern, name in rules if fnmatch.fnmatchcase(label, pattern)), None)
+
+
 def _split_folder(folder: str) -> tuple[Split, str] | None:
     """(split, the folder without it) when exactly one of the folder's names is a split's (``train``/
     ``training``, ``val``/``valid``/``validation``, ``test``/``testing``, any case); else None."""
@@ -203,7 +210,7 @@ def _collect_labelled(entries: list[tuple[str, Reader]], spec: LabelSpec, table:
                 for rel, row in sorted(matched.items()) if not row.label]  # one-hot labels, another class
     by_class: dict[str, list[tuple[str, Reader]]] = {}
     for rel, row in matched.items():
-        cls = _class_of(row.label, rules) if row.label else None
+        cls = _label_class(row.label, rules) if row.label else None
         if cls is not None:
             by_class.setdefault(cls, []).append((rel, images[rel]))
     for pattern, _ in rules:
