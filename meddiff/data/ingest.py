@@ -193,20 +193,23 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, seed: int, val_frac: f
     import pandas as pd
 
     frame = pd.DataFrame({"label": labels, "group": groups})
-    sizes = frame.groupby("group").size()
-    major = frame.groupby("group")["label"].agg(lambda v: v.value_counts().index[0])  # ties: the lower class id
-    order = sizes.index[np.random.default_rng(seed).permutation(len(sizes))]
+    sizes = frame.groupby("group").size().to_dict()
+    per_class = frame.groupby(["group", "label"]).size().reset_index(name="n")
+    major = (per_class.sort_values(["group", "n", "label"], ascending=[True, False, True])  # ties: lower class id
+             .drop_duplicates("group").set_index("group")["label"].to_dict())
+    order = sorted(sizes)
+    order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
     split_of: dict[str, str] = {}
     for c in np.unique(labels):
         mine = [g for g in order if major[g] == c]
-        total = sum(int(sizes[g]) for g in mine)
+        total = sum(sizes[g] for g in mine)
         want = {"test": round(total * test_frac), "val": round(total * val_frac)}
         have = {"test": 0, "val": 0}
         for g in mine:
             split = next((s for s in ("test", "val") if have[s] < want[s]), "train")
             split_of[g] = split
             if split != "train":
-                have[split] += int(sizes[g])
+                have[split] += sizes[g]
     return frame["group"].map(split_of).to_numpy(dtype=object)
 
 
