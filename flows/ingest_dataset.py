@@ -56,6 +56,7 @@ def ingest_dataset(
     id_column: str = _D.id_column,
     label_column: str = _D.label_column,
     group_column: str | None = _D.group_column,
+    group_pattern: str | None = _D.group_pattern,
     storage_root: str | None = None,
 ) -> str:
     """Ingest a dataset source into a versioned WebDataset copy; returns its URI (the run's persisted result).
@@ -79,6 +80,7 @@ def ingest_dataset(
         id_column: With labels: the column naming each image (its path inside the source, or its file name without extension).
         label_column: With labels: the column holding each image's class.
         group_column: With labels: a patient/lesion id column; each group's images go to one split.
+        group_pattern: zip/folder/kaggle: a regex on each file's path whose match (its first group, if any) is the patient, e.g. 'person\\d+'; each patient's images go to one split.
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
     one_traceback_per_failure()
@@ -90,7 +92,7 @@ def ingest_dataset(
             medmnist_root = from_env(medmnist_root, MEDMNIST_ENV)
         cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size,
                            medmnist_root, shuffle_seed, bit_depth, window, colour, splits, labels, id_column,
-                           label_column, group_column).check()
+                           label_column, group_column, group_pattern).check()
         result = ingest_task(cfg, storage_root)
     logger.info("%s dataset version %s", "found existing" if result.existed else "wrote", result.uri)
     for note in ingest_notes(result.card):

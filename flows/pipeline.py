@@ -98,6 +98,7 @@ def pipeline(
     id_column: str = _D.id_column,
     label_column: str = _D.label_column,
     group_column: str | None = _D.group_column,
+    group_pattern: str | None = _D.group_pattern,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out.
 
@@ -144,6 +145,7 @@ def pipeline(
         id_column: With labels: the column naming each image (its path inside the source, or its file name without extension).
         label_column: With labels: the column holding each image's class.
         group_column: With labels: a patient/lesion id column; each group's images go to one split.
+        group_pattern: zip/folder/kaggle: a regex on each file's path whose match (its first group, if any) is the patient, e.g. 'person\\d+'; each patient's images go to one split.
     """
     one_traceback_per_failure()
     explain_wait()
@@ -155,7 +157,8 @@ def pipeline(
                          sampler, sample_steps, guidance, device, allow_cpu_fallback, seed, evaluate,
                          tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective,
                          latent, ae_preset, ae_steps, latent_umap, tstr, classes, colour, bit_depth, window,
-                         val_frac, test_frac, split_seed, splits, labels, id_column, label_column, group_column)
+                         val_frac, test_frac, split_seed, splits, labels, id_column, label_column,
+                         group_column, group_pattern)
 
     def progress(stage: str):
         logged = LoggedProgress(logger, stage, UNITS[stage], even=stage != "evaluate")  # its stages are unequal

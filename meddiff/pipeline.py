@@ -80,6 +80,7 @@ class PipelineConfig:
     id_column: str = "image"  # --labels: the column naming each image (its path in the source, or file stem)
     label_column: str = "label"  # --labels: the column holding each image's class
     group_column: str | None = None  # --labels: a patient/lesion id column; a group's images share one split
+    group_pattern: str | None = None  # regex on each file's path: its match is the patient (one split each)
 
     def check(self) -> "PipelineConfig":
         if self.objective not in ("ddpm", "rflow"):
@@ -131,7 +132,8 @@ class PipelineConfig:
                             colour=self.colour, bit_depth=self.bit_depth, window=self.window,
                             val_frac=self.val_frac, test_frac=self.test_frac, split_seed=self.split_seed,
                             splits=self.splits, labels=self.labels, id_column=self.id_column,
-                            label_column=self.label_column, group_column=self.group_column)
+                            label_column=self.label_column, group_column=self.group_column,
+                            group_pattern=self.group_pattern)
 
     def train_config(self, dataset_uri: str, device: str, latent: str | None = None):
         from meddiff.train import TrainConfig

@@ -873,7 +873,7 @@ def test_grouped_split_never_splits_a_group():
     rng = np.random.default_rng(0)
     groups = rng.integers(0, 300, 2000).astype(str)
     labels = (rng.random(2000) < 0.3).astype(int)
-    splits = grouped_split(labels, groups, 5, 0.1, 0.2)
+    splits = grouped_split(labels, 5, 0.1, 0.2, groups)
     frame = __import__("pandas").DataFrame({"g": groups, "s": splits, "y": labels})
     assert (frame.groupby("g")["s"].nunique() == 1).all()
     for c in (0, 1):
@@ -915,3 +915,39 @@ def test_one_hot_label_columns_as_isic_publishes_them(medmnist_dir, tmp_path):
         f.write("IMG_0001,1.0,1.0,0.0\n")
     with pytest.raises(SourceError, match=r"line 32: 2 of the label columns hold 1 \(\['MAL', 'NOR'\]\)"):
         ingest(IngestConfig(f"folder:{src}", size=28, labels="truth.csv", label_column="MAL,NOR"), str(tmp_path / "st"))
+
+
+def test_group_pattern_keeps_each_patients_images_in_one_split(medmnist_dir, tmp_path):
+    """Kaggle's pneumonia X-rays are named person1_bacteria_1.jpeg, person1_bacteria_2.jpeg: a plain split puts one
+    patient's images in train and test. --group-pattern 'person\\d+' keeps each patient in one split, also when
+    a val split is carved from published train/ test/ folders."""
+    from meddiff.data.shards import split_note
+
+    with np.load(medmnist_dir / "breastmnist.npz") as z:
+        x, y = z["train_images"][:151], z["train_labels"][:151, 0]
+    for i in range(150):
+        for root, split in ((tmp_path / "flat", ""), (tmp_path / "published", "train" if i < 120 else "test")):
+            d = root / split / ("PNEUMONIA" if y[i] == 0 else "NORMAL")
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(d / f"person{i // 4}_virus_{i % 4}.png")
+    Image.fromarray(x[150]).save(tmp_path / "flat" / "NORMAL" / "IM-0001.png")  # no patient in its name
+
+    def patients_split_apart(ds) -> int:
+        index = ds.index()
+        person = index["source_id"].str.extract(r"(person\d+)")[0]
+        return int((index[person.notna()].groupby(person)["split"].nunique() > 1).sum())
+
+    plain = open_dataset(ingest(IngestConfig(f"folder:{tmp_path / 'flat'}", size=28), str(tmp_path / "st")).uri)
+    assert patients_split_apart(plain) > 0
+    grouped = open_dataset(ingest(IngestConfig(f"folder:{tmp_path / 'flat'}", size=28, group_pattern=r"person\d+"),
+                                  str(tmp_path / "st")).uri)
+    assert patients_split_apart(grouped) == 0 and 0.15 <= (grouped.index()["split"] == "test").mean() <= 0.25
+    assert split_note(grouped.card) == (
+        "splits: stratified per class: --val-frac 0.1, --test-frac 0.2, --split-seed 0; grouped by pattern "
+        "'person\\\\d+' on each file's path: each group's images in one split (39 groups; 1 image without "
+        "one: a group of its own)")
+    carved = open_dataset(ingest(IngestConfig(f"folder:{tmp_path / 'published'}", size=28, group_pattern=r"person\d+"),
+                                 str(tmp_path / "st")).uri)
+    assert patients_split_apart(carved) == 0 and carved.card["totals"]["val"] > 0
+    with pytest.raises(SourceError, match=r"--group-pattern 'person\(' is not a regular expression"):
+        IngestConfig("folder:x", group_pattern="person(").check()

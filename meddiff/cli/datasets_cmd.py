@@ -58,6 +58,9 @@ def ingest(
                                                    "tables: the class columns, e.g. MEL,NV,BCC."),
     group_column: Optional[str] = typer.Option(None, help="--labels: a patient/lesion id column; each group's "
                                                           "images go to one split."),
+    group_pattern: Optional[str] = typer.Option(None, help="zip/folder/kaggle: a regex on each file's path whose "
+                                                           "match is its patient, e.g. 'person\\d+'; each "
+                                                           "patient's images go to one split."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
@@ -68,7 +71,7 @@ def ingest(
     cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
                        shuffle_seed=shuffle_seed, bit_depth=bit_depth, window=window,
                        colour=colour, splits=splits, labels=labels, id_column=id_column,  # type: ignore[arg-type]
-                       label_column=label_column, group_column=group_column)
+                       label_column=label_column, group_column=group_column, group_pattern=group_pattern)
     with rich_progress(f"ingest {source}") as progress:
         result = run_ingest(cfg, storage_root, progress)
     console.print(counts_table(result.card))

@@ -109,6 +109,8 @@ def pipeline(
     id_column: str = typer.Option("image", help="--labels: the column naming each image."),
     label_column: str = typer.Option("label", help="--labels: the column holding each image's class."),
     group_column: Optional[str] = typer.Option(None, help="--labels: a patient/lesion id column (one split each)."),
+    group_pattern: Optional[str] = typer.Option(None, help="A regex on file paths whose match is the patient "
+                                                           "(one split each), e.g. 'person\\d+'."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Run the whole pipeline; stages whose output exists are skipped. Prints the verdict and where the report is."""
@@ -127,7 +129,8 @@ def pipeline(
                    latent_umap=latent_umap, tstr=tstr, sampler=sampler, classes=classes,  # type: ignore[arg-type]
                    colour=colour, bit_depth=bit_depth, window=window, val_frac=val_frac,  # type: ignore[arg-type]
                    test_frac=test_frac, split_seed=split_seed, splits=splits, labels=labels,  # type: ignore[arg-type]
-                   id_column=id_column, label_column=label_column, group_column=group_column).check()
+                   id_column=id_column, label_column=label_column, group_column=group_column,
+                   group_pattern=group_pattern).check()
     with _patient_ephemeral_server(), _user_errors_in_one_line():
         out = pipeline_flow(storage_root=storage_root, dataset=dataset, size=size, medmnist_root=medmnist_root,
                    mode=mode, preset=preset, steps=steps, batch_size=batch_size, preview_steps=preview_steps,
@@ -138,7 +141,7 @@ def pipeline(
                    ae_steps=ae_steps, latent_umap=latent_umap, tstr=tstr, sampler=sampler, classes=classes,
                    colour=colour, bit_depth=bit_depth, window=window, val_frac=val_frac, test_frac=test_frac,
                    split_seed=split_seed, splits=splits, labels=labels, id_column=id_column,
-                   label_column=label_column, group_column=group_column)
+                   label_column=label_column, group_column=group_column, group_pattern=group_pattern)
     width = max(len(s["stage"]) for s in out["stages"])  # 'train-autoencoder' in a latent pipeline
     for s in out["stages"]:
         typer.echo(f"{s['stage']:>{width}}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")

@@ -15,6 +15,8 @@ shows it (:mod:`meddiff.data.dicom`).
 
 from __future__ import annotations
 
+import functools
+import re
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -63,6 +65,9 @@ class IngestConfig:
     id_column: str = "image"  # --labels: the column naming each image (its path inside the source, or file stem)
     label_column: str = "label"  # --labels: the column holding each image's class
     group_column: str | None = None  # --labels: a patient/lesion id column; a group's images share one split
+    # zip/folder/kaggle: a regex on each file's path in the source whose match (its first group, if it has one)
+    # is the patient id, e.g. 'person\d+'; a group's images share one split. None = no groups
+    group_pattern: str | None = None
 
     def label_spec(self) -> LabelSpec | None:
         return None if self.labels is None else LabelSpec(self.labels, self.id_column, self.label_column,
@@ -107,6 +112,15 @@ class IngestConfig:
                                ("--group-column", self.group_column)):
             if column is not None and not column.strip():
                 raise SourceError(f"{option} must name a column, got {column!r}")
+        if self.group_pattern is not None:
+            if ref.kind == "medmnist":
+                raise SourceError("--group-pattern applies to zip:, folder: and kaggle: sources")
+            if self.group_column is not None:
+                raise SourceError("give --group-column or --group-pattern, not both")
+            try:
+                re.compile(self.group_pattern)
+            except re.error as e:
+                raise SourceError(f"--group-pattern {self.group_pattern!r} is not a regular expression ({e})") from None
         if self.bit_depth is not None and not 8 <= self.bit_depth <= 32:
             raise SourceError(f"--bit-depth must be between 8 and 32, got {self.bit_depth}")
         if self.window is not None:
@@ -136,7 +150,8 @@ class IngestConfig:
                    {"duplicates": "exact copies dropped", "colour": f"{c.colour}: grey within {GREY_TOLERANCE}",
                     "orientation": "EXIF applied"}),
                 **({"labels": {"table": c.labels, "id_column": c.id_column, "label_column": c.label_column,
-                               "group_column": c.group_column}} if c.labels else {})}
+                               "group_column": c.group_column}} if c.labels else {}),
+                **({"group_pattern": c.group_pattern} if c.group_pattern else {})}
 
 
 @dataclass(frozen=True)
@@ -185,7 +200,7 @@ def stratified_split(labels: np.ndarray, seed: int, val_frac: float, test_frac: 
     return out
 
 
-def grouped_split(labels: np.ndarray, groups: np.ndarray, seed: int, val_frac: float, test_frac: float
+def grouped_split(labels: np.ndarray, seed: int, val_frac: float, test_frac: float, groups: np.ndarray
                   ) -> np.ndarray:
     """Whole groups (patients, lesions) to test / val / train, class by class: a group goes with its most
     frequent class, the class's groups in a seeded order fill test, then val, to their share of its images.
@@ -213,21 +228,35 @@ def grouped_split(labels: np.ndarray, groups: np.ndarray, seed: int, val_frac: f
     return frame["group"].map(split_of).to_numpy(dtype=object)
 
 
-def carve_splits(labels: np.ndarray, given: np.ndarray, seed: int, val_frac: float, test_frac: float) -> np.ndarray:
+def carve_splits(labels: np.ndarray, given: np.ndarray, seed: int, val_frac: float, test_frac: float,
+                 groups: np.ndarray | None = None) -> np.ndarray:
     """Published splits ``given`` (N,) kept; a split they lack (val or test) is carved from each class's train
-    images, ``val_frac`` / ``test_frac`` of them, by a seeded permutation. Returns split names (N,)."""
+    images, ``val_frac`` / ``test_frac`` of them (whole ``groups`` when given). Returns split names (N,)."""
     out = given.copy()
-    rng = np.random.default_rng(seed)
-    missing = [(split, frac) for split, frac in (("test", test_frac), ("val", val_frac)) if split not in set(given)]
-    for c in np.unique(labels):
-        idx = np.flatnonzero((labels == c) & (given == "train"))
-        idx = idx[rng.permutation(len(idx))]
-        start = 0
-        for split, frac in missing:
-            n = round(len(idx) * frac)
-            out[idx[start:start + n]] = split
-            start += n
+    train = np.flatnonzero(given == "train")
+    fracs = {split: frac if split not in set(given) else 0.0 for split, frac in (("val", val_frac), ("test", test_frac))}
+    split = stratified_split if groups is None else functools.partial(grouped_split, groups=groups[train])
+    out[train] = split(labels[train], seed=seed, val_frac=fracs["val"], test_frac=fracs["test"])
     return out
+
+
+def _groups(src: SourceData, cfg: IngestConfig) -> tuple[np.ndarray | None, dict]:
+    """Each sample's group (patient) by --group-column or --group-pattern, and the card's words for it; a
+    sample without one is a group of its own."""
+    if cfg.group_column is not None:
+        found = [s.group for s in src.samples]
+        how = f"grouped by column {cfg.group_column!r}"
+    elif cfg.group_pattern is not None:
+        pattern = re.compile(cfg.group_pattern)
+        matches = [pattern.search(s.source_id) for s in src.samples]
+        found = [(m.group(1) if pattern.groups else m.group(0)) if m else None for m in matches]
+        how = f"grouped by pattern {cfg.group_pattern!r} on each file's path"
+    else:
+        return None, {}
+    groups = np.array([g if g is not None else f"\0{s.source_id}" for g, s in zip(found, src.samples)], dtype=object)
+    alone = sum(g is None for g in found)
+    return groups, {"groups": {"rule": f"{how}: each group's images in one split", "groups": len(set(groups)),
+                               "images_without_group": alone}}
 
 
 def assign_splits(src: SourceData, cfg: IngestConfig) -> tuple[np.ndarray, dict]:
@@ -236,21 +265,18 @@ def assign_splits(src: SourceData, cfg: IngestConfig) -> tuple[np.ndarray, dict]
     given = np.array([s.split for s in src.samples], dtype=object)
     if src.has_official_splits:
         return given, {"rule": "official splits, as published"}
+    groups, grouped = _groups(src, cfg)
     if src.split_folders and cfg.splits == "auto":
         carved = [f"{split}: --{split}-frac {frac:g} of each class's train images (--split-seed {cfg.split_seed})"
                   for split, frac in (("test", cfg.test_frac), ("val", cfg.val_frac)) if split not in src.split_folders]
-        return (carve_splits(labels, given, cfg.split_seed, cfg.val_frac, cfg.test_frac),
+        return (carve_splits(labels, given, cfg.split_seed, cfg.val_frac, cfg.test_frac, groups),
                 {"rule": "published split folders kept", "folders": src.split_folders,
-                 **({"carved": carved} if carved else {})})
+                 **({"carved": carved} if carved else {}), **grouped})
     rule = (f"stratified per class: --val-frac {cfg.val_frac:g}, --test-frac {cfg.test_frac:g}, "
             f"--split-seed {cfg.split_seed}")
-    if cfg.group_column is not None:  # a sample without a group value is a group of its own
-        groups = np.array([s.group if s.group is not None else f"\0{s.source_id}" for s in src.samples], dtype=object)
-        return (grouped_split(labels, groups, cfg.split_seed, cfg.val_frac, cfg.test_frac),
-                {"rule": f"{rule}; grouped by {cfg.group_column!r}: each group's images in one split",
-                 "groups": len(set(groups))})
-    return (stratified_split(labels, cfg.split_seed, cfg.val_frac, cfg.test_frac),
-            {"rule": rule, **({"folders_pooled": src.split_folders} if src.split_folders else {})})
+    split = stratified_split if groups is None else functools.partial(grouped_split, groups=groups)
+    return (split(labels, seed=cfg.split_seed, val_frac=cfg.val_frac, test_frac=cfg.test_frac),
+            {"rule": rule, **({"folders_pooled": src.split_folders} if src.split_folders else {}), **grouped})
 
 
 def _prepare(sample: RawSample, size: int, channels: int | None, intensity: Intensity) -> bytes:

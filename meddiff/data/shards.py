@@ -213,12 +213,18 @@ def split_summary(card: dict[str, Any]) -> str | None:
     def where(folders: dict[str, list[str]]) -> str:
         return "; ".join(f"{split}: {', '.join(fs)}" for split, fs in folders.items())
 
+    grouped = ""
+    if g := rule.get("groups"):
+        n = g["images_without_group"]
+        grouped = f"; {g['rule']} ({g['groups']} groups" + (
+            "" if not n else "; 1 image without one: a group of its own" if n == 1 else
+            f"; {n} images without one: each a group of its own") + ")"
     if pooled := rule.get("folders_pooled"):
-        return f"{rule['rule']}, the published split folders pooled by --splits random ({where(pooled)})"
+        return f"{rule['rule']}, the published split folders pooled by --splits random ({where(pooled)}){grouped}"
     if kept := rule.get("folders"):
-        return (f"{rule['rule']} ({where(kept)})" + "".join(f"; {c}" for c in rule.get("carved", []))
+        return (f"{rule['rule']} ({where(kept)})" + "".join(f"; {c}" for c in rule.get("carved", [])) + grouped
                 + "; --splits random pools and re-splits them")
-    return rule["rule"]
+    return rule["rule"] + grouped
 
 
 def label_summary(card: dict[str, Any]) -> str | None:
@@ -238,9 +244,10 @@ def label_summary(card: dict[str, Any]) -> str | None:
 
 
 def split_note(card: dict[str, Any]) -> str | None:
-    """What ingest tells about the splits: said only when the source had published split folders."""
+    """What ingest tells about the splits: said when the source had published split folders or groups."""
     rule = card.get("splits") or {}
-    return f"splits: {split_summary(card)}" if rule.get("folders") or rule.get("folders_pooled") else None
+    said = rule.get("folders") or rule.get("folders_pooled") or rule.get("groups")
+    return f"splits: {split_summary(card)}" if said else None
 
 
 # record → (one, many, the command that lists them)
