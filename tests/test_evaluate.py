@@ -118,6 +118,9 @@ def test_report_html_has_every_section(planted):
     section = html.split('id="umap"')[1].split("<h2")[0]
     assert "data:image/png;base64," in section and f"{umap['n_real']} real images" in section
     assert "metrics.jsonl" in html  # the loss curve was plotted from the model folder
+    # how the real splits were made (patient-disjoint or not) sits beside the real dataset
+    assert result.report["real_splits"] == "official splits, as published"
+    assert "real splits</td><td>official splits, as published</td>" in html
     assert "<script" not in html and "http://" not in html and "https://" not in html  # self-contained
     table = html.split("<h3>All metrics</h3>")[1].split("<h2")[0]  # warnings: numbered, each text listed once
     texts = {r.get("warning") or r.get("note") for r in result.report["metrics"]} - {None}

@@ -270,6 +270,8 @@ def render_html(report: dict[str, Any], syn, train, nn_syn, order: np.ndarray, c
              "<h1>Synthetic cohort evaluation</h1>",
              _table(["", ""], [["cohort", f"<code>{html.escape(inp['cohort_uri'])}</code>"],
                                ["real dataset", f"<code>{html.escape(inp['dataset_uri'])}</code>"],
+                               *([["real splits", html.escape(report["real_splits"])]]
+                                 if report.get("real_splits") else []),  # patient-disjoint or not
                                ["model", f"<code>{html.escape(str(inp['model_uri']))}</code>"],
                                ["images", str(report["cohort"]["n"])], ["created", report["created_at"]],
                                ["report schema", str(report["report_schema_version"])],

@@ -18,7 +18,7 @@ import torch
 
 from meddiff import storage
 from meddiff.data.cohorts import Cohort, open_cohort, write_quality
-from meddiff.data.shards import DatasetVersion, open_dataset
+from meddiff.data.shards import DatasetVersion, open_dataset, split_summary
 from meddiff.devices import resolve_device
 from meddiff.errors import Interrupted, MeddiffError
 from meddiff.evaluate.config import EvalConfig
@@ -238,7 +238,7 @@ def write_report(cohort: Cohort, dataset: DatasetVersion, manifest: pd.DataFrame
     report = make_record(
         "evaluation-report", cfg, inputs,
         report_schema_version=REPORT_SCHEMA_VERSION, config_hash=chash, device=device,
-        drop_flagged=cfg.drop_flagged, **ev.body)
+        drop_flagged=cfg.drop_flagged, real_splits=split_summary(dataset.card), **ev.body)
     html = render_html(report, syn, real.train, ev.nearest_index, ev.order, dataset.class_names,
                        cfg.grid_per_class, model_uri, ev.umap_png)
     report["html"] = {"file": REPORT_HTML, "sha256": sha256_bytes(html)}
