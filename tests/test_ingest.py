@@ -814,7 +814,7 @@ def test_labels_from_a_table_with_groups_kept_in_one_split(medmnist_dir, tmp_pat
     """Kaggle sets like HAM10000 label images in a CSV, not by folder: ingest could not read them at all. Now
     --labels reads it; --group-column keeps every lesion's images in one split (a random split put images of
     one lesion in train and test)."""
-    from meddiff.data.shards import label_summary
+    from meddiff.data.shards import label_summary, split_summary
 
     src = _labelled_folder(medmnist_dir, tmp_path / "ham")
     cfg = IngestConfig(f"folder:{src}", size=28, labels="metadata.csv", id_column="image_id", label_column="dx",
@@ -831,8 +831,9 @@ def test_labels_from_a_table_with_groups_kept_in_one_split(medmnist_dir, tmp_pat
     assert 0.15 <= (index["split"] == "test").mean() <= 0.25
     assert ds.card["skipped"] == [{"source_id": "images_part_2/IMG_0119.png", "reason": "no row in metadata.csv"}]
     assert label_summary(ds.card) == ("metadata.csv (image_id → dx); 1 of its 120 rows names no image in the "
-                                      "source; 1 images have no row (skipped); 40 groups by 'lesion_id', each "
-                                      "kept in one split")
+                                      "source; 1 image has no row (skipped)")
+    assert split_summary(ds.card).endswith("; grouped by column 'lesion_id': each group's images in one split "
+                                           "(40 groups)")
     # the same table without groups: a plain stratified split, which here splits lesions apart
     plain = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28, labels="metadata.csv",
                                              id_column="image_id", label_column="dx"), str(tmp_path / "st")).uri)

@@ -236,11 +236,9 @@ def label_summary(card: dict[str, Any]) -> str | None:
     if t["rows_without_image"]:
         n = t["rows_without_image"]
         text += f"; {n} of its {t['rows']} rows {'names' if n == 1 else 'name'} no image in the source"
-    if t["images_without_row"]:
-        text += f"; {t['images_without_row']} images have no row (skipped)"
-    if t.get("group_column"):
-        text += f"; {t['groups']} groups by {t['group_column']!r}, each kept in one split"
-    return text
+    if n := t["images_without_row"]:
+        text += f"; {n} {'image has' if n == 1 else 'images have'} no row (skipped)"
+    return text  # its groups: split_summary
 
 
 def split_note(card: dict[str, Any]) -> str | None:
