@@ -746,6 +746,10 @@ def test_published_split_folders_are_kept(medmnist_dir, tmp_path):
         "(--split-seed 0); --splits random pools and re-splits them")
     assert split_note(ds.card) == "splits: " + split_summary(ds.card)  # what ingest prints
 
+    # --classes keeping one split's folders (what the old error suggested): a split of those images, as before
+    one = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28, classes="chest_xray/test/*"),
+                              str(tmp_path / "st")).uri)
+    assert one.card["totals"] == {"train": 14, "val": 2, "test": 4} and "folders" not in one.card["splits"]
     pooled = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28, splits="random"), str(tmp_path / "st")).uri)
     assert pooled.uri != ds.uri and pooled.card["totals"] == {"train": 56, "val": 8, "test": 16}
     assert (pooled.index()["source_id"].str.split("/").str[1][pooled.index()["split"] == "test"] == "train").any()

@@ -176,6 +176,8 @@ def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str,
         raise SourceError(f"only one class ({class_names[0]!r}) in {where}; meddiff needs at least two class "
                           "folders (point at the folder holding them, or widen --classes)")
     kept, copies = _drop_exact_copies(by_class, where, digests or {})
+    if "train" not in set(split_of.values()) or len(set(split_of.values())) < 2:
+        split_of = {}  # --classes kept one split's folders (e.g. 'chest_xray/test/*'): split like any folder
     samples = [RawSample(class_names.index(c), rel, read, split_of.get(rel))  # read lazily
                for c in class_names for rel, read in kept[c]]
     used = {_folder_of(s.source_id) for s in samples}
