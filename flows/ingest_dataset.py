@@ -9,7 +9,7 @@ from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_ta
                           LoggedProgress, one_traceback_per_failure, phrased, prefect_progress, publish_link,
                           retry_transient, tag_run, user_errors)
 from meddiff.data.ingest import IngestConfig, IngestResult, ingest
-from meddiff.data.pixel_survey import Colour, ingest_notes, pixel_summary
+from meddiff.data.pixel_survey import Colour, Frames, ingest_notes, pixel_summary
 from meddiff.data.shards import empty_splits, label_summary, split_note
 from meddiff.data.sources import SplitRule
 from meddiff.progress import combine
@@ -57,6 +57,7 @@ def ingest_dataset(
     label_column: str = _D.label_column,
     group_column: str | None = _D.group_column,
     group_pattern: str | None = _D.group_pattern,
+    frames: Frames = _D.frames,
     storage_root: str | None = None,
 ) -> str:
     """Ingest a dataset source into a versioned WebDataset copy; returns its URI (the run's persisted result).
@@ -81,6 +82,7 @@ def ingest_dataset(
         label_column: With labels: the column holding each image's class.
         group_column: With labels: a patient/lesion id column; each group's images go to one split.
         group_pattern: zip/folder/kaggle: a regex on each file's path whose match (its first group, if any) is the patient, e.g. 'person\\d+'; each patient's images go to one split.
+        frames: Multi-frame files (TIFF stacks, GIFs, DICOM volumes or clips): first (a DICOM is skipped) or all (every frame an image, a file's frames in one split).
         storage_root: Storage root (folder or s3://bucket/prefix); empty = the worker's MEDDIFF_STORAGE, else ./storage.
     """
     one_traceback_per_failure()
@@ -92,7 +94,7 @@ def ingest_dataset(
             medmnist_root = from_env(medmnist_root, MEDMNIST_ENV)
         cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size,
                            medmnist_root, shuffle_seed, bit_depth, window, colour, splits, labels, id_column,
-                           label_column, group_column, group_pattern).check()
+                           label_column, group_column, group_pattern, frames).check()
         result = ingest_task(cfg, storage_root)
     logger.info("%s dataset version %s", "found existing" if result.existed else "wrote", result.uri)
     for note in ingest_notes(result.card):

@@ -18,7 +18,7 @@ from flows.common import (MEDMNIST_ENV, RESULT_OPTIONS, artifact_key, dataset_ta
                           retry_transient, tag_run, user_errors)
 from flows.generate_cohort import SamplerChoice
 from flows.train_model import PresetName
-from meddiff.data.pixel_survey import Colour
+from meddiff.data.pixel_survey import Colour, Frames
 from meddiff.data.sources import SplitRule
 from meddiff.pipeline import PipelineConfig, PipelineResult, run_pipeline
 from meddiff.progress import combine
@@ -99,6 +99,7 @@ def pipeline(
     label_column: str = _D.label_column,
     group_column: str | None = _D.group_column,
     group_pattern: str | None = _D.group_pattern,
+    frames: Frames = _D.frames,
 ) -> dict:
     """The whole job: a dataset source in, a synthetic cohort and its quality report out.
 
@@ -146,6 +147,7 @@ def pipeline(
         label_column: With labels: the column holding each image's class.
         group_column: With labels: a patient/lesion id column; each group's images go to one split.
         group_pattern: zip/folder/kaggle: a regex on each file's path whose match (its first group, if any) is the patient, e.g. 'person\\d+'; each patient's images go to one split.
+        frames: Multi-frame files (TIFF stacks, GIFs, DICOM volumes or clips): first (a DICOM is skipped) or all (every frame an image, a file's frames in one split).
     """
     one_traceback_per_failure()
     explain_wait()
@@ -158,7 +160,7 @@ def pipeline(
                          tuple(eval_features) if eval_features else None, eval_max_images, domain_steps, objective,
                          latent, ae_preset, ae_steps, latent_umap, tstr, classes, colour, bit_depth, window,
                          val_frac, test_frac, split_seed, splits, labels, id_column, label_column,
-                         group_column, group_pattern)
+                         group_column, group_pattern, frames)
 
     def progress(stage: str):
         logged = LoggedProgress(logger, stage, UNITS[stage], even=stage != "evaluate")  # its stages are unequal

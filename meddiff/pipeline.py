@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal, get_args
 
 from meddiff import storage
 from meddiff.data.sources import SplitRule
-from meddiff.data.pixel_survey import Colour
+from meddiff.data.pixel_survey import Colour, Frames
 from meddiff.devices import DeviceUnavailableError, resolve_device  # noqa: F401  (re-exported)
 from meddiff.errors import COUNT_FORMS, MeddiffError
 from meddiff.progress import Progress
@@ -81,6 +81,7 @@ class PipelineConfig:
     label_column: str = "label"  # --labels: the column holding each image's class
     group_column: str | None = None  # --labels: a patient/lesion id column; a group's images share one split
     group_pattern: str | None = None  # regex on each file's path: its match is the patient (one split each)
+    frames: Frames = "first"  # multi-frame files: the first page (a DICOM is skipped), or every frame an image
 
     def check(self) -> "PipelineConfig":
         if self.objective not in ("ddpm", "rflow"):
@@ -133,7 +134,7 @@ class PipelineConfig:
                             val_frac=self.val_frac, test_frac=self.test_frac, split_seed=self.split_seed,
                             splits=self.splits, labels=self.labels, id_column=self.id_column,
                             label_column=self.label_column, group_column=self.group_column,
-                            group_pattern=self.group_pattern)
+                            group_pattern=self.group_pattern, frames=self.frames)
 
     def train_config(self, dataset_uri: str, device: str, latent: str | None = None):
         from meddiff.train import TrainConfig

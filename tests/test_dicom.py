@@ -115,3 +115,24 @@ def test_dicom_files_named_as_pacs_exports_name_them_are_found(tmp_path):
     card = ingest(IngestConfig(f"folder:{src}", size=64), str(tmp_path / "st")).card
     assert sum(card["totals"].values()) == 4 and card["pixels"]["dicom"]["files"] == 4
     assert card["skipped"] == [{"source_id": "mr/NOTES", "reason": "not an image file (no extension)"}]
+
+
+def test_every_frame_of_a_multi_frame_dicom_with_frames_all(tmp_path):
+    """rtdose.dcm (15 frames) and a 30-frame colour clip could only be skipped ("multi-frame DICOM"); with
+    --frames all each frame is an image, decoded as pydicom decodes that frame, a file's frames in one split."""
+    src = _folder(tmp_path / "scans", {"mr": MR + ["rtdose.dcm"], "us": ["examples_ybr_color.dcm"]})
+    first = ingest(IngestConfig(f"folder:{src}", size=64), str(tmp_path / "st"))
+    assert {s["source_id"] for s in first.card["skipped"]} == {"mr/rtdose.dcm", "us/examples_ybr_color.dcm"}
+    res = ingest(IngestConfig(f"folder:{src}", size=64, frames="all"), str(tmp_path / "st"))
+    idx = open_dataset(res.uri).index()
+    for name, n in (("mr/rtdose.dcm", 15), ("us/examples_ybr_color.dcm", 30)):
+        frames = idx[idx.source_id.str.startswith(f"{name}#")]
+        assert sorted(frames.source_id) == sorted(f"{name}#{k}" for k in range(n)) and frames.split.nunique() == 1
+    assert res.card["channels"] == 3 and res.card["pixels"]["frame_images"] == 45
+    assert "each of their 45 frames is an image" in " ".join(ingest_notes(res.card))
+    data = Path(get_testdata_file("rtdose.dcm")).read_bytes()
+    ds = pydicom.dcmread(get_testdata_file("rtdose.dcm"))
+    for k in (0, 7, 14):  # no window in the file: each frame's own min..max, as for a single-frame file
+        x = apply_modality_lut(ds.pixel_array[k], ds).astype(np.float64)
+        want = np.rint((x - x.min()) / (x.max() - x.min()) * 255)
+        assert np.array_equal(np.asarray(to_image(data, Intensity(), k), dtype=np.float64), want)

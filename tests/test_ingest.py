@@ -707,6 +707,18 @@ def test_multi_page_tiffs_are_counted_and_said(medmnist_dir, tmp_path):
     assert stack.card["pixels"]["multi_frame_images"] == 40
     assert np.array_equal(open_dataset(flat.uri).load_split("train")[0], open_dataset(stack.uri).load_split("train")[0])
     assert ingest_notes(stack.card)[0].startswith("40 files hold several pages or frames")
+    assert ingest_notes(stack.card)[0].endswith("--frames all reads every frame as an image")
+    # --frames all: both pages are images (the second the negative of the first), each file's pages in one split
+    pages = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28, name="b", frames="all"), root).uri)
+    index = pages.index()
+    assert len(index) == 80 and pages.card["pixels"]["frame_images"] == 80
+    assert (index.groupby(index["source_id"].str.rpartition("#")[0])["split"].nunique() == 1).all()
+    x = {sid: img for split in ("train", "val", "test")
+         for sid, img in zip(index[index.split == split].sort_values("key").source_id, pages.load_split(split)[0])}
+    some = next(iter(x)).rpartition("#")[0]
+    assert np.array_equal(x[f"{some}#1"].astype(int), 255 - x[f"{some}#0"].astype(int))
+    assert pages.card["splits"]["groups"] == {"rule": "grouped by file (--frames all): each group's images in one "
+                                                       "split", "groups": 40, "images_without_group": 0}
 
 
 def _split_folder_layout(medmnist_dir: Path, root: Path, splits: dict[str, int], names=("train", "test", "val")) -> Path:

@@ -61,6 +61,9 @@ def ingest(
     group_pattern: Optional[str] = typer.Option(None, help="zip/folder/kaggle: a regex on each file's path whose "
                                                            "match is its patient, e.g. 'person\\d+'; each "
                                                            "patient's images go to one split."),
+    frames: str = typer.Option("first", help="Multi-frame files (TIFF stacks, GIFs, DICOM volumes/clips): first "
+                                             "(a DICOM is skipped) or all (every frame an image, a file's frames "
+                                             "in one split)."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Ingest a dataset into versioned WebDataset shards; prints the dataset URI."""
@@ -71,7 +74,8 @@ def ingest(
     cfg = IngestConfig(source, size, name, classes, split_seed, val_frac, test_frac, shard_size, medmnist_root,
                        shuffle_seed=shuffle_seed, bit_depth=bit_depth, window=window,
                        colour=colour, splits=splits, labels=labels, id_column=id_column,  # type: ignore[arg-type]
-                       label_column=label_column, group_column=group_column, group_pattern=group_pattern)
+                       label_column=label_column, group_column=group_column, group_pattern=group_pattern,
+                       frames=frames)  # type: ignore[arg-type]
     with rich_progress(f"ingest {source}") as progress:
         result = run_ingest(cfg, storage_root, progress)
     console.print(counts_table(result.card))

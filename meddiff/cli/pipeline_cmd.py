@@ -111,6 +111,8 @@ def pipeline(
     group_column: Optional[str] = typer.Option(None, help="--labels: a patient/lesion id column (one split each)."),
     group_pattern: Optional[str] = typer.Option(None, help="A regex on file paths whose match is the patient "
                                                            "(one split each), e.g. 'person\\d+'."),
+    frames: str = typer.Option("first", help="Multi-frame files: first (a DICOM is skipped) | all (every frame "
+                                             "an image)."),
     storage_root: Optional[str] = typer.Option(None, "--storage", envvar=storage.ENV_VAR, help="Storage root."),
 ) -> None:
     """Run the whole pipeline; stages whose output exists are skipped. Prints the verdict and where the report is."""
@@ -130,7 +132,7 @@ def pipeline(
                    colour=colour, bit_depth=bit_depth, window=window, val_frac=val_frac,  # type: ignore[arg-type]
                    test_frac=test_frac, split_seed=split_seed, splits=splits, labels=labels,  # type: ignore[arg-type]
                    id_column=id_column, label_column=label_column, group_column=group_column,
-                   group_pattern=group_pattern).check()
+                   group_pattern=group_pattern, frames=frames).check()  # type: ignore[arg-type]
     with _patient_ephemeral_server(), _user_errors_in_one_line():
         out = pipeline_flow(storage_root=storage_root, dataset=dataset, size=size, medmnist_root=medmnist_root,
                    mode=mode, preset=preset, steps=steps, batch_size=batch_size, preview_steps=preview_steps,
@@ -141,7 +143,8 @@ def pipeline(
                    ae_steps=ae_steps, latent_umap=latent_umap, tstr=tstr, sampler=sampler, classes=classes,
                    colour=colour, bit_depth=bit_depth, window=window, val_frac=val_frac, test_frac=test_frac,
                    split_seed=split_seed, splits=splits, labels=labels, id_column=id_column,
-                   label_column=label_column, group_column=group_column, group_pattern=group_pattern)
+                   label_column=label_column, group_column=group_column, group_pattern=group_pattern,
+                   frames=frames)
     width = max(len(s["stage"]) for s in out["stages"])  # 'train-autoencoder' in a latent pipeline
     for s in out["stages"]:
         typer.echo(f"{s['stage']:>{width}}: {'skipped (exists)' if s['existed'] else 'done':<16} {s['uri']}")

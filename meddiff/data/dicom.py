@@ -4,8 +4,9 @@ Monochrome: stored values → modality values by the Modality LUT (RescaleSlope/
 HU), then the file's own VOI transform onto 0..255: its first WindowCenter/WindowWidth by its
 VOILUTFunction (PS3.3 C.11.2.1.2), or its VOI LUT; a file with neither maps its own min..max.
 ``--window lo,hi`` percentiles replace all of these. MONOCHROME1 (higher = darker) is inverted, so dense
-is white as in MONOCHROME2. Colour (RGB, YBR_*, PALETTE COLOR) becomes 8-bit RGB. One image per file: a
-multi-frame file (a volume or a clip) is refused with its reason, and so is a DICOM without pixels.
+is white as in MONOCHROME2. Colour (RGB, YBR_*, PALETTE COLOR) becomes 8-bit RGB. A multi-frame file (a
+volume or a clip) is refused with its reason unless a frame is asked for (ingest's ``--frames all``: each
+frame by the file's top-level display rules), and so is a DICOM without pixels.
 """
 
 from __future__ import annotations
@@ -49,16 +50,21 @@ class DicomInfo:
     grey: bool  # MONOCHROME1/2
     display: str  # "own window" | "own VOI LUT" | "min..max" | "colour"
     inverted: bool  # MONOCHROME1
+    frames: int = 1  # NumberOfFrames
 
 
-def _read(data: bytes, pixels: bool = True):
+def _read(data: bytes, pixels: bool = True, frame: int | None = None):
+    """The dataset; ``frame``: the one frame of a multi-frame file to decode (None: a multi-frame file is
+    refused)."""
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ValueError(f"multi-frame DICOM ({frames} frames: a volume or a clip), not one 2D image; export the "
-                         "frames you want as separate files")
+    if frames > 1 and frame is None:
+        raise ValueError(f"multi-frame DICOM ({frames} frames: a volume or a clip), not one 2D image; ingest with "
+                         "--frames all to read each frame as an image, or export the frames you want as files")
+    if frames > 1 and pixels:
+        ds.pixel_array_options(index=frame)  # decodes that frame only
     if "Rows" not in ds or (pixels and "PixelData" not in ds):
         raise ValueError(f"DICOM without an image ({ds.get('Modality', 'no modality')}, e.g. a report)")
     return ds
@@ -69,12 +75,14 @@ def _info(ds) -> DicomInfo:
     grey = pi.startswith("MONOCHROME")
     display = ("colour" if not grey else "own window" if "WindowCenter" in ds and "WindowWidth" in ds
                else "own VOI LUT" if "VOILUTSequence" in ds else "min..max")
-    return DicomInfo(grey, display, pi == "MONOCHROME1")
+    return DicomInfo(grey, display, pi == "MONOCHROME1", int(ds.get("NumberOfFrames", 1) or 1))
 
 
-def info(data: bytes) -> DicomInfo:
-    """The header's display facts; raises ValueError for a file ingest skips (multi-frame, no image)."""
-    return _info(_read(data, pixels=False))
+def info(data: bytes, frames: bool = False) -> DicomInfo:
+    """The header's display facts; raises ValueError for a file ingest skips (no image; multi-frame unless
+    ``frames``)."""
+    return _info(_read(data, pixels=False, frame=0 if frames else None))
+
 
 
 @contextmanager
@@ -101,11 +109,12 @@ def _decoded(ds) -> np.ndarray:
                          "JPEG 2000) and ingest again") from None
 
 
-def to_image(data: bytes, intensity: Intensity) -> Image.Image:
-    """A DICOM file's image, 8-bit "L" (monochrome) or "RGB", by the rules in the module docstring."""
+def to_image(data: bytes, intensity: Intensity, frame: int | None = None) -> Image.Image:
+    """A DICOM file's image (``frame`` of a multi-frame one), 8-bit "L" (monochrome) or "RGB", by the rules in
+    the module docstring."""
     from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi
 
-    ds = _read(data)
+    ds = _read(data, frame=frame)
     arr = _decoded(ds)
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if pi == "PALETTE COLOR":

@@ -134,8 +134,10 @@ def pixel_difference(a: bytes, b: bytes) -> tuple[int, int]:
     return int((d > 0).sum()), int(d.max(initial=0))
 
 
-def load_image(data: bytes, channels: int | None = None, intensity: Intensity = Intensity()) -> Image.Image:
-    """Decode arbitrary image bytes fully (raises on truncated/corrupt data and decompression bombs).
+def load_image(data: bytes, channels: int | None = None, intensity: Intensity = Intensity(),
+               frame: int | None = None) -> Image.Image:
+    """Decode arbitrary image bytes fully (raises on truncated/corrupt data and decompression bombs); ``frame``:
+    that page or frame of a multi-frame file (None: the first; a multi-frame DICOM is refused).
 
     ``channels`` forces 1 (L) or 3 (RGB); None keeps grayscale as L and converts others to RGB.
     Deeper than 8 bits ("I;16", "I", "F") is rescaled by ``intensity``, never clipped. An EXIF
@@ -145,9 +147,11 @@ def load_image(data: bytes, channels: int | None = None, intensity: Intensity = 
     from meddiff.data import dicom
 
     if dicom.is_dicom(data):
-        im = dicom.to_image(data, intensity)
+        im = dicom.to_image(data, intensity, frame)
         return im.convert({1: "L", 3: "RGB"}.get(channels or 0) or im.mode)
     with Image.open(io.BytesIO(data)) as opened:
+        if frame:
+            opened.seek(frame)
         opened.load()
         im = ImageOps.exif_transpose(opened) if reoriented(opened) else opened
         mode = {1: "L", 3: "RGB"}.get(channels or 0) or ("L" if im.mode in GRAY_MODES else "RGB")

@@ -33,7 +33,7 @@ from meddiff.locks import artifact_lock, tell_waiting
 from meddiff.errors import Interrupted, SourceError, check_seed
 from meddiff.data import dicom
 from meddiff.data.images import GREY_TOLERANCE, Intensity, bits_for, encode_png, load_image, resize_center_crop, to_pil
-from meddiff.data.pixel_survey import Colour, PixelSurvey
+from meddiff.data.pixel_survey import Colour, Frames, PixelSurvey
 from meddiff.records import content_hash, make_record, sha256_bytes
 from meddiff.data.shards import ShardSink, encode_sample
 from meddiff.data.sources import (SPLITS, RawSample, SourceData, SplitRule, check_name, dataset_name,
@@ -68,6 +68,8 @@ class IngestConfig:
     # zip/folder/kaggle: a regex on each file's path in the source whose match (its first group, if it has one)
     # is the patient id, e.g. 'person\d+'; a group's images share one split. None = no groups
     group_pattern: str | None = None
+    frames: Frames = "first"  # multi-frame files: first = a TIFF/GIF's first page (a DICOM is skipped); all =
+    # every frame an image, a file's frames in one split
 
     def label_spec(self) -> LabelSpec | None:
         return None if self.labels is None else LabelSpec(self.labels, self.id_column, self.label_column,
@@ -121,6 +123,10 @@ class IngestConfig:
                 re.compile(self.group_pattern)
             except re.error as e:
                 raise SourceError(f"--group-pattern {self.group_pattern!r} is not a regular expression ({e})") from None
+        if self.frames not in get_args(Frames):
+            raise SourceError(f"--frames must be one of {', '.join(get_args(Frames))}, got {self.frames!r}")
+        if self.frames != "first" and ref.kind == "medmnist":
+            raise SourceError("--frames applies to zip:, folder: and kaggle: sources")
         if self.bit_depth is not None and not 8 <= self.bit_depth <= 32:
             raise SourceError(f"--bit-depth must be between 8 and 32, got {self.bit_depth}")
         if self.window is not None:
@@ -151,7 +157,8 @@ class IngestConfig:
                     "orientation": "EXIF applied"}),
                 **({"labels": {"table": c.labels, "id_column": c.id_column, "label_column": c.label_column,
                                "group_column": c.group_column}} if c.labels else {}),
-                **({"group_pattern": c.group_pattern} if c.group_pattern else {})}
+                **({"group_pattern": c.group_pattern} if c.group_pattern else {}),
+                **({"frames": c.frames} if c.frames != "first" else {})}
 
 
 @dataclass(frozen=True)
@@ -234,7 +241,8 @@ def carve_splits(labels: np.ndarray, given: np.ndarray, seed: int, val_frac: flo
     images, ``val_frac`` / ``test_frac`` of them (whole ``groups`` when given). Returns split names (N,)."""
     out = given.copy()
     train = np.flatnonzero(given == "train")
-    fracs = {split: frac if split not in set(given) else 0.0 for split, frac in (("val", val_frac), ("test", test_frac))}
+    present = set(given)
+    fracs = {split: 0.0 if split in present else frac for split, frac in (("val", val_frac), ("test", test_frac))}
     split = stratified_split if groups is None else functools.partial(grouped_split, groups=groups[train])
     out[train] = split(labels[train], seed=seed, val_frac=fracs["val"], test_frac=fracs["test"])
     return out
@@ -242,19 +250,23 @@ def carve_splits(labels: np.ndarray, given: np.ndarray, seed: int, val_frac: flo
 
 def _groups(src: SourceData, cfg: IngestConfig) -> tuple[np.ndarray | None, dict]:
     """Each sample's group (patient) by --group-column or --group-pattern, and the card's words for it; a
-    sample without one is a group of its own."""
+    sample without one is a group of its own, or of its file's frames (--frames all: a volume or a clip's
+    frames are never split apart)."""
+    file = [s.source_id.rpartition("#")[0] if s.frame is not None else s.source_id for s in src.samples]
     if cfg.group_column is not None:
         found = [s.group for s in src.samples]
         how = f"grouped by column {cfg.group_column!r}"
     elif cfg.group_pattern is not None:
         pattern = re.compile(cfg.group_pattern)
-        matches = [pattern.search(s.source_id) for s in src.samples]
+        matches = [pattern.search(path) for path in file]
         found = [(m.group(1) if pattern.groups else m.group(0)) if m else None for m in matches]
         how = f"grouped by pattern {cfg.group_pattern!r} on each file's path"
+    elif any(s.frame is not None for s in src.samples):
+        found, how = [None] * len(file), "grouped by file (--frames all)"
     else:
         return None, {}
-    groups = np.array([g if g is not None else f"\0{s.source_id}" for g, s in zip(found, src.samples)], dtype=object)
-    alone = sum(g is None for g in found)
+    groups = np.array([g if g is not None else f"\0{path}" for g, path in zip(found, file)], dtype=object)
+    alone = len({path for g, path in zip(found, file) if g is None}) if cfg.group_column or cfg.group_pattern else 0
     return groups, {"groups": {"rule": f"{how}: each group's images in one split", "groups": len(set(groups)),
                                "images_without_group": alone}}
 
@@ -284,7 +296,7 @@ def _prepare(sample: RawSample, size: int, channels: int | None, intensity: Inte
     if isinstance(sample.payload, np.ndarray):
         img = to_pil(sample.payload)
     else:
-        img = load_image(sample.data(), channels, intensity)
+        img = load_image(sample.data(), channels, intensity, sample.frame)
     return encode_png(resize_center_crop(img, size))
 
 
@@ -314,12 +326,14 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
 
         return IngestResult(uri, open_dataset(uri).card, existed=True)
 
+    channels, intensity, pixels, frames = _inspect(src, cfg)
+    if frames:  # --frames all: each frame of a multi-frame file is a sample, the file's frames one group
+        src = replace(src, samples=_frame_samples(src.samples, frames))
     splits, split_rule = assign_splits(src, cfg)
 
     staging = storage.local_staging(root, f"dataset-{name}-{version}")
     try:
         with storage.write_faults(staging):
-            channels, intensity, pixels = _inspect(src, cfg)
             rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress, channels, intensity)
             skipped = src.skipped + skipped
             if not rows["key"]:
@@ -335,25 +349,32 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
     return IngestResult(uri, card, existed=False)
 
 
+def _frame_samples(samples: list[RawSample], frames: dict[str, int]) -> list[RawSample]:
+    """Each multi-frame file's sample → one per frame, ``<path>#<k>`` (``frames``: path → its frame count)."""
+    return [replace(s, source_id=f"{s.source_id}#{k}", frame=k) if s.source_id in frames else s
+            for s in samples for k in range(frames.get(s.source_id, 1))]
+
+
 def _bomb(source_id: str, e: Exception) -> SourceError:
     return SourceError(f"{source_id} is a decompression bomb ({e}); remove it from the source")
 
 
-def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity | None, dict | None]:
+def _inspect(src: SourceData, cfg: IngestConfig
+             ) -> tuple[int | None, Intensity | None, dict | None, dict[str, int]]:
     """One pass over the files: the channel count (by ``cfg.colour``), the intensity rule (None when no input
-    is deeper than 8 bits; its bit depth, when not given, from the largest >8-bit integer value) and the
-    card's ``pixels`` record."""
+    is deeper than 8 bits; its bit depth, when not given, from the largest >8-bit integer value), the card's
+    ``pixels`` record, and (``--frames all``) the frame count of each multi-frame file."""
     import io
 
     rule = cfg.intensity()
     if not src.samples or isinstance(src.samples[0].payload, np.ndarray):
-        return None, None, None  # MedMNIST arrays: uint8, channels kept
-    survey = PixelSurvey(cfg.colour, find_bits=rule.bits is None and not rule.window)
+        return None, None, None, {}  # MedMNIST arrays: uint8, channels kept
+    survey = PixelSurvey(cfg.colour, find_bits=rule.bits is None and not rule.window, frames=cfg.frames)
     for s in src.samples:
         try:
             data = s.data()
             if dicom.is_dicom(data):
-                survey.see_dicom(s.source_id, dicom.info(data))
+                survey.see_dicom(s.source_id, dicom.info(data, frames=cfg.frames == "all"))
                 continue
             with Image.open(io.BytesIO(data)) as im:
                 survey.see(s.source_id, im)
@@ -363,7 +384,8 @@ def _inspect(src: SourceData, cfg: IngestConfig) -> tuple[int | None, Intensity 
             continue
     if survey.high_max >= 0:
         rule = Intensity(bits=bits_for(survey.high_max))
-    return survey.channels, rule if survey.deep else None, survey.record()
+    frames = survey.frame_counts if cfg.frames == "all" else {}
+    return survey.channels, rule if survey.deep else None, survey.record(), frames
 
 
 def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, staging: Path,

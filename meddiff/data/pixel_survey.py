@@ -14,9 +14,15 @@ from meddiff.data import dicom
 from meddiff.data.images import GRAY_MODES, GREY_TOLERANCE, HIGH_BIT_MODES, holds_grey, reoriented, see_through
 
 Colour = Literal["auto", "grey", "rgb"]  # zip/folder/kaggle channels: by content, or forced to 1 / 3
+Frames = Literal["first", "all"]  # multi-frame files: the first page (DICOM: skipped), or every frame an image
 DICOM_RULE = ("monochrome: modality LUT (CT in HU), then the file's first window (WindowCenter/Width by its "
               "VOILUTFunction) or VOI LUT onto 0..255, else the image's min..max; --window percentiles instead when "
-              "given; MONOCHROME1 inverted. Colour: 8-bit RGB. Multi-frame files are skipped")
+              "given; MONOCHROME1 inverted. Colour: 8-bit RGB. Multi-frame files: each frame by the same rules with "
+              "--frames all, else skipped")
+
+
+FRAME_RULES = {"first": "the first page or frame of a TIFF/GIF is read; a multi-frame DICOM is skipped",
+               "all": "every page or frame of a TIFF/GIF/DICOM is an image; a file's frames share one split"}
 
 
 @dataclass
@@ -25,17 +31,20 @@ class PixelSurvey:
 
     colour: Colour
     find_bits: bool  # look for the largest >8-bit integer value (no --bit-depth or --window given)
+    frames: Frames = "first"  # multi-frame files: first page (DICOM skipped) or every frame
     high_max: int = -1  # largest value of a >8-bit integer image; -1 = none seen
     deep: bool = False  # some input is deeper than 8 bits
     grey_as_colour: int = 0  # colour-encoded files whose pixels are grey
     first_colour: str | None = None  # the first file holding colour
     transparent: int = 0  # files with a pixel not fully opaque (alpha is dropped)
     rotated: int = 0  # files with an EXIF orientation (applied when read)
-    multi_frame: int = 0  # TIFF/GIF files with several pages or frames (the first is read)
+    multi_frame: int = 0  # files with several pages or frames (TIFF/GIF; DICOM too with frames="all")
+    frame_counts: dict[str, int] = field(default_factory=dict)  # source id → its frames, for files with several
     dicom_display: dict = field(default_factory=dict)  # DICOM files by display rule ("own window", "min..max", …)
     inverted: int = 0  # MONOCHROME1 DICOM files (inverted)
 
     def see_dicom(self, source_id: str, found: dicom.DicomInfo) -> None:
+        self._frames(source_id, found.frames)
         self.dicom_display[found.display] = self.dicom_display.get(found.display, 0) + 1
         self.inverted += found.inverted
         if self.colour == "auto" and self.first_colour is None and not found.grey:
@@ -49,10 +58,15 @@ class PixelSurvey:
                 self.first_colour = source_id
         self.transparent += see_through(im)
         self.rotated += reoriented(im)
-        self.multi_frame += getattr(im, "n_frames", 1) > 1
+        self._frames(source_id, getattr(im, "n_frames", 1))
         self.deep = self.deep or im.mode in HIGH_BIT_MODES
         if self.find_bits and im.mode in HIGH_BIT_MODES and im.mode != "F":
             self.high_max = max(self.high_max, int(np.asarray(im).max(initial=0)))
+
+    def _frames(self, source_id: str, n: int) -> None:
+        if n > 1:
+            self.multi_frame += 1
+            self.frame_counts[source_id] = n
 
     @property
     def channels(self) -> int:
@@ -69,7 +83,8 @@ class PixelSurvey:
                              "at every pixel is grey",
                 "transparent_images": self.transparent, "alpha": "dropped: a transparent pixel keeps its stored colour",
                 "exif_rotated_images": self.rotated, "orientation": "EXIF orientation applied (as viewers show)",
-                "multi_frame_images": self.multi_frame, "frames": "the first page or frame of a TIFF/GIF is read",
+                "multi_frame_images": self.multi_frame, "frames": FRAME_RULES[self.frames],
+                **({"frame_images": sum(self.frame_counts.values())} if self.frames == "all" else {}),
                 **({"dicom": dicom_files} if self.dicom_display else {})}
 
 
@@ -81,9 +96,12 @@ def ingest_notes(card: dict) -> list[str]:
     if n := pixels.get("transparent_images"):
         notes.append(f"{n} images have transparent pixels: alpha is dropped, so those pixels keep their stored colour "
                      "(often black); flatten the files onto the background you want and ingest again to change it")
-    if n := pixels.get("multi_frame_images"):
+    if (n := pixels.get("multi_frame_images")) and "frame_images" in pixels:
+        notes.append(f"{n} files hold several pages or frames (TIFF stacks, GIFs, DICOM volumes or clips): each of "
+                     f"their {pixels['frame_images']} frames is an image, a file's frames in one split")
+    elif n:
         notes.append(f"{n} files hold several pages or frames (a TIFF stack, an animated GIF): only the first of each "
-                     "is read; export the ones you want as separate files")
+                     "is read; --frames all reads every frame as an image")
     if n := pixels.get("exif_rotated_images"):
         notes.append(f"{n} images turned upright by their EXIF orientation (stored as image viewers show them)")
     if n := pixels.get("grey_stored_as_colour"):
@@ -117,7 +135,8 @@ def pixel_summary(card: dict) -> str:
                                                                                             "channels as published")
     more = [f"{p[k]} {what}" for k, what in (("transparent_images", "images with transparent pixels (alpha dropped)"),
                                             ("exif_rotated_images", "images turned upright by their EXIF orientation"),
-                                            ("multi_frame_images", "multi-page files (first page read)"))
+                                            ("multi_frame_images", "multi-page files (every frame an image)"
+                                             if "frame_images" in p else "multi-page files (first page read)"))
             if p.get(k)]
     if d := p.get("dicom"):
         more.append(f"{d['files']} DICOM files ({_by_display(d)})")

@@ -78,6 +78,7 @@ class RawSample:
     payload: np.ndarray | bytes | Callable[[], bytes]
     split: Split | None = None  # official split when the source has one
     group: str | None = None  # a label table's patient/lesion id: a group's images share one split
+    frame: int | None = None  # the page/frame of a multi-frame file this sample is (--frames all); None = one
 
     def data(self) -> bytes:
         """The file's bytes (not for MedMNIST arrays)."""
