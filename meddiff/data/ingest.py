@@ -291,13 +291,46 @@ def assign_splits(src: SourceData, cfg: IngestConfig) -> tuple[np.ndarray, dict]
             {"rule": rule, **({"folders_pooled": src.split_folders} if src.split_folders else {}), **grouped})
 
 
-def _prepare(sample: RawSample, size: int, channels: int | None, intensity: Intensity) -> bytes:
-    """Decode/resize one input to PNG bytes; raises on an unreadable image."""
+def _prepare(sample: RawSample, size: int, channels: int | None, intensity: Intensity,
+             data: bytes | None = None) -> bytes:
+    """Decode/resize one input (``data``: its file's bytes, when already read) to PNG bytes; raises on an
+    unreadable image."""
     if isinstance(sample.payload, np.ndarray):
         img = to_pil(sample.payload)
     else:
-        img = load_image(sample.data(), channels, intensity, sample.frame)
+        img = load_image(sample.data() if data is None else data, channels, intensity, sample.frame)
     return encode_png(resize_center_crop(img, size))
+
+
+class FramePNGs:
+    """The frames of multi-frame files (--frames all), all prepared when a file's first frame comes up, so the
+    file is read once, not once per frame (a 300-frame clip read 300 times from a zip); kept as PNG files in
+    ``folder`` until their turn in the shuffled order. ``frames``: path → frame count."""
+
+    def __init__(self, folder: Path, frames: dict[str, int], prepare: Callable[[RawSample, bytes], bytes]):
+        self.folder, self.frames, self.prepare = folder, frames, prepare
+        self.done: dict[str, Path] = {}
+
+    def png(self, sample: RawSample) -> bytes:
+        """One frame's PNG; raises (ValueError with the decoder's words) for a frame that failed."""
+        path = sample.source_id.rpartition("#")[0]
+        if path not in self.done:
+            self.done[path] = out = self.folder / str(len(self.done))
+            out.mkdir(parents=True)
+            data = sample.data()
+            for k in range(self.frames[path]):
+                try:
+                    (out / f"{k}.png").write_bytes(self.prepare(replace(sample, frame=k), data))
+                except Image.DecompressionBombError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - that frame is skipped with its reason
+                    (out / f"{k}.error").write_text(str(e))
+        png = self.done[path] / f"{sample.frame}.png"
+        if not png.exists():
+            raise ValueError((self.done[path] / f"{sample.frame}.error").read_text())
+        data = png.read_bytes()
+        png.unlink()
+        return data
 
 
 def ingest(config: IngestConfig, root: str | None = None, progress: Progress | None = None) -> IngestResult:
@@ -334,7 +367,7 @@ def _build_version(cfg: IngestConfig, src: SourceData, root: str, name: str, ver
     staging = storage.local_staging(root, f"dataset-{name}-{version}")
     try:
         with storage.write_faults(staging):
-            rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress, channels, intensity)
+            rows, skipped, shards = _write_splits(src, splits, cfg, staging, progress, channels, intensity, frames)
             skipped = src.skipped + skipped
             if not rows["key"]:
                 raise SourceError(f"no readable images in {cfg.source}; skipped: {skipped[:5]}")
@@ -389,7 +422,21 @@ def _inspect(src: SourceData, cfg: IngestConfig
 
 
 def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, staging: Path,
-                  progress: Progress | None, channels: int | None, intensity: Intensity | None):
+                  progress: Progress | None, channels: int | None, intensity: Intensity | None,
+                  frames: dict[str, int] | None = None):
+    """Every sample decoded, resized and written to its split's shards in the seeded shuffled order;
+    ``frames`` (path → count): multi-frame files whose frames are samples (--frames all)."""
+    rule = intensity or cfg.intensity()  # --window reaches DICOM too
+    cache = FramePNGs(staging / ".frames", frames or {},
+                      lambda s, data: _prepare(s, cfg.size, channels, rule, data))
+    try:
+        return _write_shards(src, splits, cfg, staging, progress, channels, rule, cache)
+    finally:
+        shutil.rmtree(staging / ".frames", ignore_errors=True)  # never published
+
+
+def _write_shards(src: SourceData, splits: np.ndarray, cfg: IngestConfig, staging: Path, progress: Progress | None,
+                  channels: int | None, rule: Intensity, cache: FramePNGs):
     cols = ("key", "split", "label", "label_name", "shard", "source_id", "height", "width", "channels", "sha256")
     rows: dict[str, list] = {c: [] for c in cols}
     skipped: list[dict[str, str]] = []
@@ -405,7 +452,7 @@ def _write_splits(src: SourceData, splits: np.ndarray, cfg: IngestConfig, stagin
                 s = src.samples[i]
                 done += 1
                 try:
-                    png = _prepare(s, cfg.size, channels, intensity or cfg.intensity())  # --window reaches DICOM too
+                    png = cache.png(s) if s.frame is not None else _prepare(s, cfg.size, channels, rule)
                 except Image.DecompressionBombError as e:
                     raise _bomb(s.source_id, e) from None
                 except Exception as e:  # noqa: BLE001 - one bad image is skipped, not fatal
