@@ -922,6 +922,12 @@ def test_one_hot_label_columns_as_isic_publishes_them(medmnist_dir, tmp_path):
     assert len(index) == 28  # the last image has no row, IMG_0003 is of another class
     assert {"source_id": "images_part_2/IMG_0003.png",
             "reason": "its row in truth.csv holds 1 in none of MAL,NOR"} in ds.card["skipped"]
+    # a tab- or semicolon-separated table (a spreadsheet's export) reads the same
+    for sep in ("\t", ";"):
+        (src / "semi.csv").write_text((src / "metadata.csv").read_text().replace(",", sep))
+        semi = open_dataset(ingest(IngestConfig(f"folder:{src}", size=28, labels="semi.csv", id_column="image_id",
+                                                label_column="dx"), str(tmp_path / "st")).uri)
+        assert semi.class_names == ["malignant", "normal"] and sum(semi.card["totals"].values()) == 29
     # a label is the class as written: "a/b" is not read as a folder path (it became class "b")
     text = (src / "metadata.csv").read_text()
     (src / "odd.csv").write_text(text.replace(",malignant", ",malignant/confirmed").replace(",normal", ',"normal, ok"'))

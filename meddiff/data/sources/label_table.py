@@ -32,14 +32,16 @@ class Row:
 
 
 def read_table(data: bytes, spec: LabelSpec, where: str) -> dict[str, Row]:
-    """image id → its row; a clear SourceError for a missing column, an empty id or label, or an image given
+    """image id → its row (comma, tab or semicolon separated: the header's commonest); a clear SourceError for a missing column, an empty id or label, or an image given
     two labels. ``label_column`` "MEL,NV,BCC" reads one-hot columns (ISIC's ground truth): the label is the
     column holding 1; a row holding none of them has label "" (its image is skipped)."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise SourceError(f"{where} is not UTF-8 text ({e}); save the table as UTF-8 CSV") from None
-    reader = csv.DictReader(io.StringIO(text))
+    header = text.split("\n", 1)[0]
+    delimiter = max(",;\t", key=header.count)  # a CSV, a TSV, or a semicolon CSV (a spreadsheet's export)
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
     columns = reader.fieldnames or []
     one_hot = [c.strip() for c in spec.label_column.split(",")] if "," in spec.label_column else None
     asked = {"--id-column": [spec.id_column], "--label-column": one_hot or [spec.label_column],
