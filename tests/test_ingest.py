@@ -885,7 +885,7 @@ def test_a_label_table_that_does_not_fit_is_one_clear_error(medmnist_dir, tmp_pa
 
 
 def test_grouped_split_never_splits_a_group():
-    from meddiff.data.ingest import grouped_split
+    from meddiff.data.splits import grouped_split
 
     rng = np.random.default_rng(0)
     groups = rng.integers(0, 300, 2000).astype(str)
