@@ -152,6 +152,26 @@ def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str,
         folders_of.setdefault(cls, set()).add(base)
         if split is not None:
             split_of[rel] = split
+    _check_class_folders(rules, by_class, folders_of, all_folders, where)
+    class_names = sorted(by_class)
+    if len(class_names) < 2:
+        raise SourceError(f"only one class ({class_names[0]!r}) in {where}; meddiff needs at least two class "
+                          "folders (point at the folder holding them, or widen --classes)")
+    kept, copies = _drop_exact_copies(by_class, where, digests or {})
+    if "train" not in set(split_of.values()) or len(set(split_of.values())) < 2:
+        split_of = {}  # --classes kept one split's folders (e.g. 'chest_xray/test/*'): split like any folder
+    samples = [RawSample(class_names.index(c), rel, read, split_of.get(rel))  # read lazily
+               for c in class_names for rel, read in kept[c]]
+    used = {_folder_of(s.source_id) for s in samples}
+    folders = ({split: sorted(f for f in used if in_splits.get(f, ("",))[0] == split)
+                for split in ("train", "val", "test")} if split_of else None)
+    return class_names, samples, skipped + copies, folders and {k: v for k, v in folders.items() if v}
+
+
+def _check_class_folders(rules: list[tuple[str, str | None]], by_class: dict[str, list[tuple[str, Reader]]],
+                         folders_of: dict[str, set[str]], all_folders: set[str], where: str) -> None:
+    """One class name from two folders (without --classes), a --classes pattern matching nothing, and a class
+    folder without an image are each a SourceError naming the way out."""
     if not rules:
         clashes = {c: sorted(f) for c, f in folders_of.items() if len(f) > 1}
         if clashes:
@@ -171,19 +191,6 @@ def _collect(entries: list[tuple[str, Reader]], classes: str | None, where: str,
     if empty or not by_class:
         raise SourceError(f"no images found for class folder(s) {empty or '(any)'} in {where}; "
                           "each class folder needs at least one image")
-    class_names = sorted(by_class)
-    if len(class_names) < 2:
-        raise SourceError(f"only one class ({class_names[0]!r}) in {where}; meddiff needs at least two class "
-                          "folders (point at the folder holding them, or widen --classes)")
-    kept, copies = _drop_exact_copies(by_class, where, digests or {})
-    if "train" not in set(split_of.values()) or len(set(split_of.values())) < 2:
-        split_of = {}  # --classes kept one split's folders (e.g. 'chest_xray/test/*'): split like any folder
-    samples = [RawSample(class_names.index(c), rel, read, split_of.get(rel))  # read lazily
-               for c in class_names for rel, read in kept[c]]
-    used = {_folder_of(s.source_id) for s in samples}
-    folders = ({split: sorted(f for f in used if in_splits.get(f, ("",))[0] == split)
-                for split in ("train", "val", "test")} if split_of else None)
-    return class_names, samples, skipped + copies, folders and {k: v for k, v in folders.items() if v}
 
 
 def _maybe_image(p: PurePosixPath) -> bool:
