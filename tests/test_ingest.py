@@ -972,5 +972,15 @@ def test_group_pattern_keeps_each_patients_images_in_one_split(medmnist_dir, tmp
     carved = open_dataset(ingest(IngestConfig(f"folder:{tmp_path / 'published'}", size=28, group_pattern=r"person\d+"),
                                  str(tmp_path / "st")).uri)
     assert patients_split_apart(carved) == 0 and carved.card["totals"]["val"] > 0
+    # what the user reads: ingest and `datasets show` print the rule
+    from typer.testing import CliRunner
+
+    from meddiff.cli import app
+
+    res = CliRunner().invoke(app, ["ingest", f"folder:{tmp_path / 'flat'}", "--size", "28", "--group-pattern",
+                                   r"person\d+", "--storage", str(tmp_path / "st")], env={"COLUMNS": "400"})
+    assert res.exit_code == 0 and split_note(grouped.card) in res.output, res.output
+    res = CliRunner().invoke(app, ["datasets", "show", grouped.uri], env={"COLUMNS": "400"})
+    assert res.exit_code == 0 and f"splits: {split_note(grouped.card)[8:]}" in res.output, res.output
     with pytest.raises(SourceError, match=r"--group-pattern 'person\(' is not a regular expression"):
         IngestConfig("folder:x", group_pattern="person(").check()
