@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args
 
 from meddiff import storage
-from meddiff.data.sources import SplitRule
 from meddiff.data.pixel_survey import Colour, Frames
+from meddiff.data.sources import SplitRule
 from meddiff.devices import DeviceUnavailableError, resolve_device  # noqa: F401  (re-exported)
 from meddiff.errors import COUNT_FORMS, MeddiffError
 from meddiff.progress import Progress
@@ -263,7 +263,7 @@ def run_pipeline(cfg: PipelineConfig, root: str | None = None, progress: Progres
 
     ds = call("ingest", ingest, cfg.ingest_config().check(), root, progress("ingest"))
     record("ingest", ds.uri, ds.existed)
-    if note := split_note(ds.card):  # published train/test folders: a layout worth saying
+    if note := split_note(ds.card):  # published split folders or groups: worth saying
         log(f"ingest: {note}")
     if labels := label_summary(ds.card):
         log(f"ingest: labels: {labels}")
